@@ -1,0 +1,168 @@
+"""Model-core benchmark: backbone throughput, detection + alignment, QAConv gallery matching.
+
+Run: ``make bench`` (or ``python bench/bench_model.py --out bench/RESULTS.md``). Writes a
+Markdown section with the machine, the command and the numbers into the output file, replacing
+an earlier section of the same title. Random weights: speed does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.align import FaceDetector, FacePipeline  # noqa: E402
+from model.net import build_model  # noqa: E402
+
+SECTION = "## Model core (bench/bench_model.py)"
+
+
+def timeit(fn: Callable[[], object], min_seconds: float, min_calls: int = 3, warmup: int = 2) -> float:
+    """Median seconds per call after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_calls or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def bench_backbone(rows: list[str], seconds: float) -> None:
+    rows.append("| model | batch | precision | serving call img/s | plain forward img/s | serving / plain |")
+    rows.append("|---|---|---|---|---|---|")
+    for arch in ("ir_18", "ir_50"):
+        model = build_model(arch).eval().to(memory_format=torch.channels_last)
+        for batch in (1, 32):
+            x = torch.randn(batch, 3, 112, 112).to(memory_format=torch.channels_last)
+            for precision in ("fp32", "bf16"):
+                bf16 = precision == "bf16"
+
+                def serving() -> object:
+                    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        return model.forward_all(x)
+
+                def plain() -> object:
+                    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        return model.output_layer(model.body(model.input_layer(x)))
+
+                t_plain = timeit(plain, seconds)
+                t_serv = timeit(serving, seconds)
+                rows.append(
+                    f"| {arch} | {batch} | {precision} | {batch / t_serv:.1f} | {batch / t_plain:.1f} | {t_plain / t_serv:.2f} |"
+                )
+                print(rows[-1], flush=True)  # noqa: T201
+
+
+def bench_detection(rows: list[str], seconds: float) -> None:
+    from skimage import data
+
+    pipeline = FacePipeline(FaceDetector(threads=1))
+    photos = {
+        "astronaut 512x512": data.astronaut(),
+        "astronaut upscaled 1536x1536": np.ascontiguousarray(np.kron(data.astronaut(), np.ones((3, 3, 1), dtype=np.uint8))),
+        "tight crop 100x90": np.ascontiguousarray(data.astronaut()[65:165, 180:270]),
+    }
+    rows.append("| photo | detect + align ms (1 onnxruntime thread) |")
+    rows.append("|---|---|")
+    for name, img in photos.items():
+        t = timeit(lambda img=img: pipeline.align_one(img), seconds)
+        rows.append(f"| {name} | {t * 1000:.1f} |")
+        print(rows[-1], flush=True)  # noqa: T201
+
+
+def bench_qaconv(rows: list[str], seconds: float) -> None:
+    model = build_model("ir_18").eval()
+    qa = model.qaconv
+    probe = torch.randn(1, 512, 7, 7)
+    rows.append("| gallery | implementation | ms per probe | pairs/s |")
+    rows.append("|---|---|---|---|")
+    for size in (1_000, 10_000):
+        gallery = torch.randn(size, 512, 7, 7)
+        occ = torch.rand(size, 1, 7, 7)
+        for label, dtype in (("fast, fp32 gallery", torch.float32), ("fast, bf16 gallery", torch.bfloat16)):
+            prepared = qa.prepare_gallery(gallery, occ, dtype=dtype)
+            t = timeit(lambda prepared=prepared: qa.match(probe, prepared), seconds)
+            rows.append(f"| {size:,} | {label} | {t * 1000:.1f} | {size / t:,.0f} |")
+            print(rows[-1], flush=True)  # noqa: T201
+
+        def literal(gallery: torch.Tensor = gallery) -> None:
+            with torch.no_grad():
+                for i in range(0, size, 128):
+                    qa(probe, gallery[i : i + 128])
+
+        t = timeit(literal, seconds, min_calls=2, warmup=1)
+        rows.append(f"| {size:,} | reference-style einsum, fp32, batches of 128 | {t * 1000:.1f} | {size / t:,.0f} |")
+        print(rows[-1], flush=True)  # noqa: T201
+
+
+def write_section(out: Path, body: str) -> None:
+    text = out.read_text() if out.exists() else "# Benchmark results\n"
+    if SECTION in text:
+        head, _, rest = text.partition(SECTION)
+        tail = rest.split("\n## ", 1)
+        text = head + body + ("\n## " + tail[1] if len(tail) == 2 else "")
+    else:
+        text = text.rstrip() + "\n\n" + body
+    out.write_text(text.rstrip() + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=None, help="Markdown file to update")
+    parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing window per case")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    rows: list[str] = []
+    header = [
+        SECTION,
+        "",
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()}, {os.cpu_count()} cores; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, {args.threads} torch threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}.",
+        f"- Command: `python bench/bench_model.py --out bench/RESULTS.md --seconds {args.seconds:g} --threads {args.threads}` (or `make bench`).",
+        "- Median of repeated calls after 2 warm-up calls. Backbone: channels_last; 'bf16' is CPU autocast. "
+        "'Serving call' is `forward_all` (embedding, norm, occlusion map, feature map); 'plain' is "
+        "`output_layer(body(input_layer(x)))` under `torch.inference_mode`.",
+        "",
+        "### Backbone",
+        "",
+    ]
+    bench_backbone(rows, args.seconds)
+    rows += ["", "### Detection and alignment", ""]
+    bench_detection(rows, args.seconds)
+    rows += ["", "### QAConv, one probe against a gallery (occlusion-weighted)", ""]
+    bench_qaconv(rows, args.seconds)
+    body = "\n".join(header + rows) + "\n"
+    if args.out:
+        write_section(args.out, body)
+    else:
+        print(body)  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()

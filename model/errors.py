@@ -1,0 +1,64 @@
+"""Domain errors shared by the model pipeline and the service.
+
+Each carries a stable machine-readable ``code``; the service maps codes to HTTP statuses in one
+place, so core code never knows about HTTP.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "OAMLError",
+    "InvalidImageError",
+    "ImageTooLargeError",
+    "NoFaceError",
+    "MultipleFacesError",
+    "FaceIndexError",
+    "CheckpointError",
+]
+
+
+class OAMLError(Exception):
+    """Base class: ``code`` is stable across releases, the message is for people."""
+
+    code = "OAML_ERROR"
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidImageError(OAMLError, ValueError):
+    """The bytes are not a decodable image (truncated, corrupt, unsupported format)."""
+
+    code = "INVALID_IMAGE"
+
+
+class ImageTooLargeError(OAMLError, ValueError):
+    """The image exceeds the configured pixel limit (decompression-bomb guard)."""
+
+    code = "IMAGE_TOO_LARGE"
+
+
+class NoFaceError(OAMLError, LookupError):
+    """No face passed the detector's score threshold."""
+
+    code = "NO_FACE"
+
+
+class MultipleFacesError(OAMLError, LookupError):
+    """Several faces were found where exactly one was required."""
+
+    code = "MULTIPLE_FACES"
+
+
+class FaceIndexError(OAMLError, IndexError):
+    """A face index was requested that the image does not have."""
+
+    code = "FACE_INDEX_OUT_OF_RANGE"
+
+
+class CheckpointError(OAMLError, RuntimeError):
+    """A weights file is missing, corrupt, of the wrong layout, or fails its hash check."""
+
+    code = "CHECKPOINT_ERROR"

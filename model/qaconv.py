@@ -1,0 +1,292 @@
+"""QAConv local matcher over 7x7 face feature maps, with occlusion weighting and a fast gallery path.
+
+Provenance: QAConv (Liao and Shao, ECCV 2020; ShengcaiLiao/QAConv), original v1 tail: per-location
+L2-normalised maps, correlation of every probe location with every gallery location, the maxima
+in both directions concatenated (``[P, G, 2hw]``), then ``BatchNorm1d(1) -> Linear(2hw, 1) ->
+BatchNorm1d(1)``, which gives one logit per pair (higher = more similar).
+
+Occlusion weighting (OAML). Each location is weighted by the visibility of its *own* image: probe
+location ``s`` by the probe's map ``v_s``, gallery location ``r`` by the gallery's map ``u_r``, so
+the weighted correlation is ``w_p[s] * w_g[r] * c[s, r]``. Two weightings are offered:
+
+* ``'scaling'``: ``w = v`` (the visibility itself). Scores fall as faces get more occluded.
+* ``'outer'``: ``w = v / mean(v)``: the outer product of the two maps, renormalised so that the
+  mean weight of each image is 1. Visible regions still dominate the maxima, but the score scale
+  stays comparable between clean and occluded faces (useful for one fused threshold).
+
+Both are products of a per-probe and a per-gallery factor, so they fold into the features: the
+stored gallery maps are pre-multiplied by their weights and matching costs nothing extra.
+
+Negative correlations: after weighting, correlations are clamped at 0 (ReLU) before the maxima.
+A small weight pulls a negative correlation up toward 0, which could otherwise let an occluded
+location win the max over visible locations whose (unweighted) correlation is negative. With the
+clamp every negative correlation becomes exactly 0 whatever its weight, so down-weighting can only
+lower a location's contribution. Because weights are non-negative, ``relu(w * c) = w * relu(c)``
+and ``max(relu(x)) = relu(max(x))``, so the fast path clamps the maxima instead of the full
+correlation tensor. Training (:meth:`QAConv.forward`) and serving (:meth:`QAConv.match`) share the
+rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["QAConv", "PreparedGallery", "OCCLUSION_METHODS"]
+
+OCCLUSION_METHODS = ("scaling", "outer")
+
+
+@dataclass
+class PreparedGallery:
+    """Gallery maps ready for one-GEMM matching.
+
+    Attributes:
+        maps: ``[C, G * hw]``: each location L2-normalised and multiplied by its visibility
+            weight, gallery item ``g`` occupying columns ``g*hw .. (g+1)*hw - 1``.
+        count: number of gallery items ``G``.
+        hw: locations per map.
+    """
+
+    maps: torch.Tensor
+    count: int
+    hw: int
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class QAConv(nn.Module):
+    """Query-adaptive convolution matcher (see module docstring for the occlusion rules).
+
+    Args:
+        num_features: channels of the feature maps.
+        height, width: spatial size of the feature maps (7x7 for 112x112 faces).
+        num_classes: when set, learnable class embeddings ``[num_classes, C, H, W]`` are created
+            for classification-style training against the ``k_nearest`` neighbouring classes.
+        k_nearest: neighbours per class for that mode and for graph sampling.
+        occlusion_method: ``'scaling'`` or ``'outer'``.
+    """
+
+    def __init__(
+        self,
+        num_features: int = 512,
+        height: int = 7,
+        width: int = 7,
+        num_classes: int | None = None,
+        k_nearest: int = 32,
+        occlusion_method: str = "scaling",
+    ) -> None:
+        super().__init__()
+        if occlusion_method not in OCCLUSION_METHODS:
+            raise ValueError(f"occlusion_method must be one of {OCCLUSION_METHODS}, got {occlusion_method!r}")
+        self.num_features = num_features
+        self.height = height
+        self.width = width
+        self.hw = height * width
+        self.num_classes = num_classes
+        self.k_nearest = k_nearest
+        self.occlusion_method = occlusion_method
+        self.bn = nn.BatchNorm1d(1)
+        self.fc = nn.Linear(2 * self.hw, 1)
+        self.logit_bn = nn.BatchNorm1d(1)
+        if num_classes is not None:
+            self.class_embed = nn.Parameter(torch.randn(num_classes, num_features, height, width) / math.sqrt(num_features))
+            k = min(k_nearest, max(num_classes - 1, 0))
+            self.register_buffer("class_neighbors", torch.zeros(num_classes, k, dtype=torch.long))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.bn.reset_parameters()
+        self.logit_bn.reset_parameters()
+        # Start as the mean of the 2hw best local matches, as QAConv's init does.
+        nn.init.constant_(self.fc.weight, 1.0 / (2 * self.hw))
+        nn.init.zeros_(self.fc.bias)
+
+    # -- shared pieces ----------------------------------------------------------------------
+
+    def visibility_weights(self, occ: torch.Tensor | None, count: int, device: torch.device) -> torch.Tensor:
+        """Per-location weights ``[N, hw]`` from visibility maps ``[N, 1, H, W]`` (ones if None)."""
+        if occ is None:
+            return torch.ones(count, self.hw, device=device)
+        v = occ.reshape(occ.shape[0], self.hw).float().clamp(0.0, 1.0)
+        if self.occlusion_method == "outer":
+            v = v / v.mean(dim=1, keepdim=True).clamp_min(1e-3)
+        return v
+
+    def _locations(self, fea: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` -> ``[N, hw, C]``, each location's C-vector L2-normalised (fp32)."""
+        n, c = fea.shape[:2]
+        if c != self.num_features or fea.shape[2] * fea.shape[3] != self.hw:
+            raise ValueError(f"expected maps [N, {self.num_features}, {self.height}, {self.width}], got {list(fea.shape)}")
+        return F.normalize(fea.float().reshape(n, c, self.hw), dim=1).transpose(1, 2)
+
+    def _tail(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``[..., 2hw]`` maxima -> ``[...]`` logits through BN -> FC -> BN (train or eval stats)."""
+        shape = pooled.shape[:-1]
+        x = self.bn(pooled.reshape(-1, 1, 2 * self.hw)).reshape(-1, 2 * self.hw)
+        x = self.logit_bn(self.fc(x))
+        return x.reshape(shape)
+
+    @staticmethod
+    def _pool(corr: torch.Tensor) -> torch.Tensor:
+        """Correlations ``[..., hw_probe, hw_gallery]`` -> clamped maxima in both directions ``[..., 2hw]``."""
+        best_for_probe = corr.amax(dim=-1)  # each probe location's best gallery location
+        best_for_gallery = corr.amax(dim=-2)  # each gallery location's best probe location
+        return torch.cat([best_for_probe, best_for_gallery], dim=-1).clamp_min(0.0)
+
+    def folded_tail(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eval-mode tail as one affine map: ``score = pooled @ weight + bias``.
+
+        BN1d(1) at eval is ``a1 * x + b1``; then ``fc``; then ``a2 * z + b2``.
+        """
+        a1 = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+        b1 = self.bn.bias - self.bn.running_mean * a1
+        a2 = self.logit_bn.weight / torch.sqrt(self.logit_bn.running_var + self.logit_bn.eps)
+        b2 = self.logit_bn.bias - self.logit_bn.running_mean * a2
+        w = self.fc.weight[0]
+        weight = (a2 * a1) * w
+        bias = a2 * (b1 * w.sum() + self.fc.bias) + b2
+        return weight.detach().float(), bias.detach().float().reshape(())
+
+    # -- literal definition (training, reference) -------------------------------------------
+
+    def forward(
+        self,
+        probe_fea: torch.Tensor,
+        gal_fea: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        probe_occ: torch.Tensor | None = None,
+        gal_occ: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Score probes against gallery maps (``[P, G]``) or against class neighbours.
+
+        With ``gal_fea``: the literal definition, ``[P, G, hw, hw]`` correlations weighted by the
+        outer product of the two visibility weightings. With ``labels`` instead (requires
+        ``num_classes``): each sample against the class embeddings of its own class (column 0)
+        and of its ``k`` nearest classes, ``[B, k + 1]``; see :meth:`class_candidates`.
+        """
+        if gal_fea is None:
+            if labels is None:
+                raise ValueError("QAConv.forward needs gal_fea or labels")
+            return self._class_scores(probe_fea, labels, probe_occ)
+        p = self._locations(probe_fea)
+        g = self._locations(gal_fea)
+        corr = torch.einsum("psc,grc->pgsr", p, g)
+        wp = self.visibility_weights(probe_occ, p.shape[0], p.device)
+        wg = self.visibility_weights(gal_occ, g.shape[0], g.device)
+        weight = wp[:, None, :, None] * wg[None, :, None, :]
+        return self._tail(self._pool(corr * weight))
+
+    def class_candidates(self, labels: torch.Tensor) -> torch.Tensor:
+        """``[B, k + 1]`` class ids: own class first, then its nearest classes."""
+        if self.num_classes is None:
+            raise RuntimeError("QAConv was built without num_classes: no class embeddings")
+        return torch.cat([labels[:, None], self.class_neighbors[labels]], dim=1)
+
+    def _class_scores(self, probe_fea: torch.Tensor, labels: torch.Tensor, probe_occ: torch.Tensor | None) -> torch.Tensor:
+        classes = self.class_candidates(labels)
+        p = self._locations(probe_fea)  # [B, hw, C]
+        emb = self.class_embed[classes.reshape(-1)]  # [B*(k+1), C, H, W]
+        g = self._locations(emb).reshape(classes.shape[0], classes.shape[1], self.hw, self.num_features)
+        corr = torch.einsum("bsc,bkrc->bksr", p, g)
+        wp = self.visibility_weights(probe_occ, p.shape[0], p.device)
+        return self._tail(self._pool(corr * wp[:, None, :, None]))
+
+    @torch.no_grad()
+    def compute_class_neighbors(self, chunk_size: int = 1024) -> torch.Tensor:
+        """Top-k most similar classes (cosine of flattened, location-normalised class embeddings),
+        excluding each class itself; stored in the ``class_neighbors`` buffer and returned."""
+        if self.num_classes is None:
+            raise RuntimeError("QAConv was built without num_classes: no class embeddings")
+        k = self.class_neighbors.shape[1]
+        emb = self._locations(self.class_embed).reshape(self.num_classes, -1)
+        emb = F.normalize(emb, dim=1)
+        for start in range(0, self.num_classes, chunk_size):
+            stop = min(start + chunk_size, self.num_classes)
+            sim = emb[start:stop] @ emb.T
+            rows = torch.arange(stop - start, device=sim.device)
+            sim[rows, rows + start] = float("-inf")
+            self.class_neighbors[start:stop] = sim.topk(k, dim=1).indices
+        return self.class_neighbors
+
+    # -- fast paths --------------------------------------------------------------------------
+
+    def match_pairs(
+        self,
+        probe: torch.Tensor,
+        gallery: torch.Tensor,
+        query_occ: torch.Tensor | None = None,
+        gallery_occ: torch.Tensor | None = None,
+        chunk_size: int = 4096,
+    ) -> torch.Tensor:
+        """Scores of aligned pairs ``probe[i]`` vs ``gallery[i]`` -> ``[N]``, batched (no per-pair loop)."""
+        if probe.shape != gallery.shape:
+            raise ValueError(f"pair lists differ in shape: {list(probe.shape)} vs {list(gallery.shape)}")
+        n = probe.shape[0]
+        p = self._locations(probe) * self.visibility_weights(query_occ, n, probe.device)[..., None]
+        g = self._locations(gallery) * self.visibility_weights(gallery_occ, n, gallery.device)[..., None]
+        pooled = [
+            self._pool(torch.bmm(p[i : i + chunk_size], g[i : i + chunk_size].transpose(1, 2)))
+            for i in range(0, n, chunk_size)
+        ]
+        return self._tail(torch.cat(pooled)) if pooled else probe.new_zeros(0)
+
+    def prepare_probe(self, probe_fea: torch.Tensor, probe_occ: torch.Tensor | None = None) -> torch.Tensor:
+        """``[P, C, H, W]`` -> ``[P * hw, C]`` normalised, visibility-weighted rows (fp32)."""
+        p = self._locations(probe_fea)
+        p = p * self.visibility_weights(probe_occ, p.shape[0], p.device)[..., None]
+        return p.reshape(-1, self.num_features)
+
+    @torch.no_grad()
+    def prepare_gallery(
+        self, gal_fea: torch.Tensor, gal_occ: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> PreparedGallery:
+        """Normalise, weight and lay out gallery maps as ``[C, G * hw]`` (``dtype`` defaults to the input's)."""
+        g = self._locations(gal_fea) * self.visibility_weights(gal_occ, gal_fea.shape[0], gal_fea.device)[..., None]
+        maps = g.permute(2, 0, 1).reshape(self.num_features, -1)
+        return PreparedGallery(maps.to(dtype or gal_fea.dtype).contiguous(), gal_fea.shape[0], self.hw)
+
+    @torch.no_grad()
+    def match(
+        self,
+        probe_fea: torch.Tensor,
+        gallery: PreparedGallery,
+        probe_occ: torch.Tensor | None = None,
+        chunk_size: int = 256,
+        indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Eval-mode scores of probes against a prepared gallery -> ``[P, G]`` (fp32).
+
+        One GEMM per gallery chunk (probe rows ``[P*hw, C]`` times ``[C, n*hw]``), two max
+        reductions and the folded tail; memory stays at ``P*hw*chunk*hw`` elements. ``indices``
+        restricts matching to a subset of gallery items (a shortlist) without copying the rest.
+        Running statistics are used whatever the module's mode.
+        """
+        weight, bias = self.folded_tail()
+        weight = weight.to(probe_fea.device)
+        w_probe, w_gallery = weight[: self.hw], weight[self.hw :]
+        probe = self.prepare_probe(probe_fea, probe_occ).to(gallery.maps.dtype)
+        n_probe, hw = probe_fea.shape[0], self.hw
+        if indices is not None:
+            cols = (indices.to(gallery.maps.device)[:, None] * hw + torch.arange(hw, device=gallery.maps.device)).reshape(-1)
+            maps = gallery.maps.index_select(1, cols)
+            total = indices.numel()
+        else:
+            maps, total = gallery.maps, gallery.count
+        out = torch.empty(n_probe, total, dtype=torch.float32, device=probe.device)
+        for start in range(0, total, chunk_size):
+            stop = min(start + chunk_size, total)
+            corr = (probe @ maps[:, start * hw : stop * hw]).view(n_probe, hw, stop - start, hw)
+            best_for_probe = corr.amax(dim=3).float().clamp_min_(0.0)  # [P, hw, n]
+            best_for_gallery = corr.amax(dim=1).float().clamp_min_(0.0)  # [P, n, hw]
+            out[:, start:stop] = (
+                torch.einsum("psn,s->pn", best_for_probe, w_probe)
+                + best_for_gallery @ w_gallery
+                + bias
+            )
+        return out

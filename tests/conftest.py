@@ -1,0 +1,56 @@
+"""Shared fixtures: deterministic seeds, explicit thread counts, one detector per session."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from model.align import FaceDetector, FacePipeline
+from model.net import OAMLNet, build_model
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    """512x512 RGB photo with one frontal face (scikit-image sample data)."""
+    return skdata.astronaut()
+
+
+@pytest.fixture(scope="session")
+def detector() -> FaceDetector:
+    return FaceDetector(threads=1)
+
+
+@pytest.fixture(scope="session")
+def pipeline(detector: FaceDetector) -> FacePipeline:
+    return FacePipeline(detector)
+
+
+@pytest.fixture(scope="session")
+def ir18() -> OAMLNet:
+    torch.manual_seed(1)
+    return build_model("ir_18").eval()
+
+
+def encode(image: Image.Image | np.ndarray, fmt: str = "PNG", **kwargs: object) -> bytes:
+    """Encode a PIL image or an RGB array to bytes."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
