@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 			echo "no GPU: installing $(TORCH_CPU)"; $(BIN)/pip install -q "$(TORCH_CPU)"; \
 		fi; \
 	fi
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,train]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 #: Submodules that are OAML additions; absent from AdaFace checkpoints.
 HEAD_PREFIXES = ("occlusion_head.", "qaconv.")
+#: Training-only tensors (QAConv class embeddings): never part of a serving checkpoint.
+TRAINING_ONLY_PREFIXES = ("qaconv.class_embed", "qaconv.class_neighbors")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -97,6 +99,8 @@ def default_metadata(model: OAMLNet) -> dict[str, Any]:
 def _serialisable_state(model: OAMLNet, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     state = {}
     for name, tensor in model.state_dict().items():
+        if name.startswith(TRAINING_ONLY_PREFIXES):
+            continue
         tensor = tensor.detach().cpu()
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
@@ -169,8 +173,6 @@ def load_checkpoint(
         occlusion_method=qa.get("occlusion_method", "scaling"),
     )
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
-    # Training-only QAConv buffers (class embeddings) are not part of the serving model.
-    state = {k: v for k, v in state.items() if not k.startswith(("qaconv.class_embed", "qaconv.class_neighbors"))}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

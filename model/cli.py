@@ -43,6 +43,89 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from model.align import FaceDetector
+    from model.prepare import prepare
+
+    counts = prepare(
+        args.src,
+        args.dst,
+        filename_identity=args.filename_identity,
+        image_format=args.format,
+        detector=FaceDetector(threads=args.threads),
+        limit=args.limit,
+    )
+    json.dump(counts, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from model.train import TrainConfig, Trainer
+
+    overrides = {"out": str(args.out) if args.out else None, "max_steps": args.max_steps, "epochs": args.epochs}
+    cfg = TrainConfig.from_toml(args.config, **overrides)
+    if args.data_root is not None:
+        cfg.train = [str(Path(args.data_root) / p) if not Path(p).is_absolute() else p for p in cfg.train]
+        if cfg.occluders and not Path(cfg.occluders).is_absolute():
+            cfg.occluders = str(Path(args.data_root) / cfg.occluders)
+    state = Trainer(cfg).fit()
+    json.dump({"global_step": state["global_step"], "epoch": state["epoch"], "best_score": state["best_score"]}, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from model.calibration import fit_calibration
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.evaluate import validation_scores
+    from model.train import TrainConfig, load_training_data, split_by_identity
+
+    model, meta = load_checkpoint(args.weights)
+    cfg = TrainConfig.from_dict(meta["training"]["config"])
+    root = Path(args.data_root)
+    caches = [p if Path(p).is_absolute() else str(root / Path(p).name) for p in cfg.train]
+    data = load_training_data(caches)
+    _, val_idx = split_by_identity(data.labels, cfg.val_fraction, cfg.seed)
+    if len(val_idx) == 0:
+        raise SystemExit("the weights were trained without a validation split: nothing to calibrate on")
+    occluders = args.occluders or (str(root / "occluders") if (root / "occluders").exists() else None)
+    scores = validation_scores(model, data.images[val_idx], data.labels[val_idx], data.landmarks[val_idx], occluders, seed=cfg.seed)
+    cal = fit_calibration(scores["cos"], scores["qa"], scores["visibility"], scores["same"])
+    meta["calibration"] = cal.to_dict()
+    meta["calibration"]["source"] = f"validation split: {len(np.unique(data.labels[val_idx]))} identities held out of training"
+    out = args.out or args.weights
+    written = save_checkpoint(model, out, {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")})
+    json.dump({"weights": str(out), "model_version": written["model_version"], "calibration": cal.to_dict()}, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from model.calibration import Calibration
+    from model.checkpoint import load_checkpoint
+    from model.evaluate import draw_roc, evaluate_lfw, markdown_report
+
+    model, meta = load_checkpoint(args.weights)
+    cal = Calibration.from_dict(meta["calibration"]) if "calibration" in meta else None
+    peer = None
+    if args.peer == "sface":
+        from bench.peers.sface import SFacePeer
+
+        peer = SFacePeer()
+    report = evaluate_lfw(model, args.lfw_cache, args.pairs, args.occluders, cal, peer=peer, precision=args.precision, flip=not args.no_flip)
+    report["weights"] = {"file": str(args.weights), "model_version": meta["model_version"]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    draw_roc(report, args.out / "roc.png")
+    (args.out / "report.md").write_text(markdown_report(report))
+    public = {k: v for k, v in report.items() if not k.startswith("_")}
+    (args.out / "report.json").write_text(json.dumps(public, indent=2))
+    sys.stdout.write(markdown_report(report) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oaml", description="Occlusion-aware face matching")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -54,6 +137,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="architecture (default: from hyper-parameters or key count)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.set_defaults(func=_cmd_import_adaface)
+
+    p = sub.add_parser("prepare", help="detect and align a folder of face photos into a 112x112 training cache")
+    p.add_argument("src", type=Path, help="one sub-folder per identity (or flat, with --filename-identity)")
+    p.add_argument("dst", type=Path)
+    p.add_argument("--filename-identity", action="store_true", help="identity from file names: S1-P1-F-39-1.jpg -> S1-P1")
+    p.add_argument("--format", choices=["jpg", "png"], default="jpg")
+    p.add_argument("--threads", type=int, default=1, help="detector threads")
+    p.add_argument("--limit", type=int, default=None, help="only the first N photos")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train the OAML model from a TOML config")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=None, help="run folder (checkpoints, logs); overrides the config")
+    p.add_argument("--data-root", type=Path, default=None, help="prefix for relative `train` and `occluders` paths")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("calibrate", help="fit score fusion and preset thresholds on the weights' validation split")
+    p.add_argument("weights", type=Path)
+    p.add_argument("--data-root", type=Path, required=True, help="folder holding the aligned training caches")
+    p.add_argument("--occluders", default=None, help="occluder templates (default: <data-root>/occluders when present)")
+    p.add_argument("--out", type=Path, default=None, help="output weights file (default: update in place)")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("eval", help="LFW 6000 pairs, clean and synthetically occluded, with an optional SFace peer row")
+    p.add_argument("weights", type=Path)
+    p.add_argument("--lfw-cache", type=Path, required=True, help="aligned LFW cache made by `oaml prepare`")
+    p.add_argument("--pairs", type=Path, required=True, help="LFW pairs.txt")
+    p.add_argument("--occluders", type=Path, default=None, help="occluder templates; adds the mask and sunglasses protocols")
+    p.add_argument("--peer", choices=["none", "sface"], default="none")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--no-flip", action="store_true", help="skip flip-test fusion (faster)")
+    p.add_argument("--out", type=Path, required=True, help="folder for report.json, report.md, roc.png")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("info", help="print the metadata of an OAML weights file")
     p.add_argument("weights", type=Path)

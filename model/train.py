@@ -1,0 +1,601 @@
+"""The OAML trainer: AdaFace + QAConv + occlusion head, with SFace distillation, on CPU or CUDA.
+
+One step, for a PK batch of aligned crops:
+
+1. Augment (flip, AdaFace crop/photometric/low-res, synthetic occlusion with an exact visibility
+   mask); the 7x7 visibility target is the visible fraction of each 16x16 cell.
+2. One backbone pass gives embedding, norm, occlusion map and feature map.
+3. Losses (weights in :class:`TrainConfig`):
+   - margin head (AdaFace by default) on the embedding;
+   - QAConv balanced pairwise BCE and batch-hard ranking over the batch, occlusion-weighted with
+     the *detached* predicted visibility maps; class-embedding classification over the ``k``
+     nearest classes;
+   - occlusion head MSE to the target (clean faces target all ones; the head's input is
+     detached, so this loss never shapes the backbone);
+   - distillation from SFace: the teacher embeds the *clean* crop (same flip), the student sees
+     the augmented, possibly occluded one; relation loss (batch cosine-similarity matrices) and a
+     feature loss through a 512->128 projection.
+4. SGD (or AdamW), warm-up then cosine decay, gradient clipping; bf16 autocast on CPU, fp16 AMP
+   on CUDA.
+
+Reproducibility: batches are a function of (seed, epoch) and every step's augmentation and dropout
+are seeded from (seed, global step), so ``resume`` replays exactly. A checkpoint (``last.pt``) is
+written every ``checkpoint_every`` steps and at each epoch end; ``best.safetensors`` is the model
+with the best validation score, in the serving format.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.align import to_input_tensor
+from model.augment import AugmentConfig, FaceAugmenter
+from model.checkpoint import import_adaface_ckpt, load_checkpoint, save_checkpoint
+from model.face import AlignedCache
+from model.head import build_head
+from model.losses import (
+    class_neighbor_loss,
+    feature_distillation_loss,
+    occlusion_loss,
+    pairwise_matching_loss,
+    relation_distillation_loss,
+    triplet_ranking_loss,
+)
+from model.metrics import accuracy, best_threshold
+from model.net import OAMLNet, build_model
+from model.occlusion import OcclusionAugmenter, visibility_grid
+from model.sampler import GraphSampler, PKSampler
+
+__all__ = ["TrainConfig", "Trainer", "TrainingData", "load_training_data", "split_by_identity"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Every training choice; load from TOML with :meth:`from_toml` (keys as below, ``[augment]`` table)."""
+
+    train: list[str] = field(default_factory=list)  # aligned caches made by `oaml prepare`
+    out: str = "runs/oaml"
+    occluders: str | None = None  # folder with masks/ and sunglasses/ templates (optional)
+    val_fraction: float = 0.1  # identities held out for validation and calibration
+    arch: str = "ir_18"
+    occlusion_method: str = "scaling"
+    init_from: str | None = None  # OAML .safetensors or AdaFace .ckpt
+    mode: str = "full"  # "full" or "finetune-heads" (frozen backbone: QAConv + occlusion heads only)
+    head: str = "adaface"
+    m: float = 0.4
+    h: float = 0.333
+    s: float = 64.0
+    t_alpha: float = 0.01
+    w_margin: float = 1.0
+    w_qaconv_pair: float = 0.5
+    w_qaconv_triplet: float = 0.5
+    triplet_margin: float = 1.0
+    w_qaconv_class: float = 0.1
+    qaconv_k_nearest: int = 16
+    w_occlusion: float = 1.0
+    teacher: bool = True
+    w_distill_relation: float = 2.0
+    w_distill_feature: float = 1.0
+    sampler: str = "pk"  # "pk" or "graph"
+    p: int = 16
+    k: int = 4
+    optimizer: str = "sgd"  # "sgd" or "adamw"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 100
+    epochs: int = 10
+    max_steps: int | None = None
+    grad_clip: float = 5.0
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    precision: str = "auto"  # "auto" (bf16 on CPU, fp16 on CUDA), "fp32", "bf16", "fp16"
+    threads: int = 2
+    deterministic: bool = True  # bit-exact resume; costs little on CPU, some speed on CUDA
+    checkpoint_every: int = 100
+    log_every: int = 10
+    val_pairs: int = 3000  # genuine and impostor pairs each, for validation
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        raw = tomllib.loads(Path(path).read_text())
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        raw = dict(raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"unknown training options {sorted(unknown)}")
+        aug = raw.pop("augment", {})
+        if isinstance(aug, dict):
+            aug_known = {f.name for f in dataclasses.fields(AugmentConfig)}
+            if set(aug) - aug_known:
+                raise ValueError(f"unknown augment options {sorted(set(aug) - aug_known)}")
+            aug = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})
+        cfg = cls(**raw, augment=aug)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.mode not in ("full", "finetune-heads"):
+            raise ValueError("mode must be 'full' or 'finetune-heads'")
+        if self.sampler not in ("pk", "graph"):
+            raise ValueError("sampler must be 'pk' or 'graph'")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError("optimizer must be 'sgd' or 'adamw'")
+        if not self.train:
+            raise ValueError("no training data: set `train` to one or more aligned caches")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainingData:
+    """All aligned crops in memory, with global identity labels and aligned landmarks."""
+
+    images: np.ndarray  # [N, 112, 112, 3] uint8 RGB
+    labels: np.ndarray  # [N] int64
+    landmarks: np.ndarray  # [N, 5, 2] in crop coordinates
+    identities: list[str]  # label -> "<cache>/<identity>"
+    sources: list[str]  # cache names, one per dataset folder
+
+
+def load_training_data(caches: list[str | Path]) -> TrainingData:
+    """Concatenate aligned caches; identities are namespaced by cache so two sets never merge."""
+    images, labels, landmarks, identities, sources = [], [], [], [], []
+    for cache_path in caches:
+        cache = AlignedCache(cache_path)
+        name = Path(cache_path).name
+        offset = len(identities)
+        identities += [f"{name}/{c}" for c in cache.classes]
+        images.append(cache.load_images())
+        labels.append(cache.labels + offset)
+        landmarks.append(np.array([r.aligned_landmarks for r in cache.records], dtype=np.float64))
+        sources.append(name)
+    return TrainingData(np.concatenate(images), np.concatenate(labels), np.concatenate(landmarks), identities, sources)
+
+
+def split_by_identity(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices) with no identity in both; validation identities have >= 2 images."""
+    classes, counts = np.unique(labels, return_counts=True)
+    if fraction <= 0:
+        return np.arange(len(labels)), np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng([seed, 7])
+    eligible = rng.permutation(classes[counts >= 2])
+    n_val = max(2, int(round(fraction * len(classes))))
+    val_classes = set(eligible[:n_val].tolist())
+    is_val = np.array([c in val_classes for c in labels])
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def _seed_for(*parts: int) -> int:
+    return int(np.random.default_rng(list(parts)).integers(0, 2**31 - 1))
+
+
+class Trainer:
+    """Builds data, model and optimiser from a :class:`TrainConfig`, trains, validates, checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, data: TrainingData | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)  # weight initialisation
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+        precision = cfg.precision
+        if precision == "auto":
+            precision = "fp16" if self.device.type == "cuda" else "bf16"
+        self.precision = precision
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+        self.data = data or load_training_data(cfg.train)
+        self.train_idx, self.val_idx = split_by_identity(self.data.labels, cfg.val_fraction, cfg.seed)
+        train_classes = np.unique(self.data.labels[self.train_idx])
+        self.label_map = {int(c): i for i, c in enumerate(train_classes)}
+        self.train_labels = np.array([self.label_map[int(c)] for c in self.data.labels[self.train_idx]])
+        self.num_classes = len(train_classes)
+        logger.info(
+            "%d training images of %d identities, %d validation images of %d identities",
+            len(self.train_idx), self.num_classes, len(self.val_idx), len(np.unique(self.data.labels[self.val_idx])),
+        )
+
+        finetune = cfg.mode == "finetune-heads"
+        self.w = {
+            "margin": 0.0 if finetune else cfg.w_margin,
+            "qaconv_pair": cfg.w_qaconv_pair,
+            "qaconv_triplet": cfg.w_qaconv_triplet,
+            "qaconv_class": cfg.w_qaconv_class,
+            "occlusion": cfg.w_occlusion,
+            "distill_relation": 0.0 if finetune or not cfg.teacher else cfg.w_distill_relation,
+            "distill_feature": 0.0 if finetune or not cfg.teacher else cfg.w_distill_feature,
+        }
+        self.teacher_emb = self._teacher_embeddings() if self.w["distill_relation"] or self.w["distill_feature"] else None
+
+        self.model = build_model(
+            cfg.arch,
+            qaconv_num_classes=self.num_classes if self.w["qaconv_class"] > 0 else None,
+            qaconv_k_nearest=cfg.qaconv_k_nearest,
+            occlusion_method=cfg.occlusion_method,
+            nan_guard=True,
+        )
+        if cfg.init_from:
+            self._init_weights(cfg.init_from)
+        self.head = build_head(cfg.head, self.model.embedding_size, self.num_classes, m=cfg.m, t_alpha=cfg.t_alpha, h=cfg.h, s=cfg.s)
+        self.projector = nn.Linear(self.model.embedding_size, 128) if self.w["distill_feature"] else None
+        self.model.to(self.device).to(memory_format=torch.channels_last)
+        self.head.to(self.device)
+        if self.projector is not None:
+            self.projector.to(self.device)
+        if finetune:
+            for module in (self.model.input_layer, self.model.body, self.model.output_layer):
+                module.requires_grad_(False)
+        self.optimizer = self._build_optimizer()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and self.device.type == "cuda")
+
+        occlusion = OcclusionAugmenter.from_folder(cfg.occluders, probability=1.0)
+        self.augmenter = FaceAugmenter(cfg.augment, occlusion)
+        sampler_cls = GraphSampler if cfg.sampler == "graph" else PKSampler
+        self.sampler = sampler_cls(self.train_labels, cfg.p, cfg.k, cfg.seed)
+        self.steps_per_epoch = len(self.sampler.batches(0))
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_score": -math.inf, "history": []}
+        self._val_cache: dict[str, Any] | None = None
+        self._maybe_resume()
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _teacher_embeddings(self) -> np.ndarray:
+        from model.teacher import teacher_embeddings
+
+        digest = "-".join(self.data.sources)
+        return teacher_embeddings(self.data.images, self.out.parent / ".teacher" / f"sface-{digest}-{len(self.data.images)}.npy")
+
+    def _init_weights(self, path: str) -> None:
+        if path.endswith(".ckpt"):
+            source, report = import_adaface_ckpt(path)
+            logger.info("initialised the backbone from AdaFace %s (%s)", path, report.architecture)
+        else:
+            source, _ = load_checkpoint(path)
+        state = {k: v for k, v in source.state_dict().items() if not k.startswith(("qaconv.class_embed", "qaconv.class_neighbors"))}
+        result = self.model.load_state_dict(state, strict=False)
+        if result.unexpected_keys or any(not k.startswith("qaconv.class_") for k in result.missing_keys):
+            raise ValueError(f"{path} does not fit {self.cfg.arch}: {result}")
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        modules: list[nn.Module] = [self.model, self.head] + ([self.projector] if self.projector is not None else [])
+        for module in modules:
+            for name, param in module.named_parameters():
+                if param.requires_grad:
+                    (no_decay if _no_decay(name, param) else decay).append(param)
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.cfg.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=self.cfg.lr, momentum=self.cfg.momentum, nesterov=True)
+        return torch.optim.AdamW(groups, lr=self.cfg.lr)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to 1% of the peak over the whole run."""
+        if step < self.cfg.warmup_steps:
+            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
+        progress = (step - self.cfg.warmup_steps) / max(1, self.total_steps - self.cfg.warmup_steps)
+        return self.cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "head": self.head.state_dict(),
+            "projector": self.projector.state_dict() if self.projector is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "graph_neighbors": torch.from_numpy(self.sampler.neighbors) if isinstance(self.sampler, GraphSampler) and self.sampler.neighbors is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "state": json.dumps(self.state),
+            "config": json.dumps(self.cfg.to_dict()),
+        }
+
+    def save(self) -> None:
+        tmp = self.out / "last.pt.tmp"
+        torch.save(self._checkpoint_state(), tmp)
+        os.replace(tmp, self.out / "last.pt")
+
+    def _maybe_resume(self) -> None:
+        path = self.out / "last.pt"
+        if not path.exists():
+            return
+        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        saved_cfg = json.loads(ckpt["config"])
+        for key in ("arch", "seed", "p", "k", "sampler", "train"):
+            if saved_cfg[key] != getattr(self.cfg, key):
+                raise ValueError(f"{path} was made with {key}={saved_cfg[key]!r}, config says {getattr(self.cfg, key)!r}")
+        self.model.load_state_dict(ckpt["model"])
+        self.head.load_state_dict(ckpt["head"])
+        if self.projector is not None and ckpt["projector"] is not None:
+            self.projector.load_state_dict(ckpt["projector"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if isinstance(self.sampler, GraphSampler) and ckpt.get("graph_neighbors") is not None:
+            self.sampler.set_neighbors(ckpt["graph_neighbors"].numpy())
+        self.state = json.loads(ckpt["state"])
+        logger.info("resumed from %s at epoch %d, step %d", path, self.state["epoch"], self.state["global_step"])
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None)
+
+    def train_step(self, batch: np.ndarray) -> dict[str, float]:
+        cfg, step = self.cfg, self.state["global_step"]
+        rng = np.random.default_rng([cfg.seed, step])
+        torch.manual_seed(_seed_for(cfg.seed, step))  # dropout
+        idx = self.train_idx[batch]
+        augmented = [self.augmenter(self.data.images[i], self.data.landmarks[i], rng) for i in idx]
+        x = to_input_tensor([a.image for a in augmented]).to(self.device).contiguous(memory_format=torch.channels_last)
+        target_vis = torch.from_numpy(np.stack([visibility_grid(a.visible) for a in augmented])).to(self.device)
+        labels = torch.from_numpy(self.train_labels[batch]).to(self.device)
+
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(step)
+        self.model.train()
+        self.head.train()
+        if cfg.mode == "finetune-heads":
+            for module in (self.model.input_layer, self.model.body, self.model.output_layer):
+                module.eval()
+        with self._autocast():
+            out = self.model.forward_all(x)
+        losses: dict[str, torch.Tensor] = {}
+        if self.w["margin"]:
+            losses["margin"] = F.cross_entropy(self.head(out.embedding, out.norm, labels), labels)
+        occ_weights = out.occlusion.detach()
+        if self.w["qaconv_pair"] or self.w["qaconv_triplet"]:
+            scores = self.model.qaconv(out.feature_map, out.feature_map, probe_occ=occ_weights, gal_occ=occ_weights)
+            losses["qaconv_pair"] = pairwise_matching_loss(scores, labels)
+            losses["qaconv_triplet"] = triplet_ranking_loss(scores, labels, cfg.triplet_margin)
+        if self.w["qaconv_class"]:
+            losses["qaconv_class"] = class_neighbor_loss(self.model.qaconv(out.feature_map, labels=labels, probe_occ=occ_weights))
+        losses["occlusion"] = occlusion_loss(out.occlusion, target_vis)
+        if self.teacher_emb is not None:
+            flips = np.array([int(a.flipped) for a in augmented])
+            t = torch.from_numpy(self.teacher_emb[idx, flips]).to(self.device)
+            if self.w["distill_relation"]:
+                losses["distill_relation"] = relation_distillation_loss(out.embedding, t)
+            if self.w["distill_feature"] and self.projector is not None:
+                losses["distill_feature"] = feature_distillation_loss(self.projector(out.embedding.float()), t)
+        total = sum(self.w[k] * v for k, v in losses.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.state["global_step"] += 1
+        result = {k: float(v.detach()) for k, v in losses.items()}
+        result["total"] = float(total.detach())
+        result["visibility_clean"] = float(out.occlusion.detach()[[a.occluder is None for a in augmented]].mean()) if any(a.occluder is None for a in augmented) else float("nan")
+        return result
+
+    # -- validation --------------------------------------------------------------------------
+
+    def _val_set(self) -> dict[str, Any]:
+        """Fixed validation pairs and one fixed occluded copy of every validation image."""
+        if self._val_cache is None:
+            rng = np.random.default_rng([self.cfg.seed, 11])
+            labels = self.data.labels[self.val_idx]
+            genuine = [(i, j) for i in range(len(labels)) for j in range(i + 1, len(labels)) if labels[i] == labels[j]]
+            rng.shuffle(genuine)
+            genuine = genuine[: self.cfg.val_pairs]
+            impostor: set[tuple[int, int]] = set()
+            while len(impostor) < min(self.cfg.val_pairs, len(labels) * (len(labels) - 1) // 4):
+                i, j = rng.integers(0, len(labels), 2)
+                if labels[i] != labels[j]:
+                    impostor.add((int(min(i, j)), int(max(i, j))))
+            pairs = np.array(genuine + sorted(impostor))
+            is_same = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostor), bool)]
+            occluder = OcclusionAugmenter.from_folder(self.cfg.occluders, probability=1.0)
+            occluded = np.stack(
+                [occluder.occlude(self.data.images[i], self.data.landmarks[i], np.random.default_rng([self.cfg.seed, 13, n]))[0] for n, i in enumerate(self.val_idx)]
+            )
+            self._val_cache = {"pairs": pairs, "same": is_same, "occluded": occluded}
+        return self._val_cache
+
+    @torch.no_grad()
+    def embed(self, images: np.ndarray, batch_size: int = 64) -> dict[str, torch.Tensor]:
+        """Eval-mode embeddings, occlusion maps and feature maps for ``[N, 112, 112, 3]`` crops."""
+        self.model.eval()
+        parts: dict[str, list[torch.Tensor]] = {"embedding": [], "occlusion": [], "feature_map": []}
+        for start in range(0, len(images), batch_size):
+            x = to_input_tensor(images[start : start + batch_size]).to(self.device).contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                out = self.model.forward_all(x)
+            parts["embedding"].append(out.embedding.float().cpu())
+            parts["occlusion"].append(out.occlusion.float().cpu())
+            parts["feature_map"].append(out.feature_map.float().cpu())
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def validate(self) -> dict[str, float]:
+        """Identity-disjoint verification: clean pairs, and pairs whose second image is occluded.
+
+        Score = mean best-threshold accuracy of (cosine clean, cosine occluded, QAConv occluded).
+        """
+        if len(self.val_idx) == 0:
+            return {"score": float("nan")}
+        val = self._val_set()
+        clean = self.embed(self.data.images[self.val_idx])
+        occl = self.embed(val["occluded"])
+        a, b = val["pairs"][:, 0], val["pairs"][:, 1]
+        same = val["same"]
+        cos_clean = (clean["embedding"][a] * clean["embedding"][b]).sum(1).numpy()
+        cos_occ = (clean["embedding"][a] * occl["embedding"][b]).sum(1).numpy()
+        qa = self.model.qaconv.eval()
+        with torch.no_grad():
+            qa_occ = qa.match_pairs(clean["feature_map"][a], occl["feature_map"][b], clean["occlusion"][a], occl["occlusion"][b]).numpy()
+        result = {
+            "acc_cos_clean": accuracy(cos_clean, same, best_threshold(cos_clean, same)),
+            "acc_cos_occluded": accuracy(cos_occ, same, best_threshold(cos_occ, same)),
+            "acc_qaconv_occluded": accuracy(qa_occ, same, best_threshold(qa_occ, same)),
+            "visibility_clean": float(clean["occlusion"].mean()),
+            "visibility_occluded": float(occl["occlusion"].mean()),
+        }
+        result["score"] = float(np.mean([result["acc_cos_clean"], result["acc_cos_occluded"], result["acc_qaconv_occluded"]]))
+        return result
+
+    # -- loop --------------------------------------------------------------------------------
+
+    def _refresh_graph(self) -> None:
+        if isinstance(self.sampler, GraphSampler):
+            with torch.no_grad():
+                centres = F.normalize(self.head.kernel.detach().float().T, dim=1).cpu()
+                sim = centres @ centres.T
+                sim.fill_diagonal_(-math.inf)
+                self.sampler.set_neighbors(sim.topk(self.cfg.p - 1, dim=1).indices.numpy())
+        if self.model.qaconv.num_classes is not None:
+            self.model.qaconv.compute_class_neighbors()
+
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train until ``epochs`` or ``max_steps``; returns the final state (history, best score).
+
+        ``stop_after`` interrupts at that global step (checkpointed) without changing the schedule,
+        as a crash or a time limit would; a new :class:`Trainer` on the same folder resumes.
+        """
+        cfg = self.cfg
+        limit = min(self.total_steps, stop_after) if stop_after is not None else self.total_steps
+        progress = _progress(total=self.total_steps, initial=self.state["global_step"])
+        log_jsonl = (self.out / "steps.jsonl").open("a")
+        running: dict[str, list[float]] = {}
+        t_epoch, images_epoch = time.perf_counter(), 0
+        try:
+            while self.state["global_step"] < limit and self.state["epoch"] < cfg.epochs:
+                epoch = self.state["epoch"]
+                if self.state["step_in_epoch"] == 0:  # mid-epoch resume keeps the epoch's neighbours
+                    self._refresh_graph()
+                batches = self.sampler.batches(epoch)
+                for batch in batches[self.state["step_in_epoch"] :]:
+                    if self.state["global_step"] >= limit:
+                        break
+                    t0 = time.perf_counter()
+                    losses = self.train_step(batch)
+                    self.state["step_in_epoch"] += 1
+                    images_epoch += len(batch)
+                    for k, v in losses.items():
+                        running.setdefault(k, []).append(v)
+                    rate = len(batch) / (time.perf_counter() - t0)
+                    progress.update(1, losses["total"], rate)
+                    if self.state["global_step"] % cfg.log_every == 0:
+                        row = {"step": self.state["global_step"], "epoch": epoch, "lr": self.lr_at(self.state["global_step"] - 1), "img_per_s": round(rate, 2), **{k: round(v, 5) for k, v in losses.items()}}
+                        log_jsonl.write(json.dumps(row) + "\n")
+                        log_jsonl.flush()
+                    if self.state["global_step"] % cfg.checkpoint_every == 0:
+                        self.save()
+                else:
+                    self._end_epoch(running, time.perf_counter() - t_epoch, images_epoch)
+                    running, t_epoch, images_epoch = {}, time.perf_counter(), 0
+                    continue
+                break  # max_steps reached inside the epoch
+            if self.state["step_in_epoch"]:
+                self.save()
+        finally:
+            progress.close()
+            log_jsonl.close()
+        return self.state
+
+    def _end_epoch(self, running: dict[str, list[float]], seconds: float, images: int) -> None:
+        val = self.validate()
+        row = {
+            "epoch": self.state["epoch"],
+            "global_step": self.state["global_step"],
+            "seconds": round(seconds, 1),
+            "img_per_s": round(images / max(seconds, 1e-9), 2),
+            **{f"train_{k}": round(float(np.nanmean(v)), 5) for k, v in running.items()},
+            **{f"val_{k}": round(v, 5) for k, v in val.items()},
+        }
+        self.state["history"].append(row)
+        self.state["epoch"] += 1
+        self.state["step_in_epoch"] = 0
+        logger.info("epoch %s", json.dumps(row))
+        csv_path = self.out / "epochs.csv"
+        new = not csv_path.exists()
+        with csv_path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        score = val.get("score", float("nan"))
+        if not math.isnan(score) and score > self.state["best_score"]:
+            self.state["best_score"] = score
+            self.export(self.out / "best.safetensors", {"validation": val, "epoch": row["epoch"]})
+        self.save()
+
+    def export(self, path: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the current model in the serving format with training metadata."""
+        meta = {
+            "training": {
+                "data": self.data.sources,
+                "identities": self.num_classes,
+                "images": int(len(self.train_idx)),
+                "validation_identities": int(len(np.unique(self.data.labels[self.val_idx]))),
+                "config": self.cfg.to_dict(),
+                "global_step": self.state["global_step"],
+                "device": str(self.device),
+                "precision": self.precision,
+                **(extra or {}),
+            },
+            "quality": {"norm_mean": float(self.head.batch_mean) if hasattr(self.head, "batch_mean") else None,
+                        "norm_std": float(self.head.batch_std) if hasattr(self.head, "batch_std") else None},
+        }
+        return save_checkpoint(self.model, path, meta)
+
+
+class _progress:
+    """tqdm progress bar with loss and throughput when tqdm is installed, else periodic log lines."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        try:
+            from tqdm import tqdm
+
+            self._bar: Any = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        except ImportError:
+            self._bar = None
+        self._n = initial
+        self._total = total
+
+    def update(self, n: int, loss: float, rate: float) -> None:
+        self._n += n
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.1f}", refresh=False)
+            self._bar.update(n)
+        elif self._n % 10 == 0:
+            logger.info("step %d/%d loss %.4f %.1f img/s", self._n, self._total, loss, rate)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

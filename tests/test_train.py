@@ -1,0 +1,249 @@
+"""Training pipeline: data listing and preparation, samplers, losses, trainer smoke run, exact resume, eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.align import ARCFACE_TEMPLATE, FacePipeline, align_face
+from model.face import AlignedCache, Face, identity_from_filename
+from model.head import AdaFace
+from model.losses import (
+    feature_distillation_loss,
+    occlusion_loss,
+    pairwise_matching_loss,
+    relation_distillation_loss,
+    triplet_ranking_loss,
+)
+from model.prepare import prepare
+from model.qaconv import QAConv
+from model.sampler import GraphSampler, PKSampler
+from model.train import TrainConfig, Trainer, split_by_identity
+from tests.conftest import SHARED_DATA
+
+ASTRONAUT_LANDMARKS = np.array([[204.8, 100.8], [247.4, 103.4], [223.6, 129.2], [202.5, 138.1], [244.2, 140.6]])
+
+
+class TestData:
+    def test_face_lists_identity_folders_with_stable_labels(self, tmp_path: Path) -> None:
+        for person, count in (("bob", 2), ("alice", 3)):
+            (tmp_path / person).mkdir()
+            for i in range(count):
+                (tmp_path / person / f"{i}.jpg").write_bytes(b"x")
+        (tmp_path / "notes.txt").write_text("ignored")
+        face = Face(tmp_path)
+        assert face.classes == ["alice", "bob"] and face.num_ids == 2 and len(face) == 5
+        assert [label for _, label in face.samples] == [0, 0, 0, 1, 1]
+
+    def test_filename_identity_rule(self, tmp_path: Path) -> None:
+        assert identity_from_filename("S1-P1-F-39-1.jpg") == "S1-P1"
+        for name in ("S1-P1-F-39-1.jpg", "S1-P1-F-40-2.jpg", "S2-P7-M-20-1.png"):
+            (tmp_path / name).write_bytes(b"x")
+        face = Face(tmp_path, filename_identity=True)
+        assert face.classes == ["S1-P1", "S2-P7"] and len(face) == 3
+        with pytest.raises(ValueError):
+            identity_from_filename("portrait.jpg")
+
+    def test_prepare_aligns_photos_and_lists_failures(self, tmp_path: Path, astronaut: np.ndarray, detector: object) -> None:
+        src, dst = tmp_path / "src", tmp_path / "dst"
+        (src / "eileen").mkdir(parents=True)
+        (src / "nobody").mkdir()
+        Image.fromarray(astronaut).save(src / "eileen" / "a.jpg")
+        Image.fromarray(astronaut[65:165, 180:270]).save(src / "eileen" / "tight.png")
+        Image.fromarray(np.full((200, 200, 3), 90, np.uint8)).save(src / "nobody" / "blank.png")
+        counts = prepare(src, dst, detector=detector)  # type: ignore[arg-type]
+        assert counts == {"aligned": 2, "failed": 1, "skipped": 0}
+        failures = [json.loads(line) for line in (dst / "failures.jsonl").read_text().splitlines()]
+        assert failures[0]["code"] == "NO_FACE" and failures[0]["identity"] == "nobody"
+        cache = AlignedCache(dst)
+        assert len(cache) == 2 and cache.classes == ["eileen"]
+        crops = cache.load_images()
+        assert crops.shape == (2, 112, 112, 3)
+        lm = np.array(cache.records[0].aligned_landmarks)
+        assert np.abs(lm - ARCFACE_TEMPLATE).max() < 8
+        assert prepare(src, dst, detector=detector) == {"aligned": 0, "failed": 0, "skipped": 3}  # type: ignore[arg-type]
+
+    def test_identity_split_is_disjoint(self) -> None:
+        labels = np.repeat(np.arange(20), 3)
+        train, val = split_by_identity(labels, 0.2, seed=1)
+        assert set(labels[train]).isdisjoint(labels[val])
+        assert len(set(labels[val])) == 4 and len(train) + len(val) == 60
+
+
+class TestSamplers:
+    labels = np.repeat(np.arange(12), [2, 3, 5, 8, 2, 20, 4, 4, 6, 7, 3, 2])
+
+    def test_pk_batches_hold_p_distinct_identities_with_k_images(self) -> None:
+        sampler = PKSampler(self.labels, 4, 2, seed=3)
+        batches = sampler.batches(0)
+        assert batches and all(len(b) == 8 for b in batches)
+        for b in batches:
+            ids = self.labels[b]
+            assert len(set(ids)) == 4 and all((ids == i).sum() == 2 for i in set(ids))
+        assert all(np.array_equal(x, y) for x, y in zip(batches, sampler.batches(0)))
+        assert not all(np.array_equal(x, y) for x, y in zip(batches, sampler.batches(1)))
+
+    def test_graph_batches_are_a_class_and_its_neighbours(self) -> None:
+        sampler = GraphSampler(self.labels, 3, 2, seed=0)
+        neighbours = np.array([[(c + 1) % 12, (c + 2) % 12] for c in range(12)])
+        sampler.set_neighbors(neighbours)
+        for b in sampler.batches(0):
+            ids = sorted(set(self.labels[b].tolist()))
+            assert any(sorted({c, (c + 1) % 12, (c + 2) % 12}) == ids for c in range(12))
+
+
+class TestLosses:
+    def test_qaconv_and_margin_losses_decrease_on_a_tiny_task(self) -> None:
+        torch.manual_seed(0)
+        labels = torch.arange(4).repeat_interleave(4)
+        prototypes = torch.randn(4, 3, 28, 28)
+        images = prototypes[labels] + 0.8 * torch.randn(16, 3, 28, 28)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, 2, 1))
+        qa = QAConv(32, 7, 7)
+        head = AdaFace(32, 4, h=0.333, t_alpha=0.1)
+        params = [*net.parameters(), *qa.parameters(), *head.parameters()]
+        opt = torch.optim.Adam(params, lr=3e-3)
+        history = []
+        for _ in range(40):
+            fmap = net(images)
+            scores = qa(fmap, fmap)
+            emb = fmap.mean((2, 3))
+            norm = emb.norm(dim=1, keepdim=True)
+            margin = torch.nn.functional.cross_entropy(head(emb / norm, norm, labels), labels)
+            loss = pairwise_matching_loss(scores, labels) + triplet_ranking_loss(scores, labels) + 0.1 * margin
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            history.append(float(loss.detach()))
+        assert np.mean(history[-5:]) < 0.6 * np.mean(history[:5])
+
+    def test_losses_vanish_at_their_targets(self) -> None:
+        target = torch.rand(4, 7, 7)
+        assert float(occlusion_loss(target[:, None], target)) == 0.0
+        t = torch.nn.functional.normalize(torch.randn(6, 128), dim=1)
+        assert float(feature_distillation_loss(t * 3, t)) == pytest.approx(0.0, abs=1e-6)
+        rot = torch.linalg.qr(torch.randn(128, 128))[0]
+        assert float(relation_distillation_loss(t @ rot, t)) == pytest.approx(0.0, abs=1e-6)  # rotation-invariant
+        labels = torch.tensor([0, 0, 1, 1])
+        perfect = torch.where(labels[:, None] == labels[None, :], 20.0, -20.0)
+        assert float(pairwise_matching_loss(perfect, labels)) < 1e-6
+        assert float(triplet_ranking_loss(perfect, labels, 1.0)) == 0.0
+
+
+def write_fake_cache(root: Path, astronaut: np.ndarray, identities: int = 6, per_identity: int = 4) -> Path:
+    """An aligned cache of tinted, shifted astronaut crops: enough to exercise the trainer."""
+    rng = np.random.default_rng(0)
+    base = align_face(astronaut, ASTRONAUT_LANDMARKS)
+    lines = []
+    for i in range(identities):
+        tint = rng.uniform(0.5, 1.5, 3)
+        (root / f"id{i}").mkdir(parents=True)
+        for j in range(per_identity):
+            img = np.clip(base * tint + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+            img = np.roll(img, int(rng.integers(-3, 4)), axis=1)
+            rel = f"id{i}/{j}.png"
+            cv2.imwrite(str(root / rel), img[..., ::-1])
+            lines.append(json.dumps({"path": rel, "source": f"/src/{rel}", "identity": f"id{i}", "landmarks": ASTRONAUT_LANDMARKS.tolist(),
+                                     "aligned_landmarks": ARCFACE_TEMPLATE.tolist(), "score": 0.99}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def tiny_config(cache: Path, out: Path, **overrides: object) -> TrainConfig:
+    raw = {
+        "train": [str(cache)], "out": str(out), "arch": "ir_18", "p": 2, "k": 2, "val_fraction": 0.34,
+        "teacher": False, "threads": 2, "warmup_steps": 2, "lr": 0.05, "epochs": 3, "max_steps": 4,
+        "checkpoint_every": 1, "log_every": 1, "qaconv_k_nearest": 2, "val_pairs": 20, "precision": "fp32",
+    }
+    raw.update(overrides)
+    return TrainConfig.from_dict(raw)
+
+
+class TestTrainer:
+    def test_config_rejects_unknown_options(self) -> None:
+        with pytest.raises(ValueError, match="unknown"):
+            TrainConfig.from_dict({"train": ["x"], "learning_rate": 1})
+
+    def test_exact_resume_and_serving_export(self, tmp_path: Path, astronaut: np.ndarray) -> None:
+        cache = write_fake_cache(tmp_path / "cache", astronaut)
+        straight = Trainer(tiny_config(cache, tmp_path / "a"))
+        straight.fit()
+        interrupted = Trainer(tiny_config(cache, tmp_path / "b"))
+        interrupted.fit(stop_after=2)
+        assert interrupted.state["global_step"] == 2
+        resumed = Trainer(tiny_config(cache, tmp_path / "b"))
+        assert resumed.state["global_step"] == 2
+        resumed.fit()
+        assert resumed.state["global_step"] == straight.state["global_step"] == 4
+        for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+            assert torch.equal(a, b), name
+        # epochs ended inside the run: validation happened, a CSV row each, a serving file with metadata
+        rows = (tmp_path / "a" / "epochs.csv").read_text().splitlines()
+        assert len(rows) == 1 + len(straight.state["history"]) and len(straight.state["history"]) >= 1
+        from model.checkpoint import load_checkpoint
+
+        model, meta = load_checkpoint(tmp_path / "a" / "best.safetensors")
+        assert meta["training"]["identities"] == straight.num_classes
+        assert "qaconv.class_embed" not in model.state_dict()
+
+    def test_finetune_heads_keeps_the_backbone_frozen(self, tmp_path: Path, astronaut: np.ndarray) -> None:
+        cache = write_fake_cache(tmp_path / "cache", astronaut)
+        trainer = Trainer(tiny_config(cache, tmp_path / "ft", mode="finetune-heads", max_steps=2))
+        before = {k: v.clone() for k, v in trainer.model.body.state_dict().items()}
+        head_before = trainer.model.occlusion_head.conv2.weight.clone()
+        trainer.fit()
+        for k, v in trainer.model.body.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        assert not torch.equal(trainer.model.occlusion_head.conv2.weight, head_before)
+
+
+class TestTeacher:
+    def test_sface_embeds_the_same_face_alike(self, pipeline: FacePipeline, astronaut: np.ndarray) -> None:
+        from model.teacher import SFaceTeacher
+
+        teacher = SFaceTeacher(threads=1)
+        face = pipeline.align_one(astronaut).crop
+        other = np.ascontiguousarray(np.roll(face, 40, axis=0))
+        emb = teacher.embed(np.stack([face, face[:, ::-1], other]))
+        assert emb.shape == (3, 128)
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+        assert float(emb[0] @ emb[1]) > 0.85  # mirror image: same person (weights.md measured 0.97)
+        assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2])
+
+
+class TestEvaluation:
+    def test_lfw_protocol_end_to_end_on_a_fake_cache(self, tmp_path: Path, astronaut: np.ndarray, ir18: torch.nn.Module) -> None:
+        from model.evaluate import evaluate_lfw, markdown_report, read_lfw_pairs
+
+        cache = tmp_path / "lfw"
+        lines = []
+        base = align_face(astronaut, ASTRONAUT_LANDMARKS)
+        for name in ("Ann_A", "Bob_B"):
+            (cache / name).mkdir(parents=True)
+            for i in (1, 2):
+                cv2.imwrite(str(cache / name / f"{name}_{i:04d}.png"), np.roll(base, 5 * i, axis=0)[..., ::-1])
+                lines.append(json.dumps({"path": f"{name}/{name}_{i:04d}.png", "identity": name,
+                                         "aligned_landmarks": ARCFACE_TEMPLATE.tolist()}))
+        (cache / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+        pairs = tmp_path / "pairs.txt"
+        pairs.write_text("2\t1\nAnn_A\t1\t2\nAnn_A\t1\tBob_B\t1\nBob_B\t1\t2\nAnn_A\t2\tBob_B\t2\n")
+        parsed = read_lfw_pairs(pairs)
+        assert [p.same for p in parsed] == [True, False, True, False] and [p.fold for p in parsed] == [0, 0, 1, 1]
+        report = evaluate_lfw(ir18, cache, pairs, flip=True)
+        clean = report["protocols"]["clean"]
+        assert set(clean) >= {"adaface", "qaconv", "fused", "mean_visibility"}
+        assert 0.0 <= clean["fused"]["accuracy"] <= 1.0 and report["missing_faces"] == 0
+        assert "#### LFW, clean" in markdown_report(report)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "train" / "afdb").exists(), reason="../shared/data/train not present")
+def test_shared_training_photos_align(detector: object, tmp_path: Path) -> None:
+    src = SHARED_DATA / "train" / "afdb"
+    counts = prepare(src, tmp_path / "afdb", detector=detector, limit=20)  # type: ignore[arg-type]
+    assert counts["aligned"] + counts["failed"] == 20 and counts["aligned"] >= 18
