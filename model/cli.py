@@ -126,10 +126,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.config import Settings
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "weights": args.weights}.items() if v is not None}
+    settings = Settings(**overrides)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, workers=1)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oaml", description="Occlusion-aware face matching")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the HTTP service (settings from OAML_* environment variables)")
+    p.add_argument("--host", default=None, help="default OAML_HOST or 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default OAML_PORT or 8000")
+    p.add_argument("--weights", type=Path, default=None, help="default OAML_WEIGHTS or the shipped weights")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("import-adaface", help="convert an official AdaFace Lightning .ckpt to OAML safetensors")
     p.add_argument("ckpt", type=Path)

@@ -1,0 +1,91 @@
+"""The FastAPI application: lifespan (load, warm up, open the gallery), middleware, routers.
+
+``create_app()`` builds an app from :class:`service.config.Settings`; ``oaml serve`` runs it with
+uvicorn. Tests pass settings (and optionally a ready :class:`service.engine.Engine`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+
+from service.config import Settings, get_settings
+from service.engine import Engine
+from service.errors import install_handlers, problem
+from service.gallery import GalleryIndex, SQLiteGalleryStore
+from service.routes import protected, public
+from service.state import AppState, Metrics, load_index
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """Occlusion-aware face verification and identification.
+
+Photos in (any size; faces are detected and aligned), answers out: a fused score of the AdaFace
+cosine and the occlusion-weighted QAConv local matcher, a calibrated probability, the threshold
+applied, and for each face its box, landmarks, quality and 7x7 visibility map (1 = visible).
+Errors are `application/problem+json` with a stable `code`.
+"""
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        eng = engine or await asyncio.to_thread(Engine, settings)
+        eng.start()
+        await asyncio.to_thread(eng.warm_up)
+        store = SQLiteGalleryStore(settings.data_dir / "gallery.sqlite3", eng.model_version)
+        store.check_version()  # a gallery from other weights stops start-up with a clear message
+        index = GalleryIndex(eng.model.qaconv, eng.device, eng.gallery_dtype, eng.model.embedding_size)
+        faces = await asyncio.to_thread(load_index, store, index)
+        metrics = Metrics(settings.max_batch)
+        eng.stats.hooks.append(metrics.on_batch)
+        subjects, _ = store.subjects(0, 10**9)
+        state = AppState(settings, eng, store, index, metrics, names={s.subject: s.name for s in subjects})
+        state.ready = True
+        app.state.oaml = state
+        logger.info("OAML ready in %.1fs: model %s on %s, %d faces of %d subjects", time.perf_counter() - started,
+                    eng.model_version, eng.device, faces, len(subjects))
+        try:
+            yield
+        finally:
+            state.ready = False
+            eng.stop()
+            store.close()
+
+    app = FastAPI(title="OAML", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    install_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["X-API-Key", "Authorization", "Content-Type"])
+    body_limit = settings.max_image_bytes * settings.max_images_per_request + 1024 * 1024
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > body_limit:
+            return problem("PAYLOAD_TOO_LARGE", f"request body over {body_limit} bytes")
+        started = time.perf_counter()
+        response = await call_next(request)
+        state: AppState | None = getattr(request.app.state, "oaml", None)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        if state is not None:
+            state.metrics.requests.labels(path, request.method, str(response.status_code)).inc()
+            state.metrics.latency.labels(path).observe(time.perf_counter() - started)
+        return response
+
+    app.include_router(public)
+    app.include_router(protected)
+    return app

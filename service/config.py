@@ -1,0 +1,66 @@
+"""Service settings: environment variables prefixed ``OAML_`` (see README.md, "Configuration")."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings", "DEFAULT_WEIGHTS"]
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "oaml_ir18.safetensors"
+
+
+class Settings(BaseSettings):
+    """Read once at start-up; invalid values fail fast with a clear message."""
+
+    model_config = SettingsConfigDict(env_prefix="OAML_", env_file=None, extra="ignore")
+
+    weights: Path = Field(DEFAULT_WEIGHTS, description="OAML .safetensors weights to serve")
+    data_dir: Path = Field(Path("data"), description="folder for the gallery database (created if missing)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: fp16 on CUDA, bf16 on CPUs with bf16 support, else fp32")
+    torch_threads: int = Field(2, ge=1, description="intra-op threads of the inference worker")
+    detector_threads: int = Field(1, ge=1, description="onnxruntime threads per detection")
+    detection_workers: int = Field(2, ge=1, description="photos decoded and detected concurrently")
+    max_batch: int = Field(8, ge=1, description="most faces per batched forward pass")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long the first queued face waits for others")
+    queue_size: int = Field(256, ge=1, description="faces waiting for the model before requests get 503")
+    max_image_bytes: int = Field(15 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=10_000)
+    max_images_per_request: int = Field(20, ge=1)
+    min_face_size: int = Field(20, ge=1, description="enrolment rejects faces narrower than this (pixels)")
+    min_quality: float = Field(-3.0, description="enrolment rejects faces whose standardised AdaFace norm is below this")
+    shortlist: int = Field(100, ge=1, description="faces re-ranked by QAConv in /identify")
+    default_threshold: str = Field("balanced", description="preset or number used when a request gives none")
+    store_crops: bool = Field(False, description="keep aligned 112x112 crops of enrolled faces (for /occlusion overlays)")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty disables auth")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty disables CORS")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("default_threshold")
+    @classmethod
+    def _threshold(cls, value: str) -> str:
+        if value not in ("lenient", "balanced", "strict"):
+            try:
+                float(value)
+            except ValueError as exc:
+                raise ValueError("default_threshold must be lenient, balanced, strict or a number") from exc
+        return value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

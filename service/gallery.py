@@ -1,0 +1,363 @@
+"""The gallery: a durable store of enrolled faces and an in-memory index for 1:N search.
+
+Durability: every enrolment is committed to the store (SQLite in WAL mode with
+``synchronous=FULL``) before the API acknowledges it, so it survives ``kill -9``. At start-up the
+index is rebuilt from the store. Records carry the model version; a store written by other
+weights is refused (:class:`GalleryVersionError`) instead of matching incompatible embeddings.
+
+The store is behind :class:`GalleryStore` so a shared database can back several replicas later;
+:class:`SQLiteGalleryStore` is the embedded default (no server to run).
+
+Index: embeddings ``[N, 512]`` fp32 for the exact cosine stage, and QAConv maps laid out as
+``[C, capacity * 49]`` in bf16 (fp16 on CUDA) with visibility folded in, grown by doubling and
+compacted by moving the last face into a deleted slot, so enrolment and deletion cost O(1)
+copies.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from model.qaconv import PreparedGallery, QAConv
+
+__all__ = [
+    "FaceRecord",
+    "SubjectRecord",
+    "GalleryStore",
+    "SQLiteGalleryStore",
+    "GalleryIndex",
+    "GalleryVersionError",
+    "SubjectNotFound",
+    "FaceNotFound",
+]
+
+
+class GalleryVersionError(RuntimeError):
+    """The store holds faces embedded by different weights."""
+
+
+class SubjectNotFound(LookupError):
+    code = "SUBJECT_NOT_FOUND"
+
+
+class FaceNotFound(LookupError):
+    code = "FACE_NOT_FOUND"
+
+
+@dataclass
+class FaceRecord:
+    face_id: str
+    subject: str
+    embedding: np.ndarray  # [512] float32
+    feature_map: np.ndarray  # [C, 7, 7] float16
+    occlusion: np.ndarray  # [7, 7] float32
+    norm: float
+    quality: float
+    detection_score: float | None
+    box: list[float] | None
+    created_at: float
+    crop: bytes | None = None  # aligned crop (JPEG) when the service stores crops
+
+
+@dataclass
+class SubjectRecord:
+    subject: str
+    name: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    faces: int = 0
+
+
+class GalleryStore(Protocol):
+    """What the service needs from a durable store."""
+
+    model_version: str
+
+    def check_version(self) -> None: ...
+
+    def upsert_subject(self, subject: str, name: str | None, metadata: dict[str, Any] | None) -> None: ...
+
+    def add_faces(self, faces: list[FaceRecord]) -> None: ...
+
+    def delete_subject(self, subject: str) -> list[str]: ...
+
+    def delete_face(self, subject: str, face_id: str) -> None: ...
+
+    def subject(self, subject: str) -> SubjectRecord: ...
+
+    def subjects(self, offset: int, limit: int) -> tuple[list[SubjectRecord], int]: ...
+
+    def faces_of(self, subject: str) -> list[FaceRecord]: ...
+
+    def face(self, face_id: str) -> FaceRecord: ...
+
+    def iter_faces(self) -> Iterator[FaceRecord]: ...
+
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS subjects (
+    subject TEXT PRIMARY KEY, name TEXT, metadata TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS faces (
+    face_id TEXT PRIMARY KEY,
+    subject TEXT NOT NULL REFERENCES subjects(subject) ON DELETE CASCADE,
+    model_version TEXT NOT NULL,
+    embedding BLOB NOT NULL, feature_map BLOB NOT NULL, fmap_shape TEXT NOT NULL, occlusion BLOB NOT NULL,
+    norm REAL NOT NULL, quality REAL NOT NULL, detection_score REAL, box TEXT, crop BLOB, created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS faces_subject ON faces(subject);
+"""
+
+
+class SQLiteGalleryStore:
+    """Embedded store: one SQLite file in WAL mode, fsync on every commit."""
+
+    def __init__(self, path: str | Path, model_version: str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.model_version = model_version
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def check_version(self) -> None:
+        """Refuse a store made by other weights (the embeddings would be meaningless)."""
+        rows = self._db.execute("SELECT DISTINCT model_version FROM faces").fetchall()
+        versions = {r[0] for r in rows}
+        if versions - {self.model_version}:
+            raise GalleryVersionError(
+                f"gallery {self.path} holds faces embedded by model version(s) {sorted(versions)}, "
+                f"but the service runs {self.model_version}; re-enrol into a new OAML_DATA_DIR, or serve the matching weights"
+            )
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db, self._lock)
+
+    def upsert_subject(self, subject: str, name: str | None, metadata: dict[str, Any] | None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO subjects(subject, name, metadata, created_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(subject) DO UPDATE SET name = COALESCE(excluded.name, subjects.name), "
+                "metadata = CASE WHEN ? THEN excluded.metadata ELSE subjects.metadata END",
+                (subject, name, json.dumps(metadata or {}), time.time(), metadata is not None),
+            )
+
+    def add_faces(self, faces: list[FaceRecord]) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO faces VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        f.face_id, f.subject, self.model_version,
+                        f.embedding.astype(np.float32).tobytes(), f.feature_map.astype(np.float16).tobytes(),
+                        json.dumps(list(f.feature_map.shape)), f.occlusion.astype(np.float32).tobytes(),
+                        f.norm, f.quality, f.detection_score, json.dumps(f.box) if f.box is not None else None,
+                        f.crop, f.created_at,
+                    )
+                    for f in faces
+                ],
+            )
+
+    def delete_subject(self, subject: str) -> list[str]:
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM subjects WHERE subject = ?", (subject,)).fetchone() is None:
+                raise SubjectNotFound(f"subject {subject!r} is not enrolled")
+            ids = [r[0] for r in db.execute("SELECT face_id FROM faces WHERE subject = ?", (subject,))]
+            db.execute("DELETE FROM faces WHERE subject = ?", (subject,))
+            db.execute("DELETE FROM subjects WHERE subject = ?", (subject,))
+        return ids
+
+    def delete_face(self, subject: str, face_id: str) -> None:
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM subjects WHERE subject = ?", (subject,)).fetchone() is None:
+                raise SubjectNotFound(f"subject {subject!r} is not enrolled")
+            if db.execute("DELETE FROM faces WHERE face_id = ? AND subject = ?", (face_id, subject)).rowcount == 0:
+                raise FaceNotFound(f"face {face_id!r} does not belong to subject {subject!r}")
+
+    def subject(self, subject: str) -> SubjectRecord:
+        row = self._db.execute(
+            "SELECT s.subject, s.name, s.metadata, s.created_at, COUNT(f.face_id) FROM subjects s "
+            "LEFT JOIN faces f ON f.subject = s.subject WHERE s.subject = ? GROUP BY s.subject",
+            (subject,),
+        ).fetchone()
+        if row is None:
+            raise SubjectNotFound(f"subject {subject!r} is not enrolled")
+        return SubjectRecord(row[0], row[1], json.loads(row[2]), row[3], row[4])
+
+    def subjects(self, offset: int, limit: int) -> tuple[list[SubjectRecord], int]:
+        total = self._db.execute("SELECT COUNT(*) FROM subjects").fetchone()[0]
+        rows = self._db.execute(
+            "SELECT s.subject, s.name, s.metadata, s.created_at, COUNT(f.face_id) FROM subjects s "
+            "LEFT JOIN faces f ON f.subject = s.subject GROUP BY s.subject ORDER BY s.subject LIMIT ? OFFSET ?",
+            (limit, offset),
+        ).fetchall()
+        return [SubjectRecord(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows], total
+
+    def _face(self, row: tuple[Any, ...]) -> FaceRecord:
+        shape = json.loads(row[5])
+        return FaceRecord(
+            face_id=row[0], subject=row[1],
+            embedding=np.frombuffer(row[3], dtype=np.float32).copy(),
+            feature_map=np.frombuffer(row[4], dtype=np.float16).reshape(shape).copy(),
+            occlusion=np.frombuffer(row[6], dtype=np.float32).reshape(7, 7).copy(),
+            norm=row[7], quality=row[8], detection_score=row[9], box=json.loads(row[10]) if row[10] else None,
+            crop=row[11], created_at=row[12],
+        )
+
+    _COLUMNS = "face_id, subject, model_version, embedding, feature_map, fmap_shape, occlusion, norm, quality, detection_score, box, crop, created_at"
+
+    def faces_of(self, subject: str) -> list[FaceRecord]:
+        self.subject(subject)
+        rows = self._db.execute(f"SELECT {self._COLUMNS} FROM faces WHERE subject = ? ORDER BY created_at", (subject,))
+        return [self._face(r) for r in rows]
+
+    def face(self, face_id: str) -> FaceRecord:
+        row = self._db.execute(f"SELECT {self._COLUMNS} FROM faces WHERE face_id = ?", (face_id,)).fetchone()
+        if row is None:
+            raise FaceNotFound(f"face {face_id!r} is not enrolled")
+        return self._face(row)
+
+    def iter_faces(self) -> Iterator[FaceRecord]:
+        for row in self._db.execute(f"SELECT {self._COLUMNS} FROM faces ORDER BY rowid"):
+            yield self._face(row)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` under a lock (one writer at a time)."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
+        self.db, self.lock = db, lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.lock.acquire()
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        try:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.lock.release()
+
+
+def new_face_id() -> str:
+    return uuid.uuid4().hex
+
+
+class GalleryIndex:
+    """In-memory search structures over every enrolled face (thread-safe)."""
+
+    def __init__(self, qaconv: QAConv, device: torch.device, map_dtype: torch.dtype, embedding_size: int = 512) -> None:
+        self.qaconv = qaconv
+        self.device = device
+        self.map_dtype = map_dtype
+        self.hw = qaconv.hw
+        self.channels = qaconv.num_features
+        self.embedding_size = embedding_size
+        self._lock = threading.RLock()
+        self.count = 0
+        self._capacity = 0
+        self._emb = torch.zeros(0, embedding_size, device=device)
+        self._maps = torch.zeros(self.channels, 0, dtype=map_dtype, device=device)
+        self._vis = torch.zeros(0, device=device)
+        self.face_ids: list[str] = []
+        self.subjects: list[str] = []
+        self._slot: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _grow(self, needed: int) -> None:
+        if needed <= self._capacity:
+            return
+        capacity = max(needed, 2 * self._capacity, 64)
+        emb = torch.zeros(capacity, self.embedding_size, device=self.device)
+        maps = torch.zeros(self.channels, capacity * self.hw, dtype=self.map_dtype, device=self.device)
+        vis = torch.zeros(capacity, device=self.device)
+        emb[: self.count] = self._emb[: self.count]
+        maps[:, : self.count * self.hw] = self._maps[:, : self.count * self.hw]
+        vis[: self.count] = self._vis[: self.count]
+        self._emb, self._maps, self._vis, self._capacity = emb, maps, vis, capacity
+
+    def add(self, face_ids: list[str], subjects: list[str], embeddings: torch.Tensor, feature_maps: torch.Tensor, occlusion: torch.Tensor) -> None:
+        """Append faces: embeddings ``[n, 512]``, maps ``[n, C, 7, 7]``, occlusion ``[n, 1, 7, 7]``."""
+        n = len(face_ids)
+        if n == 0:
+            return
+        prepared = self.qaconv.prepare_gallery(feature_maps.to(self.device).float(), occlusion.to(self.device).float(), dtype=self.map_dtype)
+        with self._lock:
+            self._grow(self.count + n)
+            start = self.count
+            self._emb[start : start + n] = embeddings.to(self.device).float()
+            self._maps[:, start * self.hw : (start + n) * self.hw] = prepared.maps
+            self._vis[start : start + n] = occlusion.reshape(n, -1).float().mean(1).to(self.device)
+            for i, (fid, subj) in enumerate(zip(face_ids, subjects)):
+                self._slot[fid] = start + i
+            self.face_ids += face_ids
+            self.subjects += subjects
+            self.count += n
+
+    def remove(self, face_ids: list[str]) -> None:
+        with self._lock:
+            for fid in face_ids:
+                slot = self._slot.pop(fid, None)
+                if slot is None:
+                    continue
+                last = self.count - 1
+                if slot != last:  # move the last face into the hole
+                    self._emb[slot] = self._emb[last]
+                    self._maps[:, slot * self.hw : (slot + 1) * self.hw] = self._maps[:, last * self.hw : (last + 1) * self.hw]
+                    self._vis[slot] = self._vis[last]
+                    moved = self.face_ids[last]
+                    self.face_ids[slot], self.subjects[slot] = moved, self.subjects[last]
+                    self._slot[moved] = slot
+                self.face_ids.pop()
+                self.subjects.pop()
+                self.count -= 1
+
+    def search(self, embedding: torch.Tensor, feature_map: torch.Tensor, occlusion: torch.Tensor, shortlist: int) -> dict[str, Any]:
+        """Exact cosine over every face, then QAConv on the top ``shortlist`` faces.
+
+        Returns the shortlisted slots' face ids, subjects, cosine and QAConv scores and the
+        visibility of each gallery face, plus timings.
+        """
+        with self._lock:
+            if self.count == 0:
+                return {"face_ids": [], "subjects": [], "cosine": np.zeros(0), "qaconv": np.zeros(0), "visibility": np.zeros(0), "ms": {}}
+            t0 = time.perf_counter()
+            cos = self._emb[: self.count] @ embedding.to(self.device).float()
+            k = min(shortlist, self.count)
+            top = torch.topk(cos, k).indices
+            t1 = time.perf_counter()
+            gallery = PreparedGallery(self._maps[:, : self.count * self.hw], self.count, self.hw)
+            qa = self.qaconv.match(feature_map[None].to(self.device).float(), gallery, probe_occ=occlusion.reshape(1, 1, 7, 7).to(self.device), indices=top)[0]
+            t2 = time.perf_counter()
+            slots = top.cpu().numpy()
+            return {
+                "face_ids": [self.face_ids[s] for s in slots],
+                "subjects": [self.subjects[s] for s in slots],
+                "cosine": cos[top].float().cpu().numpy(),
+                "qaconv": qa.float().cpu().numpy(),
+                "visibility": self._vis[top].float().cpu().numpy(),
+                "ms": {"cosine": 1000 * (t1 - t0), "qaconv": 1000 * (t2 - t1)},
+            }

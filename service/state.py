@@ -1,0 +1,82 @@
+"""Application state owned by the lifespan: engine, store, index, metrics. No module-level globals."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.config import Settings
+from service.engine import Engine
+from service.gallery import GalleryIndex, GalleryStore
+
+__all__ = ["Metrics", "AppState", "load_index"]
+
+logger = logging.getLogger(__name__)
+
+
+class Metrics:
+    """Prometheus metrics in a registry of the app's own (several apps can live in one process)."""
+
+    def __init__(self, max_batch: int) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("oaml_requests_total", "HTTP requests", ["route", "method", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "oaml_request_seconds", "HTTP request latency", ["route"], registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        buckets = sorted({1, 2, 4, 8, 16, 32, 64, max_batch})
+        self.batch_size = Histogram("oaml_batch_size", "faces per model forward pass", registry=self.registry, buckets=[b for b in buckets if b <= max_batch])
+        self.batch_seconds = Histogram("oaml_batch_seconds", "model time per batch", registry=self.registry)
+        self.queue_depth = Gauge("oaml_queue_depth", "faces waiting for the model", registry=self.registry)
+        self.gallery_faces = Gauge("oaml_gallery_faces", "enrolled faces", registry=self.registry)
+        self.gallery_subjects = Gauge("oaml_gallery_subjects", "enrolled subjects", registry=self.registry)
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    store: GalleryStore
+    index: GalleryIndex
+    metrics: Metrics
+    names: dict[str, str | None] = field(default_factory=dict)  # subject -> display name
+    enrol_lock: threading.Lock = field(default_factory=threading.Lock)
+    ready: bool = False
+
+
+def load_index(store: GalleryStore, index: GalleryIndex, chunk: int = 2048) -> int:
+    """Fill the in-memory index from the store, in chunks so memory stays bounded."""
+    ids: list[str] = []
+    subjects: list[str] = []
+    embs: list[np.ndarray] = []
+    maps: list[np.ndarray] = []
+    occs: list[np.ndarray] = []
+
+    def flush() -> None:
+        if ids:
+            index.add(
+                list(ids), list(subjects), torch.from_numpy(np.stack(embs)),
+                torch.from_numpy(np.stack(maps)).float(), torch.from_numpy(np.stack(occs))[:, None],
+            )
+            for part in (ids, subjects, embs, maps, occs):
+                part.clear()
+
+    for face in store.iter_faces():
+        ids.append(face.face_id)
+        subjects.append(face.subject)
+        embs.append(face.embedding)
+        maps.append(face.feature_map)
+        occs.append(face.occlusion)
+        if len(ids) >= chunk:
+            flush()
+    flush()
+    return len(index)

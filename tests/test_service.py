@@ -1,0 +1,341 @@
+"""The HTTP service driven over HTTP with real photos: verify, gallery, identify, heatmaps, errors, batching, durability."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from model.align import FacePipeline
+from model.checkpoint import save_checkpoint
+from model.net import build_model
+from service.app import create_app
+from service.config import Settings
+from service.gallery import FaceRecord, GalleryIndex, GalleryVersionError, SQLiteGalleryStore
+from service.render import BAR_WIDTH
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised IR-18: enough for everything but recognition quality."""
+    path = tmp_path_factory.mktemp("weights") / "random_ir18.safetensors"
+    torch.manual_seed(0)
+    save_checkpoint(build_model("ir_18").eval(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos(astronaut: np.ndarray) -> dict[str, bytes]:
+    from skimage import data
+
+    camera = np.repeat(data.camera()[..., None], 3, axis=2)
+    two = np.full((512, 1024, 3), 200, dtype=np.uint8)
+    two[:, :512] = astronaut
+    two[128:384, 640:896] = cv2.resize(astronaut, (256, 256))
+    photo_640 = cv2.resize(astronaut, (640, 480))
+    return {
+        "astronaut": png(astronaut),
+        "astronaut_jpeg": jpeg(photo_640),
+        "camera": png(camera),
+        "coffee": jpeg(np.ascontiguousarray(data.coffee())),
+        "two_faces": png(two),
+        "tight": png(np.ascontiguousarray(astronaut[65:165, 180:270])),
+    }
+
+
+def make_settings(weights: Path, data_dir: Path, **kwargs: object) -> Settings:
+    return Settings(weights=weights, data_dir=data_dir, torch_threads=2, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def client(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> TestClient:
+    settings = make_settings(weights, tmp_path_factory.mktemp("data"), max_wait_ms=100.0, max_image_bytes=2_000_000, max_image_pixels=3_000_000)
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def files(**named: tuple[str, bytes] | tuple[str, bytes, str]) -> dict[str, tuple[str, bytes, str]]:
+    return {k: (v[0], v[1], v[2] if len(v) == 3 else "image/png") for k, v in named.items()}  # type: ignore[misc]
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["code"] == code and body["status"] == status and "Traceback" not in response.text
+    return body
+
+
+class TestVerify:
+    def test_response_describes_both_faces_and_the_scores(self, client: TestClient, photos: dict[str, bytes]) -> None:
+        r = client.post("/verify", files=files(image_a=("a.png", photos["astronaut"]), image_b=("b.jpg", photos["astronaut_jpeg"], "image/jpeg")))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) >= {"match", "score", "probability", "threshold", "scores", "face_a", "face_b", "model_version"}
+        assert body["threshold_preset"] == "balanced"
+        assert set(body["scores"]) == {"adaface", "qaconv", "weights"}
+        assert body["match"] == (body["score"] > body["threshold"])
+        for side in ("face_a", "face_b"):
+            face = body[side]
+            assert len(face["landmarks"]) == 5 and len(face["box"]) == 4
+            assert np.array(face["visibility_map"]).shape == (7, 7)
+            assert face["visibility"] == pytest.approx(np.mean(face["visibility_map"]), abs=1e-3)
+            assert 0 <= body["probability"] <= 1
+        # 640x480 resize of the same photo: the detector finds the face at the scaled place
+        assert body["face_b"]["landmarks"][0][0] == pytest.approx(body["face_a"]["landmarks"][0][0] * 640 / 512, abs=5)
+
+    def test_identical_photos_score_higher_than_different_people(self, client: TestClient, photos: dict[str, bytes]) -> None:
+        same = client.post("/verify", files=files(image_a=("a.png", photos["astronaut"]), image_b=("b.png", photos["astronaut"]))).json()
+        diff = client.post("/verify", files=files(image_a=("a.png", photos["astronaut"]), image_b=("b.png", photos["camera"]))).json()
+        assert same["scores"]["adaface"] == pytest.approx(1.0, abs=1e-3)
+        assert same["score"] > diff["score"]
+
+    def test_threshold_numbers_and_presets(self, client: TestClient, photos: dict[str, bytes]) -> None:
+        f = files(image_a=("a.png", photos["astronaut"]), image_b=("b.png", photos["camera"]))
+        low = client.post("/verify", files=f, data={"threshold": "-1000"}).json()
+        high = client.post("/verify", files=f, data={"threshold": "1000"}).json()
+        assert low["match"] is True and high["match"] is False and low["threshold_preset"] is None
+        info = client.get("/info").json()
+        strict = client.post("/verify", files=f, data={"threshold": "strict"}).json()
+        assert strict["threshold"] == pytest.approx(info["presets"]["strict"]["threshold"])
+        assert info["presets"]["strict"]["far"] == 1e-4
+
+    def test_tight_crops_and_aligned_input(self, client: TestClient, photos: dict[str, bytes], pipeline: FacePipeline, astronaut: np.ndarray) -> None:
+        r = client.post("/verify", files=files(image_a=("a.png", photos["tight"]), image_b=("b.png", photos["astronaut"])))
+        assert r.status_code == 200, r.text
+        crop = pipeline.align_one(astronaut).crop
+        r = client.post("/verify", files=files(image_a=("a.png", png(crop)), image_b=("b.png", png(crop))), data={"aligned": "true"})
+        assert r.status_code == 200 and r.json()["face_a"]["box"] is None
+        assert r.json()["scores"]["adaface"] == pytest.approx(1.0, abs=1e-3)
+
+    def test_face_selection_on_group_photos(self, client: TestClient, photos: dict[str, bytes]) -> None:
+        f = files(image_a=("a.png", photos["two_faces"]), image_b=("b.png", photos["astronaut"]))
+        first = client.post("/verify", files=f).json()
+        second = client.post("/verify", files=f, data={"face_a": "1"}).json()
+        assert first["face_a"]["box"][0] < 512 < second["face_a"]["box"][0]
+
+
+class TestGalleryAndIdentify:
+    def test_enrol_identify_delete(self, client: TestClient, photos: dict[str, bytes]) -> None:
+        r = client.post(
+            "/gallery",
+            data={"subject": "eileen", "name": "Eileen Collins", "metadata": json.dumps({"team": "STS-93"})},
+            files=[("images", ("a.png", photos["astronaut"], "image/png")), ("images", ("c.jpg", photos["coffee"], "image/jpeg")),
+                   ("images", ("g.png", photos["two_faces"], "image/png"))],
+        )
+        assert r.status_code == 201, r.text
+        body = r.json()
+        assert len(body["faces"]) == 1 and body["total_faces"] == 1
+        assert {(x["image_index"], x["code"]) for x in body["rejected"]} == {(1, "NO_FACE"), (2, "MULTIPLE_FACES")}
+        face_id = body["faces"][0]["face_id"]
+        r = client.post("/gallery", data={"subject": "photographer"}, files=[("images", ("c.png", photos["camera"], "image/png"))])
+        assert r.status_code == 201, r.text
+
+        found = client.post("/identify", files=files(image=("a.jpg", photos["astronaut_jpeg"], "image/jpeg")), data={"top_k": "5", "threshold": "-1000"}).json()
+        assert [c["subject"] for c in found["candidates"]] == ["eileen", "photographer"]
+        assert found["match"]["subject"] == "eileen" and found["match"]["name"] == "Eileen Collins"
+        assert found["candidates"][0]["face_id"] == face_id and found["gallery_faces"] == 2
+        unknown = client.post("/identify", files=files(image=("a.png", photos["astronaut"])), data={"threshold": "1000"}).json()
+        assert unknown["match"] is None and len(unknown["candidates"]) == 2
+
+        page = client.get("/gallery", params={"limit": 1}).json()
+        assert page["total"] == 2 and [s["subject"] for s in page["subjects"]] == ["eileen"]
+        detail = client.get("/gallery/eileen").json()
+        assert detail["metadata"] == {"team": "STS-93"} and detail["face_list"][0]["face_id"] == face_id
+
+        png_resp = client.get("/occlusion", params={"face_id": face_id})
+        assert png_resp.status_code == 200 and png_resp.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(png_resp.content)).size == (224 + BAR_WIDTH, 224)
+
+        assert client.delete(f"/gallery/eileen/faces/{face_id}").json()["deleted_faces"] == [face_id]
+        assert_problem(client.get("/occlusion", params={"face_id": face_id}), 404, "FACE_NOT_FOUND")
+        assert client.delete("/gallery/eileen").status_code == 200
+        assert client.delete("/gallery/photographer").json()["deleted_faces"]
+        after = client.post("/identify", files=files(image=("a.png", photos["astronaut"]))).json()
+        assert after["candidates"] == [] and after["match"] is None
+
+    def test_heatmap_of_an_uploaded_photo_has_the_crop_size(self, client: TestClient, photos: dict[str, bytes]) -> None:
+        r = client.post("/occlusion", files=files(image=("a.png", photos["astronaut"])), data={"scale": "3"})
+        assert r.status_code == 200
+        image = Image.open(io.BytesIO(r.content))
+        assert image.size == (336 + BAR_WIDTH, 336) and image.mode == "RGB"
+        assert 0 <= float(r.headers["x-oaml-visibility"]) <= 1
+
+
+class TestErrors:
+    def test_each_error_code(self, client: TestClient, photos: dict[str, bytes]) -> None:
+        ast = ("a.png", photos["astronaut"])
+        assert_problem(client.post("/verify", files=files(image_a=("c.jpg", photos["coffee"], "image/jpeg"), image_b=ast)), 422, "NO_FACE")
+        body = assert_problem(client.post("/verify", files=files(image_a=ast, image_b=("g.png", photos["two_faces"])), data={"face_b": "single"}), 422, "MULTIPLE_FACES")
+        assert body["field"] == "image_b"
+        assert_problem(client.post("/verify", files=files(image_a=ast, image_b=("g.png", photos["astronaut"])), data={"face_b": "3"}), 422, "FACE_INDEX_OUT_OF_RANGE")
+        assert_problem(client.post("/verify", files=files(image_a=("x.png", b"\x89PNG\r\n\x1a\nbroken"), image_b=ast)), 400, "INVALID_IMAGE")
+        assert_problem(client.post("/verify", files=files(image_a=("x.txt", b"hello", "text/plain"), image_b=ast)), 415, "UNSUPPORTED_MEDIA")
+        big = png(np.random.default_rng(0).integers(0, 255, (1200, 1200, 3), dtype=np.uint8))  # > 2 MB in the test settings
+        assert_problem(client.post("/verify", files=files(image_a=("big.png", big), image_b=ast)), 413, "IMAGE_TOO_LARGE")
+        many_pixels = png(np.zeros((2000, 2000, 3), dtype=np.uint8))  # small file, 4 Mpx > 3 Mpx limit
+        assert_problem(client.post("/verify", files=files(image_a=("px.png", many_pixels), image_b=ast)), 413, "IMAGE_TOO_LARGE")
+        assert_problem(client.post("/verify", files=files(image_a=ast)), 422, "VALIDATION_ERROR")
+        assert_problem(client.post("/verify", files=files(image_a=ast, image_b=ast), data={"threshold": "loose"}), 422, "VALIDATION_ERROR")
+        assert_problem(client.post("/gallery", data={"subject": "bad id!"}, files=[("images", ast + ("image/png",))]), 422, "VALIDATION_ERROR")
+        assert_problem(client.post("/gallery", data={"subject": "x", "metadata": "[1]"}, files=[("images", ast + ("image/png",))]), 422, "VALIDATION_ERROR")
+        body = assert_problem(client.post("/gallery", data={"subject": "nobody"}, files=[("images", ("c.jpg", photos["coffee"], "image/jpeg"))]), 422, "NO_USABLE_FACE")
+        assert body["rejected"][0]["code"] == "NO_FACE"
+        assert_problem(client.get("/gallery/nobody"), 404, "SUBJECT_NOT_FOUND")
+        assert_problem(client.delete("/gallery/nobody"), 404, "SUBJECT_NOT_FOUND")
+        assert_problem(client.get("/occlusion", params={"face_id": "missing"}), 404, "FACE_NOT_FOUND")
+        assert_problem(client.get("/nowhere"), 404, "NOT_FOUND")
+
+    def test_api_keys(self, weights: Path, tmp_path: Path, photos: dict[str, bytes]) -> None:
+        settings = make_settings(weights, tmp_path, api_keys="k1,k2")  # type: ignore[arg-type]
+        assert settings.api_keys == ["k1", "k2"]
+        with TestClient(create_app(settings)) as c:
+            assert c.get("/health").status_code == 200
+            assert_problem(c.get("/info"), 401, "UNAUTHORIZED")
+            assert_problem(c.get("/info", headers={"X-API-Key": "nope"}), 401, "UNAUTHORIZED")
+            assert c.get("/info", headers={"X-API-Key": "k2"}).status_code == 200
+            assert c.get("/gallery", headers={"Authorization": "Bearer k1"}).status_code == 200
+
+
+class TestOperations:
+    def test_concurrent_requests_are_batched(self, client: TestClient, photos: dict[str, bytes]) -> None:
+        engine = client.app.state.oaml.engine  # type: ignore[attr-defined]
+        before = engine.stats.batches
+        f = files(image=("a.png", photos["astronaut"]))
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: client.post("/occlusion", files=f).status_code, range(8)))
+        assert results == [200] * 8
+        sizes = engine.stats.batch_sizes[-(engine.stats.batches - before):]
+        assert sum(sizes) == 8 and max(sizes) > 1
+        metrics = client.get("/metrics").text
+        assert "oaml_batch_size_bucket" in metrics and 'route="/occlusion"' in metrics and "oaml_queue_depth" in metrics
+
+    def test_health_ready_info_docs(self, client: TestClient) -> None:
+        assert client.get("/health").json() == {"status": "ok", "detail": None}
+        assert client.get("/ready").json()["status"] == "ready"
+        info = client.get("/info").json()
+        assert info["architecture"] == "ir_18" and info["device"] == "cpu" and set(info["presets"]) == {"lenient", "balanced", "strict"}
+        assert client.get("/openapi.json").json()["paths"].keys() >= {"/verify", "/gallery", "/identify", "/occlusion"}
+
+
+class TestGalleryStore:
+    def record(self, fid: str, subject: str, seed: int) -> FaceRecord:
+        rng = np.random.default_rng(seed)
+        emb = rng.normal(size=512).astype(np.float32)
+        return FaceRecord(fid, subject, emb / np.linalg.norm(emb), rng.normal(size=(512, 7, 7)).astype(np.float16),
+                          rng.random((7, 7)).astype(np.float32), 20.0, 0.0, 0.9, [0, 0, 10, 10], time.time())
+
+    def test_other_model_versions_are_refused(self, tmp_path: Path) -> None:
+        store = SQLiteGalleryStore(tmp_path / "g.sqlite3", "ir_18-aaaa")
+        store.upsert_subject("s", None, None)
+        store.add_faces([self.record("f1", "s", 0)])
+        store.close()
+        with pytest.raises(GalleryVersionError, match="ir_18-aaaa"):
+            SQLiteGalleryStore(tmp_path / "g.sqlite3", "ir_18-bbbb").check_version()
+        again = SQLiteGalleryStore(tmp_path / "g.sqlite3", "ir_18-aaaa")
+        again.check_version()
+        loaded = again.face("f1")
+        np.testing.assert_array_equal(loaded.feature_map, self.record("f1", "s", 0).feature_map)
+
+    def test_index_search_survives_deletes(self) -> None:
+        qa = build_model("ir_18").qaconv.eval()
+        index = GalleryIndex(qa, torch.device("cpu"), torch.bfloat16)
+        recs = [self.record(f"f{i}", f"s{i % 3}", i) for i in range(70)]  # crosses the initial capacity of 64
+        index.add([r.face_id for r in recs], [r.subject for r in recs], torch.from_numpy(np.stack([r.embedding for r in recs])),
+                  torch.from_numpy(np.stack([r.feature_map for r in recs])).float(), torch.from_numpy(np.stack([r.occlusion for r in recs]))[:, None])
+        index.remove(["f3", "f10", "f69"])
+        assert len(index) == 67
+        probe = recs[50]
+        found = index.search(torch.from_numpy(probe.embedding), torch.from_numpy(probe.feature_map).float(), torch.from_numpy(probe.occlusion), 5)
+        assert found["face_ids"][0] == "f50" and found["cosine"][0] == pytest.approx(1.0, abs=1e-5)
+        full = qa.match(torch.from_numpy(probe.feature_map).float()[None], qa.prepare_gallery(torch.from_numpy(probe.feature_map).float()[None], torch.from_numpy(probe.occlusion)[None, None]),
+                        probe_occ=torch.from_numpy(probe.occlusion)[None, None])
+        assert found["qaconv"][0] == pytest.approx(float(full[0, 0]), abs=0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(weights: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "OAML_WEIGHTS": str(weights), "OAML_DATA_DIR": str(data_dir), "OAML_PORT": str(port), "OAML_TORCH_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "model.cli", "serve"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stdout.read().decode() if proc.stdout else ''}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("server did not become ready")
+
+
+def test_enrolments_survive_sigkill_and_other_weights_are_refused(weights: Path, tmp_path: Path, photos: dict[str, bytes]) -> None:
+    port = free_port()
+    proc = start_server(weights, tmp_path, port)
+    try:
+        wait_ready(proc, port)
+        r = httpx.post(f"http://127.0.0.1:{port}/gallery", data={"subject": "eileen"}, files=[("images", ("a.png", photos["astronaut"], "image/png"))], timeout=60)
+        assert r.status_code == 201, r.text
+        face_id = r.json()["faces"][0]["face_id"]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    proc = start_server(weights, tmp_path, port)
+    try:
+        wait_ready(proc, port)
+        detail = httpx.get(f"http://127.0.0.1:{port}/gallery/eileen", timeout=10).json()
+        assert [f["face_id"] for f in detail["face_list"]] == [face_id]
+        found = httpx.post(f"http://127.0.0.1:{port}/identify", files={"image": ("a.png", photos["astronaut"], "image/png")}, timeout=60).json()
+        assert found["candidates"][0]["face_id"] == face_id
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    other = tmp_path / "other.safetensors"
+    torch.manual_seed(1)
+    save_checkpoint(build_model("ir_18").eval(), other)
+    proc = start_server(other, tmp_path, port)
+    try:
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert b"holds faces embedded by model version" in out
