@@ -9,7 +9,13 @@ STAMP := $(VENV)/.oaml-installed
 export OMP_NUM_THREADS ?= 2
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test bench clean
+# Training data and run folders live outside the repository.
+SHARED ?= ../shared/data
+DATA ?= ../oaml_data
+RUN ?= ../oaml_runs/ir18_default
+WEIGHTS ?= weights/oaml_ir18.safetensors
+
+.PHONY: install test serve bench bench-service prepare-data train-default eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +37,29 @@ install: $(STAMP)
 test: install
 	$(BIN)/python -m pytest -q
 
+serve: install
+	$(BIN)/oaml serve
+
 bench: install
 	$(BIN)/python bench/bench_model.py --out bench/RESULTS.md
+
+bench-service: install
+	$(BIN)/python bench/bench_service.py --out bench/RESULTS.md
+
+prepare-data: install
+	$(BIN)/oaml prepare $(SHARED)/train/celeba $(DATA)/celeba
+	$(BIN)/oaml prepare $(SHARED)/train/afdb $(DATA)/afdb
+	$(BIN)/oaml prepare $(SHARED)/eval/lfw $(DATA)/lfw
+	ln -sfn "$(abspath $(SHARED)/occluders)" $(DATA)/occluders
+
+# Reproduces the shipped weights: same recipe and seed (bits may differ across hardware).
+train-default: prepare-data
+	$(BIN)/oaml train --config configs/oaml_ir18.toml --data-root $(DATA) --out $(RUN)
+	$(BIN)/oaml calibrate $(RUN)/best.safetensors --data-root $(DATA) --dtype float16 --out $(WEIGHTS)
+
+eval: prepare-data
+	$(BIN)/oaml eval $(WEIGHTS) --lfw-cache $(DATA)/lfw --pairs $(SHARED)/eval/lfw/pairs.txt \
+		--occluders $(SHARED)/occluders --peer sface --out $(RUN)/eval
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -129,6 +129,14 @@ def write_section(out: Path, body: str) -> None:
     out.write_text(text.rstrip() + "\n")
 
 
+def emit(body: str, out: Path | None) -> None:
+    """Write the section into ``out`` (replacing an older copy of it), or print it."""
+    if out:
+        write_section(out, body)
+    else:
+        print(body)  # noqa: T201
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=None, help="Markdown file to update")
@@ -157,11 +165,7 @@ def main() -> None:
     bench_detection(rows, args.seconds)
     rows += ["", "### QAConv, one probe against a gallery (occlusion-weighted)", ""]
     bench_qaconv(rows, args.seconds)
-    body = "\n".join(header + rows) + "\n"
-    if args.out:
-        write_section(args.out, body)
-    else:
-        print(body)  # noqa: T201
+    emit("\n".join(header + rows) + "\n", args.out)
 
 
 if __name__ == "__main__":

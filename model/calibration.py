@@ -18,7 +18,7 @@ and stored in the weights' metadata. :data:`DEFAULT_CALIBRATION` is used until a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -72,7 +72,9 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Calibration:
-        return cls(**raw)
+        """Build from stored metadata; keys that are not fields (e.g. ``source``) are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
 
 
 #: Documented default until ``oaml calibrate`` has run: equal weights on the z-scores, QAConv

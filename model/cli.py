@@ -63,7 +63,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from model.train import TrainConfig, Trainer
 
-    overrides = {"out": str(args.out) if args.out else None, "max_steps": args.max_steps, "epochs": args.epochs}
+    overrides = {
+        "out": str(args.out) if args.out else None,
+        "max_steps": args.max_steps,
+        "epochs": args.epochs,
+        "init_from": str(args.init_from) if args.init_from else None,
+    }
     cfg = TrainConfig.from_toml(args.config, **overrides)
     if args.data_root is not None:
         cfg.train = [str(Path(args.data_root) / p) if not Path(p).is_absolute() else p for p in cfg.train]
@@ -77,6 +82,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
+    import torch
 
     from model.calibration import fit_calibration
     from model.checkpoint import load_checkpoint, save_checkpoint
@@ -97,7 +103,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     meta["calibration"] = cal.to_dict()
     meta["calibration"]["source"] = f"validation split: {len(np.unique(data.labels[val_idx]))} identities held out of training"
     out = args.out or args.weights
-    written = save_checkpoint(model, out, {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")})
+    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    written = save_checkpoint(model, out, {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")}, dtype=dtype)
     json.dump({"weights": str(out), "model_version": written["model_version"], "calibration": cal.to_dict()}, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
@@ -171,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, default=None, help="prefix for relative `train` and `occluders` paths")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--init-from", type=Path, default=None, help="start from OAML .safetensors or AdaFace .ckpt weights")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("calibrate", help="fit score fusion and preset thresholds on the weights' validation split")
@@ -178,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, required=True, help="folder holding the aligned training caches")
     p.add_argument("--occluders", default=None, help="occluder templates (default: <data-root>/occluders when present)")
     p.add_argument("--out", type=Path, default=None, help="output weights file (default: update in place)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="precision of the written weights")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("eval", help="LFW 6000 pairs, clean and synthetically occluded, with an optional SFace peer row")

@@ -39,7 +39,17 @@ from model.occlusion import (
     visibility_grid,
 )
 
-__all__ = ["LFWPair", "read_lfw_pairs", "Embeddings", "embed_crops", "evaluate_lfw", "draw_roc", "markdown_report"]
+__all__ = [
+    "LFWPair",
+    "read_lfw_pairs",
+    "Embeddings",
+    "embed_crops",
+    "pair_qaconv",
+    "evaluate_lfw",
+    "validation_scores",
+    "draw_roc",
+    "markdown_report",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +138,16 @@ def _occluders(root: Path) -> dict[str, Occluder]:
     }
 
 
+@torch.no_grad()
+def pair_qaconv(qa: Any, a: Embeddings, ia: np.ndarray, b: Embeddings, ib: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """QAConv scores of pairs ``(a[ia[k]], b[ib[k]])``, gathering maps a chunk at a time (bounded memory)."""
+    out = []
+    for start in range(0, len(ia), chunk):
+        sa, sb = ia[start : start + chunk], ib[start : start + chunk]
+        out.append(qa.match_pairs(a.feature_map[sa], b.feature_map[sb], a.occlusion[sa], b.occlusion[sb]).numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
 def _pair_visibility(occ: torch.Tensor) -> np.ndarray:
     return occ.reshape(len(occ), -1).mean(1).numpy()
 
@@ -161,8 +181,7 @@ def evaluate_lfw(
 
     def rows(emb_b: Embeddings, b_index: np.ndarray, peer_b: np.ndarray | None) -> dict[str, Any]:
         cos = (clean.embedding[ia] * emb_b.embedding[b_index]).sum(1).numpy()
-        with torch.no_grad():
-            qas = qa.match_pairs(clean.feature_map[ia], emb_b.feature_map[b_index], clean.occlusion[ia], emb_b.occlusion[b_index]).numpy()
+        qas = pair_qaconv(qa, clean, ia, emb_b, b_index)
         vis = np.minimum(_pair_visibility(clean.occlusion[ia]), _pair_visibility(emb_b.occlusion[b_index]))
         fused = cal.score(cos, qas, vis)
         valid = found[ia] & found[b_index]
@@ -290,11 +309,10 @@ def validation_scores(
     pairs = np.concatenate([genuine, impostor])
     same = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostor), bool)]
     use_occluded = rng.random(len(pairs)) < 0.5
-    emb_b = torch.where(torch.from_numpy(use_occluded)[:, None], occl.embedding[pairs[:, 1]], clean.embedding[pairs[:, 1]])
-    occ_b = torch.where(torch.from_numpy(use_occluded)[:, None, None, None], occl.occlusion[pairs[:, 1]], clean.occlusion[pairs[:, 1]])
-    map_b = torch.where(torch.from_numpy(use_occluded)[:, None, None, None], occl.feature_map[pairs[:, 1]], clean.feature_map[pairs[:, 1]])
-    cos = (clean.embedding[pairs[:, 0]] * emb_b).sum(1).numpy()
-    with torch.no_grad():
-        qa = model.qaconv.eval().match_pairs(clean.feature_map[pairs[:, 0]], map_b, clean.occlusion[pairs[:, 0]], occ_b).numpy()
-    vis = np.minimum(_pair_visibility(clean.occlusion[pairs[:, 0]]), _pair_visibility(occ_b))
+    # one table holding both versions: index i is clean image i, index n + i its occluded copy
+    both = Embeddings(*(torch.cat([getattr(clean, f), getattr(occl, f)]) for f in ("embedding", "occlusion", "feature_map")))
+    ia, ib = pairs[:, 0], pairs[:, 1] + n * use_occluded
+    cos = (both.embedding[ia] * both.embedding[ib]).sum(1).numpy()
+    qa = pair_qaconv(model.qaconv.eval(), both, ia, both, ib)
+    vis = np.minimum(_pair_visibility(both.occlusion[ia]), _pair_visibility(both.occlusion[ib]))
     return {"cos": cos, "qa": qa, "visibility": vis, "same": same, "occluded": use_occluded}

@@ -56,6 +56,7 @@ from model.losses import (
     relation_distillation_loss,
     triplet_ranking_loss,
 )
+from model.evaluate import Embeddings, pair_qaconv
 from model.metrics import accuracy, best_threshold
 from model.net import OAMLNet, build_model
 from model.occlusion import OcclusionAugmenter, visibility_grid
@@ -456,9 +457,7 @@ class Trainer:
         same = val["same"]
         cos_clean = (clean["embedding"][a] * clean["embedding"][b]).sum(1).numpy()
         cos_occ = (clean["embedding"][a] * occl["embedding"][b]).sum(1).numpy()
-        qa = self.model.qaconv.eval()
-        with torch.no_grad():
-            qa_occ = qa.match_pairs(clean["feature_map"][a], occl["feature_map"][b], clean["occlusion"][a], occl["occlusion"][b]).numpy()
+        qa_occ = pair_qaconv(self.model.qaconv.eval(), Embeddings(**clean), a, Embeddings(**occl), b)
         result = {
             "acc_cos_clean": accuracy(cos_clean, same, best_threshold(cos_clean, same)),
             "acc_cos_occluded": accuracy(cos_occ, same, best_threshold(cos_occ, same)),

@@ -128,7 +128,7 @@ class Engine:
         self.model_version: str = self.metadata.get("model_version", "unversioned")
         self.autocast = select_precision(settings.precision, self.device)
         cal = self.metadata.get("calibration")
-        self.calibration = Calibration.from_dict({k: v for k, v in cal.items() if k != "source"}) if cal else DEFAULT_CALIBRATION
+        self.calibration = Calibration.from_dict(cal) if cal else DEFAULT_CALIBRATION
         quality = self.metadata.get("quality") or {}
         self.norm_mean = float(quality.get("norm_mean") or 20.0)
         self.norm_std = float(quality.get("norm_std") or 10.0)

@@ -91,6 +91,7 @@ class TestCalibration:
         cos, qa, vis, same = self.make_pairs(500)
         cal = fit_calibration(cos, qa, vis, same)
         assert Calibration.from_dict(cal.to_dict()) == cal
+        assert Calibration.from_dict({**cal.to_dict(), "source": "validation split"}) == cal  # as stored in metadata
         assert not DEFAULT_CALIBRATION.fitted
 
     def test_needs_both_kinds_of_pairs(self) -> None:

@@ -191,6 +191,15 @@ class TestTrainer:
         model, meta = load_checkpoint(tmp_path / "a" / "best.safetensors")
         assert meta["training"]["identities"] == straight.num_classes
         assert "qaconv.class_embed" not in model.state_dict()
+        # calibration on the held-out identities, written in half precision for shipping
+        from model.cli import main
+
+        out = tmp_path / "shipped.safetensors"
+        assert main(["calibrate", str(tmp_path / "a" / "best.safetensors"), "--data-root", str(tmp_path), "--dtype", "float16", "--out", str(out)]) == 0
+        _, shipped = load_checkpoint(out)
+        cal = shipped["calibration"]
+        assert cal["fitted"] and cal["thresholds"]["strict"] >= cal["thresholds"]["balanced"] >= cal["thresholds"]["lenient"]
+        assert shipped["dtype"] == "float16" and shipped["training"] == meta["training"]
 
     def test_finetune_heads_keeps_the_backbone_frozen(self, tmp_path: Path, astronaut: np.ndarray) -> None:
         cache = write_fake_cache(tmp_path / "cache", astronaut)

@@ -1,0 +1,260 @@
+"""Service benchmark and load test against a real ``oaml serve`` on 127.0.0.1.
+
+Measures verify latency (two 640x480 photos) at concurrency 1 and 8, enrolment throughput,
+identify latency and matching time for galleries of 1,000 and 10,000 faces through HTTP (synthetic
+gallery entries written to the store before start-up), matching time for 100,000 faces on the
+service's own in-memory index, and a bounded load run (default 10 minutes) that checks for 5xx
+answers and reports the server's resident memory over time. Writes a Markdown section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_model import cpu_name, emit  # noqa: E402
+from model.checkpoint import read_metadata  # noqa: E402
+from service.config import DEFAULT_WEIGHTS  # noqa: E402
+from service.gallery import FaceRecord, GalleryIndex, SQLiteGalleryStore  # noqa: E402
+
+SECTION = "## Service (bench/bench_service.py)"
+
+
+def jpeg(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def photos() -> tuple[bytes, bytes]:
+    from skimage import data
+
+    a = cv2.resize(data.astronaut(), (640, 480))
+    b = cv2.resize(np.repeat(data.camera()[..., None], 3, axis=2), (640, 480))
+    return jpeg(a), jpeg(b)
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def fill_store(data_dir: Path, model_version: str, count: int, channels: int) -> None:
+    """Synthetic enrolments (random unit embeddings and maps), written straight to the store."""
+    store = SQLiteGalleryStore(data_dir / "gallery.sqlite3", model_version)
+    rng = np.random.default_rng(0)
+    now = time.time()
+    for start in range(0, count, 1000):
+        n = min(1000, count - start)
+        emb = rng.normal(size=(n, 512)).astype(np.float32)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        maps = rng.normal(size=(n, channels, 7, 7)).astype(np.float16)
+        occ = rng.uniform(0.6, 1.0, size=(n, 7, 7)).astype(np.float32)
+        for j in range(0, n, 2):  # two faces per synthetic subject
+            store.upsert_subject(f"synthetic{(start + j) // 2:06d}", None, None)
+        store.add_faces([
+            FaceRecord(f"syn{start + j:07d}", f"synthetic{(start + j) // 2:06d}", emb[j], maps[j], occ[j], 20.0, 0.0, 0.99, None, now)
+            for j in range(n)
+        ])
+    store.close()
+
+
+class Server:
+    def __init__(self, weights: Path, data_dir: Path, threads: int) -> None:
+        self.port = free_port()
+        env = {**os.environ, "OAML_WEIGHTS": str(weights), "OAML_DATA_DIR": str(data_dir), "OAML_PORT": str(self.port),
+               "OAML_TORCH_THREADS": str(threads), "OAML_LOG_LEVEL": "warning", "OMP_WAIT_POLICY": "PASSIVE"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve"], cwd=ROOT, env=env)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited during start-up")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def timed_requests(url: str, make: Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]], total: int, concurrency: int) -> tuple[list[float], dict[int, int], float]:
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    queue = list(range(total))
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+
+        async def worker() -> None:
+            while queue:
+                i = queue.pop()
+                t0 = time.perf_counter()
+                r = await make(client, i)
+                latencies.append(time.perf_counter() - t0)
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return latencies, statuses, wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=60, help="verify requests per concurrency level")
+    parser.add_argument("--load-minutes", type=float, default=10.0)
+    parser.add_argument("--skip-100k", action="store_true")
+    args = parser.parse_args()
+    meta = read_metadata(args.weights)
+    version = meta["model_version"]
+    channels = meta.get("heads", {}).get("qaconv", {}).get("num_features", 512)
+    a, b = photos()
+    rows: list[str] = []
+
+    def verify(client: httpx.AsyncClient, _: int) -> Awaitable[httpx.Response]:
+        return client.post("/verify", files={"image_a": ("a.jpg", a, "image/jpeg"), "image_b": ("b.jpg", b, "image/jpeg")})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(args.weights, Path(tmp) / "empty", args.threads)
+        try:
+            asyncio.run(timed_requests(server.url, verify, 4, 1))  # warm
+            rows += ["| test | concurrency | requests | p50 ms | p95 ms | throughput | non-2xx |", "|---|---|---|---|---|---|---|"]
+            for conc in (1, 8):
+                lat, st, wall = asyncio.run(timed_requests(server.url, verify, args.requests, conc))
+                bad = sum(v for k, v in st.items() if k >= 300)
+                rows.append(f"| verify, two 640x480 JPEGs | {conc} | {len(lat)} | {1000 * statistics.median(lat):.0f} | {1000 * pct(lat, 95):.0f} | {len(lat) / wall:.1f} req/s | {bad} |")
+                print(rows[-1], flush=True)  # noqa: T201
+
+            def enrol(client: httpx.AsyncClient, i: int) -> Awaitable[httpx.Response]:
+                return client.post("/gallery", data={"subject": f"bench{i}"}, files=[("images", ("a.jpg", a, "image/jpeg"))])
+
+            lat, st, wall = asyncio.run(timed_requests(server.url, enrol, 40, 4))
+            rows.append(f"| enrol, one 640x480 JPEG | 4 | {len(lat)} | {1000 * statistics.median(lat):.0f} | {1000 * pct(lat, 95):.0f} | {len(lat) / wall:.1f} faces/s | {sum(v for k, v in st.items() if k >= 300)} |")
+            print(rows[-1], flush=True)  # noqa: T201
+        finally:
+            server.stop()
+
+        rows += ["", "| gallery faces | identify p50 ms (HTTP, one 640x480 JPEG) | matching p50 ms (cosine + QAConv shortlist) |", "|---|---|---|"]
+        for size in (1_000, 10_000):
+            data_dir = Path(tmp) / f"g{size}"
+            fill_store(data_dir, version, size, channels)
+            server = Server(args.weights, data_dir, args.threads)
+            try:
+                async def ident(client: httpx.AsyncClient, _: int) -> httpx.Response:
+                    return await client.post("/identify", files={"image": ("a.jpg", a, "image/jpeg")})
+
+                matching: list[float] = []
+
+                async def ident_timed(client: httpx.AsyncClient, i: int) -> httpx.Response:
+                    r = await ident(client, i)
+                    matching.append(r.json()["timings_ms"]["matching"])
+                    return r
+
+                asyncio.run(timed_requests(server.url, ident, 3, 1))
+                lat, _, _ = asyncio.run(timed_requests(server.url, ident_timed, 30, 1))
+                rows.append(f"| {size:,} | {1000 * statistics.median(lat):.0f} | {statistics.median(matching):.1f} |")
+                print(rows[-1], flush=True)  # noqa: T201
+            finally:
+                server.stop()
+
+        if not args.skip_100k:
+            from model.checkpoint import load_checkpoint
+
+            model, _ = load_checkpoint(args.weights)
+            torch.set_num_threads(args.threads)
+            index = GalleryIndex(model.qaconv.eval(), torch.device("cpu"), torch.bfloat16)
+            rng = np.random.default_rng(1)
+            for start in range(0, 100_000, 5000):
+                emb = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(5000, 512)).astype(np.float32)), dim=1)
+                maps = torch.from_numpy(rng.normal(size=(5000, channels, 7, 7)).astype(np.float32))
+                occ = torch.from_numpy(rng.uniform(0.6, 1, size=(5000, 1, 7, 7)).astype(np.float32))
+                index.add([f"f{start + i}" for i in range(5000)], [f"s{(start + i) // 2}" for i in range(5000)], emb, maps, occ)
+            probe_emb = torch.nn.functional.normalize(torch.randn(512), dim=0)
+            probe_map, probe_occ = torch.randn(channels, 7, 7), torch.rand(7, 7)
+            times = []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                index.search(probe_emb, probe_map, probe_occ, 100)
+                times.append(1000 * (time.perf_counter() - t0))
+            rows.append(f"| 100,000 (in-process index, the code path /identify uses) | - | {statistics.median(times[3:]):.1f} |")
+            print(rows[-1], flush=True)  # noqa: T201
+            del index
+
+        rows += ["", "Load run:", ""]
+        server = Server(args.weights, Path(tmp) / "load", args.threads)
+        try:
+            rss = [rss_mb(server.proc.pid)]
+            deadline = time.time() + 60 * args.load_minutes
+            lat_all: list[float] = []
+            statuses: dict[int, int] = {}
+            while time.time() < deadline:
+                lat, st, _ = asyncio.run(timed_requests(server.url, verify, 40, 4))
+                lat_all += lat
+                for k, v in st.items():
+                    statuses[k] = statuses.get(k, 0) + v
+                rss.append(rss_mb(server.proc.pid))
+            five = sum(v for k, v in statuses.items() if k >= 500)
+            rows.append(
+                f"- {args.load_minutes:g} minutes of verify at concurrency 4: {len(lat_all)} requests, status counts {dict(sorted(statuses.items()))}, "
+                f"5xx: {five}; p50 {1000 * statistics.median(lat_all):.0f} ms, p95 {1000 * pct(lat_all, 95):.0f} ms; server RSS "
+                f"{rss[0]:.0f} MB at start, {rss[1]:.0f} MB after the first minute-slice, {rss[-1]:.0f} MB at the end (max {max(rss):.0f} MB)."
+            )
+            print(rows[-1], flush=True)  # noqa: T201
+        finally:
+            server.stop()
+
+    header = [
+        SECTION, "",
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}, torch {torch.__version__}; "
+        f"server with {args.threads} torch threads, OMP_WAIT_POLICY=PASSIVE, default batching (max 8 faces, 5 ms wait); client on the same machine.",
+        f"- Command: `python bench/bench_service.py --out bench/RESULTS.md --requests {args.requests} --load-minutes {args.load_minutes:g}` (or `make bench-service`).",
+        f"- Weights: `{args.weights.name}` ({version}).", "",
+    ]
+    emit("\n".join(header + rows) + "\n", args.out)
+
+
+if __name__ == "__main__":
+    main()
