@@ -240,7 +240,7 @@ def main() -> None:
             rows.append(
                 f"- {args.load_minutes:g} minutes of verify at concurrency 4: {len(lat_all)} requests, status counts {dict(sorted(statuses.items()))}, "
                 f"5xx: {five}; p50 {1000 * statistics.median(lat_all):.0f} ms, p95 {1000 * pct(lat_all, 95):.0f} ms; server RSS "
-                f"{rss[0]:.0f} MB at start, {rss[1]:.0f} MB after the first minute-slice, {rss[-1]:.0f} MB at the end (max {max(rss):.0f} MB)."
+                f"{rss[0]:.0f} MB at start, {rss[1]:.0f} MB after the first 40 requests, {rss[-1]:.0f} MB at the end (max {max(rss):.0f} MB)."
             )
             print(rows[-1], flush=True)  # noqa: T201
         finally:
