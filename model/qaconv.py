@@ -103,6 +103,10 @@ class QAConv(nn.Module):
     def reset_parameters(self) -> None:
         self.bn.reset_parameters()
         self.logit_bn.reset_parameters()
+        # The logit BatchNorm's scale stays fixed at 1: training it lets the batch-hard ranking and the
+        # pairwise BCE reach their trivial values (margin, ln 2) by shrinking every score to 0, which is
+        # what happened in the first CPU runs. Its shift and the running statistics still train.
+        self.logit_bn.weight.requires_grad_(False)
         # Start as the mean of the 2hw best local matches, as QAConv's init does.
         nn.init.constant_(self.fc.weight, 1.0 / (2 * self.hw))
         nn.init.zeros_(self.fc.bias)
