@@ -183,18 +183,25 @@ def mask_anchor_targets(landmarks: np.ndarray) -> np.ndarray:
     )
 
 
-class MaskOccluder(Occluder):
+class _TemplateOccluder(Occluder):
+    """An occluder drawn from a list of RGBA templates, one picked at random per face."""
+
+    def __init__(self, templates: Sequence[_Template]) -> None:
+        if not templates:
+            raise ValueError(f"{type(self).__name__} needs at least one template")
+        self.templates = list(templates)
+
+    def pick(self, rng: np.random.Generator) -> _Template:
+        return self.templates[rng.integers(len(self.templates))]
+
+
+class MaskOccluder(_TemplateOccluder):
     """Face masks warped onto the lower face."""
 
     name = "mask"
 
-    def __init__(self, templates: Sequence[_Template]) -> None:
-        if not templates:
-            raise ValueError("MaskOccluder needs at least one template")
-        self.templates = list(templates)
-
     def __call__(self, image: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        template = self.templates[rng.integers(len(self.templates))]
+        template = self.pick(rng)
         targets = mask_anchor_targets(landmarks)
         ipd = float(np.linalg.norm(landmarks[1] - landmarks[0]))
         targets = targets + rng.normal(0, 0.04 * ipd, size=targets.shape)
@@ -206,18 +213,13 @@ class MaskOccluder(Occluder):
         return composite(image, _tint(rgb, rng), alpha)
 
 
-class SunglassesOccluder(Occluder):
+class SunglassesOccluder(_TemplateOccluder):
     """Sunglasses with lens centres on the eyes."""
 
     name = "sunglasses"
 
-    def __init__(self, templates: Sequence[_Template]) -> None:
-        if not templates:
-            raise ValueError("SunglassesOccluder needs at least one template")
-        self.templates = list(templates)
-
     def __call__(self, image: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        template = self.templates[rng.integers(len(self.templates))]
+        template = self.pick(rng)
         src = np.stack([template.points[:6].mean(0), template.points[6:].mean(0)])
         dst = landmarks[:2].astype(np.float64).copy()
         centre = dst.mean(0)

@@ -56,7 +56,7 @@ from model.losses import (
     relation_distillation_loss,
     triplet_ranking_loss,
 )
-from model.evaluate import Embeddings, pair_qaconv
+from model.evaluate import embed_crops, pair_qaconv
 from model.metrics import accuracy, best_threshold
 from model.net import OAMLNet, build_model
 from model.occlusion import OcclusionAugmenter, visibility_grid
@@ -402,7 +402,8 @@ class Trainer:
         self.state["global_step"] += 1
         result = {k: float(v.detach()) for k, v in losses.items()}
         result["total"] = float(total.detach())
-        result["visibility_clean"] = float(out.occlusion.detach()[[a.occluder is None for a in augmented]].mean()) if any(a.occluder is None for a in augmented) else float("nan")
+        clean = torch.tensor([a.occluder is None for a in augmented], device=out.occlusion.device)
+        result["visibility_clean"] = float(out.occlusion.detach()[clean].mean()) if bool(clean.any()) else float("nan")
         return result
 
     # -- validation --------------------------------------------------------------------------
@@ -429,20 +430,6 @@ class Trainer:
             self._val_cache = {"pairs": pairs, "same": is_same, "occluded": occluded}
         return self._val_cache
 
-    @torch.no_grad()
-    def embed(self, images: np.ndarray, batch_size: int = 64) -> dict[str, torch.Tensor]:
-        """Eval-mode embeddings, occlusion maps and feature maps for ``[N, 112, 112, 3]`` crops."""
-        self.model.eval()
-        parts: dict[str, list[torch.Tensor]] = {"embedding": [], "occlusion": [], "feature_map": []}
-        for start in range(0, len(images), batch_size):
-            x = to_input_tensor(images[start : start + batch_size]).to(self.device).contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                out = self.model.forward_all(x)
-            parts["embedding"].append(out.embedding.float().cpu())
-            parts["occlusion"].append(out.occlusion.float().cpu())
-            parts["feature_map"].append(out.feature_map.float().cpu())
-        return {k: torch.cat(v) for k, v in parts.items()}
-
     def validate(self) -> dict[str, float]:
         """Identity-disjoint verification: clean pairs, and pairs whose second image is occluded.
 
@@ -451,19 +438,19 @@ class Trainer:
         if len(self.val_idx) == 0:
             return {"score": float("nan")}
         val = self._val_set()
-        clean = self.embed(self.data.images[self.val_idx])
-        occl = self.embed(val["occluded"])
+        clean = embed_crops(self.model, self.data.images[self.val_idx], batch_size=64, flip=False, precision=self.precision)
+        occl = embed_crops(self.model, val["occluded"], batch_size=64, flip=False, precision=self.precision)
         a, b = val["pairs"][:, 0], val["pairs"][:, 1]
         same = val["same"]
-        cos_clean = (clean["embedding"][a] * clean["embedding"][b]).sum(1).numpy()
-        cos_occ = (clean["embedding"][a] * occl["embedding"][b]).sum(1).numpy()
-        qa_occ = pair_qaconv(self.model.qaconv.eval(), Embeddings(**clean), a, Embeddings(**occl), b)
+        cos_clean = (clean.embedding[a] * clean.embedding[b]).sum(1).numpy()
+        cos_occ = (clean.embedding[a] * occl.embedding[b]).sum(1).numpy()
+        qa_occ = pair_qaconv(self.model.qaconv.eval(), clean, a, occl, b)
         result = {
             "acc_cos_clean": accuracy(cos_clean, same, best_threshold(cos_clean, same)),
             "acc_cos_occluded": accuracy(cos_occ, same, best_threshold(cos_occ, same)),
             "acc_qaconv_occluded": accuracy(qa_occ, same, best_threshold(qa_occ, same)),
-            "visibility_clean": float(clean["occlusion"].mean()),
-            "visibility_occluded": float(occl["occlusion"].mean()),
+            "visibility_clean": float(clean.occlusion.mean()),
+            "visibility_occluded": float(occl.occlusion.mean()),
         }
         result["score"] = float(np.mean([result["acc_cos_clean"], result["acc_cos_occluded"], result["acc_qaconv_occluded"]]))
         return result
