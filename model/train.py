@@ -290,6 +290,12 @@ class Trainer:
         result = self.model.load_state_dict(state, strict=False)
         if result.unexpected_keys or any(not k.startswith("qaconv.class_") for k in result.missing_keys):
             raise ValueError(f"{path} does not fit {self.cfg.arch}: {result}")
+        qa = self.model.qaconv
+        if not bool(torch.all(qa.logit_bn.weight == 1)):
+            # made before the logit scale was fixed at 1: a collapsed tail (scale near 0) would also
+            # stay collapsed, since the scale no longer trains
+            logger.warning("%s has a trained QAConv logit scale (%.3g): resetting its QAConv tail", path, qa.logit_bn.weight.item())
+            qa.reset_parameters()
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         decay, no_decay = [], []

@@ -21,6 +21,7 @@ from model.losses import (
     relation_distillation_loss,
     triplet_ranking_loss,
 )
+from model.net import build_model
 from model.prepare import prepare
 from model.qaconv import QAConv
 from model.sampler import GraphSampler, PKSampler
@@ -200,6 +201,30 @@ class TestTrainer:
         cal = shipped["calibration"]
         assert cal["fitted"] and cal["thresholds"]["strict"] >= cal["thresholds"]["balanced"] >= cal["thresholds"]["lenient"]
         assert shipped["dtype"] == "float16" and shipped["training"] == meta["training"]
+
+    def test_init_from_a_collapsed_qaconv_tail_resets_it(self, tmp_path: Path, astronaut: np.ndarray) -> None:
+        """Checkpoints made before the logit scale was fixed carry a scale near 0: training on from one
+        would keep every QAConv score constant, so the tail starts again from its initial form."""
+        from model.checkpoint import save_checkpoint
+
+        cache = write_fake_cache(tmp_path / "cache", astronaut)
+        old = build_model("ir_18")
+        with torch.no_grad():
+            old.qaconv.logit_bn.weight.fill_(5e-4)
+            old.qaconv.fc.weight.fill_(0.3)
+            old.output_layer[3].weight.mul_(2)  # a backbone change that must survive
+        save_checkpoint(old, tmp_path / "old.safetensors")
+        trainer = Trainer(tiny_config(cache, tmp_path / "run", init_from=str(tmp_path / "old.safetensors")))
+        qa = trainer.model.qaconv
+        assert torch.equal(qa.logit_bn.weight, torch.ones(1)) and not qa.logit_bn.weight.requires_grad
+        assert torch.allclose(qa.fc.weight, torch.full_like(qa.fc.weight, 1.0 / (2 * qa.hw)))
+        assert torch.equal(trainer.model.output_layer[3].weight, old.output_layer[3].weight)
+        # a checkpoint with the fixed scale keeps its trained tail
+        with torch.no_grad():
+            old.qaconv.logit_bn.weight.fill_(1.0)
+        save_checkpoint(old, tmp_path / "new.safetensors")
+        trainer = Trainer(tiny_config(cache, tmp_path / "run2", init_from=str(tmp_path / "new.safetensors")))
+        assert torch.allclose(trainer.model.qaconv.fc.weight, torch.full_like(qa.fc.weight, 0.3))
 
     def test_finetune_heads_keeps_the_backbone_frozen(self, tmp_path: Path, astronaut: np.ndarray) -> None:
         cache = write_fake_cache(tmp_path / "cache", astronaut)
