@@ -119,9 +119,11 @@ def bench_qaconv(rows: list[str], seconds: float) -> None:
 
 
 def write_section(out: Path, body: str) -> None:
+    """Put ``body`` into ``out``, replacing the section with the same title (its first line) if any."""
+    title = body.splitlines()[0]
     text = out.read_text() if out.exists() else "# Benchmark results\n"
-    if SECTION in text:
-        head, _, rest = text.partition(SECTION)
+    if title in text:
+        head, _, rest = text.partition(title)
         tail = rest.split("\n## ", 1)
         text = head + body + ("\n## " + tail[1] if len(tail) == 2 else "")
     else:
