@@ -201,6 +201,11 @@ class TestTrainer:
         cal = shipped["calibration"]
         assert cal["fitted"] and cal["thresholds"]["strict"] >= cal["thresholds"]["balanced"] >= cal["thresholds"]["lenient"]
         assert shipped["dtype"] == "float16" and shipped["training"] == meta["training"]
+        check = shipped["export_check"]
+        assert check["dtype"] == "float16" and check["pairs"] == cal["pairs"]
+        assert 0 < check["max_abs_fused_diff"] < 0.5  # rounding moves scores a little, not much
+        assert set(check) >= {"lenient", "balanced", "strict"}
+        assert 0 <= check["balanced"]["far_float16"] <= 1
 
     def test_init_from_a_collapsed_qaconv_tail_resets_it(self, tmp_path: Path, astronaut: np.ndarray) -> None:
         """Checkpoints made before the logit scale was fixed carry a scale near 0: training on from one
