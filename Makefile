@@ -55,7 +55,8 @@ prepare-data: install
 # Reproduces the shipped weights: same recipe and seed (bits may differ across hardware).
 train-default: prepare-data
 	$(BIN)/oaml train --config configs/oaml_ir18.toml --data-root $(DATA) --out $(RUN)
-	$(BIN)/oaml train --config configs/oaml_ir18_heads.toml --data-root $(DATA) --out $(RUN)_heads --init-from $(RUN)/best.safetensors
+	$(BIN)/oaml train --config configs/oaml_ir18_distill.toml --data-root $(DATA) --out $(RUN)_distill --init-from $(RUN)/final.safetensors
+	$(BIN)/oaml train --config configs/oaml_ir18_heads.toml --data-root $(DATA) --out $(RUN)_heads --init-from $(RUN)_distill/best.safetensors
 	$(BIN)/oaml calibrate $(RUN)_heads/best.safetensors --data-root $(DATA) --dtype float16 --out $(WEIGHTS)
 
 eval: prepare-data
