@@ -142,9 +142,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cal = Calibration.from_dict(meta["calibration"]) if "calibration" in meta else None
     peer = None
     if args.peer == "sface":
-        from bench.peers.sface import SFacePeer
+        from model.teacher import SFaceTeacher
 
-        peer = SFacePeer()
+        # the distillation teacher is also the peer: SFace on the same aligned crops, unflipped
+        peer = SFaceTeacher(threads=2)
     report = evaluate_lfw(model, args.lfw_cache, args.pairs, args.occluders, cal, peer=peer, precision=args.precision, flip=not args.no_flip)
     report["weights"] = {"file": str(args.weights), "model_version": meta["model_version"]}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -279,6 +281,20 @@ class TestEvaluation:
         assert set(clean) >= {"adaface", "qaconv", "fused", "mean_visibility"}
         assert 0.0 <= clean["fused"]["accuracy"] <= 1.0 and report["missing_faces"] == 0
         assert "#### LFW, clean" in markdown_report(report)
+        # the installed `oaml eval` command, run from outside the repository, with the SFace peer
+        from model.checkpoint import save_checkpoint
+
+        save_checkpoint(ir18, tmp_path / "w.safetensors")
+        oaml = Path(sys.executable).parent / "oaml"
+        run = subprocess.run(
+            [str(oaml), "eval", str(tmp_path / "w.safetensors"), "--lfw-cache", str(cache), "--pairs", str(pairs),
+             "--peer", "sface", "--out", str(tmp_path / "eval")],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        cli_report = json.loads((tmp_path / "eval" / "report.json").read_text())
+        peer = cli_report["protocols"]["clean"]["sface_peer"]
+        assert 0.0 <= peer["accuracy"] <= 1.0 and (tmp_path / "eval" / "roc.png").is_file()
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "train" / "afdb").exists(), reason="../shared/data/train not present")
