@@ -13,6 +13,7 @@ from PIL import Image
 from model.checkpoint import load_checkpoint, read_metadata
 from service.app import create_app
 from service.config import DEFAULT_WEIGHTS, Settings
+from tests.conftest import SHARED_DATA
 
 
 def jpeg(image: np.ndarray, quality: int = 90) -> bytes:
@@ -64,3 +65,33 @@ def test_same_face_outscores_different_people(client: TestClient, astronaut: np.
     assert diff["match"] is False
     assert verify(client, a, same_photo, threshold="lenient")["match"] is True
     assert same["face_a"]["visibility"] > 0.8 and same["face_b"]["visibility"] > 0.8
+
+
+LFW = SHARED_DATA / "eval" / "lfw"
+
+
+def lfw_photo(name: str, number: str) -> bytes:
+    return (LFW / name / f"{name}_{int(number):04d}.jpg").read_bytes()
+
+
+@pytest.mark.skipif(not (LFW / "pairs.txt").is_file(), reason="needs ../shared/data/eval/lfw (LFW photos and pairs.txt)")
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="known gap (shipped-weights issue): the CPU-trained model scores the first genuine pair below the "
+    "balanced threshold (it matches at 'lenient'); strict, so a model that passes turns this into a failure "
+    "until the marker is removed",
+)
+def test_lfw_people_at_the_default_threshold(client: TestClient) -> None:
+    """The first genuine and the first impostor pair of the official pairs.txt, as photos, at the default
+    (balanced) threshold: no hand-picked pairs."""
+    lines = (LFW / "pairs.txt").read_text().splitlines()
+    per_fold = int(lines[0].split()[1])
+    same = lines[1].split("\t")
+    other = lines[1 + per_fold].split("\t")
+    assert len(same) == 3 and len(other) == 4
+    genuine = verify(client, lfw_photo(same[0], same[1]), lfw_photo(same[0], same[2]))
+    impostor = verify(client, lfw_photo(other[0], other[1]), lfw_photo(other[2], other[3]))
+    assert genuine["threshold_preset"] == "balanced"
+    assert genuine["match"] is True, genuine
+    assert impostor["match"] is False, impostor
