@@ -61,7 +61,7 @@ train-default: prepare-data
 
 eval: prepare-data
 	$(BIN)/oaml eval $(WEIGHTS) --lfw-cache $(DATA)/lfw --pairs $(SHARED)/eval/lfw/pairs.txt \
-		--occluders $(SHARED)/occluders --peer sface --out $(RUN)/eval
+		--occluders $(SHARED)/occluders --peer sface --precision bf16 --out $(RUN)/eval
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
