@@ -25,7 +25,7 @@ import numpy as np
 
 from model.metrics import threshold_at_far
 
-__all__ = ["PRESETS", "Calibration", "DEFAULT_CALIBRATION", "fit_calibration"]
+__all__ = ["PRESETS", "Calibration", "DEFAULT_CALIBRATION", "fit_calibration", "export_check"]
 
 #: Named operating points: preset -> false-accept rate.
 PRESETS: dict[str, float] = {"lenient": 1e-2, "balanced": 1e-3, "strict": 1e-4}
@@ -135,3 +135,21 @@ def fit_calibration(cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray, sam
     fused = cal.score(cos, qa, visibility)
     cal.thresholds = {name: threshold_at_far(fused[imp], far) for name, far in PRESETS.items()}
     return cal
+
+
+def export_check(cal: Calibration, full: dict[str, np.ndarray], rounded: dict[str, np.ndarray], dtype: str) -> dict[str, Any]:
+    """Fused-score drift and per-preset TAR/FAR on the same labelled pairs, full precision vs ``dtype``.
+
+    ``full`` and ``rounded`` are :func:`model.evaluate.validation_scores` of the model and of its
+    ``dtype``-rounded copy: what serving the exported file costs, in the units users see.
+    """
+    a = cal.score(full["cos"], full["qa"], full["visibility"])
+    b = cal.score(rounded["cos"], rounded["qa"], rounded["visibility"])
+    same = full["same"]
+    report: dict[str, Any] = {"dtype": dtype, "pairs": int(len(same)), "max_abs_fused_diff": float(np.abs(a - b).max())}
+    for name, t in cal.thresholds.items():
+        report[name] = {
+            "tar_float32": float((a[same] >= t).mean()), f"tar_{dtype}": float((b[same] >= t).mean()),
+            "far_float32": float((a[~same] >= t).mean()), f"far_{dtype}": float((b[~same] >= t).mean()),
+        }
+    return report

@@ -8,7 +8,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 from pathlib import Path
 
 __all__ = ["main"]
@@ -86,7 +85,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from model.calibration import fit_calibration
+    from model.calibration import export_check, fit_calibration
     from model.checkpoint import load_checkpoint, save_checkpoint
     from model.evaluate import validation_scores
     from model.train import TrainConfig, load_training_data, split_by_identity
@@ -115,22 +114,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     json.dump({"weights": str(out), "model_version": written["model_version"], "calibration": cal.to_dict()}, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
-
-
-def export_check(cal: Any, full: dict[str, Any], rounded: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """Fused-score drift and per-preset TAR/FAR on the validation pairs, full precision vs ``dtype``."""
-    import numpy as np
-
-    a = cal.score(full["cos"], full["qa"], full["visibility"])
-    b = cal.score(rounded["cos"], rounded["qa"], rounded["visibility"])
-    same = full["same"]
-    report: dict[str, Any] = {"dtype": dtype, "pairs": int(len(same)), "max_abs_fused_diff": float(np.abs(a - b).max())}
-    for name, t in cal.thresholds.items():
-        report[name] = {
-            "tar_float32": float((a[same] >= t).mean()), f"tar_{dtype}": float((b[same] >= t).mean()),
-            "far_float32": float((a[~same] >= t).mean()), f"far_{dtype}": float((b[~same] >= t).mean()),
-        }
-    return report
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
