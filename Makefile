@@ -15,7 +15,7 @@ DATA ?= ../oaml_data
 RUN ?= ../oaml_runs/ir18_default
 WEIGHTS ?= weights/oaml_ir18.safetensors
 
-.PHONY: install test serve bench bench-service prepare-data train-default eval clean
+.PHONY: install test test-slow serve bench bench-service prepare-data train-default eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ install: $(STAMP)
 test: install
 	$(BIN)/python -m pytest -q
 
+# Real-data checks of the shipped weights' published numbers (minutes; needs ../shared/data).
+test-slow: prepare-data
+	OAML_PREPARED_DATA=$(abspath $(DATA)) $(BIN)/python -m pytest -q --run-slow -m slow
+
 serve: install
 	$(BIN)/oaml serve
 
@@ -57,11 +61,12 @@ train-default: prepare-data
 	$(BIN)/oaml train --config configs/oaml_ir18.toml --data-root $(DATA) --out $(RUN)
 	$(BIN)/oaml train --config configs/oaml_ir18_distill.toml --data-root $(DATA) --out $(RUN)_distill --init-from $(RUN)/final.safetensors
 	$(BIN)/oaml train --config configs/oaml_ir18_heads.toml --data-root $(DATA) --out $(RUN)_heads --init-from $(RUN)_distill/best.safetensors
-	$(BIN)/oaml calibrate $(RUN)_heads/best.safetensors --data-root $(DATA) --dtype float16 --out $(WEIGHTS)
+	$(BIN)/oaml calibrate $(RUN)_heads/best.safetensors --data-root $(DATA) --holdout $(SHARED)/train/aligned/celeba_extra \
+		--dtype float16 --out $(WEIGHTS) --plot weights/reliability.png
 
 eval: prepare-data
 	$(BIN)/oaml eval $(WEIGHTS) --lfw-cache $(DATA)/lfw --pairs $(SHARED)/eval/lfw/pairs.txt \
-		--occluders $(SHARED)/occluders --peer sface --precision bf16 --out $(RUN)/eval
+		--occluders $(SHARED)/occluders --peer sface --out $(RUN)/eval
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

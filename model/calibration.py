@@ -8,27 +8,51 @@ score is a logistic-regression logit over
 
 where ``v`` is the mean visibility of the less visible face of the pair. The visibility terms let
 the fit shift weight from the global cosine to QAConv's visible-region matching as faces get
-occluded. ``probability = sigmoid(score)``. Thresholds for the named presets are the fused scores
-at which the impostor pairs of the calibration set reach FAR 1e-2 (``lenient``), 1e-3
-(``balanced``) and 1e-4 (``strict``).
+occluded. Thresholds for the named presets are the fused scores at which the impostor pairs of
+the calibration set reach FAR 1e-2 (``lenient``), 1e-3 (``balanced``) and 1e-4 (``strict``).
 
-Fitted on the identity-disjoint validation split (never on the benchmark) by ``oaml calibrate``
-and stored in the weights' metadata. :data:`DEFAULT_CALIBRATION` is used until a fit exists.
+Probability. The logistic fit weights genuine and impostor pairs equally, so
+``probability = sigmoid(score)`` estimates P(same person | scores) for a pair drawn with a 1:1
+prior (:data:`PRIOR`): half of all compared pairs genuine. It is a statement about the pair, not
+an operating point: the presets ask for far more evidence than 0.5 (``balanced``, FAR 1e-3, sits
+near probability 0.99), so a pair can be more likely the same person than not and still be
+refused by a strict threshold. ``probability_at`` turns a threshold into the probability it
+demands, so a response can show both on one scale. :func:`reliability` measures how true the
+probability is (expected calibration error, cross-validated by identity in ``oaml calibrate``).
+
+Fitted on identities held out of training (never on the benchmark) by ``oaml calibrate``, on
+scores computed by the served path (:mod:`model.embedder`), and stored in the weights' metadata.
+:data:`DEFAULT_CALIBRATION` is used until a fit exists.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from model.metrics import threshold_at_far
 
-__all__ = ["PRESETS", "Calibration", "DEFAULT_CALIBRATION", "fit_calibration", "export_check"]
+__all__ = [
+    "PRESETS",
+    "PRIOR",
+    "Calibration",
+    "DEFAULT_CALIBRATION",
+    "fit_calibration",
+    "preset_rates",
+    "reliability",
+    "cross_validated_reliability",
+    "draw_reliability",
+    "export_check",
+]
 
 #: Named operating points: preset -> false-accept rate.
 PRESETS: dict[str, float] = {"lenient": 1e-2, "balanced": 1e-3, "strict": 1e-4}
+
+#: P(same person) before looking at the faces, under which ``probability`` is calibrated.
+PRIOR = 0.5
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -59,8 +83,13 @@ class Calibration:
         """Fused score (a logit): higher = more likely the same person."""
         return self.features(cos, qa, visibility) @ np.asarray(self.coef) + self.intercept
 
-    def probability(self, score: np.ndarray) -> np.ndarray:
+    def probability(self, score: np.ndarray | float) -> np.ndarray:
+        """P(same person) under the 1:1 :data:`PRIOR`; strictly increasing in the score."""
         return _sigmoid(np.asarray(score, dtype=np.float64))
+
+    def probability_at(self, threshold: float) -> float:
+        """The probability a score must exceed to pass ``threshold``: ``match == probability > this``."""
+        return float(self.probability(threshold))
 
     def weights(self, visibility: float) -> dict[str, float]:
         """Effective weights on the standardised cosine and QAConv scores at a visibility."""
@@ -114,7 +143,11 @@ def _logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iterations: in
 
 
 def fit_calibration(cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray, same: np.ndarray) -> Calibration:
-    """Fit standardisation, fusion weights and preset thresholds on labelled pairs."""
+    """Fit standardisation, fusion weights and preset thresholds on labelled pairs.
+
+    The scores must come from the served path (:class:`model.embedder.Embedder`): thresholds are
+    quantiles of this very distribution.
+    """
     cos, qa, visibility = (np.asarray(a, dtype=np.float64) for a in (cos, qa, visibility))
     same = np.asarray(same, dtype=bool)
     if same.all() or not same.any():
@@ -137,19 +170,125 @@ def fit_calibration(cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray, sam
     return cal
 
 
-def export_check(cal: Calibration, full: dict[str, np.ndarray], rounded: dict[str, np.ndarray], dtype: str) -> dict[str, Any]:
-    """Fused-score drift and per-preset TAR/FAR on the same labelled pairs, full precision vs ``dtype``.
+def preset_rates(cal: Calibration, fused: np.ndarray, same: np.ndarray) -> dict[str, dict[str, float]]:
+    """TAR and FAR of the fused score at each preset threshold (accept when ``score > threshold``)."""
+    fused, same = np.asarray(fused, dtype=np.float64), np.asarray(same, dtype=bool)
+    out = {}
+    for name, far in PRESETS.items():
+        t = cal.thresholds[name]
+        out[name] = {
+            "far_target": far,
+            "threshold": float(t),
+            "tar": float((fused[same] > t).mean()),
+            "far": float((fused[~same] > t).mean()),
+            "genuine": int(same.sum()),
+            "impostor": int((~same).sum()),
+        }
+    return out
 
-    ``full`` and ``rounded`` are :func:`model.evaluate.validation_scores` of the model and of its
-    ``dtype``-rounded copy: what serving the exported file costs, in the units users see.
+
+def reliability(probability: np.ndarray, same: np.ndarray, bins: int = 10, prior: float = PRIOR) -> dict[str, Any]:
+    """Expected calibration error and the reliability table of ``probability`` under ``prior``.
+
+    Pairs are re-weighted so genuine pairs carry ``prior`` of the total weight and impostors the
+    rest, whatever their counts: the probability claims P(same) under that prior, so its truth
+    is measured under it. Bins are equal-width in probability; ECE is the weight-averaged
+    absolute gap between the mean probability and the genuine fraction of each bin.
     """
-    a = cal.score(full["cos"], full["qa"], full["visibility"])
-    b = cal.score(rounded["cos"], rounded["qa"], rounded["visibility"])
-    same = full["same"]
-    report: dict[str, Any] = {"dtype": dtype, "pairs": int(len(same)), "max_abs_fused_diff": float(np.abs(a - b).max())}
+    p, y = np.asarray(probability, dtype=np.float64), np.asarray(same, dtype=bool)
+    w = np.where(y, prior / max(y.sum(), 1), (1 - prior) / max((~y).sum(), 1))
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        m = which == b
+        weight = float(w[m].sum())
+        if weight == 0:
+            continue
+        conf = float((w[m] * p[m]).sum() / weight)
+        frac = float((w[m] * y[m]).sum() / weight)
+        ece += weight * abs(frac - conf)
+        table.append({"bin": [b / bins, (b + 1) / bins], "mean_probability": conf, "genuine_fraction": frac,
+                      "weight": weight, "pairs": int(m.sum())})
+    return {"ece": float(ece), "prior": prior, "bins": table, "pairs": int(len(p))}
+
+
+def cross_validated_reliability(
+    cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray, same: np.ndarray,
+    identity_a: np.ndarray, identity_b: np.ndarray, folds: int = 5, seed: int = 0,
+) -> dict[str, Any]:
+    """Reliability of probabilities on identities the fit never saw.
+
+    Identities are dealt into ``folds`` groups; for each, the calibration is fitted on pairs that
+    involve none of the group's identities and applied to pairs whose first face is in it. The
+    in-sample ECE flatters a fit; this one is what a new person's pair can expect.
+    """
+    ids = np.unique(np.r_[identity_a, identity_b])
+    group = dict(zip(ids.tolist(), np.random.default_rng([seed, 23]).permutation(len(ids)) % folds))
+    ga = np.array([group[i] for i in identity_a.tolist()])
+    gb = np.array([group[i] for i in identity_b.tolist()])
+    prob = np.full(len(same), np.nan)
+    for f in range(folds):
+        train = (ga != f) & (gb != f)
+        test = ga == f
+        if not test.any() or same[train].all() or not same[train].any():
+            continue  # too few identities for this fold (tiny sets): its pairs go unscored
+        cal = fit_calibration(cos[train], qa[train], visibility[train], same[train])
+        prob[test] = cal.probability(cal.score(cos[test], qa[test], visibility[test]))
+    keep = ~np.isnan(prob)
+    report = reliability(prob[keep], same[keep]) if keep.any() else {"ece": float("nan"), "bins": [], "pairs": 0, "prior": PRIOR}
+    report["folds"] = folds  # ECE is NaN when no fold had both kinds of pairs to fit on
+    return report
+
+
+def draw_reliability(reports: dict[str, dict[str, Any]], path: str | Path, size: tuple[int, int] = (560, 560)) -> None:
+    """Reliability diagram (genuine fraction against mean probability, one curve per report) as a PNG."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    left, top, right, bottom = 60, 40, w - 20, h - 60
+
+    def xy(px: float, py: float) -> tuple[float, float]:
+        return left + px * (right - left), bottom - py * (bottom - top)
+
+    d.rectangle((left, top, right, bottom), outline="black")
+    d.line((*xy(0, 0), *xy(1, 1)), fill=(160, 160, 160), width=1)
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x, y = xy(t, t)
+        d.line((x, bottom, x, bottom + 5), fill="black")
+        d.text((x - 10, bottom + 8), f"{t:.2f}", fill="black")
+        d.line((left - 5, y, left, y), fill="black")
+        d.text((left - 40, y - 6), f"{t:.2f}", fill="black")
+    d.text((w // 2 - 70, h - 30), "probability (bin mean)", fill="black")
+    d.text((left, 12), "genuine fraction under a 1:1 prior", fill="black")
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    for i, (label, rep) in enumerate(reports.items()):
+        colour = colours[i % len(colours)]
+        pts = [xy(b["mean_probability"], b["genuine_fraction"]) for b in rep["bins"]]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        for x, y in pts:
+            d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        d.text((left + 10, top + 10 + 14 * i), f"{label}: ECE {rep['ece']:.3f}", fill=colour)
+    img.save(path)
+
+
+def export_check(cal: Calibration, reference: dict[str, np.ndarray], served: dict[str, np.ndarray], served_as: dict[str, Any]) -> dict[str, Any]:
+    """Fused-score drift and per-preset TAR/FAR on the same labelled pairs, reference vs served.
+
+    ``reference`` is :func:`model.evaluate.validation_scores` of the fp32 weights computed in fp32;
+    ``served`` the same pairs through the served path (the exported weights' precision and the
+    service's autocast, ``served_as``). The calibration is fitted on ``served``; this says how far
+    the numbers would move on a device that serves at full precision.
+    """
+    a = cal.score(reference["cos"], reference["qa"], reference["visibility"])
+    b = cal.score(served["cos"], served["qa"], served["visibility"])
+    same = reference["same"]
+    report: dict[str, Any] = {"served_as": served_as, "pairs": int(len(same)), "max_abs_fused_diff": float(np.abs(a - b).max())}
     for name, t in cal.thresholds.items():
         report[name] = {
-            "tar_float32": float((a[same] >= t).mean()), f"tar_{dtype}": float((b[same] >= t).mean()),
-            "far_float32": float((a[~same] >= t).mean()), f"far_{dtype}": float((b[~same] >= t).mean()),
+            "tar_reference": float((a[same] > t).mean()), "tar_served": float((b[same] > t).mean()),
+            "far_reference": float((a[~same] > t).mean()), "far_served": float((b[~same] > t).mean()),
         }
     return report

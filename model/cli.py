@@ -85,40 +85,77 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from model.calibration import export_check, fit_calibration
+    from model.calibration import (
+        PRIOR,
+        cross_validated_reliability,
+        draw_reliability,
+        export_check,
+        fit_calibration,
+        preset_rates,
+        reliability,
+    )
     from model.checkpoint import load_checkpoint, save_checkpoint
-    from model.evaluate import validation_scores
-    from model.train import TrainConfig, load_training_data, split_by_identity
+    from model.embedder import Embedder
+    from model.evaluate import held_out_faces, validation_scores
 
     model, meta = load_checkpoint(args.weights)
-    cfg = TrainConfig.from_dict(meta["training"]["config"])
     root = Path(args.data_root)
-    caches = [p if Path(p).is_absolute() else str(root / Path(p).name) for p in cfg.train]
-    data = load_training_data(caches)
-    _, val_idx = split_by_identity(data.labels, cfg.val_fraction, cfg.seed)
-    if len(val_idx) == 0:
-        raise SystemExit("the weights were trained without a validation split: nothing to calibrate on")
+    try:
+        images, labels, landmarks = held_out_faces(meta["training"]["config"], root, args.holdout)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    if len(images) == 0:
+        raise SystemExit("the weights were trained without a validation split and no --holdout was given: nothing to calibrate on")
     occluders = args.occluders or (str(root / "occluders") if (root / "occluders").exists() else None)
-    scores = validation_scores(model, data.images[val_idx], data.labels[val_idx], data.landmarks[val_idx], occluders, seed=cfg.seed)
-    cal = fit_calibration(scores["cos"], scores["qa"], scores["visibility"], scores["same"])
-    meta["calibration"] = cal.to_dict()
-    meta["calibration"]["source"] = f"validation split: {len(np.unique(data.labels[val_idx]))} identities held out of training"
-    out = args.out or args.weights
     dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
-    if dtype is not None:
-        # the served weights are the rounded ones: measure what rounding costs on the same pairs
-        rounded = copy.deepcopy(model).to(dtype).float()
-        exported = validation_scores(rounded, data.images[val_idx], data.labels[val_idx], data.landmarks[val_idx], occluders, seed=cfg.seed)
-        meta["export_check"] = export_check(cal, scores, exported, args.dtype)
+    # the served weights are the written (rounded) ones, run as the service runs them
+    served_model = copy.deepcopy(model).to(dtype).float() if dtype is not None else model
+    served = Embedder(served_model, device=args.device, precision=args.precision)
+    seed = int(meta["training"]["config"].get("seed", 0))
+    pairs = {"seed": seed, "max_genuine": args.genuine_pairs, "max_impostor": args.impostor_pairs}
+    scores = validation_scores(served, images, labels, landmarks, occluders, **pairs)
+    cal = fit_calibration(scores["cos"], scores["qa"], scores["visibility"], scores["same"])
+    fused = cal.score(scores["cos"], scores["qa"], scores["visibility"])
+    in_sample = reliability(cal.probability(fused), scores["same"])
+    held_out = cross_validated_reliability(
+        scores["cos"], scores["qa"], scores["visibility"], scores["same"], scores["identity_a"], scores["identity_b"], seed=seed
+    )
+    n_ids = len(np.unique(labels))
+    meta["calibration"] = {
+        **cal.to_dict(),
+        "source": f"{n_ids} identities never trained on: the weights' validation split"
+        + (f" and {', '.join(Path(h).name for h in args.holdout)}" if args.holdout else ""),
+        "identities": n_ids,
+        "images": int(len(images)),
+        "holdout": [Path(h).name for h in args.holdout],
+        "pairs_sampled": pairs,
+        "embedding": served.describe(),
+        "prior": PRIOR,
+        "presets": preset_rates(cal, fused, scores["same"]),
+        "reliability": {"ece_in_sample": in_sample["ece"], "ece_cross_validated": held_out["ece"] if held_out["pairs"] else None, "folds": held_out["folds"],
+                        "bins": held_out["bins"]},
+    }
+    if args.plot:
+        draw_reliability({"in sample": in_sample, "cross-validated by identity": held_out}, args.plot)
+    if args.export_check:
+        reference = validation_scores(Embedder(model, device=args.device, precision="fp32"), images, labels, landmarks, occluders, **pairs)
+        meta["export_check"] = export_check(cal, reference, scores, {**served.describe(), "weights": args.dtype})
+    else:
+        meta.pop("export_check", None)
+    out = args.out or args.weights
     written = save_checkpoint(model, out, {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")}, dtype=dtype)
-    json.dump({"weights": str(out), "model_version": written["model_version"], "calibration": cal.to_dict()}, sys.stdout, indent=2)
+    summary = {"weights": str(out), "model_version": written["model_version"], "calibration": meta["calibration"]}
+    json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from model.calibration import Calibration
     from model.checkpoint import load_checkpoint
+    from model.embedder import FLIP_TEST, Embedder
     from model.evaluate import draw_roc, evaluate_lfw, markdown_report
 
     model, meta = load_checkpoint(args.weights)
@@ -129,13 +166,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         # the distillation teacher is also the peer: SFace on the same aligned crops, unflipped
         peer = SFaceTeacher(threads=2)
-    report = evaluate_lfw(model, args.lfw_cache, args.pairs, args.occluders, cal, peer=peer, precision=args.precision, flip=not args.no_flip)
+    embedder = Embedder(model, device=args.device, precision=args.precision, flip=FLIP_TEST if args.flip is None else args.flip)
+    report = evaluate_lfw(embedder, args.lfw_cache, args.pairs, args.occluders, cal, peer=peer)
     report["weights"] = {"file": str(args.weights), "model_version": meta["model_version"]}
     args.out.mkdir(parents=True, exist_ok=True)
     draw_roc(report, args.out / "roc.png")
     (args.out / "report.md").write_text(markdown_report(report))
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     (args.out / "report.json").write_text(json.dumps(public, indent=2))
+    if args.record:
+        from model.checkpoint import save_checkpoint
+
+        # the claims the model card makes, kept with the weights (the tensors, and so model_version, do not change)
+        meta["metrics"] = {"lfw": public, "command": "oaml " + " ".join(sys.argv[1:]) if sys.argv[1:] else "oaml eval"}
+        keep = {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")}
+        written = save_checkpoint(model, args.weights, keep, dtype=getattr(torch, meta.get("dtype", "float32")))
+        if written["model_version"] != meta["model_version"]:
+            raise SystemExit(f"recording metrics changed the tensors of {args.weights}: {meta['model_version']} -> {written['model_version']}")
     sys.stdout.write(markdown_report(report) + "\n")
     return 0
 
@@ -150,6 +197,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, workers=1)
     return 0
+
+
+def _add_embedding_options(p: argparse.ArgumentParser) -> None:
+    """Device and precision, with the service's defaults (OAML_DEVICE / OAML_PRECISION semantics)."""
+    p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu or cuda")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast precision; auto is the service's rule (fp16 on CUDA, bf16 on CPUs with bf16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,12 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", type=Path, default=None, help="start from OAML .safetensors or AdaFace .ckpt weights")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("calibrate", help="fit score fusion and preset thresholds on the weights' validation split")
+    p = sub.add_parser("calibrate", help="fit score fusion, preset thresholds and probabilities on identities held out of training")
     p.add_argument("weights", type=Path)
     p.add_argument("--data-root", type=Path, required=True, help="folder holding the aligned training caches")
+    p.add_argument("--holdout", action="append", default=[], help="another aligned cache of identities the weights never saw (repeatable)")
     p.add_argument("--occluders", default=None, help="occluder templates (default: <data-root>/occluders when present)")
     p.add_argument("--out", type=Path, default=None, help="output weights file (default: update in place)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="precision of the written weights")
+    _add_embedding_options(p)
+    p.add_argument("--genuine-pairs", type=int, default=30000, help="most genuine pairs sampled")
+    p.add_argument("--impostor-pairs", type=int, default=300000, help="most impostor pairs sampled")
+    p.add_argument("--plot", type=Path, default=None, help="write the reliability diagram (PNG) here")
+    p.add_argument("--export-check", action="store_true", help="also score the pairs at full precision and record the drift")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("eval", help="LFW 6000 pairs, clean and synthetically occluded, with an optional SFace peer row")
@@ -202,9 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=Path, required=True, help="LFW pairs.txt")
     p.add_argument("--occluders", type=Path, default=None, help="occluder templates; adds the mask and sunglasses protocols")
     p.add_argument("--peer", choices=["none", "sface"], default="none")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--no-flip", action="store_true", help="skip flip-test fusion (faster)")
+    _add_embedding_options(p)
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip-test fusion (default: as served; preset rows only hold on the served path)")
     p.add_argument("--out", type=Path, required=True, help="folder for report.json, report.md, roc.png")
+    p.add_argument("--record", action="store_true", help="also store the report in the weights' metadata (`metrics`; tensors unchanged)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("info", help="print the metadata of an OAML weights file")

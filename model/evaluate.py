@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from model.align import ARCFACE_TEMPLATE, load_image, to_input_tensor
-from model.calibration import DEFAULT_CALIBRATION, Calibration
+from model.align import ARCFACE_TEMPLATE, load_image
+from model.calibration import DEFAULT_CALIBRATION, Calibration, preset_rates, reliability
+from model.embedder import Embedder, Features, score_pairs
 from model.metrics import roc_curve, verification_report
-from model.net import OAMLNet
 from model.occlusion import (
     EVAL_MASKS,
     EVAL_SUNGLASSES,
@@ -42,9 +42,6 @@ from model.occlusion import (
 __all__ = [
     "LFWPair",
     "read_lfw_pairs",
-    "Embeddings",
-    "embed_crops",
-    "pair_qaconv",
     "evaluate_lfw",
     "validation_scores",
     "draw_roc",
@@ -83,34 +80,6 @@ def read_lfw_pairs(path: str | Path) -> list[LFWPair]:
     return pairs
 
 
-@dataclass
-class Embeddings:
-    embedding: torch.Tensor  # [N, 512], flip-fused
-    occlusion: torch.Tensor  # [N, 1, 7, 7]
-    feature_map: torch.Tensor  # [N, C, 7, 7]
-
-
-@torch.no_grad()
-def embed_crops(model: OAMLNet, crops: np.ndarray, batch_size: int = 32, flip: bool = True, precision: str = "fp32") -> Embeddings:
-    """Embeddings (flip-fused by adding norm-weighted vectors, as AdaFace evaluates), maps of the unflipped crop."""
-    model.eval()
-    device = next(model.parameters()).device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    embs, occs, maps = [], [], []
-    for start in range(0, len(crops), batch_size):
-        x = to_input_tensor(crops[start : start + batch_size]).to(device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model.forward_all(x)
-            vec = out.embedding * out.norm
-            if flip:
-                flipped = model.forward_all(torch.flip(x, dims=[3]))
-                vec = vec + flipped.embedding * flipped.norm
-        embs.append(torch.nn.functional.normalize(vec.float(), dim=1).cpu())
-        occs.append(out.occlusion.float().cpu())
-        maps.append(out.feature_map.float().cpu())
-    return Embeddings(torch.cat(embs), torch.cat(occs), torch.cat(maps))
-
-
 def _lfw_crops(cache_root: Path, keys: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Aligned crops, found flags and aligned landmarks for LFW keys from an ``oaml prepare`` cache.
 
@@ -138,31 +107,20 @@ def _occluders(root: Path) -> dict[str, Occluder]:
     }
 
 
-@torch.no_grad()
-def pair_qaconv(qa: Any, a: Embeddings, ia: np.ndarray, b: Embeddings, ib: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """QAConv scores of pairs ``(a[ia[k]], b[ib[k]])``, gathering maps a chunk at a time (bounded memory)."""
-    out = []
-    for start in range(0, len(ia), chunk):
-        sa, sb = ia[start : start + chunk], ib[start : start + chunk]
-        out.append(qa.match_pairs(a.feature_map[sa], b.feature_map[sb], a.occlusion[sa], b.occlusion[sb]).numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-
-
-def _pair_visibility(occ: torch.Tensor) -> np.ndarray:
-    return occ.reshape(len(occ), -1).mean(1).numpy()
-
-
 def evaluate_lfw(
-    model: OAMLNet,
+    embedder: Embedder,
     lfw_cache: str | Path,
     pairs_file: str | Path,
     occluder_root: str | Path | None = None,
     calibration: Calibration | None = None,
     peer: Any | None = None,
-    precision: str = "fp32",
-    flip: bool = True,
 ) -> dict[str, Any]:
-    """Run the clean and (when ``occluder_root`` is given) mask and sunglasses protocols."""
+    """Run the clean and (when ``occluder_root`` is given) mask and sunglasses protocols.
+
+    Faces are embedded by ``embedder`` (the served path: see :mod:`model.embedder`). With a fitted
+    calibration, each protocol also reports the fused score's TAR and FAR at the shipped preset
+    thresholds: what a user of ``/verify`` gets at each preset on LFW.
+    """
     cal = calibration or DEFAULT_CALIBRATION
     pairs = read_lfw_pairs(pairs_file)
     keys = sorted({p.a for p in pairs} | {p.b for p in pairs})
@@ -174,31 +132,37 @@ def evaluate_lfw(
     folds = np.array([p.fold for p in pairs])
     ia = np.array([pos[p.a] for p in pairs])
     ib = np.array([pos[p.b] for p in pairs])
-    clean = embed_crops(model, crops, flip=flip, precision=precision)
+    clean = embedder(crops)
     peer_clean = peer.embed(crops) if peer is not None else None
-    qa = model.qaconv.eval()
-    report: dict[str, Any] = {"images": len(keys), "missing_faces": int((~found).sum()), "protocols": {}}
+    qa = embedder.model.qaconv
+    report: dict[str, Any] = {
+        "images": len(keys),
+        "missing_faces": int((~found).sum()),
+        "embedding": embedder.describe(),
+        "protocols": {},
+    }
 
-    def rows(emb_b: Embeddings, b_index: np.ndarray, peer_b: np.ndarray | None) -> dict[str, Any]:
-        cos = (clean.embedding[ia] * emb_b.embedding[b_index]).sum(1).numpy()
-        qas = pair_qaconv(qa, clean, ia, emb_b, b_index)
-        vis = np.minimum(_pair_visibility(clean.occlusion[ia]), _pair_visibility(emb_b.occlusion[b_index]))
-        fused = cal.score(cos, qas, vis)
+    def rows(emb_b: Features, b_index: np.ndarray, peer_b: np.ndarray | None) -> dict[str, Any]:
+        s = score_pairs(qa, clean, emb_b, ia, b_index)
+        fused = cal.score(s.cos, s.qa, s.visibility)
         valid = found[ia] & found[b_index]
         # a pair whose face was not found counts as a rejection (lowest score), as the protocol requires
-        out = {}
-        for name, s in (("adaface", cos), ("qaconv", qas), ("fused", fused)):
-            s = np.where(valid, s, -np.inf if name != "fused" else -1e9)
-            out[name] = verification_report(np.nan_to_num(s, neginf=-1e9), same, folds)
+        out: dict[str, Any] = {}
+        for name, v in (("adaface", s.cos), ("qaconv", s.qa), ("fused", fused)):
+            out[name] = verification_report(np.where(valid, v, -1e9), same, folds)
         if peer_b is not None and peer_clean is not None:
             sp = (peer_clean[ia] * peer_b[b_index]).sum(1)
             out["sface_peer"] = verification_report(np.where(valid, sp, -1e9), same, folds)
-        out["_scores"] = {"adaface": cos, "qaconv": qas, "fused": fused}
+        if cal.fitted:
+            out["presets"] = preset_rates(cal, np.where(valid, fused, -np.inf), same)
+            # out of the calibration's domain: how true `probability` stays on LFW (1:1 pairs)
+            out["probability_ece"] = reliability(cal.probability(fused[valid]), same[valid])["ece"]
+        out["_scores"] = {"adaface": s.cos, "qaconv": s.qa, "fused": fused}
         return out
 
     clean_rows = rows(clean, ib, peer_clean)
     report["protocols"]["clean"] = {k: v for k, v in clean_rows.items() if k != "_scores"}
-    report["protocols"]["clean"]["mean_visibility"] = float(clean.occlusion[found].mean())
+    report["protocols"]["clean"]["mean_visibility"] = float(clean.occlusion[torch.from_numpy(found)].mean())
     scores = {"clean": clean_rows["_scores"]}
 
     if occluder_root is not None:
@@ -208,10 +172,10 @@ def evaluate_lfw(
             for n, b in enumerate(ib):
                 img, visible = occluder(crops[b], landmarks[b], np.random.default_rng([2026, n, len(name)]))
                 occluded[n], grids[n] = img, visibility_grid(visible)
-            emb_b = embed_crops(model, occluded, flip=flip, precision=precision)
+            emb_b = embedder(occluded)
             peer_b = peer.embed(occluded) if peer is not None else None
             r = rows(emb_b, np.arange(len(pairs)), peer_b)
-            pred = emb_b.occlusion[:, 0].numpy()
+            pred = emb_b.occlusion.numpy()
             hidden = grids < 0.5
             r["mean_visibility"] = float(pred.mean())
             r["mean_visibility_occluded_cells"] = float(pred[hidden].mean()) if hidden.any() else float("nan")
@@ -264,6 +228,9 @@ def draw_roc(report: dict[str, Any], path: str | Path, size: tuple[int, int] = (
 def markdown_report(report: dict[str, Any]) -> str:
     """The report's tables as Markdown."""
     lines = []
+    emb = report.get("embedding")
+    if emb:
+        lines += [f"Embedding path: {emb['device']}, {emb['precision']}, flip test {'on' if emb['flip'] else 'off'}.", ""]
     for protocol, rows in report["protocols"].items():
         lines += [f"#### LFW, {protocol}", "", "| matcher | accuracy | AUC | TAR@FAR=1e-2 | TAR@FAR=1e-3 |", "|---|---|---|---|---|"]
         for name in ("adaface", "qaconv", "fused", "sface_peer"):
@@ -272,6 +239,11 @@ def markdown_report(report: dict[str, Any]) -> str:
                 lines.append(
                     f"| {name} | {100 * r['accuracy']:.2f}% +- {100 * r['accuracy_std']:.2f} | {r['auc']:.4f} | {r['tar_far_1e-2']:.4f} | {r['tar_far_1e-3']:.4f} |"
                 )
+        if "presets" in rows:
+            lines += ["", "| preset (FAR on calibration pairs) | threshold | TAR on LFW | FAR on LFW |", "|---|---|---|---|"]
+            for name, p in rows["presets"].items():
+                lines.append(f"| {name} ({p['far_target']:g}) | {p['threshold']:.3f} | {p['tar']:.4f} | {p['far']:.4f} ({round(p['far'] * p['impostor'])} of {p['impostor']}) |")
+            lines += ["", f"Probability: expected calibration error on these pairs {rows['probability_ece']:.3f}."]
         vis = [f"mean visibility {rows['mean_visibility']:.3f}"]
         if "mean_visibility_occluded_cells" in rows:
             vis.append(
@@ -282,8 +254,49 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class PairSample:
+    """Pairs of held-out faces for calibration: indices into ``[clean images, occluded copies]``."""
+
+    ia: np.ndarray
+    ib: np.ndarray
+    same: np.ndarray
+    occluded: np.ndarray  # the second face is the occluded copy
+    identity_a: np.ndarray
+    identity_b: np.ndarray
+
+
+def held_out_views(images: np.ndarray, landmarks: np.ndarray, occluder_root: str | Path | None, seed: int = 0) -> np.ndarray:
+    """``[2n, 112, 112, 3]``: the clean images, then one occluded copy of each (training-family occluders, seeded)."""
+    from model.occlusion import OcclusionAugmenter
+
+    occluder = OcclusionAugmenter.from_folder(occluder_root, probability=1.0)
+    occluded = [occluder.occlude(img, lm, np.random.default_rng([seed, 19, i]))[0] for i, (img, lm) in enumerate(zip(images, landmarks))]
+    return np.concatenate([images, np.stack(occluded)]) if occluded else images
+
+
+def sample_pairs(labels: np.ndarray, seed: int = 0, max_genuine: int = 20000, max_impostor: int = 40000) -> PairSample:
+    """Genuine pairs (random subset of all ordered same-identity pairs) and random impostor pairs.
+
+    Half of the pairs, at random, take the occluded copy of their second face.
+    """
+    rng = np.random.default_rng([seed, 17])
+    n = len(labels)
+    same_label = labels[:, None] == labels[None, :]
+    np.fill_diagonal(same_label, False)
+    genuine = np.argwhere(same_label)
+    genuine = genuine[rng.permutation(len(genuine))[:max_genuine]]
+    a, b = rng.integers(0, n, (2, max_impostor * 2))
+    keep = labels[a] != labels[b]
+    impostor = np.stack([a[keep], b[keep]], 1)[:max_impostor]
+    pairs = np.concatenate([genuine, impostor])
+    same = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostor), bool)]
+    occluded = rng.random(len(pairs)) < 0.5
+    return PairSample(pairs[:, 0], pairs[:, 1] + n * occluded, same, occluded, labels[pairs[:, 0]], labels[pairs[:, 1]])
+
+
 def validation_scores(
-    model: OAMLNet,
+    embedder: Embedder,
     images: np.ndarray,
     labels: np.ndarray,
     landmarks: np.ndarray,
@@ -291,33 +304,42 @@ def validation_scores(
     seed: int = 0,
     max_genuine: int = 20000,
     max_impostor: int = 40000,
-    precision: str = "fp32",
 ) -> dict[str, np.ndarray]:
-    """Cosine, QAConv, pair visibility and labels on held-out identities, for calibration.
+    """Cosine, QAConv, pair visibility, labels and identities of pairs of held-out faces, for calibration.
 
-    Every image is embedded clean and once occluded (a training-family occluder, seeded); half of
-    the pairs compare clean with clean, half clean with occluded.
+    Every image is embedded clean and once occluded; half of the pairs compare clean with clean,
+    half clean with occluded (:func:`sample_pairs`). ``identity_a``/``identity_b`` let a caller
+    split the pairs by identity (cross-validated calibration checks).
     """
-    from model.occlusion import OcclusionAugmenter
+    views = embedder(held_out_views(images, landmarks, occluder_root, seed))
+    pairs = sample_pairs(labels, seed, max_genuine, max_impostor)
+    s = score_pairs(embedder.model.qaconv, views, views, pairs.ia, pairs.ib)
+    return {
+        "cos": s.cos, "qa": s.qa, "visibility": s.visibility, "same": pairs.same, "occluded": pairs.occluded,
+        "identity_a": pairs.identity_a, "identity_b": pairs.identity_b,
+    }
 
-    rng = np.random.default_rng([seed, 17])
-    occluder = OcclusionAugmenter.from_folder(occluder_root, probability=1.0)
-    occluded = np.stack([occluder.occlude(img, lm, np.random.default_rng([seed, 19, i]))[0] for i, (img, lm) in enumerate(zip(images, landmarks))])
-    clean = embed_crops(model, images, precision=precision)
-    occl = embed_crops(model, occluded, precision=precision)
-    n = len(labels)
-    genuine = np.array([(i, j) for i in range(n) for j in range(n) if i != j and labels[i] == labels[j]])
-    genuine = genuine[rng.permutation(len(genuine))[:max_genuine]]
-    a, b = rng.integers(0, n, (2, max_impostor * 2))
-    keep = labels[a] != labels[b]
-    impostor = np.stack([a[keep], b[keep]], 1)[:max_impostor]
-    pairs = np.concatenate([genuine, impostor])
-    same = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostor), bool)]
-    use_occluded = rng.random(len(pairs)) < 0.5
-    # one table holding both versions: index i is clean image i, index n + i its occluded copy
-    both = Embeddings(*(torch.cat([getattr(clean, f), getattr(occl, f)]) for f in ("embedding", "occlusion", "feature_map")))
-    ia, ib = pairs[:, 0], pairs[:, 1] + n * use_occluded
-    cos = (both.embedding[ia] * both.embedding[ib]).sum(1).numpy()
-    qa = pair_qaconv(model.qaconv.eval(), both, ia, both, ib)
-    vis = np.minimum(_pair_visibility(both.occlusion[ia]), _pair_visibility(both.occlusion[ib]))
-    return {"cos": cos, "qa": qa, "visibility": vis, "same": same, "occluded": use_occluded}
+
+def held_out_faces(training_config: dict[str, Any], data_root: str | Path, holdout: list[str | Path] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, landmarks) of identities a model never trained on.
+
+    The weights' own validation split (rebuilt from their training config and the caches under
+    ``data_root``) plus every ``holdout`` cache; a holdout cache the weights trained on is refused.
+    Labels are distinct across sets.
+    """
+    from model.train import TrainConfig, load_training_data, split_by_identity
+
+    cfg = TrainConfig.from_dict(training_config)
+    root = Path(data_root)
+    data = load_training_data([p if Path(p).is_absolute() else str(root / Path(p).name) for p in cfg.train])
+    _, val_idx = split_by_identity(data.labels, cfg.val_fraction, cfg.seed)
+    images, labels, landmarks = data.images[val_idx], data.labels[val_idx], data.landmarks[val_idx]
+    trained_on = {Path(p).name for p in cfg.train}
+    for extra in holdout:
+        if Path(extra).name in trained_on:
+            raise ValueError(f"holdout {extra}: the weights were trained on {Path(extra).name!r}; calibration needs unseen identities")
+        more = load_training_data([extra])
+        images = np.concatenate([images, more.images])
+        labels = np.concatenate([labels, more.labels + int(labels.max(initial=-1)) + 1])  # never merges with another set
+        landmarks = np.concatenate([landmarks, more.landmarks])
+    return images, labels, landmarks

@@ -46,6 +46,7 @@ from torch import nn
 from model.align import to_input_tensor
 from model.augment import AugmentConfig, FaceAugmenter
 from model.checkpoint import import_adaface_ckpt, load_checkpoint, save_checkpoint
+from model.embedder import Embedder, score_pairs
 from model.face import AlignedCache
 from model.head import build_head
 from model.losses import (
@@ -56,7 +57,6 @@ from model.losses import (
     relation_distillation_loss,
     triplet_ranking_loss,
 )
-from model.evaluate import embed_crops, pair_qaconv
 from model.metrics import accuracy, best_threshold
 from model.net import OAMLNet, build_model
 from model.occlusion import OcclusionAugmenter, visibility_grid
@@ -444,13 +444,15 @@ class Trainer:
         if len(self.val_idx) == 0:
             return {"score": float("nan")}
         val = self._val_set()
-        clean = embed_crops(self.model, self.data.images[self.val_idx], batch_size=64, flip=False, precision=self.precision)
-        occl = embed_crops(self.model, val["occluded"], batch_size=64, flip=False, precision=self.precision)
+        # the served path (precision, no flip): validation numbers are what the service would see
+        embed = Embedder(self.model, device=self.device, batch_size=64)
+        clean = embed(self.data.images[self.val_idx])
+        occl = embed(val["occluded"])
         a, b = val["pairs"][:, 0], val["pairs"][:, 1]
         same = val["same"]
         cos_clean = (clean.embedding[a] * clean.embedding[b]).sum(1).numpy()
-        cos_occ = (clean.embedding[a] * occl.embedding[b]).sum(1).numpy()
-        qa_occ = pair_qaconv(self.model.qaconv.eval(), clean, a, occl, b)
+        occluded = score_pairs(self.model.qaconv, clean, occl, a, b)
+        cos_occ, qa_occ = occluded.cos, occluded.qa
         result = {
             "acc_cos_clean": accuracy(cos_clean, same, best_threshold(cos_clean, same)),
             "acc_cos_occluded": accuracy(cos_occ, same, best_threshold(cos_occ, same)),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -23,14 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.align import AlignedFace, FaceDetector, FacePipeline, FaceSelection, decode_image, to_input_tensor
+from model.align import AlignedFace, FaceDetector, FacePipeline, FaceSelection, decode_image
 from model.calibration import DEFAULT_CALIBRATION, Calibration
 from model.checkpoint import load_checkpoint
+from model.embedder import Embedder, Features, score_pairs
 from model.errors import OAMLError
 from model.net import OAMLNet
 from service.config import Settings
 
-__all__ = ["FaceFeatures", "Overloaded", "Engine", "BatchStats", "select_device", "select_precision"]
+__all__ = ["FaceFeatures", "Overloaded", "Engine", "BatchStats"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,30 +56,9 @@ class FaceFeatures:
     def visibility(self) -> float:
         return float(self.occlusion.mean())
 
-
-def select_device(setting: str) -> torch.device:
-    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def select_precision(setting: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype (``None`` = fp32). ``auto``: fp16 on CUDA, bf16 on CPUs with native bf16."""
-    if setting == "fp32":
-        return None
-    if setting in ("bf16", "fp16"):
-        return torch.bfloat16 if setting == "bf16" else torch.float16
-    if device.type == "cuda":
-        return torch.float16
-    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else None
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    def batch(self) -> Features:
+        """This face as a one-face :class:`Features` batch."""
+        return Features(self.embedding[None], torch.tensor([self.norm]), self.occlusion[None], self.feature_map[None])
 
 
 @dataclass
@@ -117,16 +98,16 @@ class Engine:
 
     def __init__(self, settings: Settings, model: OAMLNet | None = None, metadata: dict[str, Any] | None = None) -> None:
         self.settings = settings
-        self.device = select_device(settings.device)
         torch.set_num_threads(settings.torch_threads)
         if model is None:
-            model, metadata = load_checkpoint(settings.weights, device=self.device)
-        self.model = model.to(self.device).eval()
-        if self.device.type == "cpu":
-            self.model = self.model.to(memory_format=torch.channels_last)
+            model, metadata = load_checkpoint(settings.weights)
+        # the same embedding path as `oaml calibrate` and `oaml eval`: the thresholds hold for it
+        self.embedder = Embedder(model, device=settings.device, precision=settings.precision, batch_size=settings.max_batch)
+        self.model = self.embedder.model.eval()
+        self.device = self.embedder.device
+        self.autocast = self.embedder.autocast
         self.metadata = metadata or {}
         self.model_version: str = self.metadata.get("model_version", "unversioned")
-        self.autocast = select_precision(settings.precision, self.device)
         cal = self.metadata.get("calibration")
         self.calibration = Calibration.from_dict(cal) if cal else DEFAULT_CALIBRATION
         quality = self.metadata.get("quality") or {}
@@ -248,18 +229,9 @@ class Engine:
                 self._pending -= len(job.crops)
             job.loop.call_soon_threadsafe(_resolve, job.future, part, error)
 
-    @torch.inference_mode()
     def _forward(self, crops: np.ndarray) -> list[FaceFeatures]:
-        x = to_input_tensor(crops).to(self.device)
-        if self.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            out = self.model.forward_all(x)
-        emb = out.embedding.float().cpu()
-        norm = out.norm.float().cpu()
-        occ = out.occlusion.float().cpu()
-        fmap = out.feature_map.float().cpu()
-        return [FaceFeatures(emb[i], float(norm[i]), occ[i, 0], fmap[i]) for i in range(len(crops))]
+        f = self.embedder.forward(crops)
+        return [FaceFeatures(f.embedding[i], float(f.norm[i]), f.occlusion[i], f.feature_map[i]) for i in range(len(crops))]
 
     # -- scoring -----------------------------------------------------------------------------
 
@@ -267,29 +239,34 @@ class Engine:
         """Standardised AdaFace norm: how far above or below a typical training face."""
         return (norm - self.norm_mean) / max(self.norm_std, 1e-6)
 
+    def score(self, a: Features, b: Features, ia: np.ndarray | None = None, ib: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Component scores, fused score and probability of pairs ``(a[ia[k]], b[ib[k]])``: the calibrated path."""
+        s = score_pairs(self.model.qaconv, a, b, ia, ib)
+        fused = self.calibration.score(s.cos, s.qa, s.visibility)
+        return {"adaface": s.cos, "qaconv": s.qa, "visibility": s.visibility, "fused": fused, "probability": self.calibration.probability(fused)}
+
     def pair_scores(self, a: FaceFeatures, b: FaceFeatures) -> dict[str, float]:
-        """Cosine, occlusion-weighted QAConv, fused score and probability for one pair."""
-        cos = float(a.embedding @ b.embedding)
-        with torch.inference_mode():
-            qa = float(
-                self.model.qaconv.match_pairs(
-                    a.feature_map[None].to(self.device), b.feature_map[None].to(self.device),
-                    a.occlusion[None, None].to(self.device), b.occlusion[None, None].to(self.device),
-                )[0]
-            )
-        vis = min(a.visibility, b.visibility)
-        fused = float(self.calibration.score(np.array([cos]), np.array([qa]), np.array([vis]))[0])
-        return {"adaface": cos, "qaconv": qa, "fused": fused, "probability": float(self.calibration.probability(np.array([fused]))[0]), "visibility": vis}
+        """:meth:`score` of one pair, as plain floats."""
+        return {k: float(v[0]) for k, v in self.score(a.batch(), b.batch()).items()}
+
+    def preset_lfw(self, name: str) -> dict[str, float | None]:
+        """TAR and FAR of a preset on LFW clean pairs as `oaml eval --record` stored them (None if absent)."""
+        metrics = (self.metadata.get("metrics") or {}).get("lfw") or {}
+        row = ((metrics.get("protocols") or {}).get("clean") or {}).get("presets", {}).get(name) or {}
+        return {"lfw_tar": row.get("tar"), "lfw_far": row.get("far")}
 
     def resolve_threshold(self, value: str | float | None) -> tuple[float, str | None]:
-        """(fused-score threshold, preset name or None) for a preset name or a number."""
+        """(fused-score threshold, preset name or None) for a preset name or a finite number."""
         value = self.settings.default_threshold if value is None or value == "" else value
         if isinstance(value, str) and value in self.calibration.thresholds:
             return float(self.calibration.thresholds[value]), value
         try:
-            return float(value), None
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"threshold must be a number or one of {sorted(self.calibration.thresholds)}, got {value!r}") from exc
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise ValueError(f"threshold must be a finite number or one of {sorted(self.calibration.thresholds)}, got {value!r}")
+        return number, None
 
 
 def _resolve(future: asyncio.Future[list[FaceFeatures]], result: list[FaceFeatures], error: BaseException | None) -> None:

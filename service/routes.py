@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from PIL import Image
 
 from model.align import FaceSelection
-from model.calibration import PRESETS
+from model.calibration import PRESETS, PRIOR
 from model.errors import OAMLError
 from service.engine import FaceFeatures
 from service.errors import ApiError
@@ -189,7 +189,10 @@ async def info(state: StateDep) -> InfoResponse:
         device=str(engine.device),
         precision=str(engine.autocast).removeprefix("torch.") if engine.autocast else "float32",
         calibration="fitted on held-out identities" if cal.fitted else "default (uncalibrated)",
-        presets={name: PresetInfo(far=far, threshold=round(cal.thresholds[name], 5)) for name, far in PRESETS.items()},
+        presets={name: PresetInfo(far=far, threshold=round(cal.thresholds[name], 5), probability=round(cal.probability_at(cal.thresholds[name]), 5),
+                                  **engine.preset_lfw(name)) for name, far in PRESETS.items()},
+        probability_prior=PRIOR,
+        flip_test=engine.embedder.flip,
         default_threshold=state.settings.default_threshold,
         gallery_subjects=len(state.names),
         gallery_faces=len(state.index),
@@ -222,12 +225,14 @@ async def verify(
     )
     fa, fb = await state.engine.embed(np.stack([crop_a, crop_b]))
     s = await state.engine.run_cpu(state.engine.pair_scores, fa, fb)
-    weights = state.engine.calibration.weights(s["visibility"])
+    cal = state.engine.calibration
+    weights = cal.weights(s["visibility"])
     return VerifyResponse(
         match=s["fused"] > thr,
         score=round(s["fused"], 5),
         probability=round(s["probability"], 5),
         threshold=round(thr, 5),
+        threshold_probability=round(cal.probability_at(thr), 5),
         threshold_preset=preset,
         scores=ScoreBreakdown(adaface=round(s["adaface"], 5), qaconv=round(s["qaconv"], 5), weights={k: round(v, 4) for k, v in weights.items()}),
         face_a=face_info(state, fa, det_a),
@@ -417,7 +422,8 @@ async def identify(
     timings["matching"] = round(1000 * (time.perf_counter() - t0), 3)
     return IdentifyResponse(
         match=candidates[0] if candidates and candidates[0].match else None,
-        candidates=candidates, threshold=round(thr, 5), threshold_preset=preset, face=face_info(state, feats, det),
+        candidates=candidates, threshold=round(thr, 5), threshold_probability=round(cal.probability_at(thr), 5),
+        threshold_preset=preset, face=face_info(state, feats, det),
         gallery_faces=len(state.index), timings_ms=timings, model_version=state.engine.model_version,
     )
 

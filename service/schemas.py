@@ -47,12 +47,24 @@ class ScoreBreakdown(BaseModel):
     weights: dict[str, float] = Field(description="effective fusion weights on the standardised scores at this pair's visibility")
 
 
+PROBABILITY_DOC = (
+    "P(same person | this pair's scores) for a pair drawn with a 1:1 prior (half of all compared pairs genuine), "
+    "calibrated on identities held out of training. It describes the pair, not the decision: the presets demand "
+    "much more evidence than 0.5 (see threshold_probability). Strictly increasing in score."
+)
+THRESHOLD_PROBABILITY_DOC = (
+    "the probability a pair must exceed to match at this threshold: match == (probability > threshold_probability), "
+    "up to rounding. A FAR preset sits far above 0.5 because it limits false accepts, not errors overall."
+)
+
+
 class VerifyResponse(BaseModel):
-    match: bool
-    score: float = Field(description="fused score (a logit)")
-    probability: float = Field(description="calibrated probability of the same person")
-    threshold: float
-    threshold_preset: str | None
+    match: bool = Field(description="score > threshold")
+    score: float = Field(description="fused score: a logit, log-odds of the same person under the 1:1 prior")
+    probability: float = Field(description=PROBABILITY_DOC)
+    threshold: float = Field(description="fused-score threshold applied (a preset's, or the number given)")
+    threshold_probability: float = Field(description=THRESHOLD_PROBABILITY_DOC)
+    threshold_preset: str | None = Field(description="preset name when the threshold is a preset, else null")
     scores: ScoreBreakdown
     face_a: FaceInfo
     face_b: FaceInfo
@@ -121,17 +133,18 @@ class Candidate(BaseModel):
     subject: str
     name: str | None
     face_id: str = Field(description="the subject's best-matching enrolled face")
-    score: float
-    probability: float
+    score: float = Field(description="fused score (log-odds under the 1:1 prior)")
+    probability: float = Field(description=PROBABILITY_DOC)
     adaface: float
     qaconv: float
-    match: bool
+    match: bool = Field(description="score > threshold")
 
 
 class IdentifyResponse(BaseModel):
     match: Candidate | None = Field(description="best subject above the threshold, or null (unknown person)")
     candidates: list[Candidate]
     threshold: float
+    threshold_probability: float = Field(description=THRESHOLD_PROBABILITY_DOC)
     threshold_preset: str | None
     face: FaceInfo
     gallery_faces: int
@@ -140,8 +153,11 @@ class IdentifyResponse(BaseModel):
 
 
 class PresetInfo(BaseModel):
-    far: float
-    threshold: float
+    far: float = Field(description="false-accept rate of the preset on the calibration impostor pairs")
+    threshold: float = Field(description="fused-score threshold")
+    probability: float = Field(description="the probability a pair must exceed to match at this preset")
+    lfw_tar: float | None = Field(None, description="true-accept rate at this preset on the 3,000 genuine LFW pairs (oaml eval; null if not recorded)")
+    lfw_far: float | None = Field(None, description="false-accept rate at this preset on the 3,000 impostor LFW pairs (oaml eval; null if not recorded)")
 
 
 class InfoResponse(BaseModel):
@@ -151,6 +167,8 @@ class InfoResponse(BaseModel):
     precision: str
     calibration: str
     presets: dict[str, PresetInfo]
+    probability_prior: float = Field(description="P(same person) under which `probability` is calibrated")
+    flip_test: bool = Field(description="whether each face is embedded with its mirror image as well")
     default_threshold: str
     gallery_subjects: int
     gallery_faces: int

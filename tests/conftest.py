@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from model.align import FaceDetector, FacePipeline
 from model.net import OAMLNet, build_model
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: Aligned caches made by `make prepare-data` (the Makefile's DATA folder).
+PREPARED_DATA = Path(os.environ.get("OAML_PREPARED_DATA", Path(__file__).resolve().parents[2] / "oaml_data"))
 
 torch.set_num_threads(2)
 
@@ -54,3 +57,16 @@ def encode(image: Image.Image | np.ndarray, fmt: str = "PNG", **kwargs: object) 
     buf = io.BytesIO()
     image.save(buf, format=fmt, **kwargs)
     return buf.getvalue()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", default=False, help="run tests marked slow (make test-slow)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow") or os.environ.get("OAML_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow, opt-in: run with `make test-slow` (pytest --run-slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.calibration import DEFAULT_CALIBRATION, PRESETS, Calibration, fit_calibration
+from model.calibration import (
+    DEFAULT_CALIBRATION,
+    PRESETS,
+    Calibration,
+    cross_validated_reliability,
+    draw_reliability,
+    fit_calibration,
+    preset_rates,
+    reliability,
+)
 from model.metrics import (
     auc,
     best_threshold,
@@ -97,3 +106,55 @@ class TestCalibration:
     def test_needs_both_kinds_of_pairs(self) -> None:
         with pytest.raises(ValueError):
             fit_calibration(np.ones(3), np.ones(3), np.ones(3), np.ones(3, dtype=bool))
+
+
+class TestProbability:
+    def gaussian_pairs(self, genuine: int, impostor: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Scores ~ N(+1, 1) for genuine and N(-1, 1) for impostor pairs: the exact log-odds at a 1:1 prior is 2x."""
+        rng = np.random.default_rng(seed)
+        x = np.r_[rng.normal(1, 1, genuine), rng.normal(-1, 1, impostor)]
+        same = np.r_[np.ones(genuine, bool), np.zeros(impostor, bool)]
+        return x, 2 * x, same
+
+    def test_a_true_probability_has_small_error_whatever_the_pair_counts(self) -> None:
+        x, logit, same = self.gaussian_pairs(5000, 50000)  # 1:10, but the probability is stated for 1:1
+        p = 1 / (1 + np.exp(-logit))
+        report = reliability(p, same)
+        assert report["ece"] < 0.02 and report["prior"] == 0.5
+        assert sum(b["weight"] for b in report["bins"]) == pytest.approx(1.0)
+        # counting pairs instead of weighting them to the prior would call it badly calibrated
+        unweighted = np.abs(np.mean(p[p > 0.5]) - np.mean(same[p > 0.5]))
+        assert unweighted > 0.1
+
+    def test_an_overconfident_probability_has_a_large_error(self) -> None:
+        x, logit, same = self.gaussian_pairs(20000, 20000)
+        assert reliability(1 / (1 + np.exp(-4 * logit)), same)["ece"] > 0.05
+
+    def test_probability_and_threshold_share_one_scale(self) -> None:
+        cal = fit_calibration(*TestCalibration().make_pairs(4000))
+        scores = np.random.default_rng(1).normal(0, 5, 1000)
+        for t in list(cal.thresholds.values()) + [0.0, -3.5]:
+            assert np.array_equal(scores > t, cal.probability(scores) > cal.probability_at(t))
+        assert cal.probability_at(cal.thresholds["strict"]) > cal.probability_at(cal.thresholds["lenient"]) > 0.5
+
+    def test_logistic_fusion_is_calibrated_on_identities_it_never_saw(self, tmp_path: pytest.TempPathFactory) -> None:
+        cos, qa, vis, same = TestCalibration().make_pairs(20000)
+        rng = np.random.default_rng(5)
+        ida = rng.integers(0, 200, len(same))
+        idb = np.where(same, ida, rng.integers(0, 200, len(same)))
+        report = cross_validated_reliability(cos, qa, vis, same, ida, idb, folds=4)
+        assert report["ece"] < 0.03 and report["folds"] == 4 and report["pairs"] > 0.5 * len(same)
+        draw_reliability({"cross-validated": report}, tmp_path / "r.png")
+        from PIL import Image
+
+        assert Image.open(tmp_path / "r.png").size == (560, 560)
+
+    def test_preset_rates_count_accepts_above_each_threshold(self) -> None:
+        cos, qa, vis, same = TestCalibration().make_pairs(30000)
+        cal = fit_calibration(cos, qa, vis, same)
+        fused = cal.score(cos, qa, vis)
+        rates = preset_rates(cal, fused, same)
+        for name, far in PRESETS.items():
+            assert rates[name]["far"] <= far and rates[name]["far_target"] == far
+            assert rates[name]["tar"] == pytest.approx((fused[same] > cal.thresholds[name]).mean())
+        assert rates["lenient"]["tar"] >= rates["balanced"]["tar"] >= rates["strict"]["tar"]

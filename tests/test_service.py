@@ -104,6 +104,8 @@ class TestVerify:
         assert body["threshold_preset"] == "balanced"
         assert set(body["scores"]) == {"adaface", "qaconv", "weights"}
         assert body["match"] == (body["score"] > body["threshold"])
+        # one scale for the decision: the probability passes the threshold's probability exactly when the score does
+        assert body["match"] == (body["probability"] > body["threshold_probability"])
         for side in ("face_a", "face_b"):
             face = body[side]
             assert len(face["landmarks"]) == 5 and len(face["box"]) == 4
@@ -124,10 +126,17 @@ class TestVerify:
         low = client.post("/verify", files=f, data={"threshold": "-1000"}).json()
         high = client.post("/verify", files=f, data={"threshold": "1000"}).json()
         assert low["match"] is True and high["match"] is False and low["threshold_preset"] is None
+        assert low["threshold_probability"] == pytest.approx(0.0) and high["threshold_probability"] == pytest.approx(1.0)
+        assert low["probability"] > low["threshold_probability"] and high["probability"] <= high["threshold_probability"]
+        for bad in ("nan", "inf", "-inf", "1e309", "-Infinity"):  # a non-finite threshold would make every answer the same
+            body = assert_problem(client.post("/verify", files=f, data={"threshold": bad}), 422, "VALIDATION_ERROR")
+            assert body["field"] == "threshold"
         info = client.get("/info").json()
         strict = client.post("/verify", files=f, data={"threshold": "strict"}).json()
         assert strict["threshold"] == pytest.approx(info["presets"]["strict"]["threshold"])
         assert info["presets"]["strict"]["far"] == 1e-4
+        assert info["probability_prior"] == 0.5 and info["flip_test"] is False
+        assert info["presets"]["strict"]["probability"] > info["presets"]["balanced"]["probability"] > info["presets"]["lenient"]["probability"]
 
     def test_tight_crops_and_aligned_input(self, client: TestClient, photos: dict[str, bytes], pipeline: FacePipeline, astronaut: np.ndarray) -> None:
         r = client.post("/verify", files=files(image_a=("a.png", photos["tight"]), image_b=("b.png", photos["astronaut"])))
@@ -243,7 +252,8 @@ class TestOperations:
         assert client.get("/health").json() == {"status": "ok", "detail": None}
         assert client.get("/ready").json()["status"] == "ready"
         info = client.get("/info").json()
-        assert info["architecture"] == "ir_18" and info["device"] == "cpu" and set(info["presets"]) == {"lenient", "balanced", "strict"}
+        expected_device = "cuda" if torch.cuda.is_available() else "cpu"  # OAML_DEVICE=auto
+        assert info["architecture"] == "ir_18" and info["device"] == expected_device and set(info["presets"]) == {"lenient", "balanced", "strict"}
         assert client.get("/openapi.json").json()["paths"].keys() >= {"/verify", "/gallery", "/identify", "/occlusion"}
 
 

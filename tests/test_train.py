@@ -198,16 +198,23 @@ class TestTrainer:
         from model.cli import main
 
         out = tmp_path / "shipped.safetensors"
-        assert main(["calibrate", str(tmp_path / "a" / "best.safetensors"), "--data-root", str(tmp_path), "--dtype", "float16", "--out", str(out)]) == 0
+        args = ["calibrate", str(tmp_path / "a" / "best.safetensors"), "--data-root", str(tmp_path), "--dtype", "float16",
+                "--out", str(out), "--export-check", "--precision", "fp32", "--plot", str(tmp_path / "reliability.png"),
+                "--genuine-pairs", "200", "--impostor-pairs", "400"]
+        assert main(args) == 0
         _, shipped = load_checkpoint(out)
         cal = shipped["calibration"]
         assert cal["fitted"] and cal["thresholds"]["strict"] >= cal["thresholds"]["balanced"] >= cal["thresholds"]["lenient"]
         assert shipped["dtype"] == "float16" and shipped["training"] == meta["training"]
+        # fitted on the path the service runs: no flip test, the requested precision, the rounded weights
+        assert cal["embedding"] == {"device": cal["embedding"]["device"], "precision": "float32", "flip": False}
+        assert cal["prior"] == 0.5 and 0 <= cal["reliability"]["ece_in_sample"] <= 1
+        assert set(cal["presets"]) == {"lenient", "balanced", "strict"} and (tmp_path / "reliability.png").stat().st_size > 0
         check = shipped["export_check"]
-        assert check["dtype"] == "float16" and check["pairs"] == cal["pairs"]
+        assert check["served_as"]["weights"] == "float16" and check["pairs"] == cal["pairs"]
         assert 0 < check["max_abs_fused_diff"] < 0.5  # rounding moves scores a little, not much
         assert set(check) >= {"lenient", "balanced", "strict"}
-        assert 0 <= check["balanced"]["far_float16"] <= 1
+        assert 0 <= check["balanced"]["far_served"] <= 1
 
     def test_init_from_a_collapsed_qaconv_tail_resets_it(self, tmp_path: Path, astronaut: np.ndarray) -> None:
         """Checkpoints made before the logit scale was fixed carry a scale near 0: training on from one
@@ -276,11 +283,18 @@ class TestEvaluation:
         pairs.write_text("2\t1\nAnn_A\t1\t2\nAnn_A\t1\tBob_B\t1\nBob_B\t1\t2\nAnn_A\t2\tBob_B\t2\n")
         parsed = read_lfw_pairs(pairs)
         assert [p.same for p in parsed] == [True, False, True, False] and [p.fold for p in parsed] == [0, 0, 1, 1]
-        report = evaluate_lfw(ir18, cache, pairs, flip=True)
+        from model.calibration import fit_calibration
+        from model.embedder import Embedder
+
+        rng = np.random.default_rng(0)
+        fitted = fit_calibration(rng.normal(0, 0.1, 400), rng.normal(0, 1, 400), np.ones(400), rng.random(400) < 0.5)
+        report = evaluate_lfw(Embedder(ir18, device="cpu", precision="fp32", flip=True), cache, pairs, calibration=fitted)
         clean = report["protocols"]["clean"]
-        assert set(clean) >= {"adaface", "qaconv", "fused", "mean_visibility"}
+        assert set(clean) >= {"adaface", "qaconv", "fused", "mean_visibility", "presets", "probability_ece"}
         assert 0.0 <= clean["fused"]["accuracy"] <= 1.0 and report["missing_faces"] == 0
-        assert "#### LFW, clean" in markdown_report(report)
+        assert clean["presets"]["balanced"]["impostor"] == 2 and report["embedding"]["flip"] is True
+        text = markdown_report(report)
+        assert "#### LFW, clean" in text and "TAR on LFW" in text and "flip test on" in text
         # the installed `oaml eval` command, run from outside the repository, with the SFace peer
         from model.checkpoint import save_checkpoint
 

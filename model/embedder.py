@@ -1,0 +1,243 @@
+"""The one path from aligned crops to features and from features to pair scores.
+
+The service, ``oaml calibrate``, ``oaml eval`` and trainer validation all embed faces through
+:class:`Embedder` and score pairs through :func:`score_pairs`. Calibration thresholds and
+probabilities are only true for the score distribution they were fitted on, so the numbers a
+user is shown must come from exactly the computation the calibration saw: same device rule,
+same autocast precision, same flip decision, same QAConv path.
+
+Flip test: off. Measured on the GPU-trained IR-18 (bench/RESULTS.md, "Flip test"): adding the
+mirrored crop's embedding moves LFW accuracy and TAR by less than their fold-to-fold spread while
+doubling the model cost of every request, so the served path embeds each face once. The
+``flip`` argument exists so that the measurement can be repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.align import to_input_tensor
+from model.net import OAMLNet
+
+__all__ = [
+    "FLIP_TEST",
+    "Features",
+    "Embedder",
+    "PairScores",
+    "score_pairs",
+    "select_device",
+    "select_precision",
+    "precision_name",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The served path's flip-test decision (see the module docstring for the measurement).
+FLIP_TEST = False
+
+
+def select_device(setting: str | torch.device) -> torch.device:
+    """``auto`` picks CUDA when it is visible, else the CPU; ``cpu``/``cuda`` are taken as given."""
+    if isinstance(setting, torch.device):
+        return setting
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting not in ("cpu", "cuda") and not setting.startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {setting!r}")
+    return torch.device(setting)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def select_precision(setting: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype (``None`` = fp32). ``auto``: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.
+
+    Emulated bf16 on a CPU without it is slower than fp32, hence the CPU-flag check.
+    """
+    if setting == "fp32":
+        return None
+    if setting in ("bf16", "fp16"):
+        return torch.bfloat16 if setting == "bf16" else torch.float16
+    if setting != "auto":
+        raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {setting!r}")
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``float32``, ``bfloat16`` or ``float16``: how responses and metadata name a precision."""
+    return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+
+
+@dataclass
+class Features:
+    """What the model says about ``N`` aligned faces (CPU tensors, float32).
+
+    Attributes:
+        embedding: ``[N, 512]``, L2-normalised.
+        norm: ``[N]``, AdaFace feature norm of the unflipped crop (the quality signal).
+        occlusion: ``[N, 7, 7]``, 1 = visible.
+        feature_map: ``[N, C, 7, 7]``, QAConv input.
+    """
+
+    embedding: torch.Tensor
+    norm: torch.Tensor
+    occlusion: torch.Tensor
+    feature_map: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.embedding.shape[0])
+
+    @property
+    def visibility(self) -> torch.Tensor:
+        """``[N]`` mean visibility of each face."""
+        return self.occlusion.reshape(len(self), -1).mean(1)
+
+    def take(self, index: Any) -> Features:
+        """The faces at ``index`` (an int, slice, or integer array), as a new :class:`Features`."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        elif isinstance(index, np.ndarray):
+            index = torch.from_numpy(index)
+        return Features(self.embedding[index], self.norm[index], self.occlusion[index], self.feature_map[index])
+
+    def split(self) -> list[Features]:
+        """One :class:`Features` per face (views, no copies)."""
+        return [self.take(i) for i in range(len(self))]
+
+    @staticmethod
+    def cat(parts: Sequence[Features]) -> Features:
+        return Features(
+            torch.cat([p.embedding for p in parts]),
+            torch.cat([p.norm for p in parts]),
+            torch.cat([p.occlusion for p in parts]),
+            torch.cat([p.feature_map for p in parts]),
+        )
+
+
+class Embedder:
+    """Aligned RGB crops -> :class:`Features`, on one device at one precision.
+
+    Args:
+        model: the network; moved to ``device`` (channels-last on the CPU, where oneDNN is faster
+            with it). The embedder never changes the model's weights; it puts it in eval mode for
+            each call, which the trainer undoes at its next step.
+        device: ``auto``, ``cpu``, ``cuda`` or a ``torch.device``.
+        precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` (see :func:`select_precision`).
+        flip: add the mirrored crop's norm-weighted embedding (AdaFace's flip test).
+        batch_size: faces per forward pass in :meth:`__call__`.
+    """
+
+    def __init__(
+        self,
+        model: OAMLNet,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        flip: bool = FLIP_TEST,
+        batch_size: int = 64,
+    ) -> None:
+        self.device = select_device(device)
+        self.autocast = select_precision(precision, self.device)
+        self.flip = flip
+        self.batch_size = batch_size
+        self.model = model.to(self.device)
+        if self.device.type == "cpu":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @property
+    def precision(self) -> str:
+        return precision_name(self.autocast)
+
+    def describe(self) -> dict[str, Any]:
+        """How features are computed, for metadata and reports."""
+        return {"device": self.device.type, "precision": self.precision, "flip": self.flip}
+
+    @torch.inference_mode()
+    def forward(self, crops: np.ndarray) -> Features:
+        """One forward pass over ``[n, 112, 112, 3]`` RGB uint8 crops (no batching of its own)."""
+        self.model.eval()
+        x = to_input_tensor(crops).to(self.device, non_blocking=True)
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            out = self.model.forward_all(x)
+            vec = out.embedding.float()
+            if self.flip:
+                mirrored = self.model.forward_all(torch.flip(x, dims=[3]))
+                vec = torch.nn.functional.normalize(vec * out.norm.float() + mirrored.embedding.float() * mirrored.norm.float(), dim=1)
+        return Features(
+            embedding=vec.cpu(),
+            norm=out.norm.float().reshape(-1).cpu(),
+            occlusion=out.occlusion.float()[:, 0].cpu(),
+            feature_map=out.feature_map.float().cpu(),
+        )
+
+    def __call__(self, crops: np.ndarray | Sequence[np.ndarray]) -> Features:
+        """Features of any number of crops, ``batch_size`` at a time."""
+        crops = np.asarray(crops)
+        if crops.ndim == 3:
+            crops = crops[None]
+        parts = [self.forward(crops[s : s + self.batch_size]) for s in range(0, len(crops), self.batch_size)]
+        if not parts:
+            c = self.model.feature_channels
+            return Features(torch.zeros(0, self.model.embedding_size), torch.zeros(0), torch.zeros(0, 7, 7), torch.zeros(0, c, 7, 7))
+        return Features.cat(parts)
+
+
+@dataclass
+class PairScores:
+    """Component scores of pairs ``(a[i], b[i])`` as float64 arrays."""
+
+    cos: np.ndarray
+    qa: np.ndarray
+    visibility: np.ndarray  # of the less visible face of each pair
+
+    def __len__(self) -> int:
+        return len(self.cos)
+
+
+@torch.inference_mode()
+def score_pairs(
+    qaconv: torch.nn.Module,
+    a: Features,
+    b: Features,
+    ia: np.ndarray | None = None,
+    ib: np.ndarray | None = None,
+    chunk: int = 1024,
+) -> PairScores:
+    """AdaFace cosine, occlusion-weighted QAConv and pair visibility of ``(a[ia[k]], b[ib[k]])``.
+
+    Without indices, pairs are ``(a[k], b[k])``. Maps are gathered a chunk at a time (bounded
+    memory) and moved to the matcher's device, so CPU-held features score on a CUDA matcher.
+    """
+    ia = np.arange(len(a)) if ia is None else np.asarray(ia)
+    ib = np.arange(len(b)) if ib is None else np.asarray(ib)
+    if len(ia) != len(ib):
+        raise ValueError(f"pair index lists differ in length: {len(ia)} vs {len(ib)}")
+    qaconv = qaconv.eval()
+    device = next(qaconv.parameters()).device
+    cos = (a.embedding[ia] * b.embedding[ib]).sum(1).double().numpy()
+    qa = []
+    for s in range(0, len(ia), chunk):
+        sa, sb = torch.from_numpy(ia[s : s + chunk]), torch.from_numpy(ib[s : s + chunk])
+        qa.append(
+            qaconv.match_pairs(
+                a.feature_map[sa].to(device), b.feature_map[sb].to(device),
+                a.occlusion[sa][:, None].to(device), b.occlusion[sb][:, None].to(device),
+            ).double().cpu().numpy()
+        )
+    vis = torch.minimum(a.visibility[ia], b.visibility[ib]).double().numpy()
+    return PairScores(cos, np.concatenate(qa) if qa else np.zeros(0), vis)
