@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_model import cpu_name, emit  # noqa: E402
 from model.checkpoint import read_metadata  # noqa: E402
 from service.config import DEFAULT_WEIGHTS  # noqa: E402
-from service.gallery import FaceRecord, GalleryIndex, SQLiteGalleryStore  # noqa: E402
+from service.index import GalleryIndex  # noqa: E402
+from service.store import FaceRecord, SQLiteGalleryStore  # noqa: E402
 
 SECTION = "## Service (bench/bench_service.py)"
 
@@ -97,7 +98,7 @@ class Server:
         self.port = free_port()
         env = {**os.environ, "OAML_WEIGHTS": str(weights), "OAML_DATA_DIR": str(data_dir), "OAML_PORT": str(self.port),
                "OAML_TORCH_THREADS": str(threads), "OAML_LOG_LEVEL": "warning", "OMP_WAIT_POLICY": "PASSIVE"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve"], cwd=ROOT, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "oaml.cli", "serve"], cwd=ROOT, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 600
         while time.time() < deadline:

@@ -199,7 +199,6 @@ class OAMLNet(nn.Module):
         embedding_size: size of the global embedding.
         input_size: square face size; 112 gives the 7x7 map QAConv and the occlusion head expect.
         occlusion_hidden: hidden channels of the occlusion head.
-        qaconv_k_nearest / qaconv_num_classes: forwarded to :class:`QAConv` (training only).
         occlusion_method: QAConv visibility weighting, ``'scaling'`` or ``'outer'``.
         nan_guard: see :attr:`nan_guard`.
     """
@@ -213,8 +212,6 @@ class OAMLNet(nn.Module):
         embedding_size: int = 512,
         input_size: int = 112,
         occlusion_hidden: int = 256,
-        qaconv_num_classes: int | None = None,
-        qaconv_k_nearest: int = 32,
         occlusion_method: str = "scaling",
         nan_guard: bool = False,
     ) -> None:
@@ -255,14 +252,7 @@ class OAMLNet(nn.Module):
         )
         self._init_backbone_weights()
         self.occlusion_head = OcclusionHead(channels, occlusion_hidden)
-        self.qaconv = QAConv(
-            channels,
-            self.map_size,
-            self.map_size,
-            num_classes=qaconv_num_classes,
-            k_nearest=qaconv_k_nearest,
-            occlusion_method=occlusion_method,
-        )
+        self.qaconv = QAConv(channels, self.map_size, self.map_size, occlusion_method=occlusion_method)
         self._gallery: PreparedGallery | None = None
 
     def _init_backbone_weights(self) -> None:

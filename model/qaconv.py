@@ -29,7 +29,6 @@ rule.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -66,9 +65,6 @@ class QAConv(nn.Module):
     Args:
         num_features: channels of the feature maps.
         height, width: spatial size of the feature maps (7x7 for 112x112 faces).
-        num_classes: when set, learnable class embeddings ``[num_classes, C, H, W]`` are created
-            for classification-style training against the ``k_nearest`` neighbouring classes.
-        k_nearest: neighbours per class for that mode and for graph sampling.
         occlusion_method: ``'scaling'`` or ``'outer'``.
     """
 
@@ -77,8 +73,6 @@ class QAConv(nn.Module):
         num_features: int = 512,
         height: int = 7,
         width: int = 7,
-        num_classes: int | None = None,
-        k_nearest: int = 32,
         occlusion_method: str = "scaling",
     ) -> None:
         super().__init__()
@@ -88,16 +82,10 @@ class QAConv(nn.Module):
         self.height = height
         self.width = width
         self.hw = height * width
-        self.num_classes = num_classes
-        self.k_nearest = k_nearest
         self.occlusion_method = occlusion_method
         self.bn = nn.BatchNorm1d(1)
         self.fc = nn.Linear(2 * self.hw, 1)
         self.logit_bn = nn.BatchNorm1d(1)
-        if num_classes is not None:
-            self.class_embed = nn.Parameter(torch.randn(num_classes, num_features, height, width) / math.sqrt(num_features))
-            k = min(k_nearest, max(num_classes - 1, 0))
-            self.register_buffer("class_neighbors", torch.zeros(num_classes, k, dtype=torch.long))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -162,22 +150,15 @@ class QAConv(nn.Module):
     def forward(
         self,
         probe_fea: torch.Tensor,
-        gal_fea: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
+        gal_fea: torch.Tensor,
         probe_occ: torch.Tensor | None = None,
         gal_occ: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Score probes against gallery maps (``[P, G]``) or against class neighbours.
+        """Score probes against gallery maps: ``[P, G]``.
 
-        With ``gal_fea``: the literal definition, ``[P, G, hw, hw]`` correlations weighted by the
-        outer product of the two visibility weightings. With ``labels`` instead (requires
-        ``num_classes``): each sample against the class embeddings of its own class (column 0)
-        and of its ``k`` nearest classes, ``[B, k + 1]``; see :meth:`class_candidates`.
+        The literal definition: ``[P, G, hw, hw]`` correlations weighted by the outer product of
+        the two visibility weightings, clamped maxima in both directions, then the tail.
         """
-        if gal_fea is None:
-            if labels is None:
-                raise ValueError("QAConv.forward needs gal_fea or labels")
-            return self._class_scores(probe_fea, labels, probe_occ)
         p = self._locations(probe_fea)
         g = self._locations(gal_fea)
         corr = torch.einsum("psc,grc->pgsr", p, g)
@@ -186,37 +167,19 @@ class QAConv(nn.Module):
         weight = wp[:, None, :, None] * wg[None, :, None, :]
         return self._tail(self._pool(corr * weight))
 
-    def class_candidates(self, labels: torch.Tensor) -> torch.Tensor:
-        """``[B, k + 1]`` class ids: own class first, then its nearest classes."""
-        if self.num_classes is None:
-            raise RuntimeError("QAConv was built without num_classes: no class embeddings")
-        return torch.cat([labels[:, None], self.class_neighbors[labels]], dim=1)
+    def match_grouped(self, probe_fea: torch.Tensor, groups: torch.Tensor, probe_occ: torch.Tensor | None = None) -> torch.Tensor:
+        """Each probe against its own ``K`` maps: ``[B, C, H, W]`` x ``[B, K, C, H, W]`` -> ``[B, K]``.
 
-    def _class_scores(self, probe_fea: torch.Tensor, labels: torch.Tensor, probe_occ: torch.Tensor | None) -> torch.Tensor:
-        classes = self.class_candidates(labels)
+        The literal, differentiable definition with only the probe's visibility weighting (the
+        group maps are taken as fully visible). Training scores samples against learned class
+        maps with it (:mod:`model.training.class_memory`).
+        """
+        b, k = groups.shape[:2]
         p = self._locations(probe_fea)  # [B, hw, C]
-        emb = self.class_embed[classes.reshape(-1)]  # [B*(k+1), C, H, W]
-        g = self._locations(emb).reshape(classes.shape[0], classes.shape[1], self.hw, self.num_features)
+        g = self._locations(groups.reshape(b * k, *groups.shape[2:])).reshape(b, k, self.hw, self.num_features)
         corr = torch.einsum("bsc,bkrc->bksr", p, g)
-        wp = self.visibility_weights(probe_occ, p.shape[0], p.device)
+        wp = self.visibility_weights(probe_occ, b, p.device)
         return self._tail(self._pool(corr * wp[:, None, :, None]))
-
-    @torch.no_grad()
-    def compute_class_neighbors(self, chunk_size: int = 1024) -> torch.Tensor:
-        """Top-k most similar classes (cosine of flattened, location-normalised class embeddings),
-        excluding each class itself; stored in the ``class_neighbors`` buffer and returned."""
-        if self.num_classes is None:
-            raise RuntimeError("QAConv was built without num_classes: no class embeddings")
-        k = self.class_neighbors.shape[1]
-        emb = self._locations(self.class_embed).reshape(self.num_classes, -1)
-        emb = F.normalize(emb, dim=1)
-        for start in range(0, self.num_classes, chunk_size):
-            stop = min(start + chunk_size, self.num_classes)
-            sim = emb[start:stop] @ emb.T
-            rows = torch.arange(stop - start, device=sim.device)
-            sim[rows, rows + start] = float("-inf")
-            self.class_neighbors[start:stop] = sim.topk(k, dim=1).indices
-        return self.class_neighbors
 
     # -- fast paths --------------------------------------------------------------------------
 

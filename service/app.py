@@ -12,15 +12,17 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 
 from service.config import Settings, get_settings
 from service.engine import Engine
-from service.errors import install_handlers, problem
-from service.gallery import GalleryIndex, SQLiteGalleryStore
+from service.index import GalleryIndex
+from service.problems import install_handlers, problem
 from service.routes import protected, public
+from service.routes.deps import require_key
 from service.state import AppState, Metrics, load_index
+from service.store import SQLiteGalleryStore
 
 __all__ = ["create_app"]
 
@@ -47,7 +49,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         store = SQLiteGalleryStore(settings.data_dir / "gallery.sqlite3", eng.model_version)
         store.check_version()  # a gallery from other weights stops start-up with a clear message
         index = GalleryIndex(eng.model.qaconv, eng.device, eng.gallery_dtype, eng.model.embedding_size)
-        faces = await asyncio.to_thread(load_index, store, index)
+        faces = await asyncio.to_thread(load_index, store, index, eng)
         metrics = Metrics(settings.max_batch)
         eng.stats.hooks.append(metrics.on_batch)
         subjects, _ = store.subjects(0, 10**9)
@@ -86,6 +88,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             state.metrics.latency.labels(path).observe(time.perf_counter() - started)
         return response
 
-    app.include_router(public)
-    app.include_router(protected)
+    for router in public:
+        app.include_router(router)
+    for router in protected:
+        app.include_router(router, dependencies=[Depends(require_key)])
     return app

@@ -1,11 +1,20 @@
-"""The inference engine: one worker thread owns the model and batches faces across requests.
+"""The inference engine: one worker thread owns the model and every other piece of device work.
 
-Request handlers never touch torch. They decode and detect photos in a bounded thread pool
-(onnxruntime and Pillow release the GIL), then ``await engine.embed(crops)``: the crops join a
-queue, and the worker thread takes the first waiting face, keeps collecting until ``max_batch``
-faces or ``max_wait_ms`` after that first face, runs one forward pass and resolves each request's
-future on the event loop. A full queue answers 503 (``OVERLOADED``) instead of growing without
-bound.
+What runs where:
+
+- The event loop parses requests and awaits; it never runs model code or tensor ops.
+- ``cpu_pool`` threads decode photos, detect and align faces (onnxruntime, OpenCV and Pillow
+  release the GIL), render heatmaps and talk to the SQLite store.
+- The worker thread runs everything that touches the model's device: embedding batches, pair
+  scoring (QAConv), and gallery-index search, insertion and removal (:meth:`Engine.run_device`,
+  :meth:`Engine.call_device`). One owner means no two threads race for the device or its
+  threads, and a GPU sees one ordered stream of work.
+
+Batching: ``await engine.embed(crops)`` queues the crops; the worker takes the first waiting
+face, keeps collecting until ``max_batch`` faces or ``max_wait_ms`` after that first face, runs
+one forward pass and resolves each request's future. A device call queued meanwhile runs after
+that batch, in arrival order. A full queue answers 503 (``OVERLOADED``) instead of growing
+without bound.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,22 +34,16 @@ import numpy as np
 import torch
 
 from model.align import AlignedFace, FaceDetector, FacePipeline, FaceSelection, decode_image
-from model.calibration import DEFAULT_CALIBRATION, Calibration
+from model.card import WeightsCard
 from model.checkpoint import load_checkpoint
 from model.embedder import Embedder, Features, score_pairs
-from model.errors import OAMLError
 from model.net import OAMLNet
 from service.config import Settings
+from service.errors import Overloaded
 
-__all__ = ["FaceFeatures", "Overloaded", "Engine", "BatchStats"]
+__all__ = ["FaceFeatures", "Engine", "BatchStats"]
 
 logger = logging.getLogger(__name__)
-
-
-class Overloaded(OAMLError):
-    """The inference queue is full."""
-
-    code = "OVERLOADED"
 
 
 @dataclass
@@ -63,10 +66,19 @@ class FaceFeatures:
 
 @dataclass
 class _Job:
+    """Faces to embed."""
+
     crops: np.ndarray  # [n, 112, 112, 3]
-    future: asyncio.Future[list[FaceFeatures]]
-    loop: asyncio.AbstractEventLoop
-    enqueued: float
+    future: Future[list[FaceFeatures]]
+
+
+@dataclass
+class _Call:
+    """Any other device work, run by the worker in arrival order."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    future: Future[Any]
 
 
 class BatchStats:
@@ -89,7 +101,7 @@ class BatchStats:
 
 
 class Engine:
-    """Model, detector, calibration and the batching worker.
+    """Model, detector, calibration and the worker thread that owns the device.
 
     Args:
         settings: service settings.
@@ -101,27 +113,26 @@ class Engine:
         torch.set_num_threads(settings.torch_threads)
         if model is None:
             model, metadata = load_checkpoint(settings.weights)
+        self.card = WeightsCard.from_metadata(metadata or {"model_version": "unversioned", "architecture": model.arch})
         # the same embedding path as `oaml calibrate` and `oaml eval`: the thresholds hold for it
         self.embedder = Embedder(model, device=settings.device, precision=settings.precision, batch_size=settings.max_batch)
         self.model = self.embedder.model.eval()
         self.device = self.embedder.device
         self.autocast = self.embedder.autocast
-        self.metadata = metadata or {}
-        self.model_version: str = self.metadata.get("model_version", "unversioned")
-        cal = self.metadata.get("calibration")
-        self.calibration = Calibration.from_dict(cal) if cal else DEFAULT_CALIBRATION
-        quality = self.metadata.get("quality") or {}
-        self.norm_mean = float(quality.get("norm_mean") or 20.0)
-        self.norm_std = float(quality.get("norm_std") or 10.0)
+        self.model_version = self.card.model_version
+        self.calibration = self.card.calibration
+        fitted_on = self.card.calibrated_on
+        if fitted_on is not None and fitted_on.get("flip") != self.embedder.flip:
+            logger.warning("the calibration was fitted with flip test %s, the service embeds with %s: thresholds and "
+                           "probabilities will be off; re-run `oaml calibrate`", fitted_on.get("flip"), self.embedder.flip)
         self.pipeline = FacePipeline(FaceDetector(threads=settings.detector_threads))
         self.cpu_pool = ThreadPoolExecutor(max_workers=settings.detection_workers, thread_name_prefix="oaml-detect")
         self.gallery_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         self.stats = BatchStats()
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._queue: queue.Queue[_Job | _Call | None] = queue.Queue()
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._worker = threading.Thread(target=self._run, name="oaml-inference", daemon=True)
-        self._stopped = threading.Event()
         self.ready = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -130,15 +141,14 @@ class Engine:
         self._worker.start()
 
     def warm_up(self) -> None:
-        """One detection and one forward pass so the first request does not pay for lazy init."""
+        """One detection and two forward passes so the first request does not pay for lazy init."""
         blank = np.zeros((self.settings.max_batch, 112, 112, 3), dtype=np.uint8)
-        self._forward(blank[:1])
-        self._forward(blank)
+        self.call_device(self._forward, blank[:1])
+        self.call_device(self._forward, blank)
         self.pipeline.detector.detect(np.zeros((320, 320, 3), dtype=np.uint8))
         self.ready = True
 
     def stop(self) -> None:
-        self._stopped.set()
         self._queue.put(None)
         self._worker.join(timeout=10)
         self.cpu_pool.shutdown(wait=False, cancel_futures=True)
@@ -167,7 +177,7 @@ class Engine:
             image = cv2.resize(image, (112, 112), interpolation=cv2.INTER_AREA if image.shape[0] > 112 else cv2.INTER_LINEAR)
         return image
 
-    # -- model stage (worker thread) ---------------------------------------------------------
+    # -- device stage (worker thread) --------------------------------------------------------
 
     async def embed(self, crops: np.ndarray) -> list[FaceFeatures]:
         """Features of ``[n, 112, 112, 3]`` RGB crops, batched with other requests' faces."""
@@ -176,41 +186,63 @@ class Engine:
             if self._pending + n > self.settings.queue_size:
                 raise Overloaded(f"inference queue is full ({self._pending} faces waiting); retry later")
             self._pending += n
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[FaceFeatures]] = loop.create_future()
-        self._queue.put(_Job(crops, future, loop, time.perf_counter()))
-        return await future
+        future: Future[list[FaceFeatures]] = Future()
+        self._queue.put(_Job(crops, future))
+        return await asyncio.wrap_future(future)
+
+    async def run_device(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the worker thread (device work) and await its result."""
+        future: Future[Any] = Future()
+        self._queue.put(_Call(fn, args, future))
+        return await asyncio.wrap_future(future)
+
+    def call_device(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Blocking :meth:`run_device` for threads that are not the event loop (start-up, store commits)."""
+        if threading.current_thread() is self._worker:
+            return fn(*args)
+        future: Future[Any] = Future()
+        self._queue.put(_Call(fn, args, future))
+        return future.result()
 
     def _run(self) -> None:
-        carry: _Job | None = None
-        while not self._stopped.is_set():
+        carry: _Job | _Call | None = None
+        stopping = False
+        while not stopping:
             first = carry or self._queue.get()
             carry = None
             if first is None:
                 break
+            if isinstance(first, _Call):
+                _settle(first.future, first.fn, *first.args)
+                continue
             jobs, size = [first], len(first.crops)
             deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
             while size < self.settings.max_batch:
                 timeout = deadline - time.perf_counter()
                 try:
-                    job = self._queue.get(timeout=max(timeout, 0)) if timeout > 0 else self._queue.get_nowait()
+                    item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if job is None:
-                    self._stopped.set()
+                if item is None:
+                    stopping = True
                     break
-                if size + len(job.crops) > self.settings.max_batch and size > 0:
-                    carry = job  # starts the next batch
+                if isinstance(item, _Call) or size + len(item.crops) > self.settings.max_batch:
+                    carry = item  # runs after this batch
                     break
-                jobs.append(job)
-                size += len(job.crops)
-            jobs = [j for j in jobs if not j.future.cancelled()]
-            if not jobs:
-                continue
+                jobs.append(item)
+                size += len(item.crops)
             self._execute(jobs)
 
     def _execute(self, jobs: list[_Job]) -> None:
-        crops = np.concatenate([j.crops for j in jobs])
+        live = []
+        for job in jobs:
+            if job.future.set_running_or_notify_cancel():
+                live.append(job)
+            else:  # its request went away: release its places in the queue
+                self._release(len(job.crops))
+        if not live:
+            return
+        crops = np.concatenate([j.crops for j in live])
         started = time.perf_counter()
         try:
             feats = []
@@ -222,22 +254,28 @@ class Engine:
             feats, error = [], exc
         self.stats.record(len(crops), time.perf_counter() - started)
         offset = 0
-        for job in jobs:
+        for job in live:
             part = feats[offset : offset + len(job.crops)]
             offset += len(job.crops)
-            with self._pending_lock:
-                self._pending -= len(job.crops)
-            job.loop.call_soon_threadsafe(_resolve, job.future, part, error)
+            self._release(len(job.crops))
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(part)
+
+    def _release(self, faces: int) -> None:
+        with self._pending_lock:
+            self._pending -= faces
 
     def _forward(self, crops: np.ndarray) -> list[FaceFeatures]:
         f = self.embedder.forward(crops)
         return [FaceFeatures(f.embedding[i], float(f.norm[i]), f.occlusion[i], f.feature_map[i]) for i in range(len(crops))]
 
-    # -- scoring -----------------------------------------------------------------------------
+    # -- scoring (device work: call through run_device / call_device) ------------------------
 
     def quality(self, norm: float) -> float:
         """Standardised AdaFace norm: how far above or below a typical training face."""
-        return (norm - self.norm_mean) / max(self.norm_std, 1e-6)
+        return self.card.quality.standardise(norm)
 
     def score(self, a: Features, b: Features, ia: np.ndarray | None = None, ib: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Component scores, fused score and probability of pairs ``(a[ia[k]], b[ib[k]])``: the calibrated path."""
@@ -248,12 +286,6 @@ class Engine:
     def pair_scores(self, a: FaceFeatures, b: FaceFeatures) -> dict[str, float]:
         """:meth:`score` of one pair, as plain floats."""
         return {k: float(v[0]) for k, v in self.score(a.batch(), b.batch()).items()}
-
-    def preset_lfw(self, name: str) -> dict[str, float | None]:
-        """TAR and FAR of a preset on LFW clean pairs as `oaml eval --record` stored them (None if absent)."""
-        metrics = (self.metadata.get("metrics") or {}).get("lfw") or {}
-        row = ((metrics.get("protocols") or {}).get("clean") or {}).get("presets", {}).get(name) or {}
-        return {"lfw_tar": row.get("tar"), "lfw_far": row.get("far")}
 
     def resolve_threshold(self, value: str | float | None) -> tuple[float, str | None]:
         """(fused-score threshold, preset name or None) for a preset name or a finite number."""
@@ -269,10 +301,11 @@ class Engine:
         return number, None
 
 
-def _resolve(future: asyncio.Future[list[FaceFeatures]], result: list[FaceFeatures], error: BaseException | None) -> None:
-    if future.cancelled():
+def _settle(future: Future[Any], fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn`` for a waiting caller; its exception goes to the caller, never kills the worker."""
+    if not future.set_running_or_notify_cancel():
         return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+    try:
+        future.set_result(fn(*args))
+    except BaseException as exc:
+        future.set_exception(exc)

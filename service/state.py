@@ -6,13 +6,12 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-import numpy as np
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.config import Settings
 from service.engine import Engine
-from service.gallery import GalleryIndex, GalleryStore
+from service.index import GalleryIndex
+from service.store import FaceRecord, GalleryStore
 
 __all__ = ["Metrics", "AppState", "load_index"]
 
@@ -53,30 +52,13 @@ class AppState:
     ready: bool = False
 
 
-def load_index(store: GalleryStore, index: GalleryIndex, chunk: int = 2048) -> int:
-    """Fill the in-memory index from the store, in chunks so memory stays bounded."""
-    ids: list[str] = []
-    subjects: list[str] = []
-    embs: list[np.ndarray] = []
-    maps: list[np.ndarray] = []
-    occs: list[np.ndarray] = []
-
-    def flush() -> None:
-        if ids:
-            index.add(
-                list(ids), list(subjects), torch.from_numpy(np.stack(embs)),
-                torch.from_numpy(np.stack(maps)).float(), torch.from_numpy(np.stack(occs))[:, None],
-            )
-            for part in (ids, subjects, embs, maps, occs):
-                part.clear()
-
+def load_index(store: GalleryStore, index: GalleryIndex, engine: Engine, chunk: int = 2048) -> int:
+    """Fill the in-memory index from the store, ``chunk`` faces at a time so memory stays bounded."""
+    batch: list[FaceRecord] = []
     for face in store.iter_faces():
-        ids.append(face.face_id)
-        subjects.append(face.subject)
-        embs.append(face.embedding)
-        maps.append(face.feature_map)
-        occs.append(face.occlusion)
-        if len(ids) >= chunk:
-            flush()
-    flush()
+        batch.append(face)
+        if len(batch) >= chunk:
+            engine.call_device(index.add_records, batch)
+            batch = []
+    engine.call_device(index.add_records, batch)
     return len(index)

@@ -13,12 +13,12 @@ from model.checkpoint import (
     HEAD_PREFIXES,
     content_hash,
     export_backbone,
-    import_adaface_ckpt,
     load_checkpoint,
     read_metadata,
     save_checkpoint,
 )
 from model.errors import CheckpointError
+from model.training.adaface_import import import_adaface_ckpt
 from model.net import OAMLNet, build_model
 
 
@@ -158,7 +158,7 @@ class TestAdaFaceImport:
 
 
 def test_cli_converts_an_adaface_checkpoint(model: OAMLNet, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from model.cli import main
+    from oaml.cli import main
 
     src, out = tmp_path / "adaface.ckpt", tmp_path / "out.safetensors"
     write_lightning_ckpt(model, src, HParams(arch="ir_18"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.head import AdaFace, ArcFace, CosFace, build_head
+from model.training.head import AdaFace, ArcFace, CosFace, build_head
 
 
 def inputs(batch: int = 6, dim: int = 16, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,17 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.calibration import (
-    DEFAULT_CALIBRATION,
-    PRESETS,
-    Calibration,
+from model.calibration import DEFAULT_CALIBRATION, PRESETS, Calibration
+from model.training.calibrate import (
     cross_validated_reliability,
     draw_reliability,
     fit_calibration,
     preset_rates,
     reliability,
 )
-from model.metrics import (
+from model.training.metrics import (
     auc,
     best_threshold,
     kfold_accuracy,

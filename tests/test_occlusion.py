@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from model.align import ARCFACE_TEMPLATE
-from model.occlusion import (
+from model.training.occlusion import (
     EVAL_MASKS,
     EVAL_SUNGLASSES,
     MaskOccluder,

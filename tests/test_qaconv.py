@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from model.qaconv import QAConv
+from model.training.class_memory import ClassMemory
 
 
-def trained_like(method: str = "scaling", num_classes: int | None = None) -> QAConv:
+def trained_like(method: str = "scaling") -> QAConv:
     """A QAConv with non-trivial BN statistics and FC weights, in eval mode."""
-    qa = QAConv(32, 7, 7, num_classes=num_classes, k_nearest=3, occlusion_method=method)
+    qa = QAConv(32, 7, 7, occlusion_method=method)
     with torch.no_grad():
         qa.bn.running_mean.fill_(0.3)
         qa.bn.running_var.fill_(0.05)
@@ -132,29 +133,42 @@ class TestOcclusionWeighting:
             QAConv(occlusion_method="swap")
 
 
-class TestClassEmbeddings:
+class TestClassMemory:
+    """The training-only class maps, scored through the core matcher's grouped path."""
+
+    def memory(self, qa: QAConv) -> ClassMemory:
+        return ClassMemory(12, qa.num_features, qa.height, qa.width, k_nearest=3)
+
     def test_neighbours_are_top_k_by_cosine_excluding_self(self) -> None:
-        qa = trained_like(num_classes=12)
-        nb = qa.compute_class_neighbors(chunk_size=5)
+        qa = trained_like()
+        mem = self.memory(qa)
+        nb = mem.compute_neighbors(chunk_size=5)
         assert nb.shape == (12, 3)
-        emb = torch.nn.functional.normalize(qa._locations(qa.class_embed.detach()).reshape(12, -1), dim=1)
+        emb = torch.nn.functional.normalize(qa._locations(mem.embed.detach()).reshape(12, -1), dim=1)
         sim = emb @ emb.T
         sim.fill_diagonal_(float("-inf"))
         expected = sim.topk(3, dim=1).indices
         assert torch.equal(nb.sort(1).values, expected.sort(1).values)
         assert not any(i in nb[i].tolist() for i in range(12))
 
-    def test_training_mode_scores_each_sample_against_its_class_neighbours(self) -> None:
-        qa = trained_like(num_classes=12).train()
-        qa.compute_class_neighbors()
+    def test_each_sample_is_scored_against_its_class_and_its_neighbours(self) -> None:
+        qa = trained_like().train()
+        mem = self.memory(qa)
+        mem.compute_neighbors()
         labels = torch.tensor([0, 5, 11])
         probe = maps(3).requires_grad_(True)
-        scores = qa(probe, labels=labels)
+        scores = mem.scores(qa, probe, labels)
         assert scores.shape == (3, 4)
-        assert torch.equal(qa.class_candidates(labels)[:, 0], labels)
+        assert torch.equal(mem.candidates(labels)[:, 0], labels)
         scores.sum().backward()
-        assert qa.class_embed.grad is not None and probe.grad is not None
+        assert mem.embed.grad is not None and probe.grad is not None
 
-    def test_class_mode_needs_class_embeddings(self) -> None:
-        with pytest.raises(RuntimeError, match="num_classes"):
-            QAConv(32)(maps(2), labels=torch.tensor([0, 1]))
+    def test_grouped_matching_is_the_literal_definition_per_group(self) -> None:
+        qa = trained_like()
+        probe, groups = maps(2), maps(6).reshape(2, 3, 32, 7, 7)
+        grouped = qa.match_grouped(probe, groups)
+        for b in range(2):
+            torch.testing.assert_close(grouped[b], qa(probe[b : b + 1], groups[b])[0], atol=1e-5, rtol=1e-5)
+
+    def test_serving_files_never_hold_class_maps(self) -> None:
+        assert not any("class" in k for k in QAConv(32).state_dict())

@@ -22,11 +22,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from model.align import FacePipeline
+from model.embedder import FLIP_TEST
 from model.checkpoint import save_checkpoint
 from model.net import build_model
 from service.app import create_app
 from service.config import Settings
-from service.gallery import FaceRecord, GalleryIndex, GalleryVersionError, SQLiteGalleryStore
+from service.index import GalleryIndex
+from service.store import FaceRecord, GalleryVersionError, SQLiteGalleryStore
 from service.render import BAR_WIDTH
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +137,7 @@ class TestVerify:
         strict = client.post("/verify", files=f, data={"threshold": "strict"}).json()
         assert strict["threshold"] == pytest.approx(info["presets"]["strict"]["threshold"])
         assert info["presets"]["strict"]["far"] == 1e-4
-        assert info["probability_prior"] == 0.5 and info["flip_test"] is False
+        assert info["probability_prior"] == 0.5 and info["flip_test"] is FLIP_TEST
         assert info["presets"]["strict"]["probability"] > info["presets"]["balanced"]["probability"] > info["presets"]["lenient"]["probability"]
 
     def test_tight_crops_and_aligned_input(self, client: TestClient, photos: dict[str, bytes], pipeline: FacePipeline, astronaut: np.ndarray) -> None:
@@ -300,7 +302,7 @@ def free_port() -> int:
 
 def start_server(weights: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OAML_WEIGHTS": str(weights), "OAML_DATA_DIR": str(data_dir), "OAML_PORT": str(port), "OAML_TORCH_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "model.cli", "serve"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "oaml.cli", "serve"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 90) -> None:

@@ -138,7 +138,7 @@ def test_each_preset_far_through_the_served_path_is_the_published_far() -> None:
     """Fresh pairs of the calibration identities (new occluded copies, new pairs), embedded by the running
     engine and fused by it: each preset's FAR equals the FAR `/info` publishes within binomial sampling error.
     A calibration fitted on any other path (flip test, fp32, another precision) moves these rates."""
-    from model.evaluate import held_out_faces, held_out_views, sample_pairs
+    from model.training.evaluate import held_out_faces, held_out_views, sample_pairs
 
     engine = Engine(Settings(weights=DEFAULT_WEIGHTS, torch_threads=2))
     engine.start()

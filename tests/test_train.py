@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from model.align import ARCFACE_TEMPLATE, FacePipeline, align_face
-from model.face import AlignedCache, Face, identity_from_filename
-from model.head import AdaFace
-from model.losses import (
+from model.embedder import FLIP_TEST
+from model.training.face import AlignedCache, Face, identity_from_filename
+from model.training.head import AdaFace
+from model.training.losses import (
     feature_distillation_loss,
     occlusion_loss,
     pairwise_matching_loss,
@@ -24,10 +25,10 @@ from model.losses import (
     triplet_ranking_loss,
 )
 from model.net import build_model
-from model.prepare import prepare
+from model.training.prepare import prepare
 from model.qaconv import QAConv
-from model.sampler import GraphSampler, PKSampler
-from model.train import TrainConfig, Trainer, split_by_identity
+from model.training.sampler import GraphSampler, PKSampler
+from model.training.train import TrainConfig, Trainer, split_by_identity
 from tests.conftest import SHARED_DATA
 
 ASTRONAUT_LANDMARKS = np.array([[204.8, 100.8], [247.4, 103.4], [223.6, 129.2], [202.5, 138.1], [244.2, 140.6]])
@@ -195,7 +196,7 @@ class TestTrainer:
         assert meta["training"]["identities"] == straight.num_classes
         assert "qaconv.class_embed" not in model.state_dict()
         # calibration on the held-out identities, written in half precision for shipping
-        from model.cli import main
+        from oaml.cli import main
 
         out = tmp_path / "shipped.safetensors"
         args = ["calibrate", str(tmp_path / "a" / "best.safetensors"), "--data-root", str(tmp_path), "--dtype", "float16",
@@ -206,8 +207,8 @@ class TestTrainer:
         cal = shipped["calibration"]
         assert cal["fitted"] and cal["thresholds"]["strict"] >= cal["thresholds"]["balanced"] >= cal["thresholds"]["lenient"]
         assert shipped["dtype"] == "float16" and shipped["training"] == meta["training"]
-        # fitted on the path the service runs: no flip test, the requested precision, the rounded weights
-        assert cal["embedding"] == {"device": cal["embedding"]["device"], "precision": "float32", "flip": False}
+        # fitted on the path the service runs: its flip-test decision, the requested precision, the rounded weights
+        assert cal["embedding"] == {"device": cal["embedding"]["device"], "precision": "float32", "flip": FLIP_TEST}
         assert cal["prior"] == 0.5 and 0 <= cal["reliability"]["ece_in_sample"] <= 1
         assert set(cal["presets"]) == {"lenient", "balanced", "strict"} and (tmp_path / "reliability.png").stat().st_size > 0
         check = shipped["export_check"]
@@ -253,7 +254,7 @@ class TestTrainer:
 
 class TestTeacher:
     def test_sface_embeds_the_same_face_alike(self, pipeline: FacePipeline, astronaut: np.ndarray) -> None:
-        from model.teacher import SFaceTeacher
+        from model.training.teacher import SFaceTeacher
 
         teacher = SFaceTeacher(threads=1)
         face = pipeline.align_one(astronaut).crop
@@ -267,7 +268,7 @@ class TestTeacher:
 
 class TestEvaluation:
     def test_lfw_protocol_end_to_end_on_a_fake_cache(self, tmp_path: Path, astronaut: np.ndarray, ir18: torch.nn.Module) -> None:
-        from model.evaluate import evaluate_lfw, markdown_report, read_lfw_pairs
+        from model.training.evaluate import evaluate_lfw, markdown_report, read_lfw_pairs
 
         cache = tmp_path / "lfw"
         lines = []
@@ -283,7 +284,7 @@ class TestEvaluation:
         pairs.write_text("2\t1\nAnn_A\t1\t2\nAnn_A\t1\tBob_B\t1\nBob_B\t1\t2\nAnn_A\t2\tBob_B\t2\n")
         parsed = read_lfw_pairs(pairs)
         assert [p.same for p in parsed] == [True, False, True, False] and [p.fold for p in parsed] == [0, 0, 1, 1]
-        from model.calibration import fit_calibration
+        from model.training.calibrate import fit_calibration
         from model.embedder import Embedder
 
         rng = np.random.default_rng(0)

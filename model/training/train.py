@@ -44,12 +44,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.align import to_input_tensor
-from model.augment import AugmentConfig, FaceAugmenter
-from model.checkpoint import import_adaface_ckpt, load_checkpoint, save_checkpoint
+from model.training.augment import AugmentConfig, FaceAugmenter
+from model.training.class_memory import ClassMemory
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.embedder import Embedder, score_pairs
-from model.face import AlignedCache
-from model.head import build_head
-from model.losses import (
+from model.training.adaface_import import import_adaface_ckpt
+from model.training.face import AlignedCache
+from model.training.head import build_head
+from model.training.losses import (
     class_neighbor_loss,
     feature_distillation_loss,
     occlusion_loss,
@@ -57,10 +59,10 @@ from model.losses import (
     relation_distillation_loss,
     triplet_ranking_loss,
 )
-from model.metrics import accuracy, best_threshold
+from model.training.metrics import accuracy, best_threshold
 from model.net import OAMLNet, build_model
-from model.occlusion import OcclusionAugmenter, visibility_grid
-from model.sampler import GraphSampler, PKSampler
+from model.training.occlusion import OcclusionAugmenter, visibility_grid
+from model.training.sampler import GraphSampler, PKSampler
 
 __all__ = ["TrainConfig", "Trainer", "TrainingData", "load_training_data", "split_by_identity"]
 
@@ -241,21 +243,19 @@ class Trainer:
         }
         self.teacher_emb = self._teacher_embeddings() if self.w["distill_relation"] or self.w["distill_feature"] else None
 
-        self.model = build_model(
-            cfg.arch,
-            qaconv_num_classes=self.num_classes if self.w["qaconv_class"] > 0 else None,
-            qaconv_k_nearest=cfg.qaconv_k_nearest,
-            occlusion_method=cfg.occlusion_method,
-            nan_guard=True,
-        )
+        self.model = build_model(cfg.arch, occlusion_method=cfg.occlusion_method, nan_guard=True)
         if cfg.init_from:
             self._init_weights(cfg.init_from)
         self.head = build_head(cfg.head, self.model.embedding_size, self.num_classes, m=cfg.m, t_alpha=cfg.t_alpha, h=cfg.h, s=cfg.s)
         self.projector = nn.Linear(self.model.embedding_size, 128) if self.w["distill_feature"] else None
+        qa = self.model.qaconv
+        self.class_memory = (
+            ClassMemory(self.num_classes, qa.num_features, qa.height, qa.width, cfg.qaconv_k_nearest) if self.w["qaconv_class"] > 0 else None
+        )
         self.model.to(self.device).to(memory_format=torch.channels_last)
-        self.head.to(self.device)
-        if self.projector is not None:
-            self.projector.to(self.device)
+        for module in (self.head, self.projector, self.class_memory):
+            if module is not None:
+                module.to(self.device)
         if finetune:
             for module in (self.model.input_layer, self.model.body, self.model.output_layer):
                 module.requires_grad_(False)
@@ -275,7 +275,7 @@ class Trainer:
     # -- set-up ------------------------------------------------------------------------------
 
     def _teacher_embeddings(self) -> np.ndarray:
-        from model.teacher import teacher_embeddings
+        from model.training.teacher import teacher_embeddings
 
         digest = "-".join(self.data.sources)
         return teacher_embeddings(self.data.images, self.out.parent / ".teacher" / f"sface-{digest}-{len(self.data.images)}.npy")
@@ -286,10 +286,10 @@ class Trainer:
             logger.info("initialised the backbone from AdaFace %s (%s)", path, report.architecture)
         else:
             source, _ = load_checkpoint(path)
-        state = {k: v for k, v in source.state_dict().items() if not k.startswith(("qaconv.class_embed", "qaconv.class_neighbors"))}
-        result = self.model.load_state_dict(state, strict=False)
-        if result.unexpected_keys or any(not k.startswith("qaconv.class_") for k in result.missing_keys):
-            raise ValueError(f"{path} does not fit {self.cfg.arch}: {result}")
+        try:
+            self.model.load_state_dict(source.state_dict(), strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"{path} does not fit {self.cfg.arch}: {exc}") from exc
         qa = self.model.qaconv
         if not bool(torch.all(qa.logit_bn.weight == 1)):
             # made before the logit scale was fixed at 1: a collapsed tail (scale near 0) would also
@@ -299,7 +299,7 @@ class Trainer:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         decay, no_decay = [], []
-        modules: list[nn.Module] = [self.model, self.head] + ([self.projector] if self.projector is not None else [])
+        modules = [m for m in (self.model, self.head, self.projector, self.class_memory) if m is not None]
         for module in modules:
             for name, param in module.named_parameters():
                 if param.requires_grad:
@@ -323,6 +323,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "head": self.head.state_dict(),
             "projector": self.projector.state_dict() if self.projector is not None else None,
+            "class_memory": self.class_memory.state_dict() if self.class_memory is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "graph_neighbors": torch.from_numpy(self.sampler.neighbors) if isinstance(self.sampler, GraphSampler) and self.sampler.neighbors is not None else None,
             "scaler": self.scaler.state_dict(),
@@ -348,6 +349,8 @@ class Trainer:
         self.head.load_state_dict(ckpt["head"])
         if self.projector is not None and ckpt["projector"] is not None:
             self.projector.load_state_dict(ckpt["projector"])
+        if self.class_memory is not None and ckpt.get("class_memory") is not None:
+            self.class_memory.load_state_dict(ckpt["class_memory"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         if isinstance(self.sampler, GraphSampler) and ckpt.get("graph_neighbors") is not None:
@@ -387,8 +390,8 @@ class Trainer:
             scores = self.model.qaconv(out.feature_map, out.feature_map, probe_occ=occ_weights, gal_occ=occ_weights)
             losses["qaconv_pair"] = pairwise_matching_loss(scores, labels)
             losses["qaconv_triplet"] = triplet_ranking_loss(scores, labels, cfg.triplet_margin)
-        if self.w["qaconv_class"]:
-            losses["qaconv_class"] = class_neighbor_loss(self.model.qaconv(out.feature_map, labels=labels, probe_occ=occ_weights))
+        if self.class_memory is not None:
+            losses["qaconv_class"] = class_neighbor_loss(self.class_memory.scores(self.model.qaconv, out.feature_map, labels, occ_weights))
         losses["occlusion"] = occlusion_loss(out.occlusion, target_vis)
         if self.teacher_emb is not None:
             flips = np.array([int(a.flipped) for a in augmented])
@@ -472,8 +475,8 @@ class Trainer:
                 sim = centres @ centres.T
                 sim.fill_diagonal_(-math.inf)
                 self.sampler.set_neighbors(sim.topk(self.cfg.p - 1, dim=1).indices.numpy())
-        if self.model.qaconv.num_classes is not None:
-            self.model.qaconv.compute_class_neighbors()
+        if self.class_memory is not None:
+            self.class_memory.compute_neighbors()
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train until ``epochs`` or ``max_steps``; returns the final state (history, best score).

@@ -7,7 +7,7 @@ folds, AUC, TAR at FAR 1e-2 and 1e-3; plus the occlusion head's mean visibility 
 and on the occluded cells of occluded faces (cells whose true visible fraction is below 0.5).
 
 Occluded protocols: the second image of every pair gets an occluder instance reserved for
-evaluation (:data:`model.occlusion.EVAL_MASKS`, :data:`model.occlusion.EVAL_SUNGLASSES`), seeded by
+evaluation (:data:`model.training.occlusion.EVAL_MASKS`, :data:`model.training.occlusion.EVAL_SUNGLASSES`), seeded by
 the pair's index.
 """
 
@@ -25,10 +25,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from model.align import ARCFACE_TEMPLATE, load_image
-from model.calibration import DEFAULT_CALIBRATION, Calibration, preset_rates, reliability
+from model.calibration import DEFAULT_CALIBRATION, Calibration
+from model.training.calibrate import preset_rates, reliability
 from model.embedder import Embedder, Features, score_pairs
-from model.metrics import roc_curve, verification_report
-from model.occlusion import (
+from model.training.metrics import roc_curve, verification_report
+from model.training.occlusion import (
     EVAL_MASKS,
     EVAL_SUNGLASSES,
     MaskOccluder,
@@ -268,7 +269,7 @@ class PairSample:
 
 def held_out_views(images: np.ndarray, landmarks: np.ndarray, occluder_root: str | Path | None, seed: int = 0) -> np.ndarray:
     """``[2n, 112, 112, 3]``: the clean images, then one occluded copy of each (training-family occluders, seeded)."""
-    from model.occlusion import OcclusionAugmenter
+    from model.training.occlusion import OcclusionAugmenter
 
     occluder = OcclusionAugmenter.from_folder(occluder_root, probability=1.0)
     occluded = [occluder.occlude(img, lm, np.random.default_rng([seed, 19, i]))[0] for i, (img, lm) in enumerate(zip(images, landmarks))]
@@ -327,7 +328,7 @@ def held_out_faces(training_config: dict[str, Any], data_root: str | Path, holdo
     ``data_root``) plus every ``holdout`` cache; a holdout cache the weights trained on is refused.
     Labels are distinct across sets.
     """
-    from model.train import TrainConfig, load_training_data, split_by_identity
+    from model.training.train import TrainConfig, load_training_data, split_by_identity
 
     cfg = TrainConfig.from_dict(training_config)
     root = Path(data_root)

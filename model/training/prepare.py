@@ -19,7 +19,7 @@ from PIL import Image
 
 from model.align import ARCFACE_TEMPLATE, FaceDetector, FacePipeline, load_image, similarity_transform
 from model.errors import OAMLError
-from model.face import AlignedRecord, Face
+from model.training.face import AlignedRecord, Face
 
 __all__ = ["prepare"]
 

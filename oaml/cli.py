@@ -1,4 +1,4 @@
-"""The ``oaml`` command line: one entry point, a sub-command per task."""
+"""The ``oaml`` command line: one entry point, a sub-command per task (imports are lazy: ``--help`` stays fast)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ logger = logging.getLogger("oaml")
 def _cmd_import_adaface(args: argparse.Namespace) -> int:
     import torch
 
-    from model.checkpoint import export_backbone, import_adaface_ckpt, save_checkpoint
+    from model.checkpoint import export_backbone, save_checkpoint
+    from model.training.adaface_import import import_adaface_ckpt
 
     model, report = import_adaface_ckpt(args.ckpt, arch=args.arch)
     meta = {
@@ -46,7 +47,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from model.align import FaceDetector
-    from model.prepare import prepare
+    from model.training.prepare import prepare
 
     counts = prepare(
         args.src,
@@ -62,7 +63,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from model.train import TrainConfig, Trainer
+    from model.training.train import TrainConfig, Trainer
 
     overrides = {
         "out": str(args.out) if args.out else None,
@@ -85,8 +86,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from model.calibration import (
-        PRIOR,
+    from model.calibration import PRIOR
+    from model.training.calibrate import (
         cross_validated_reliability,
         draw_reliability,
         export_check,
@@ -96,7 +97,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     )
     from model.checkpoint import load_checkpoint, save_checkpoint
     from model.embedder import Embedder
-    from model.evaluate import held_out_faces, validation_scores
+    from model.training.evaluate import held_out_faces, validation_scores
 
     model, meta = load_checkpoint(args.weights)
     root = Path(args.data_root)
@@ -156,13 +157,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from model.calibration import Calibration
     from model.checkpoint import load_checkpoint
     from model.embedder import FLIP_TEST, Embedder
-    from model.evaluate import draw_roc, evaluate_lfw, markdown_report
+    from model.training.evaluate import draw_roc, evaluate_lfw, markdown_report
 
     model, meta = load_checkpoint(args.weights)
     cal = Calibration.from_dict(meta["calibration"]) if "calibration" in meta else None
     peer = None
     if args.peer == "sface":
-        from model.teacher import SFaceTeacher
+        from model.training.teacher import SFaceTeacher
 
         # the distillation teacher is also the peer: SFace on the same aligned crops, unflipped
         peer = SFaceTeacher(threads=2)

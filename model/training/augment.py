@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from model.occlusion import OcclusionAugmenter
+from model.training.occlusion import OcclusionAugmenter
 
 __all__ = ["AugmentConfig", "FaceAugmenter", "AugmentedFace", "flip_landmarks"]
 

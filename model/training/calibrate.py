@@ -1,0 +1,198 @@
+"""Fitting and checking a calibration: fusion weights, preset thresholds, probability reliability.
+
+``oaml calibrate`` fits :class:`model.calibration.Calibration` on labelled pairs of identities a
+model never trained on, scored by the served path, and measures how true its probability is
+(expected calibration error, in sample and cross-validated by identity). The service only
+applies the result (:mod:`model.calibration`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.calibration import PRESETS, PRIOR, Calibration, sigmoid
+from model.training.metrics import threshold_at_far
+
+__all__ = [
+    "fit_calibration",
+    "preset_rates",
+    "reliability",
+    "cross_validated_reliability",
+    "draw_reliability",
+    "export_check",
+]
+
+
+def _logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iterations: int = 50) -> tuple[np.ndarray, float]:
+    """Class-balanced L2-regularised logistic regression by Newton's method."""
+    n, d = x.shape
+    xb = np.hstack([x, np.ones((n, 1))])
+    pos = y.mean()
+    sample_w = np.where(y > 0, 0.5 / max(pos, 1e-9), 0.5 / max(1 - pos, 1e-9))
+    w = np.zeros(d + 1)
+    reg = np.full(d + 1, l2)
+    reg[-1] = 0.0
+    for _ in range(iterations):
+        p = sigmoid(xb @ w)
+        grad = xb.T @ (sample_w * (p - y)) / n + reg * w
+        hess = (xb * (sample_w * p * (1 - p))[:, None]).T @ xb / n + np.diag(reg)
+        step = np.linalg.solve(hess + 1e-9 * np.eye(d + 1), grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w[:-1], float(w[-1])
+
+
+def fit_calibration(cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray, same: np.ndarray) -> Calibration:
+    """Fit standardisation, fusion weights and preset thresholds on labelled pairs.
+
+    The scores must come from the served path (:class:`model.embedder.Embedder`): thresholds are
+    quantiles of this very distribution.
+    """
+    cos, qa, visibility = (np.asarray(a, dtype=np.float64) for a in (cos, qa, visibility))
+    same = np.asarray(same, dtype=bool)
+    if same.all() or not same.any():
+        raise ValueError("calibration needs genuine and impostor pairs")
+    imp = ~same
+    cal = Calibration(
+        cos_mean=float(cos[imp].mean()),
+        cos_std=float(max(cos[imp].std(), 1e-6)),
+        qa_mean=float(qa[imp].mean()),
+        qa_std=float(max(qa[imp].std(), 1e-6)),
+        coef=[0.0, 0.0, 0.0, 0.0],
+        intercept=0.0,
+        fitted=True,
+        pairs=int(len(same)),
+    )
+    coef, intercept = _logistic_fit(cal.features(cos, qa, visibility), same.astype(np.float64))
+    cal.coef, cal.intercept = [float(c) for c in coef], intercept
+    fused = cal.score(cos, qa, visibility)
+    cal.thresholds = {name: threshold_at_far(fused[imp], far) for name, far in PRESETS.items()}
+    return cal
+
+
+def preset_rates(cal: Calibration, fused: np.ndarray, same: np.ndarray) -> dict[str, dict[str, float]]:
+    """TAR and FAR of the fused score at each preset threshold (accept when ``score > threshold``)."""
+    fused, same = np.asarray(fused, dtype=np.float64), np.asarray(same, dtype=bool)
+    out = {}
+    for name, far in PRESETS.items():
+        t = cal.thresholds[name]
+        out[name] = {
+            "far_target": far,
+            "threshold": float(t),
+            "tar": float((fused[same] > t).mean()),
+            "far": float((fused[~same] > t).mean()),
+            "genuine": int(same.sum()),
+            "impostor": int((~same).sum()),
+        }
+    return out
+
+
+def reliability(probability: np.ndarray, same: np.ndarray, bins: int = 10, prior: float = PRIOR) -> dict[str, Any]:
+    """Expected calibration error and the reliability table of ``probability`` under ``prior``.
+
+    Pairs are re-weighted so genuine pairs carry ``prior`` of the total weight and impostors the
+    rest, whatever their counts: the probability claims P(same) under that prior, so its truth
+    is measured under it. Bins are equal-width in probability; ECE is the weight-averaged
+    absolute gap between the mean probability and the genuine fraction of each bin.
+    """
+    p, y = np.asarray(probability, dtype=np.float64), np.asarray(same, dtype=bool)
+    w = np.where(y, prior / max(y.sum(), 1), (1 - prior) / max((~y).sum(), 1))
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        m = which == b
+        weight = float(w[m].sum())
+        if weight == 0:
+            continue
+        conf = float((w[m] * p[m]).sum() / weight)
+        frac = float((w[m] * y[m]).sum() / weight)
+        ece += weight * abs(frac - conf)
+        table.append({"bin": [b / bins, (b + 1) / bins], "mean_probability": conf, "genuine_fraction": frac,
+                      "weight": weight, "pairs": int(m.sum())})
+    return {"ece": float(ece), "prior": prior, "bins": table, "pairs": int(len(p))}
+
+
+def cross_validated_reliability(
+    cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray, same: np.ndarray,
+    identity_a: np.ndarray, identity_b: np.ndarray, folds: int = 5, seed: int = 0,
+) -> dict[str, Any]:
+    """Reliability of probabilities on identities the fit never saw.
+
+    Identities are dealt into ``folds`` groups; for each, the calibration is fitted on pairs that
+    involve none of the group's identities and applied to pairs whose first face is in it. The
+    in-sample ECE flatters a fit; this one is what a new person's pair can expect.
+    """
+    ids = np.unique(np.r_[identity_a, identity_b])
+    group = dict(zip(ids.tolist(), np.random.default_rng([seed, 23]).permutation(len(ids)) % folds))
+    ga = np.array([group[i] for i in identity_a.tolist()])
+    gb = np.array([group[i] for i in identity_b.tolist()])
+    prob = np.full(len(same), np.nan)
+    for f in range(folds):
+        train = (ga != f) & (gb != f)
+        test = ga == f
+        if not test.any() or same[train].all() or not same[train].any():
+            continue  # too few identities for this fold (tiny sets): its pairs go unscored
+        cal = fit_calibration(cos[train], qa[train], visibility[train], same[train])
+        prob[test] = cal.probability(cal.score(cos[test], qa[test], visibility[test]))
+    keep = ~np.isnan(prob)
+    report = reliability(prob[keep], same[keep]) if keep.any() else {"ece": float("nan"), "bins": [], "pairs": 0, "prior": PRIOR}
+    report["folds"] = folds  # ECE is NaN when no fold had both kinds of pairs to fit on
+    return report
+
+
+def draw_reliability(reports: dict[str, dict[str, Any]], path: str | Path, size: tuple[int, int] = (560, 560)) -> None:
+    """Reliability diagram (genuine fraction against mean probability, one curve per report) as a PNG."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    left, top, right, bottom = 60, 40, w - 20, h - 60
+
+    def xy(px: float, py: float) -> tuple[float, float]:
+        return left + px * (right - left), bottom - py * (bottom - top)
+
+    d.rectangle((left, top, right, bottom), outline="black")
+    d.line((*xy(0, 0), *xy(1, 1)), fill=(160, 160, 160), width=1)
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x, y = xy(t, t)
+        d.line((x, bottom, x, bottom + 5), fill="black")
+        d.text((x - 10, bottom + 8), f"{t:.2f}", fill="black")
+        d.line((left - 5, y, left, y), fill="black")
+        d.text((left - 40, y - 6), f"{t:.2f}", fill="black")
+    d.text((w // 2 - 70, h - 30), "probability (bin mean)", fill="black")
+    d.text((left, 12), "genuine fraction under a 1:1 prior", fill="black")
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    for i, (label, rep) in enumerate(reports.items()):
+        colour = colours[i % len(colours)]
+        pts = [xy(b["mean_probability"], b["genuine_fraction"]) for b in rep["bins"]]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        for x, y in pts:
+            d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        d.text((left + 10, top + 10 + 14 * i), f"{label}: ECE {rep['ece']:.3f}", fill=colour)
+    img.save(path)
+
+
+def export_check(cal: Calibration, reference: dict[str, np.ndarray], served: dict[str, np.ndarray], served_as: dict[str, Any]) -> dict[str, Any]:
+    """Fused-score drift and per-preset TAR/FAR on the same labelled pairs, reference vs served.
+
+    ``reference`` is :func:`model.training.evaluate.validation_scores` of the fp32 weights computed in fp32;
+    ``served`` the same pairs through the served path (the exported weights' precision and the
+    service's autocast, ``served_as``). The calibration is fitted on ``served``; this says how far
+    the numbers would move on a device that serves at full precision.
+    """
+    a = cal.score(reference["cos"], reference["qa"], reference["visibility"])
+    b = cal.score(served["cos"], served["qa"], served["visibility"])
+    same = reference["same"]
+    report: dict[str, Any] = {"served_as": served_as, "pairs": int(len(same)), "max_abs_fused_diff": float(np.abs(a - b).max())}
+    for name, t in cal.thresholds.items():
+        report[name] = {
+            "tar_reference": float((a[same] > t).mean()), "tar_served": float((b[same] > t).mean()),
+            "far_reference": float((a[~same] > t).mean()), "far_served": float((b[~same] > t).mean()),
+        }
+    return report

@@ -1,0 +1,94 @@
+"""One place that maps errors to HTTP: ``application/problem+json`` with a stable ``code``.
+
+Core and service code raise :class:`model.errors.OAMLError` subclasses (:mod:`model.errors`,
+:mod:`service.errors`); nothing below HTTP knows status codes. Unexpected exceptions become a 500
+``INTERNAL_ERROR`` whose body never contains the traceback (that goes to the log).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.errors import OAMLError
+
+__all__ = ["ApiError", "STATUS", "problem", "install_handlers"]
+
+logger = logging.getLogger(__name__)
+
+STATUS: dict[str, int] = {
+    "INVALID_IMAGE": 400,
+    "INVALID_REQUEST": 400,
+    "UNAUTHORIZED": 401,
+    "SUBJECT_NOT_FOUND": 404,
+    "FACE_NOT_FOUND": 404,
+    "NOT_FOUND": 404,
+    "METHOD_NOT_ALLOWED": 405,
+    "IMAGE_TOO_LARGE": 413,
+    "PAYLOAD_TOO_LARGE": 413,
+    "UNSUPPORTED_MEDIA": 415,
+    "NO_FACE": 422,
+    "MULTIPLE_FACES": 422,
+    "FACE_INDEX_OUT_OF_RANGE": 422,
+    "NO_USABLE_FACE": 422,
+    "VALIDATION_ERROR": 422,
+    "GALLERY_EMPTY": 409,
+    "OVERLOADED": 503,
+    "NOT_READY": 503,
+    "GALLERY_VERSION_MISMATCH": 503,
+    "INTERNAL_ERROR": 500,
+}
+
+_TITLES = {
+    400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+    413: "Content Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content", 500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error raised by the HTTP layer itself (validation of form fields, auth, limits)."""
+
+    def __init__(self, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.code, self.detail, self.extra = code, detail, extra
+
+
+def problem(code: str, detail: str, status: int | None = None, **extra: Any) -> JSONResponse:
+    status = status or STATUS.get(code, 400)
+    body = {"type": f"https://oaml.dev/errors/{code.lower().replace('_', '-')}", "title": _TITLES.get(status, "Error"),
+            "status": status, "code": code, "detail": detail, **extra}
+    headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'} if status == 401 else None
+    return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> JSONResponse:
+        return problem(exc.code, exc.detail, **exc.extra)
+
+    @app.exception_handler(OAMLError)
+    async def _domain(_: Request, exc: OAMLError) -> JSONResponse:
+        extra = {k: v for k, v in exc.details.items() if isinstance(v, (int, float, str))}
+        return problem(exc.code, exc.message, **extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        return problem("VALIDATION_ERROR", "the request does not match the API schema", errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(exc.status_code, "INVALID_REQUEST")
+        return problem(code, str(exc.detail), status=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem("INTERNAL_ERROR", "internal error; see the service log")
+

@@ -1,0 +1,16 @@
+"""HTTP routers, one per resource. Each route parses its request and calls one use case.
+
+``public`` routers answer without an API key (health, readiness, metrics); ``protected`` ones
+need one when ``OAML_API_KEYS`` is set.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.routes import gallery, health, identify, occlusion, verify
+
+__all__ = ["public", "protected"]
+
+public: list[APIRouter] = [health.public]
+protected: list[APIRouter] = [health.protected, verify.router, gallery.router, identify.router, occlusion.router]

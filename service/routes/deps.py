@@ -1,0 +1,72 @@
+"""What every route shares: the app state, the API-key check, reading uploads, parsing form options."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from fastapi import Depends, Request, UploadFile
+
+from model.align import FaceSelection
+from service.problems import ApiError
+from service.state import AppState
+from service.usecases import Photo
+
+__all__ = ["StateDep", "get_state", "require_key", "read_photo", "parse_selection", "SUBJECT_PATTERN"]
+
+SUBJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$"
+_ACCEPTED_TYPES = ("image/", "application/octet-stream")
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState | None = getattr(request.app.state, "oaml", None)
+    if state is None or not state.ready:
+        raise ApiError("NOT_READY", "the service is still loading the model and the gallery")
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def require_key(request: Request) -> None:
+    """API-key check when ``OAML_API_KEYS`` is set: ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``."""
+    keys = request.app.state.settings.api_keys
+    if not keys:
+        return
+    supplied = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if supplied is None and auth.lower().startswith("bearer "):
+        supplied = auth[7:].strip()
+    if supplied is None or supplied not in keys:
+        raise ApiError("UNAUTHORIZED", "missing or invalid API key (send X-API-Key)")
+
+
+def parse_selection(value: str, field: str) -> FaceSelection:
+    if value in ("largest", "single"):
+        return value  # type: ignore[return-value]
+    if re.fullmatch(r"\d{1,3}", value):
+        return int(value)
+    raise ApiError("VALIDATION_ERROR", f"{field} must be 'largest', 'single' or a face index (0 = largest), got {value!r}", field=field)
+
+
+async def read_photo(state: AppState, upload: UploadFile, field: str, collect: bool = False) -> Photo:
+    """One uploaded image with media-type and size checks.
+
+    With ``collect`` a bad upload comes back as a :class:`Photo` holding the error (enrolment
+    lists it among the rejected images); otherwise the error is raised.
+    """
+    try:
+        ctype = (upload.content_type or "").lower()
+        if ctype and not ctype.startswith(_ACCEPTED_TYPES):
+            raise ApiError("UNSUPPORTED_MEDIA", f"{field}: {ctype!r} is not an image type", field=field)
+        limit = state.settings.max_image_bytes
+        data = await upload.read(limit + 1)
+        if len(data) > limit:
+            raise ApiError("IMAGE_TOO_LARGE", f"{field}: more than {limit} bytes", field=field, max_bytes=limit)
+        if not data:
+            raise ApiError("INVALID_IMAGE", f"{field}: empty file", field=field)
+    except ApiError as exc:
+        if not collect:
+            raise
+        return Photo(field, filename=upload.filename, error=exc)
+    return Photo(field, data, upload.filename)

@@ -1,0 +1,75 @@
+"""``/gallery``: enrol subjects and their faces, list, inspect and delete them."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+
+from service import usecases
+from service.problems import ApiError
+from service.routes.deps import SUBJECT_PATTERN, StateDep, parse_selection, read_photo
+from service.schemas import DeleteResponse, EnrolResponse, SubjectDetail, SubjectPage
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["gallery"])
+
+
+def _metadata(raw: str | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ApiError("VALIDATION_ERROR", f"metadata is not valid JSON: {exc}", field="metadata") from exc
+    if not isinstance(value, dict):
+        raise ApiError("VALIDATION_ERROR", "metadata must be a JSON object", field="metadata")
+    return value
+
+
+@router.post("/gallery", response_model=EnrolResponse, status_code=201, operation_id="enrol",
+             responses={422: {"description": "no usable face in any image (see `rejected`)"}})
+async def enrol(
+    state: StateDep,
+    subject: Annotated[str, Form(pattern=SUBJECT_PATTERN, description="subject id: letters, digits, . _ @ : + -")],
+    images: Annotated[list[UploadFile], File(description="one or more photos of the subject")],
+    name: Annotated[str | None, Form(max_length=256)] = None,
+    metadata: Annotated[str | None, Form(description="JSON object stored with the subject")] = None,
+    face: Annotated[str, Form(description="'single' (reject photos with several faces), 'largest' or an index")] = "single",
+    aligned: Annotated[bool, Form()] = False,
+) -> EnrolResponse:
+    """Enrol every usable face; unusable photos are listed in `rejected` with a reason."""
+    meta = _metadata(metadata)
+    if len(images) > state.settings.max_images_per_request:
+        raise ApiError("VALIDATION_ERROR", f"at most {state.settings.max_images_per_request} images per request", field="images")
+    select = parse_selection(face, "face")
+    photos = [await read_photo(state, upload, f"images[{i}]", collect=True) for i, upload in enumerate(images)]
+    return await usecases.enrol(state, subject, photos, name, meta, select, aligned)
+
+
+@router.get("/gallery", response_model=SubjectPage, operation_id="list_subjects")
+async def list_subjects(
+    state: StateDep, offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> SubjectPage:
+    """Enrolled subjects, ordered by id, a page at a time."""
+    return await usecases.list_subjects(state, offset, limit)
+
+
+@router.get("/gallery/{subject}", response_model=SubjectDetail, operation_id="get_subject")
+async def get_subject(state: StateDep, subject: str) -> SubjectDetail:
+    """One subject and its enrolled faces."""
+    return await usecases.get_subject(state, subject)
+
+
+@router.delete("/gallery/{subject}", response_model=DeleteResponse, operation_id="delete_subject")
+async def delete_subject(state: StateDep, subject: str) -> DeleteResponse:
+    """Remove a subject and all of its faces."""
+    return await usecases.delete_subject(state, subject)
+
+
+@router.delete("/gallery/{subject}/faces/{face_id}", response_model=DeleteResponse, operation_id="delete_face")
+async def delete_face(state: StateDep, subject: str, face_id: str) -> DeleteResponse:
+    """Remove one face of a subject (the subject stays, even with no faces left)."""
+    return await usecases.delete_face(state, subject, face_id)

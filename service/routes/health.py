@@ -1,0 +1,76 @@
+"""Liveness, readiness, metrics (public) and the service description (``/info``, behind the key)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from model.calibration import PRESETS, PRIOR
+from model.embedder import precision_name
+from service.problems import ApiError
+from service.routes.deps import StateDep
+from service.schemas import HealthResponse, InfoResponse, PresetInfo
+from service.state import AppState
+
+__all__ = ["public", "protected"]
+
+public = APIRouter(tags=["health"])
+protected = APIRouter(tags=["health"])  # the app adds the key check to every protected router
+
+
+@public.get("/health", response_model=HealthResponse, operation_id="health")
+async def health() -> HealthResponse:
+    """Liveness: the process answers."""
+    return HealthResponse(status="ok")
+
+
+@public.get("/ready", response_model=HealthResponse, operation_id="ready", responses={503: {"description": "still loading"}})
+async def ready(request: Request) -> Any:
+    """Readiness: model loaded and warmed, gallery loaded."""
+    state: AppState | None = getattr(request.app.state, "oaml", None)
+    if state is None or not state.ready:
+        raise ApiError("NOT_READY", "loading model and gallery")
+    return HealthResponse(status="ready")
+
+
+@public.get("/metrics", operation_id="metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics: requests and latency per route, batch sizes, queue depth, gallery size."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    state: AppState | None = getattr(request.app.state, "oaml", None)
+    if state is None:
+        raise ApiError("NOT_READY", "loading")
+    state.metrics.queue_depth.set(state.engine.queue_depth)
+    state.metrics.gallery_faces.set(len(state.index))
+    state.metrics.gallery_subjects.set(len(state.names))
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@protected.get("/info", response_model=InfoResponse, operation_id="info")
+async def info(state: StateDep) -> InfoResponse:
+    """Model version, architecture, device, preset thresholds with their FAR and probability, gallery size."""
+    engine, cal, settings = state.engine, state.engine.calibration, state.settings
+    presets = {}
+    for name, far in PRESETS.items():
+        lfw = engine.card.lfw_presets.get(name, {})
+        presets[name] = PresetInfo(far=far, threshold=round(cal.thresholds[name], 5), probability=round(cal.probability_at(cal.thresholds[name]), 5),
+                                   lfw_tar=lfw.get("tar"), lfw_far=lfw.get("far"))
+    return InfoResponse(
+        model_version=engine.model_version,
+        architecture=engine.card.architecture,
+        device=str(engine.device),
+        precision=precision_name(engine.autocast),
+        calibration="fitted on held-out identities" if cal.fitted else "default (uncalibrated)",
+        presets=presets,
+        probability_prior=PRIOR,
+        flip_test=engine.embedder.flip,
+        default_threshold=settings.default_threshold,
+        gallery_subjects=len(state.names),
+        gallery_faces=len(state.index),
+        detector="retinaface_mnet025",
+        max_batch=settings.max_batch,
+        limits={"max_image_bytes": settings.max_image_bytes, "max_image_pixels": settings.max_image_pixels,
+                "max_images_per_request": settings.max_images_per_request},
+    )

@@ -1,0 +1,31 @@
+"""``POST /verify``: are two photos the same person?"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from service import usecases
+from service.routes.deps import StateDep, parse_selection, read_photo
+from service.schemas import VerifyResponse
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["match"])
+
+
+@router.post("/verify", response_model=VerifyResponse, operation_id="verify")
+async def verify(
+    state: StateDep,
+    image_a: Annotated[UploadFile, File(description="first photo")],
+    image_b: Annotated[UploadFile, File(description="second photo")],
+    threshold: Annotated[str | None, Form(description="finite number (fused score), or preset: lenient, balanced, strict")] = None,
+    face_a: Annotated[str, Form(description="'largest', 'single' or a face index")] = "largest",
+    face_b: Annotated[str, Form()] = "largest",
+    aligned: Annotated[bool, Form(description="inputs are aligned 112x112 crops: skip detection")] = False,
+) -> VerifyResponse:
+    """1:1 verification of two photos: are they the same person?"""
+    sel_a, sel_b = parse_selection(face_a, "face_a"), parse_selection(face_b, "face_b")
+    a, b = await read_photo(state, image_a, "image_a"), await read_photo(state, image_b, "image_b")
+    return await usecases.verify(state, a, b, threshold, sel_a, sel_b, aligned)

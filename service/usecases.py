@@ -1,0 +1,325 @@
+"""What the service does, one function per use case; the HTTP routes call exactly one of these.
+
+Routes own HTTP (form fields, uploads, status codes); these functions own the decisions: which
+face to use, how scores are fused and thresholded, how candidates are ranked, which faces are
+good enough to enrol, and the order in which an enrolment becomes durable and searchable. Device
+work goes through the engine's worker (:meth:`service.engine.Engine.run_device`); blocking work
+(decoding, detection, the SQLite store, rendering) through its CPU pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from model.align import FaceSelection
+from model.errors import OAMLError
+from service.engine import FaceFeatures
+from service.problems import ApiError
+from service.render import heatmap_png
+from service.schemas import (
+    Candidate,
+    DeleteResponse,
+    EnrolledFace,
+    EnrolResponse,
+    FaceInfo,
+    IdentifyResponse,
+    Quality,
+    RejectedImage,
+    ScoreBreakdown,
+    SubjectDetail,
+    SubjectFace,
+    SubjectPage,
+    SubjectSummary,
+    VerifyResponse,
+)
+from service.state import AppState
+from service.store import FaceRecord, new_face_id
+
+__all__ = [
+    "Photo",
+    "Heatmap",
+    "verify",
+    "enrol",
+    "identify",
+    "list_subjects",
+    "get_subject",
+    "delete_subject",
+    "delete_face",
+    "heatmap_of_face",
+    "heatmap_of_photo",
+    "OCCLUDED_VISIBILITY",
+    "OCCLUDED_SHORTLIST_FACTOR",
+]
+
+#: Probes less visible than this get a longer QAConv shortlist: their global cosine is less reliable.
+OCCLUDED_VISIBILITY = 0.7
+OCCLUDED_SHORTLIST_FACTOR = 3
+
+
+@dataclass(frozen=True)
+class Photo:
+    """One uploaded image: its bytes, or the error that made it unusable (enrolment lists those)."""
+
+    field: str
+    data: bytes = b""
+    filename: str | None = None
+    error: ApiError | None = None
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    png: bytes
+    visibility: float
+
+
+@dataclass(frozen=True)
+class _Face:
+    crop: np.ndarray
+    detection: dict[str, Any]  # box, landmarks, detection_score (None for aligned input)
+
+
+def _with_field(exc: OAMLError, field: str) -> OAMLError:
+    exc.message = f"{field}: {exc.message}"
+    exc.details["field"] = field
+    return exc
+
+
+async def _find_face(state: AppState, photo: Photo, select: FaceSelection, aligned: bool) -> _Face:
+    """The aligned crop of one photo's chosen face; domain errors name the photo's field."""
+    if photo.error is not None:
+        raise photo.error
+    engine = state.engine
+    try:
+        if aligned:
+            crop = await engine.run_cpu(engine.aligned_crop, photo.data)
+            return _Face(crop, {"box": None, "landmarks": None, "detection_score": None})
+        found = await engine.run_cpu(engine.detect_one, photo.data, select)
+    except OAMLError as exc:
+        raise _with_field(exc, photo.field) from exc
+    return _Face(found.crop, {
+        "box": [round(v, 1) for v in found.face.box],
+        "landmarks": np.round(found.face.landmarks, 1).tolist(),
+        "detection_score": round(found.face.score, 4),
+    })
+
+
+def _threshold(state: AppState, value: str | None) -> tuple[float, str | None]:
+    try:
+        return state.engine.resolve_threshold(value)
+    except ValueError as exc:
+        raise ApiError("VALIDATION_ERROR", str(exc), field="threshold") from exc
+
+
+def _face_info(state: AppState, feats: FaceFeatures, detection: dict[str, Any]) -> FaceInfo:
+    return FaceInfo(
+        **detection,
+        quality=Quality(norm=round(feats.norm, 4), standardised=round(state.engine.quality(feats.norm), 4)),
+        visibility=round(feats.visibility, 4),
+        visibility_map=np.round(feats.occlusion.numpy(), 4).tolist(),
+    )
+
+
+def _crop_jpeg(crop: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(crop).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+# -- verify ----------------------------------------------------------------------------------
+
+
+async def verify(
+    state: AppState, a: Photo, b: Photo, threshold: str | None, face_a: FaceSelection, face_b: FaceSelection, aligned: bool
+) -> VerifyResponse:
+    """1:1: one face from each photo, fused score against the threshold."""
+    thr, preset = _threshold(state, threshold)
+    fa_face, fb_face = await asyncio.gather(_find_face(state, a, face_a, aligned), _find_face(state, b, face_b, aligned))
+    engine = state.engine
+    fa, fb = await engine.embed(np.stack([fa_face.crop, fb_face.crop]))
+    s = await engine.run_device(engine.pair_scores, fa, fb)
+    cal = engine.calibration
+    return VerifyResponse(
+        match=s["fused"] > thr,
+        score=round(s["fused"], 5),
+        probability=round(s["probability"], 5),
+        threshold=round(thr, 5),
+        threshold_probability=round(cal.probability_at(thr), 5),
+        threshold_preset=preset,
+        scores=ScoreBreakdown(adaface=round(s["adaface"], 5), qaconv=round(s["qaconv"], 5),
+                              weights={k: round(v, 4) for k, v in cal.weights(s["visibility"]).items()}),
+        face_a=_face_info(state, fa, fa_face.detection),
+        face_b=_face_info(state, fb, fb_face.detection),
+        model_version=engine.model_version,
+    )
+
+
+# -- gallery ---------------------------------------------------------------------------------
+
+
+async def enrol(
+    state: AppState, subject: str, photos: list[Photo], name: str | None, metadata: dict[str, Any] | None,
+    select: FaceSelection, aligned: bool,
+) -> EnrolResponse:
+    """Enrol every usable face of ``photos``; list the others in ``rejected`` with a code.
+
+    A face is usable when one was found as ``select`` asks, it is at least ``min_face_size``
+    wide and its quality reaches ``min_quality``. The enrolment is durable (committed to the
+    store) before it is searchable (added to the index), and both happen before it is
+    acknowledged.
+    """
+    settings = state.settings
+    rejected: list[RejectedImage] = []
+
+    def reject(i: int, code: str, reason: str) -> None:
+        rejected.append(RejectedImage(image_index=i, filename=photos[i].filename, code=code, reason=reason))
+
+    async def one(i: int) -> tuple[int, _Face] | None:
+        try:
+            face = await _find_face(state, photos[i], select, aligned)
+        except ApiError as exc:
+            reject(i, exc.code, exc.detail)
+            return None
+        except OAMLError as exc:
+            reject(i, exc.code, exc.message)
+            return None
+        box = face.detection["box"]
+        if box is not None and min(box[2] - box[0], box[3] - box[1]) < settings.min_face_size:
+            reject(i, "FACE_TOO_SMALL", f"face is {box[2] - box[0]:.0f} px wide, minimum {settings.min_face_size}")
+            return None
+        return i, face
+
+    found = [r for r in await asyncio.gather(*(one(i) for i in range(len(photos)))) if r is not None]
+    feats = await state.engine.embed(np.stack([face.crop for _, face in found])) if found else []
+    records: list[FaceRecord] = []
+    enrolled: list[EnrolledFace] = []
+    now = time.time()
+    for (i, face), f in zip(found, feats, strict=True):
+        quality = state.engine.quality(f.norm)
+        if quality < settings.min_quality:
+            reject(i, "LOW_QUALITY", f"standardised quality {quality:.2f} is below {settings.min_quality}")
+            continue
+        det = face.detection
+        record = FaceRecord(
+            face_id=new_face_id(), subject=subject, embedding=f.embedding.numpy(), feature_map=f.feature_map.numpy().astype(np.float16),
+            occlusion=f.occlusion.numpy(), norm=f.norm, quality=quality, detection_score=det["detection_score"], box=det["box"],
+            created_at=now, crop=_crop_jpeg(face.crop) if settings.store_crops else None,
+        )
+        records.append(record)
+        enrolled.append(EnrolledFace(face_id=record.face_id, image_index=i, filename=photos[i].filename, box=det["box"],
+                                     detection_score=det["detection_score"],
+                                     quality=Quality(norm=round(f.norm, 4), standardised=round(quality, 4)), visibility=round(f.visibility, 4)))
+    rejected.sort(key=lambda r: r.image_index)
+    if not records:
+        raise ApiError("NO_USABLE_FACE", "no image held a usable face", rejected=[r.model_dump() for r in rejected])
+
+    def commit() -> int:
+        with state.enrol_lock:  # store first (durable), then the index: an acknowledged face is on disk
+            state.store.upsert_subject(subject, name, metadata)
+            state.store.add_faces(records)
+            state.engine.call_device(state.index.add_records, records)
+            if name is not None or subject not in state.names:
+                state.names[subject] = name if name is not None else state.names.get(subject)
+            return state.store.subject(subject).faces
+
+    total = await state.engine.run_cpu(commit)
+    return EnrolResponse(subject=subject, name=state.names.get(subject), faces=enrolled, rejected=rejected, total_faces=total)
+
+
+async def list_subjects(state: AppState, offset: int, limit: int) -> SubjectPage:
+    rows, total = await state.engine.run_cpu(state.store.subjects, offset, limit)
+    return SubjectPage(subjects=[SubjectSummary(**vars(r)) for r in rows], total=total, offset=offset, limit=limit)
+
+
+async def get_subject(state: AppState, subject: str) -> SubjectDetail:
+    record = await state.engine.run_cpu(state.store.subject, subject)
+    faces = await state.engine.run_cpu(state.store.faces_of, subject)
+    return SubjectDetail(
+        **vars(record),
+        face_list=[
+            SubjectFace(face_id=f.face_id, quality=Quality(norm=round(f.norm, 4), standardised=round(f.quality, 4)),
+                        visibility=round(float(f.occlusion.mean()), 4), detection_score=f.detection_score, box=f.box, created_at=f.created_at)
+            for f in faces
+        ],
+    )
+
+
+async def delete_subject(state: AppState, subject: str) -> DeleteResponse:
+    def run() -> list[str]:
+        with state.enrol_lock:
+            ids = state.store.delete_subject(subject)
+            state.engine.call_device(state.index.remove, ids)
+            state.names.pop(subject, None)
+            return ids
+
+    return DeleteResponse(subject=subject, deleted_faces=await state.engine.run_cpu(run))
+
+
+async def delete_face(state: AppState, subject: str, face_id: str) -> DeleteResponse:
+    def run() -> None:
+        with state.enrol_lock:
+            state.store.delete_face(subject, face_id)
+            state.engine.call_device(state.index.remove, [face_id])
+
+    await state.engine.run_cpu(run)
+    return DeleteResponse(subject=subject, deleted_faces=[face_id])
+
+
+# -- identify --------------------------------------------------------------------------------
+
+
+async def identify(state: AppState, photo: Photo, top_k: int, threshold: str | None, select: FaceSelection, aligned: bool) -> IdentifyResponse:
+    """1:N: exact cosine over every face, QAConv re-ranking of a shortlist, fusion, one row per subject."""
+    thr, preset = _threshold(state, threshold)
+    face = await _find_face(state, photo, select, aligned)
+    engine = state.engine
+    (feats,) = await engine.embed(face.crop[None])
+    factor = OCCLUDED_SHORTLIST_FACTOR if feats.visibility < OCCLUDED_VISIBILITY else 1
+    t0 = time.perf_counter()
+    found = await engine.run_device(state.index.search, feats.embedding, feats.feature_map, feats.occlusion, state.settings.shortlist * factor)
+    cal = engine.calibration
+    fused = cal.score(found["cosine"], found["qaconv"], np.minimum(found["visibility"], feats.visibility))
+    best: dict[str, int] = {}
+    for i, subject in enumerate(found["subjects"]):
+        if subject not in best or fused[i] > fused[best[subject]]:
+            best[subject] = i
+    order = sorted(best.items(), key=lambda kv: -fused[kv[1]])[:top_k]
+    probs = cal.probability(fused)
+    candidates = [
+        Candidate(subject=s, name=state.names.get(s), face_id=found["face_ids"][i], score=round(float(fused[i]), 5),
+                  probability=round(float(probs[i]), 5), adaface=round(float(found["cosine"][i]), 5),
+                  qaconv=round(float(found["qaconv"][i]), 5), match=bool(fused[i] > thr))
+        for s, i in order
+    ]
+    timings = {k: round(v, 3) for k, v in found["ms"].items()}
+    timings["matching"] = round(1000 * (time.perf_counter() - t0), 3)
+    return IdentifyResponse(
+        match=candidates[0] if candidates and candidates[0].match else None,
+        candidates=candidates, threshold=round(thr, 5), threshold_probability=round(cal.probability_at(thr), 5),
+        threshold_preset=preset, face=_face_info(state, feats, face.detection),
+        gallery_faces=len(state.index), timings_ms=timings, model_version=engine.model_version,
+    )
+
+
+# -- occlusion heatmaps ----------------------------------------------------------------------
+
+
+async def heatmap_of_face(state: AppState, face_id: str, scale: int) -> Heatmap:
+    """An enrolled face's visibility map (over its crop when crops are stored, else over grey)."""
+    record = await state.engine.run_cpu(state.store.face, face_id)
+    crop = np.asarray(Image.open(io.BytesIO(record.crop)).convert("RGB")) if record.crop else None
+    png = await state.engine.run_cpu(heatmap_png, crop, record.occlusion, scale)
+    return Heatmap(png, float(record.occlusion.mean()))
+
+
+async def heatmap_of_photo(state: AppState, photo: Photo, select: FaceSelection, aligned: bool, scale: int) -> Heatmap:
+    face = await _find_face(state, photo, select, aligned)
+    (feats,) = await state.engine.embed(face.crop[None])
+    png = await state.engine.run_cpu(heatmap_png, face.crop, feats.occlusion.numpy(), scale)
+    return Heatmap(png, feats.visibility)
