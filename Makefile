@@ -15,7 +15,7 @@ DATA ?= ../oaml_data
 RUN ?= ../oaml_runs/ir18_default
 WEIGHTS ?= weights/oaml_ir18.safetensors
 
-.PHONY: install test test-slow serve bench bench-service prepare-data train-default eval clean
+.PHONY: install lint test test-slow serve bench bench-service prepare-data train-default eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,13 +29,19 @@ $(STAMP): pyproject.toml | $(BIN)/python
 			echo "no GPU: installing $(TORCH_CPU)"; $(BIN)/pip install -q "$(TORCH_CPU)"; \
 		fi; \
 	fi
-	$(BIN)/pip install -q -e ".[test,train]"
+	$(BIN)/pip install -q -e ".[test,train,lint]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Style and types: ruff (lint + format check) over the tree, mypy over model/, service/ and oaml/.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # Real-data checks of the shipped weights' published numbers (minutes; needs ../shared/data).
 test-slow: prepare-data

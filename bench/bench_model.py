@@ -60,18 +60,20 @@ def bench_backbone(rows: list[str], seconds: float) -> None:
             for precision in ("fp32", "bf16"):
                 bf16 = precision == "bf16"
 
-                def serving() -> object:
+                # defaults bind this iteration's values (each function is timed before the next one)
+                def serving(model: torch.nn.Module = model, x: torch.Tensor = x, bf16: bool = bf16) -> object:
                     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                         return model.forward_all(x)
 
-                def plain() -> object:
+                def plain(model: torch.nn.Module = model, x: torch.Tensor = x, bf16: bool = bf16) -> object:
                     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                         return model.output_layer(model.body(model.input_layer(x)))
 
                 t_plain = timeit(plain, seconds)
                 t_serv = timeit(serving, seconds)
                 rows.append(
-                    f"| {arch} | {batch} | {precision} | {batch / t_serv:.1f} | {batch / t_plain:.1f} | {t_plain / t_serv:.2f} |"
+                    f"| {arch} | {batch} | {precision} | {batch / t_serv:.1f} | {batch / t_plain:.1f} "
+                    f"| {t_plain / t_serv:.2f} |"
                 )
                 print(rows[-1], flush=True)  # noqa: T201
 
@@ -82,7 +84,9 @@ def bench_detection(rows: list[str], seconds: float) -> None:
     pipeline = FacePipeline(FaceDetector(threads=1))
     photos = {
         "astronaut 512x512": data.astronaut(),
-        "astronaut upscaled 1536x1536": np.ascontiguousarray(np.kron(data.astronaut(), np.ones((3, 3, 1), dtype=np.uint8))),
+        "astronaut upscaled 1536x1536": np.ascontiguousarray(
+            np.kron(data.astronaut(), np.ones((3, 3, 1), dtype=np.uint8))
+        ),
         "tight crop 100x90": np.ascontiguousarray(data.astronaut()[65:165, 180:270]),
     }
     rows.append("| photo | detect + align ms (1 onnxruntime thread) |")
@@ -108,7 +112,7 @@ def bench_qaconv(rows: list[str], seconds: float) -> None:
             rows.append(f"| {size:,} | {label} | {t * 1000:.1f} | {size / t:,.0f} |")
             print(rows[-1], flush=True)  # noqa: T201
 
-        def literal(gallery: torch.Tensor = gallery) -> None:
+        def literal(gallery: torch.Tensor = gallery, size: int = size) -> None:
             with torch.no_grad():
                 for i in range(0, size, 128):
                     qa(probe, gallery[i : i + 128])
@@ -154,7 +158,8 @@ def main() -> None:
         f"- Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()}, {os.cpu_count()} cores; "
         f"Python {platform.python_version()}, torch {torch.__version__}, {args.threads} torch threads, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}.",
-        f"- Command: `python bench/bench_model.py --out bench/RESULTS.md --seconds {args.seconds:g} --threads {args.threads}` (or `make bench`).",
+        f"- Command: `python bench/bench_model.py --out bench/RESULTS.md --seconds {args.seconds:g} "
+        f"--threads {args.threads}` (or `make bench`).",
         "- Median of repeated calls after 2 warm-up calls. Backbone: channels_last; 'bf16' is CPU autocast. "
         "'Serving call' is `forward_all` (embedding, norm, occlusion map, feature map); 'plain' is "
         "`output_layer(body(input_layer(x)))` under `torch.inference_mode`.",

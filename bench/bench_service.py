@@ -86,18 +86,38 @@ def fill_store(data_dir: Path, model_version: str, count: int, channels: int) ->
         occ = rng.uniform(0.6, 1.0, size=(n, 7, 7)).astype(np.float32)
         for j in range(0, n, 2):  # two faces per synthetic subject
             store.upsert_subject(f"synthetic{(start + j) // 2:06d}", None, None)
-        store.add_faces([
-            FaceRecord(f"syn{start + j:07d}", f"synthetic{(start + j) // 2:06d}", emb[j], maps[j], occ[j], 20.0, 0.0, 0.99, None, now)
-            for j in range(n)
-        ])
+        store.add_faces(
+            [
+                FaceRecord(
+                    f"syn{start + j:07d}",
+                    f"synthetic{(start + j) // 2:06d}",
+                    emb[j],
+                    maps[j],
+                    occ[j],
+                    20.0,
+                    0.0,
+                    0.99,
+                    None,
+                    now,
+                )
+                for j in range(n)
+            ]
+        )
     store.close()
 
 
 class Server:
     def __init__(self, weights: Path, data_dir: Path, threads: int) -> None:
         self.port = free_port()
-        env = {**os.environ, "OAML_WEIGHTS": str(weights), "OAML_DATA_DIR": str(data_dir), "OAML_PORT": str(self.port),
-               "OAML_TORCH_THREADS": str(threads), "OAML_LOG_LEVEL": "warning", "OMP_WAIT_POLICY": "PASSIVE"}
+        env = {
+            **os.environ,
+            "OAML_WEIGHTS": str(weights),
+            "OAML_DATA_DIR": str(data_dir),
+            "OAML_PORT": str(self.port),
+            "OAML_TORCH_THREADS": str(threads),
+            "OAML_LOG_LEVEL": "warning",
+            "OMP_WAIT_POLICY": "PASSIVE",
+        }
         self.proc = subprocess.Popen([sys.executable, "-m", "oaml.cli", "serve"], cwd=ROOT, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 600
@@ -120,7 +140,9 @@ class Server:
             self.proc.kill()
 
 
-async def timed_requests(url: str, make: Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]], total: int, concurrency: int) -> tuple[list[float], dict[int, int], float]:
+async def timed_requests(
+    url: str, make: Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]], total: int, concurrency: int
+) -> tuple[list[float], dict[int, int], float]:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     queue = list(range(total))
@@ -156,40 +178,62 @@ def main() -> None:
     rows: list[str] = []
 
     def verify(client: httpx.AsyncClient, _: int) -> Awaitable[httpx.Response]:
-        return client.post("/verify", files={"image_a": ("a.jpg", a, "image/jpeg"), "image_b": ("b.jpg", b, "image/jpeg")})
+        return client.post(
+            "/verify", files={"image_a": ("a.jpg", a, "image/jpeg"), "image_b": ("b.jpg", b, "image/jpeg")}
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(args.weights, Path(tmp) / "empty", args.threads)
         try:
             asyncio.run(timed_requests(server.url, verify, 4, 1))  # warm
-            rows += ["| test | concurrency | requests | p50 ms | p95 ms | throughput | non-2xx |", "|---|---|---|---|---|---|---|"]
+            rows += [
+                "| test | concurrency | requests | p50 ms | p95 ms | throughput | non-2xx |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for conc in (1, 8):
                 lat, st, wall = asyncio.run(timed_requests(server.url, verify, args.requests, conc))
                 bad = sum(v for k, v in st.items() if k >= 300)
-                rows.append(f"| verify, two 640x480 JPEGs | {conc} | {len(lat)} | {1000 * statistics.median(lat):.0f} | {1000 * pct(lat, 95):.0f} | {len(lat) / wall:.1f} req/s | {bad} |")
+                rows.append(
+                    f"| verify, two 640x480 JPEGs | {conc} | {len(lat)} | {1000 * statistics.median(lat):.0f} "
+                    f"| {1000 * pct(lat, 95):.0f} | {len(lat) / wall:.1f} req/s | {bad} |"
+                )
                 print(rows[-1], flush=True)  # noqa: T201
 
             def enrol(client: httpx.AsyncClient, i: int) -> Awaitable[httpx.Response]:
-                return client.post("/gallery", data={"subject": f"bench{i}"}, files=[("images", ("a.jpg", a, "image/jpeg"))])
+                return client.post(
+                    "/gallery", data={"subject": f"bench{i}"}, files=[("images", ("a.jpg", a, "image/jpeg"))]
+                )
 
             lat, st, wall = asyncio.run(timed_requests(server.url, enrol, 40, 4))
-            rows.append(f"| enrol, one 640x480 JPEG | 4 | {len(lat)} | {1000 * statistics.median(lat):.0f} | {1000 * pct(lat, 95):.0f} | {len(lat) / wall:.1f} faces/s | {sum(v for k, v in st.items() if k >= 300)} |")
+            failed = sum(v for k, v in st.items() if k >= 300)
+            rows.append(
+                f"| enrol, one 640x480 JPEG | 4 | {len(lat)} | {1000 * statistics.median(lat):.0f} "
+                f"| {1000 * pct(lat, 95):.0f} | {len(lat) / wall:.1f} faces/s | {failed} |"
+            )
             print(rows[-1], flush=True)  # noqa: T201
         finally:
             server.stop()
 
-        rows += ["", "| gallery faces | identify p50 ms (HTTP, one 640x480 JPEG) | matching p50 ms (cosine + QAConv shortlist) |", "|---|---|---|"]
+        rows += [
+            "",
+            "| gallery faces | identify p50 ms (HTTP, one 640x480 JPEG) "
+            "| matching p50 ms (cosine + QAConv shortlist) |",
+            "|---|---|---|",
+        ]
         for size in (1_000, 10_000):
             data_dir = Path(tmp) / f"g{size}"
             fill_store(data_dir, version, size, channels)
             server = Server(args.weights, data_dir, args.threads)
             try:
+
                 async def ident(client: httpx.AsyncClient, _: int) -> httpx.Response:
                     return await client.post("/identify", files={"image": ("a.jpg", a, "image/jpeg")})
 
                 matching: list[float] = []
 
-                async def ident_timed(client: httpx.AsyncClient, i: int) -> httpx.Response:
+                async def ident_timed(
+                    client: httpx.AsyncClient, i: int, matching: list[float] = matching
+                ) -> httpx.Response:
                     r = await ident(client, i)
                     matching.append(r.json()["timings_ms"]["matching"])
                     return r
@@ -209,10 +253,18 @@ def main() -> None:
             index = GalleryIndex(model.qaconv.eval(), torch.device("cpu"), torch.bfloat16)
             rng = np.random.default_rng(1)
             for start in range(0, 100_000, 5000):
-                emb = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(5000, 512)).astype(np.float32)), dim=1)
+                emb = torch.nn.functional.normalize(
+                    torch.from_numpy(rng.normal(size=(5000, 512)).astype(np.float32)), dim=1
+                )
                 maps = torch.from_numpy(rng.normal(size=(5000, channels, 7, 7)).astype(np.float32))
                 occ = torch.from_numpy(rng.uniform(0.6, 1, size=(5000, 1, 7, 7)).astype(np.float32))
-                index.add([f"f{start + i}" for i in range(5000)], [f"s{(start + i) // 2}" for i in range(5000)], emb, maps, occ)
+                index.add(
+                    [f"f{start + i}" for i in range(5000)],
+                    [f"s{(start + i) // 2}" for i in range(5000)],
+                    emb,
+                    maps,
+                    occ,
+                )
             probe_emb = torch.nn.functional.normalize(torch.randn(512), dim=0)
             probe_map, probe_occ = torch.randn(channels, 7, 7), torch.rand(7, 7)
             times = []
@@ -220,7 +272,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 index.search(probe_emb, probe_map, probe_occ, 100)
                 times.append(1000 * (time.perf_counter() - t0))
-            rows.append(f"| 100,000 (in-process index, the code path /identify uses) | - | {statistics.median(times[3:]):.1f} |")
+            rows.append(
+                f"| 100,000 (in-process index, the code path /identify uses) | - | {statistics.median(times[3:]):.1f} |"
+            )
             print(rows[-1], flush=True)  # noqa: T201
             del index
 
@@ -239,20 +293,26 @@ def main() -> None:
                 rss.append(rss_mb(server.proc.pid))
             five = sum(v for k, v in statuses.items() if k >= 500)
             rows.append(
-                f"- {args.load_minutes:g} minutes of verify at concurrency 4: {len(lat_all)} requests, status counts {dict(sorted(statuses.items()))}, "
-                f"5xx: {five}; p50 {1000 * statistics.median(lat_all):.0f} ms, p95 {1000 * pct(lat_all, 95):.0f} ms; server RSS "
-                f"{rss[0]:.0f} MB at start, {rss[1]:.0f} MB after the first 40 requests, {rss[-1]:.0f} MB at the end (max {max(rss):.0f} MB)."
+                f"- {args.load_minutes:g} minutes of verify at concurrency 4: {len(lat_all)} requests, "
+                f"status counts {dict(sorted(statuses.items()))}, 5xx: {five}; "
+                f"p50 {1000 * statistics.median(lat_all):.0f} ms, p95 {1000 * pct(lat_all, 95):.0f} ms; "
+                f"server RSS {rss[0]:.0f} MB at start, {rss[1]:.0f} MB after the first 40 requests, "
+                f"{rss[-1]:.0f} MB at the end (max {max(rss):.0f} MB)."
             )
             print(rows[-1], flush=True)  # noqa: T201
         finally:
             server.stop()
 
     header = [
-        SECTION, "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}, torch {torch.__version__}; "
-        f"server with {args.threads} torch threads, OMP_WAIT_POLICY=PASSIVE, default batching (max 8 faces, 5 ms wait); client on the same machine.",
-        f"- Command: `python bench/bench_service.py --out bench/RESULTS.md --requests {args.requests} --load-minutes {args.load_minutes:g}` (or `make bench-service`).",
-        f"- Weights: `{args.weights.name}` ({version}).", "",
+        SECTION,
+        "",
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()}, {os.cpu_count()} cores; "
+        f"Python {platform.python_version()}, torch {torch.__version__}; server with {args.threads} torch threads, "
+        "OMP_WAIT_POLICY=PASSIVE, default batching (max 8 faces, 5 ms wait); client on the same machine.",
+        f"- Command: `python bench/bench_service.py --out bench/RESULTS.md --requests {args.requests} "
+        f"--load-minutes {args.load_minutes:g}` (or `make bench-service`).",
+        f"- Weights: `{args.weights.name}` ({version}).",
+        "",
     ]
     emit("\n".join(header + rows) + "\n", args.out)
 

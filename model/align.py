@@ -98,8 +98,7 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
             if width < 1 or height < 1:
                 raise InvalidImageError("image has no pixels")
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb_array(img)
+            return _to_rgb_array(ImageOps.exif_transpose(img))
     except (ImageTooLargeError, InvalidImageError):
         raise
     except Image.DecompressionBombError as exc:
@@ -161,7 +160,7 @@ class DetectedFace:
 def _priors(height: int, width: int) -> np.ndarray:
     """Prior boxes ``[N, 4]`` (cx, cy, w, h), normalised, in RetinaFace's output order."""
     out = []
-    for step, sizes in zip(_STEPS, _MIN_SIZES):
+    for step, sizes in zip(_STEPS, _MIN_SIZES, strict=True):
         fh, fw = math.ceil(height / step), math.ceil(width / step)
         ys, xs = np.meshgrid(np.arange(fh), np.arange(fw), indexing="ij")
         cx = ((xs.reshape(-1) + 0.5) * step / width)[:, None].repeat(len(sizes), 1)
@@ -293,7 +292,12 @@ class FaceDetector:
         keep = np.nonzero(scores > self.score_threshold)[0]
         if keep.size == 0:
             return []
-        pr, loc_k, lm_k, sc = priors[keep], loc[0, keep].astype(np.float64), landms[0, keep].astype(np.float64), scores[keep]
+        pr, loc_k, lm_k, sc = (
+            priors[keep],
+            loc[0, keep].astype(np.float64),
+            landms[0, keep].astype(np.float64),
+            scores[keep],
+        )
         centers = pr[:, :2] + loc_k[:, :2] * _VARIANCES[0] * pr[:, 2:]
         sizes = pr[:, 2:] * np.exp(loc_k[:, 2:] * _VARIANCES[1])
         boxes = np.concatenate([centers - sizes / 2, centers + sizes / 2], axis=1) * [pw, ph, pw, ph]
@@ -335,7 +339,9 @@ def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.
     """Warp an RGB image so the five landmarks land on the ArcFace template; returns ``[size, size, 3]``."""
     template = ARCFACE_TEMPLATE * (size / 112.0)
     matrix = similarity_transform(np.asarray(landmarks, dtype=np.float64).reshape(5, 2), template)
-    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.warpAffine(
+        image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
 
 
 def to_input_tensor(crops: list[np.ndarray] | np.ndarray) -> torch.Tensor:
@@ -391,7 +397,9 @@ class FacePipeline:
             raise MultipleFacesError(f"{len(faces)} faces found, exactly one is required", faces=len(faces))
         if isinstance(select, int) and not isinstance(select, bool):
             if not 0 <= select < len(faces):
-                raise FaceIndexError(f"face index {select} requested, the image has {len(faces)} face(s)", faces=len(faces))
+                raise FaceIndexError(
+                    f"face index {select} requested, the image has {len(faces)} face(s)", faces=len(faces)
+                )
             face = faces[select]
         elif select in ("largest", "single"):
             face = faces[0]

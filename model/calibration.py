@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 
-
 __all__ = ["PRESETS", "PRIOR", "Calibration", "DEFAULT_CALIBRATION", "sigmoid"]
 
 #: Named operating points: preset -> false-accept rate.

@@ -77,14 +77,27 @@ class WeightsCard:
             missing = set(PRESETS) - set(calibration.thresholds)
             if missing:
                 raise CheckpointError(f"weights calibration lacks preset thresholds {sorted(missing)}")
-            numbers = [calibration.cos_std, calibration.qa_std, calibration.intercept, *calibration.coef, *calibration.thresholds.values()]
+            numbers = [
+                calibration.cos_std,
+                calibration.qa_std,
+                calibration.intercept,
+                *calibration.coef,
+                *calibration.thresholds.values(),
+            ]
             if not all(math.isfinite(float(v)) for v in numbers):
                 raise CheckpointError("weights calibration holds a non-finite number")
         quality = meta.get("quality") or {}
         mean, std = quality.get("norm_mean"), quality.get("norm_std")
-        stats = QualityStats(float(mean), float(std)) if mean is not None and std is not None else QualityStats(*_DEFAULT_NORM)
+        stats = (
+            QualityStats(float(mean), float(std))
+            if mean is not None and std is not None
+            else QualityStats(*_DEFAULT_NORM)
+        )
         clean = (((meta.get("metrics") or {}).get("lfw") or {}).get("protocols") or {}).get("clean") or {}
-        lfw = {name: {"tar": float(row["tar"]), "far": float(row["far"])} for name, row in (clean.get("presets") or {}).items()}
+        lfw = {
+            name: {"tar": float(row["tar"]), "far": float(row["far"])}
+            for name, row in (clean.get("presets") or {}).items()
+        }
         return cls(
             model_version=meta["model_version"],
             architecture=meta["architecture"],

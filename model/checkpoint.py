@@ -61,7 +61,10 @@ def default_metadata(model: OAMLNet) -> dict[str, Any]:
         "architecture": model.arch,
         "embedding_size": model.embedding_size,
         "heads": {
-            "occlusion": {"in_channels": model.feature_channels, "hidden_channels": model.occlusion_head.conv1.out_channels},
+            "occlusion": {
+                "in_channels": model.feature_channels,
+                "hidden_channels": model.occlusion_head.conv1.out_channels,
+            },
             "qaconv": {
                 "num_features": model.qaconv.num_features,
                 "height": model.qaconv.height,
@@ -146,7 +149,9 @@ def load_checkpoint(
     if verify:
         digest = content_hash(state)
         if digest != meta.get("content_sha256"):
-            raise CheckpointError(f"{path}: content hash {digest[:12]} does not match metadata {str(meta.get('content_sha256'))[:12]}")
+            raise CheckpointError(
+                f"{path}: content hash {digest[:12]} does not match metadata {str(meta.get('content_sha256'))[:12]}"
+            )
     heads = meta.get("heads", {})
     qa = heads.get("qaconv", {})
     model = build_model(
@@ -165,7 +170,9 @@ def load_checkpoint(
     return model, meta
 
 
-def export_backbone(model: OAMLNet, path: str | Path, dtype: torch.dtype = torch.float16, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+def export_backbone(
+    model: OAMLNet, path: str | Path, dtype: torch.dtype = torch.float16, metadata: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Save a half-precision copy (fp16 or bf16) for smaller downloads; loads back as fp32."""
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"export dtype must be float16 or bfloat16, got {dtype}")

@@ -31,6 +31,7 @@ import torch
 
 from model.align import to_input_tensor
 from model.net import OAMLNet
+from model.qaconv import QAConv
 
 __all__ = [
     "FLIP_TEST",
@@ -162,7 +163,7 @@ class Embedder:
         self.batch_size = batch_size
         self.model = model.to(self.device)
         if self.device.type == "cpu":
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @property
     def precision(self) -> str:
@@ -203,7 +204,9 @@ class Embedder:
         parts = [self.forward(crops[s : s + self.batch_size]) for s in range(0, len(crops), self.batch_size)]
         if not parts:
             c = self.model.feature_channels
-            return Features(torch.zeros(0, self.model.embedding_size), torch.zeros(0), torch.zeros(0, 7, 7), torch.zeros(0, c, 7, 7))
+            return Features(
+                torch.zeros(0, self.model.embedding_size), torch.zeros(0), torch.zeros(0, 7, 7), torch.zeros(0, c, 7, 7)
+            )
         return Features.cat(parts)
 
 
@@ -221,7 +224,7 @@ class PairScores:
 
 @torch.inference_mode()
 def score_pairs(
-    qaconv: torch.nn.Module,
+    qaconv: QAConv,
     a: Features,
     b: Features,
     ia: np.ndarray | None = None,
@@ -245,9 +248,14 @@ def score_pairs(
         sa, sb = torch.from_numpy(ia[s : s + chunk]), torch.from_numpy(ib[s : s + chunk])
         qa.append(
             qaconv.match_pairs(
-                a.feature_map[sa].to(device), b.feature_map[sb].to(device),
-                a.occlusion[sa][:, None].to(device), b.occlusion[sb][:, None].to(device),
-            ).double().cpu().numpy()
+                a.feature_map[sa].to(device),
+                b.feature_map[sb].to(device),
+                a.occlusion[sa][:, None].to(device),
+                b.occlusion[sb][:, None].to(device),
+            )
+            .double()
+            .cpu()
+            .numpy()
         )
     vis = torch.minimum(a.visibility[ia], b.visibility[ib]).double().numpy()
     return PairScores(cos, np.concatenate(qa) if qa else np.zeros(0), vis)

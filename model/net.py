@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from model.qaconv import QAConv, PreparedGallery
+from model.qaconv import PreparedGallery, QAConv
 
 __all__ = [
     "SEModule",
@@ -233,12 +233,10 @@ class OAMLNet(nn.Module):
         #: guard stays cheap on GPU; the trainer turns it on.
         self.nan_guard = nan_guard
 
-        self.input_layer = nn.Sequential(
-            nn.Conv2d(3, 64, (3, 3), 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64)
-        )
+        self.input_layer = nn.Sequential(nn.Conv2d(3, 64, (3, 3), 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
         units: list[nn.Module] = []
         in_channel = 64
-        for depth, count in zip(spec.widths, spec.units):
+        for depth, count in zip(spec.widths, spec.units, strict=True):
             for i in range(count):
                 units.append(spec.block(in_channel, depth, 2 if i == 0 else 1))
                 in_channel = depth

@@ -114,7 +114,9 @@ class QAConv(nn.Module):
         """``[N, C, H, W]`` -> ``[N, hw, C]``, each location's C-vector L2-normalised (fp32)."""
         n, c = fea.shape[:2]
         if c != self.num_features or fea.shape[2] * fea.shape[3] != self.hw:
-            raise ValueError(f"expected maps [N, {self.num_features}, {self.height}, {self.width}], got {list(fea.shape)}")
+            raise ValueError(
+                f"expected maps [N, {self.num_features}, {self.height}, {self.width}], got {list(fea.shape)}"
+            )
         return F.normalize(fea.float().reshape(n, c, self.hw), dim=1).transpose(1, 2)
 
     def _tail(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -136,10 +138,13 @@ class QAConv(nn.Module):
 
         BN1d(1) at eval is ``a1 * x + b1``; then ``fc``; then ``a2 * z + b2``.
         """
-        a1 = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
-        b1 = self.bn.bias - self.bn.running_mean * a1
-        a2 = self.logit_bn.weight / torch.sqrt(self.logit_bn.running_var + self.logit_bn.eps)
-        b2 = self.logit_bn.bias - self.logit_bn.running_mean * a2
+        bn, logit_bn = self.bn, self.logit_bn
+        assert bn.running_var is not None and bn.running_mean is not None  # built with running statistics
+        assert logit_bn.running_var is not None and logit_bn.running_mean is not None
+        a1 = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        b1 = bn.bias - bn.running_mean * a1
+        a2 = logit_bn.weight / torch.sqrt(logit_bn.running_var + logit_bn.eps)
+        b2 = logit_bn.bias - logit_bn.running_mean * a2
         w = self.fc.weight[0]
         weight = (a2 * a1) * w
         bias = a2 * (b1 * w.sum() + self.fc.bias) + b2
@@ -167,7 +172,9 @@ class QAConv(nn.Module):
         weight = wp[:, None, :, None] * wg[None, :, None, :]
         return self._tail(self._pool(corr * weight))
 
-    def match_grouped(self, probe_fea: torch.Tensor, groups: torch.Tensor, probe_occ: torch.Tensor | None = None) -> torch.Tensor:
+    def match_grouped(
+        self, probe_fea: torch.Tensor, groups: torch.Tensor, probe_occ: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Each probe against its own ``K`` maps: ``[B, C, H, W]`` x ``[B, K, C, H, W]`` -> ``[B, K]``.
 
         The literal, differentiable definition with only the probe's visibility weighting (the
@@ -242,7 +249,9 @@ class QAConv(nn.Module):
         if indices is not None:
             # Gather whole 49-column blocks through a [C, G, hw] view: a copy of k*hw*C values. (index_select
             # on dim 1 of the strided [C, G*hw] matrix is ~40x slower on CPU.)
-            maps = gallery.maps.unflatten(1, (-1, hw))[:, indices.to(gallery.maps.device)].reshape(self.num_features, -1)
+            maps = gallery.maps.unflatten(1, (-1, hw))[:, indices.to(gallery.maps.device)].reshape(
+                self.num_features, -1
+            )
             total = indices.numel()
         else:
             maps, total = gallery.maps, gallery.count
@@ -253,8 +262,6 @@ class QAConv(nn.Module):
             best_for_probe = corr.amax(dim=3).float().clamp_min_(0.0)  # [P, hw, n]
             best_for_gallery = corr.amax(dim=1).float().clamp_min_(0.0)  # [P, n, hw]
             out[:, start:stop] = (
-                torch.einsum("psn,s->pn", best_for_probe, w_probe)
-                + best_for_gallery @ w_gallery
-                + bias
+                torch.einsum("psn,s->pn", best_for_probe, w_probe) + best_for_gallery @ w_gallery + bias
             )
         return out

@@ -77,7 +77,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if cfg.occluders and not Path(cfg.occluders).is_absolute():
             cfg.occluders = str(Path(args.data_root) / cfg.occluders)
     state = Trainer(cfg).fit()
-    json.dump({"global_step": state["global_step"], "epoch": state["epoch"], "best_score": state["best_score"]}, sys.stdout)
+    json.dump(
+        {"global_step": state["global_step"], "epoch": state["epoch"], "best_score": state["best_score"]}, sys.stdout
+    )
     sys.stdout.write("\n")
     return 0
 
@@ -87,6 +89,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from model.calibration import PRIOR
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.embedder import Embedder
     from model.training.calibrate import (
         cross_validated_reliability,
         draw_reliability,
@@ -95,8 +99,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         preset_rates,
         reliability,
     )
-    from model.checkpoint import load_checkpoint, save_checkpoint
-    from model.embedder import Embedder
     from model.training.evaluate import held_out_faces, validation_scores
 
     model, meta = load_checkpoint(args.weights)
@@ -106,7 +108,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
     if len(images) == 0:
-        raise SystemExit("the weights were trained without a validation split and no --holdout was given: nothing to calibrate on")
+        raise SystemExit(
+            "the weights were trained without a validation split and no --holdout was given: nothing to calibrate on"
+        )
     occluders = args.occluders or (str(root / "occluders") if (root / "occluders").exists() else None)
     dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     # the served weights are the written (rounded) ones, run as the service runs them
@@ -119,7 +123,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     fused = cal.score(scores["cos"], scores["qa"], scores["visibility"])
     in_sample = reliability(cal.probability(fused), scores["same"])
     held_out = cross_validated_reliability(
-        scores["cos"], scores["qa"], scores["visibility"], scores["same"], scores["identity_a"], scores["identity_b"], seed=seed
+        scores["cos"],
+        scores["qa"],
+        scores["visibility"],
+        scores["same"],
+        scores["identity_a"],
+        scores["identity_b"],
+        seed=seed,
     )
     n_ids = len(np.unique(labels))
     meta["calibration"] = {
@@ -133,18 +143,29 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         "embedding": served.describe(),
         "prior": PRIOR,
         "presets": preset_rates(cal, fused, scores["same"]),
-        "reliability": {"ece_in_sample": in_sample["ece"], "ece_cross_validated": held_out["ece"] if held_out["pairs"] else None, "folds": held_out["folds"],
-                        "bins": held_out["bins"]},
+        "reliability": {
+            "ece_in_sample": in_sample["ece"],
+            "ece_cross_validated": held_out["ece"] if held_out["pairs"] else None,
+            "folds": held_out["folds"],
+            "bins": held_out["bins"],
+        },
     }
     if args.plot:
         draw_reliability({"in sample": in_sample, "cross-validated by identity": held_out}, args.plot)
     if args.export_check:
-        reference = validation_scores(Embedder(model, device=args.device, precision="fp32"), images, labels, landmarks, occluders, **pairs)
+        reference = validation_scores(
+            Embedder(model, device=args.device, precision="fp32"), images, labels, landmarks, occluders, **pairs
+        )
         meta["export_check"] = export_check(cal, reference, scores, {**served.describe(), "weights": args.dtype})
     else:
         meta.pop("export_check", None)
     out = args.out or args.weights
-    written = save_checkpoint(model, out, {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")}, dtype=dtype)
+    written = save_checkpoint(
+        model,
+        out,
+        {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")},
+        dtype=dtype,
+    )
     summary = {"weights": str(out), "model_version": written["model_version"], "calibration": meta["calibration"]}
     json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
@@ -167,7 +188,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         # the distillation teacher is also the peer: SFace on the same aligned crops, unflipped
         peer = SFaceTeacher(threads=2)
-    embedder = Embedder(model, device=args.device, precision=args.precision, flip=FLIP_TEST if args.flip is None else args.flip)
+    embedder = Embedder(
+        model, device=args.device, precision=args.precision, flip=FLIP_TEST if args.flip is None else args.flip
+    )
     report = evaluate_lfw(embedder, args.lfw_cache, args.pairs, args.occluders, cal, peer=peer)
     report["weights"] = {"file": str(args.weights), "model_version": meta["model_version"]}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +206,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         keep = {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")}
         written = save_checkpoint(model, args.weights, keep, dtype=getattr(torch, meta.get("dtype", "float32")))
         if written["model_version"] != meta["model_version"]:
-            raise SystemExit(f"recording metrics changed the tensors of {args.weights}: {meta['model_version']} -> {written['model_version']}")
+            raise SystemExit(
+                f"recording metrics changed the tensors of {args.weights}: "
+                f"{meta['model_version']} -> {written['model_version']}"
+            )
     sys.stdout.write(markdown_report(report) + "\n")
     return 0
 
@@ -194,7 +220,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.config import Settings
 
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "weights": args.weights}.items() if v is not None}
+    overrides = {
+        k: v for k, v in {"host": args.host, "port": args.port, "weights": args.weights}.items() if v is not None
+    }
     settings = Settings(**overrides)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, workers=1)
     return 0
@@ -203,8 +231,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _add_embedding_options(p: argparse.ArgumentParser) -> None:
     """Device and precision, with the service's defaults (OAML_DEVICE / OAML_PRECISION semantics)."""
     p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu or cuda")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="autocast precision; auto is the service's rule (fp16 on CUDA, bf16 on CPUs with bf16)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="autocast precision; auto is the service's rule (fp16 on CUDA, bf16 on CPUs with bf16)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="detect and align a folder of face photos into a 112x112 training cache")
     p.add_argument("src", type=Path, help="one sub-folder per identity (or flat, with --filename-identity)")
     p.add_argument("dst", type=Path)
-    p.add_argument("--filename-identity", action="store_true", help="identity from file names: S1-P1-F-39-1.jpg -> S1-P1")
+    p.add_argument(
+        "--filename-identity", action="store_true", help="identity from file names: S1-P1-F-39-1.jpg -> S1-P1"
+    )
     p.add_argument("--format", choices=["jpg", "png"], default="jpg")
     p.add_argument("--threads", type=int, default=1, help="detector threads")
     p.add_argument("--limit", type=int, default=None, help="only the first N photos")
@@ -243,31 +277,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", type=Path, default=None, help="start from OAML .safetensors or AdaFace .ckpt weights")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("calibrate", help="fit score fusion, preset thresholds and probabilities on identities held out of training")
+    p = sub.add_parser(
+        "calibrate", help="fit score fusion, preset thresholds and probabilities on identities held out of training"
+    )
     p.add_argument("weights", type=Path)
     p.add_argument("--data-root", type=Path, required=True, help="folder holding the aligned training caches")
-    p.add_argument("--holdout", action="append", default=[], help="another aligned cache of identities the weights never saw (repeatable)")
+    p.add_argument(
+        "--holdout",
+        action="append",
+        default=[],
+        help="another aligned cache of identities the weights never saw (repeatable)",
+    )
     p.add_argument("--occluders", default=None, help="occluder templates (default: <data-root>/occluders when present)")
     p.add_argument("--out", type=Path, default=None, help="output weights file (default: update in place)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="precision of the written weights")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float32",
+        help="precision of the written weights",
+    )
     _add_embedding_options(p)
     p.add_argument("--genuine-pairs", type=int, default=30000, help="most genuine pairs sampled")
     p.add_argument("--impostor-pairs", type=int, default=300000, help="most impostor pairs sampled")
     p.add_argument("--plot", type=Path, default=None, help="write the reliability diagram (PNG) here")
-    p.add_argument("--export-check", action="store_true", help="also score the pairs at full precision and record the drift")
+    p.add_argument(
+        "--export-check", action="store_true", help="also score the pairs at full precision and record the drift"
+    )
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("eval", help="LFW 6000 pairs, clean and synthetically occluded, with an optional SFace peer row")
     p.add_argument("weights", type=Path)
     p.add_argument("--lfw-cache", type=Path, required=True, help="aligned LFW cache made by `oaml prepare`")
     p.add_argument("--pairs", type=Path, required=True, help="LFW pairs.txt")
-    p.add_argument("--occluders", type=Path, default=None, help="occluder templates; adds the mask and sunglasses protocols")
+    p.add_argument(
+        "--occluders", type=Path, default=None, help="occluder templates; adds the mask and sunglasses protocols"
+    )
     p.add_argument("--peer", choices=["none", "sface"], default="none")
     _add_embedding_options(p)
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="flip-test fusion (default: as served; preset rows only hold on the served path)")
+    p.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="flip-test fusion (default: as served; preset rows only hold on the served path)",
+    )
     p.add_argument("--out", type=Path, required=True, help="folder for report.json, report.md, roc.png")
-    p.add_argument("--record", action="store_true", help="also store the report in the weights' metadata (`metrics`; tensors unchanged)")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="also store the report in the weights' metadata (`metrics`; tensors unchanged)",
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("info", help="print the metadata of an OAML weights file")
@@ -278,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)
 

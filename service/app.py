@@ -39,11 +39,12 @@ Errors are `application/problem+json` with a stable `code`.
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings or get_settings()
+    given = engine
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         started = time.perf_counter()
-        eng = engine or await asyncio.to_thread(Engine, settings)
+        eng: Engine = given if given is not None else await asyncio.to_thread(Engine, settings)
         eng.start()
         await asyncio.to_thread(eng.warm_up)
         store = SQLiteGalleryStore(settings.data_dir / "gallery.sqlite3", eng.model_version)
@@ -56,8 +57,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         state = AppState(settings, eng, store, index, metrics, names={s.subject: s.name for s in subjects})
         state.ready = True
         app.state.oaml = state
-        logger.info("OAML ready in %.1fs: model %s on %s, %d faces of %d subjects", time.perf_counter() - started,
-                    eng.model_version, eng.device, faces, len(subjects))
+        logger.info(
+            "OAML ready in %.1fs: model %s on %s, %d faces of %d subjects",
+            time.perf_counter() - started,
+            eng.model_version,
+            eng.device,
+            faces,
+            len(subjects),
+        )
         try:
             yield
         finally:
@@ -69,8 +76,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.settings = settings
     install_handlers(app)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["X-API-Key", "Authorization", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["X-API-Key", "Authorization", "Content-Type"],
+        )
     body_limit = settings.max_image_bytes * settings.max_images_per_request + 1024 * 1024
 
     @app.middleware("http")

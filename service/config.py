@@ -22,7 +22,9 @@ class Settings(BaseSettings):
     weights: Path = Field(DEFAULT_WEIGHTS, description="OAML .safetensors weights to serve")
     data_dir: Path = Field(Path("data"), description="folder for the gallery database (created if missing)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: fp16 on CUDA, bf16 on CPUs with bf16 support, else fp32")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: fp16 on CUDA, bf16 on CPUs with bf16 support, else fp32"
+    )
     torch_threads: int = Field(2, ge=1, description="intra-op threads of the inference worker")
     detector_threads: int = Field(1, ge=1, description="onnxruntime threads per detection")
     detection_workers: int = Field(2, ge=1, description="photos decoded and detected concurrently")
@@ -33,12 +35,20 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=10_000)
     max_images_per_request: int = Field(20, ge=1)
     min_face_size: int = Field(20, ge=1, description="enrolment rejects faces narrower than this (pixels)")
-    min_quality: float = Field(-3.0, description="enrolment rejects faces whose standardised AdaFace norm is below this")
+    min_quality: float = Field(
+        -3.0, description="enrolment rejects faces whose standardised AdaFace norm is below this"
+    )
     shortlist: int = Field(100, ge=1, description="faces re-ranked by QAConv in /identify")
     default_threshold: str = Field("balanced", description="preset or number used when a request gives none")
-    store_crops: bool = Field(False, description="keep aligned 112x112 crops of enrolled faces (for /occlusion overlays)")
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty disables auth")
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty disables CORS")
+    store_crops: bool = Field(
+        False, description="keep aligned 112x112 crops of enrolled faces (for /occlusion overlays)"
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated; empty disables auth"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated; empty disables CORS"
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"

@@ -108,14 +108,18 @@ class Engine:
         model / metadata: inject an already loaded model (tests); default loads ``settings.weights``.
     """
 
-    def __init__(self, settings: Settings, model: OAMLNet | None = None, metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, model: OAMLNet | None = None, metadata: dict[str, Any] | None = None
+    ) -> None:
         self.settings = settings
         torch.set_num_threads(settings.torch_threads)
         if model is None:
             model, metadata = load_checkpoint(settings.weights)
         self.card = WeightsCard.from_metadata(metadata or {"model_version": "unversioned", "architecture": model.arch})
         # the same embedding path as `oaml calibrate` and `oaml eval`: the thresholds hold for it
-        self.embedder = Embedder(model, device=settings.device, precision=settings.precision, batch_size=settings.max_batch)
+        self.embedder = Embedder(
+            model, device=settings.device, precision=settings.precision, batch_size=settings.max_batch
+        )
         self.model = self.embedder.model.eval()
         self.device = self.embedder.device
         self.autocast = self.embedder.autocast
@@ -123,8 +127,12 @@ class Engine:
         self.calibration = self.card.calibration
         fitted_on = self.card.calibrated_on
         if fitted_on is not None and fitted_on.get("flip") != self.embedder.flip:
-            logger.warning("the calibration was fitted with flip test %s, the service embeds with %s: thresholds and "
-                           "probabilities will be off; re-run `oaml calibrate`", fitted_on.get("flip"), self.embedder.flip)
+            logger.warning(
+                "the calibration was fitted with flip test %s, the service embeds with %s: thresholds and "
+                "probabilities will be off; re-run `oaml calibrate`",
+                fitted_on.get("flip"),
+                self.embedder.flip,
+            )
         self.pipeline = FacePipeline(FaceDetector(threads=settings.detector_threads))
         self.cpu_pool = ThreadPoolExecutor(max_workers=settings.detection_workers, thread_name_prefix="oaml-detect")
         self.gallery_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
@@ -174,7 +182,9 @@ class Engine:
 
         image = self.decode(data)
         if image.shape[:2] != (112, 112):
-            image = cv2.resize(image, (112, 112), interpolation=cv2.INTER_AREA if image.shape[0] > 112 else cv2.INTER_LINEAR)
+            image = cv2.resize(
+                image, (112, 112), interpolation=cv2.INTER_AREA if image.shape[0] > 112 else cv2.INTER_LINEAR
+            )
         return image
 
     # -- device stage (worker thread) --------------------------------------------------------
@@ -269,7 +279,9 @@ class Engine:
 
     def _forward(self, crops: np.ndarray) -> list[FaceFeatures]:
         f = self.embedder.forward(crops)
-        return [FaceFeatures(f.embedding[i], float(f.norm[i]), f.occlusion[i], f.feature_map[i]) for i in range(len(crops))]
+        return [
+            FaceFeatures(f.embedding[i], float(f.norm[i]), f.occlusion[i], f.feature_map[i]) for i in range(len(crops))
+        ]
 
     # -- scoring (device work: call through run_device / call_device) ------------------------
 
@@ -277,11 +289,19 @@ class Engine:
         """Standardised AdaFace norm: how far above or below a typical training face."""
         return self.card.quality.standardise(norm)
 
-    def score(self, a: Features, b: Features, ia: np.ndarray | None = None, ib: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def score(
+        self, a: Features, b: Features, ia: np.ndarray | None = None, ib: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         """Component scores, fused score and probability of pairs ``(a[ia[k]], b[ib[k]])``: the calibrated path."""
         s = score_pairs(self.model.qaconv, a, b, ia, ib)
         fused = self.calibration.score(s.cos, s.qa, s.visibility)
-        return {"adaface": s.cos, "qaconv": s.qa, "visibility": s.visibility, "fused": fused, "probability": self.calibration.probability(fused)}
+        return {
+            "adaface": s.cos,
+            "qaconv": s.qa,
+            "visibility": s.visibility,
+            "fused": fused,
+            "probability": self.calibration.probability(fused),
+        }
 
     def pair_scores(self, a: FaceFeatures, b: FaceFeatures) -> dict[str, float]:
         """:meth:`score` of one pair, as plain floats."""
@@ -297,7 +317,9 @@ class Engine:
         except (TypeError, ValueError):
             number = math.nan
         if not math.isfinite(number):
-            raise ValueError(f"threshold must be a finite number or one of {sorted(self.calibration.thresholds)}, got {value!r}")
+            raise ValueError(
+                f"threshold must be a finite number or one of {sorted(self.calibration.thresholds)}, got {value!r}"
+            )
         return number, None
 
 

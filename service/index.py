@@ -58,19 +58,30 @@ class GalleryIndex:
         vis[: self.count] = self._vis[: self.count]
         self._emb, self._maps, self._vis, self._capacity = emb, maps, vis, capacity
 
-    def add(self, face_ids: list[str], subjects: list[str], embeddings: torch.Tensor, feature_maps: torch.Tensor, occlusion: torch.Tensor) -> None:
+    def add(
+        self,
+        face_ids: list[str],
+        subjects: list[str],
+        embeddings: torch.Tensor,
+        feature_maps: torch.Tensor,
+        occlusion: torch.Tensor,
+    ) -> None:
         """Append faces: embeddings ``[n, 512]``, maps ``[n, C, 7, 7]``, occlusion ``[n, 1, 7, 7]``."""
         n = len(face_ids)
         if n == 0:
             return
-        prepared = self.qaconv.prepare_gallery(feature_maps.to(self.device).float(), occlusion.to(self.device).float(), dtype=self.map_dtype)
+        prepared = self.qaconv.prepare_gallery(
+            feature_maps.to(self.device).float(), occlusion.to(self.device).float(), dtype=self.map_dtype
+        )
         with self._lock:
             self._grow(self.count + n)
             start = self.count
             self._emb[start : start + n] = embeddings.to(self.device).float()
             self._maps[:, start * self.hw : (start + n) * self.hw] = prepared.maps
             self._vis[start : start + n] = occlusion.reshape(n, -1).float().mean(1).to(self.device)
-            for i, (fid, subj) in enumerate(zip(face_ids, subjects)):
+            if len(subjects) != n:
+                raise ValueError(f"{n} face ids but {len(subjects)} subjects")
+            for i, fid in enumerate(face_ids):
                 self._slot[fid] = start + i
             self.face_ids += face_ids
             self.subjects += subjects
@@ -81,7 +92,8 @@ class GalleryIndex:
         if not records:
             return
         self.add(
-            [r.face_id for r in records], [r.subject for r in records],
+            [r.face_id for r in records],
+            [r.subject for r in records],
             torch.from_numpy(np.stack([r.embedding for r in records])),
             torch.from_numpy(np.stack([r.feature_map for r in records]).astype(np.float32)),
             torch.from_numpy(np.stack([r.occlusion for r in records]))[:, None],
@@ -96,7 +108,9 @@ class GalleryIndex:
                 last = self.count - 1
                 if slot != last:  # move the last face into the hole
                     self._emb[slot] = self._emb[last]
-                    self._maps[:, slot * self.hw : (slot + 1) * self.hw] = self._maps[:, last * self.hw : (last + 1) * self.hw]
+                    self._maps[:, slot * self.hw : (slot + 1) * self.hw] = self._maps[
+                        :, last * self.hw : (last + 1) * self.hw
+                    ]
                     self._vis[slot] = self._vis[last]
                     moved = self.face_ids[last]
                     self.face_ids[slot], self.subjects[slot] = moved, self.subjects[last]
@@ -105,7 +119,9 @@ class GalleryIndex:
                 self.subjects.pop()
                 self.count -= 1
 
-    def search(self, embedding: torch.Tensor, feature_map: torch.Tensor, occlusion: torch.Tensor, shortlist: int) -> dict[str, Any]:
+    def search(
+        self, embedding: torch.Tensor, feature_map: torch.Tensor, occlusion: torch.Tensor, shortlist: int
+    ) -> dict[str, Any]:
         """Exact cosine over every face, then QAConv on the top ``shortlist`` faces.
 
         Returns the shortlisted slots' face ids, subjects, cosine and QAConv scores and the
@@ -113,14 +129,26 @@ class GalleryIndex:
         """
         with self._lock:
             if self.count == 0:
-                return {"face_ids": [], "subjects": [], "cosine": np.zeros(0), "qaconv": np.zeros(0), "visibility": np.zeros(0), "ms": {}}
+                return {
+                    "face_ids": [],
+                    "subjects": [],
+                    "cosine": np.zeros(0),
+                    "qaconv": np.zeros(0),
+                    "visibility": np.zeros(0),
+                    "ms": {},
+                }
             t0 = time.perf_counter()
             cos = self._emb[: self.count] @ embedding.to(self.device).float()
             k = min(shortlist, self.count)
             top = torch.topk(cos, k).indices
             t1 = time.perf_counter()
             gallery = PreparedGallery(self._maps[:, : self.count * self.hw], self.count, self.hw)
-            qa = self.qaconv.match(feature_map[None].to(self.device).float(), gallery, probe_occ=occlusion.reshape(1, 1, 7, 7).to(self.device), indices=top)[0]
+            qa = self.qaconv.match(
+                feature_map[None].to(self.device).float(),
+                gallery,
+                probe_occ=occlusion.reshape(1, 1, 7, 7).to(self.device),
+                indices=top,
+            )[0]
             t2 = time.perf_counter()
             slots = top.cpu().numpy()
             return {

@@ -45,8 +45,15 @@ STATUS: dict[str, int] = {
 }
 
 _TITLES = {
-    400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-    413: "Content Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content", 500: "Internal Server Error",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 
@@ -59,10 +66,16 @@ class ApiError(Exception):
         self.code, self.detail, self.extra = code, detail, extra
 
 
-def problem(code: str, detail: str, status: int | None = None, **extra: Any) -> JSONResponse:
+def problem(code: str, detail: str, status: int | None = None, /, **extra: Any) -> JSONResponse:
     status = status or STATUS.get(code, 400)
-    body = {"type": f"https://oaml.dev/errors/{code.lower().replace('_', '-')}", "title": _TITLES.get(status, "Error"),
-            "status": status, "code": code, "detail": detail, **extra}
+    body = {
+        "type": f"https://oaml.dev/errors/{code.lower().replace('_', '-')}",
+        "title": _TITLES.get(status, "Error"),
+        "status": status,
+        "code": code,
+        "detail": detail,
+        **extra,
+    }
     headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'} if status == 401 else None
     return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
 
@@ -74,21 +87,25 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OAMLError)
     async def _domain(_: Request, exc: OAMLError) -> JSONResponse:
-        extra = {k: v for k, v in exc.details.items() if isinstance(v, (int, float, str))}
+        extra = {k: v for k, v in exc.details.items() if isinstance(v, (int, float, str)) and k != "status"}
         return problem(exc.code, exc.message, **extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        errors = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
         return problem("VALIDATION_ERROR", "the request does not match the API schema", errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(exc.status_code, "INVALID_REQUEST")
-        return problem(code, str(exc.detail), status=exc.status_code)
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(
+            exc.status_code, "INVALID_REQUEST"
+        )
+        return problem(code, str(exc.detail), exc.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem("INTERNAL_ERROR", "internal error; see the service log")
-

@@ -31,7 +31,9 @@ def heatmap_png(crop: np.ndarray | None, visibility: np.ndarray, scale: int = 2,
     size = 112 * scale
     base = np.full((112, 112, 3), 96, dtype=np.uint8) if crop is None else crop
     base = cv2.resize(base, (size, size), interpolation=cv2.INTER_LINEAR)
-    vis = cv2.resize(np.asarray(visibility, dtype=np.float32).reshape(7, 7), (size, size), interpolation=cv2.INTER_NEAREST)
+    vis = cv2.resize(
+        np.asarray(visibility, dtype=np.float32).reshape(7, 7), (size, size), interpolation=cv2.INTER_NEAREST
+    )
     overlay = (base.astype(np.float32) * (1 - alpha) + colormap(vis).astype(np.float32) * alpha).astype(np.uint8)
     canvas = Image.new("RGB", (size + BAR_WIDTH, size), "white")
     canvas.paste(Image.fromarray(overlay), (0, 0))

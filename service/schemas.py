@@ -44,7 +44,9 @@ class FaceInfo(BaseModel):
 class ScoreBreakdown(BaseModel):
     adaface: float = Field(description="cosine of the AdaFace embeddings")
     qaconv: float = Field(description="occlusion-weighted QAConv logit")
-    weights: dict[str, float] = Field(description="effective fusion weights on the standardised scores at this pair's visibility")
+    weights: dict[str, float] = Field(
+        description="effective fusion weights on the standardised scores at this pair's visibility"
+    )
 
 
 PROBABILITY_DOC = (
@@ -156,8 +158,15 @@ class PresetInfo(BaseModel):
     far: float = Field(description="false-accept rate of the preset on the calibration impostor pairs")
     threshold: float = Field(description="fused-score threshold")
     probability: float = Field(description="the probability a pair must exceed to match at this preset")
-    lfw_tar: float | None = Field(None, description="true-accept rate at this preset on the 3,000 genuine LFW pairs (oaml eval; null if not recorded)")
-    lfw_far: float | None = Field(None, description="false-accept rate at this preset on the 3,000 impostor LFW pairs (oaml eval; null if not recorded)")
+    lfw_tar: float | None = Field(
+        None,
+        description="true-accept rate at this preset on the 3,000 genuine LFW pairs (oaml eval; null if not recorded)",
+    )
+    lfw_far: float | None = Field(
+        None,
+        description="false-accept rate at this preset on the 3,000 impostor LFW pairs "
+        "(oaml eval; null if not recorded)",
+    )
 
 
 class InfoResponse(BaseModel):

@@ -23,13 +23,23 @@ class Metrics:
 
     def __init__(self, max_batch: int) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("oaml_requests_total", "HTTP requests", ["route", "method", "status"], registry=self.registry)
+        self.requests = Counter(
+            "oaml_requests_total", "HTTP requests", ["route", "method", "status"], registry=self.registry
+        )
         self.latency = Histogram(
-            "oaml_request_seconds", "HTTP request latency", ["route"], registry=self.registry,
+            "oaml_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            registry=self.registry,
             buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         buckets = sorted({1, 2, 4, 8, 16, 32, 64, max_batch})
-        self.batch_size = Histogram("oaml_batch_size", "faces per model forward pass", registry=self.registry, buckets=[b for b in buckets if b <= max_batch])
+        self.batch_size = Histogram(
+            "oaml_batch_size",
+            "faces per model forward pass",
+            registry=self.registry,
+            buckets=[b for b in buckets if b <= max_batch],
+        )
         self.batch_seconds = Histogram("oaml_batch_seconds", "model time per batch", registry=self.registry)
         self.queue_depth = Gauge("oaml_queue_depth", "faces waiting for the model", registry=self.registry)
         self.gallery_faces = Gauge("oaml_gallery_faces", "enrolled faces", registry=self.registry)

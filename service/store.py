@@ -128,7 +128,8 @@ class SQLiteGalleryStore:
         if versions - {self.model_version}:
             raise GalleryVersionError(
                 f"gallery {self.path} holds faces embedded by model version(s) {sorted(versions)}, "
-                f"but the service runs {self.model_version}; re-enrol into a new OAML_DATA_DIR, or serve the matching weights"
+                f"but the service runs {self.model_version}; re-enrol into a new OAML_DATA_DIR, "
+                "or serve the matching weights"
             )
 
     def _tx(self) -> _Transaction:
@@ -149,11 +150,19 @@ class SQLiteGalleryStore:
                 "INSERT INTO faces VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
-                        f.face_id, f.subject, self.model_version,
-                        f.embedding.astype(np.float32).tobytes(), f.feature_map.astype(np.float16).tobytes(),
-                        json.dumps(list(f.feature_map.shape)), f.occlusion.astype(np.float32).tobytes(),
-                        f.norm, f.quality, f.detection_score, json.dumps(f.box) if f.box is not None else None,
-                        f.crop, f.created_at,
+                        f.face_id,
+                        f.subject,
+                        self.model_version,
+                        f.embedding.astype(np.float32).tobytes(),
+                        f.feature_map.astype(np.float16).tobytes(),
+                        json.dumps(list(f.feature_map.shape)),
+                        f.occlusion.astype(np.float32).tobytes(),
+                        f.norm,
+                        f.quality,
+                        f.detection_score,
+                        json.dumps(f.box) if f.box is not None else None,
+                        f.crop,
+                        f.created_at,
                     )
                     for f in faces
                 ],
@@ -197,15 +206,23 @@ class SQLiteGalleryStore:
     def _face(self, row: tuple[Any, ...]) -> FaceRecord:
         shape = json.loads(row[5])
         return FaceRecord(
-            face_id=row[0], subject=row[1],
+            face_id=row[0],
+            subject=row[1],
             embedding=np.frombuffer(row[3], dtype=np.float32).copy(),
             feature_map=np.frombuffer(row[4], dtype=np.float16).reshape(shape).copy(),
             occlusion=np.frombuffer(row[6], dtype=np.float32).reshape(7, 7).copy(),
-            norm=row[7], quality=row[8], detection_score=row[9], box=json.loads(row[10]) if row[10] else None,
-            crop=row[11], created_at=row[12],
+            norm=row[7],
+            quality=row[8],
+            detection_score=row[9],
+            box=json.loads(row[10]) if row[10] else None,
+            crop=row[11],
+            created_at=row[12],
         )
 
-    _COLUMNS = "face_id, subject, model_version, embedding, feature_map, fmap_shape, occlusion, norm, quality, detection_score, box, crop, created_at"
+    _COLUMNS = (
+        "face_id, subject, model_version, embedding, feature_map, fmap_shape, occlusion, "
+        "norm, quality, detection_score, box, crop, created_at"
+    )
 
     def faces_of(self, subject: str) -> list[FaceRecord]:
         self.subject(subject)

@@ -103,11 +103,14 @@ async def _find_face(state: AppState, photo: Photo, select: FaceSelection, align
         found = await engine.run_cpu(engine.detect_one, photo.data, select)
     except OAMLError as exc:
         raise _with_field(exc, photo.field) from exc
-    return _Face(found.crop, {
-        "box": [round(v, 1) for v in found.face.box],
-        "landmarks": np.round(found.face.landmarks, 1).tolist(),
-        "detection_score": round(found.face.score, 4),
-    })
+    return _Face(
+        found.crop,
+        {
+            "box": [round(v, 1) for v in found.face.box],
+            "landmarks": np.round(found.face.landmarks, 1).tolist(),
+            "detection_score": round(found.face.score, 4),
+        },
+    )
 
 
 def _threshold(state: AppState, value: str | None) -> tuple[float, str | None]:
@@ -136,11 +139,19 @@ def _crop_jpeg(crop: np.ndarray) -> bytes:
 
 
 async def verify(
-    state: AppState, a: Photo, b: Photo, threshold: str | None, face_a: FaceSelection, face_b: FaceSelection, aligned: bool
+    state: AppState,
+    a: Photo,
+    b: Photo,
+    threshold: str | None,
+    face_a: FaceSelection,
+    face_b: FaceSelection,
+    aligned: bool,
 ) -> VerifyResponse:
     """1:1: one face from each photo, fused score against the threshold."""
     thr, preset = _threshold(state, threshold)
-    fa_face, fb_face = await asyncio.gather(_find_face(state, a, face_a, aligned), _find_face(state, b, face_b, aligned))
+    fa_face, fb_face = await asyncio.gather(
+        _find_face(state, a, face_a, aligned), _find_face(state, b, face_b, aligned)
+    )
     engine = state.engine
     fa, fb = await engine.embed(np.stack([fa_face.crop, fb_face.crop]))
     s = await engine.run_device(engine.pair_scores, fa, fb)
@@ -152,8 +163,11 @@ async def verify(
         threshold=round(thr, 5),
         threshold_probability=round(cal.probability_at(thr), 5),
         threshold_preset=preset,
-        scores=ScoreBreakdown(adaface=round(s["adaface"], 5), qaconv=round(s["qaconv"], 5),
-                              weights={k: round(v, 4) for k, v in cal.weights(s["visibility"]).items()}),
+        scores=ScoreBreakdown(
+            adaface=round(s["adaface"], 5),
+            qaconv=round(s["qaconv"], 5),
+            weights={k: round(v, 4) for k, v in cal.weights(s["visibility"]).items()},
+        ),
         face_a=_face_info(state, fa, fa_face.detection),
         face_b=_face_info(state, fb, fb_face.detection),
         model_version=engine.model_version,
@@ -164,8 +178,13 @@ async def verify(
 
 
 async def enrol(
-    state: AppState, subject: str, photos: list[Photo], name: str | None, metadata: dict[str, Any] | None,
-    select: FaceSelection, aligned: bool,
+    state: AppState,
+    subject: str,
+    photos: list[Photo],
+    name: str | None,
+    metadata: dict[str, Any] | None,
+    select: FaceSelection,
+    aligned: bool,
 ) -> EnrolResponse:
     """Enrol every usable face of ``photos``; list the others in ``rejected`` with a code.
 
@@ -207,14 +226,30 @@ async def enrol(
             continue
         det = face.detection
         record = FaceRecord(
-            face_id=new_face_id(), subject=subject, embedding=f.embedding.numpy(), feature_map=f.feature_map.numpy().astype(np.float16),
-            occlusion=f.occlusion.numpy(), norm=f.norm, quality=quality, detection_score=det["detection_score"], box=det["box"],
-            created_at=now, crop=_crop_jpeg(face.crop) if settings.store_crops else None,
+            face_id=new_face_id(),
+            subject=subject,
+            embedding=f.embedding.numpy(),
+            feature_map=f.feature_map.numpy().astype(np.float16),
+            occlusion=f.occlusion.numpy(),
+            norm=f.norm,
+            quality=quality,
+            detection_score=det["detection_score"],
+            box=det["box"],
+            created_at=now,
+            crop=_crop_jpeg(face.crop) if settings.store_crops else None,
         )
         records.append(record)
-        enrolled.append(EnrolledFace(face_id=record.face_id, image_index=i, filename=photos[i].filename, box=det["box"],
-                                     detection_score=det["detection_score"],
-                                     quality=Quality(norm=round(f.norm, 4), standardised=round(quality, 4)), visibility=round(f.visibility, 4)))
+        enrolled.append(
+            EnrolledFace(
+                face_id=record.face_id,
+                image_index=i,
+                filename=photos[i].filename,
+                box=det["box"],
+                detection_score=det["detection_score"],
+                quality=Quality(norm=round(f.norm, 4), standardised=round(quality, 4)),
+                visibility=round(f.visibility, 4),
+            )
+        )
     rejected.sort(key=lambda r: r.image_index)
     if not records:
         raise ApiError("NO_USABLE_FACE", "no image held a usable face", rejected=[r.model_dump() for r in rejected])
@@ -229,7 +264,9 @@ async def enrol(
             return state.store.subject(subject).faces
 
     total = await state.engine.run_cpu(commit)
-    return EnrolResponse(subject=subject, name=state.names.get(subject), faces=enrolled, rejected=rejected, total_faces=total)
+    return EnrolResponse(
+        subject=subject, name=state.names.get(subject), faces=enrolled, rejected=rejected, total_faces=total
+    )
 
 
 async def list_subjects(state: AppState, offset: int, limit: int) -> SubjectPage:
@@ -243,8 +280,14 @@ async def get_subject(state: AppState, subject: str) -> SubjectDetail:
     return SubjectDetail(
         **vars(record),
         face_list=[
-            SubjectFace(face_id=f.face_id, quality=Quality(norm=round(f.norm, 4), standardised=round(f.quality, 4)),
-                        visibility=round(float(f.occlusion.mean()), 4), detection_score=f.detection_score, box=f.box, created_at=f.created_at)
+            SubjectFace(
+                face_id=f.face_id,
+                quality=Quality(norm=round(f.norm, 4), standardised=round(f.quality, 4)),
+                visibility=round(float(f.occlusion.mean()), 4),
+                detection_score=f.detection_score,
+                box=f.box,
+                created_at=f.created_at,
+            )
             for f in faces
         ],
     )
@@ -274,7 +317,9 @@ async def delete_face(state: AppState, subject: str, face_id: str) -> DeleteResp
 # -- identify --------------------------------------------------------------------------------
 
 
-async def identify(state: AppState, photo: Photo, top_k: int, threshold: str | None, select: FaceSelection, aligned: bool) -> IdentifyResponse:
+async def identify(
+    state: AppState, photo: Photo, top_k: int, threshold: str | None, select: FaceSelection, aligned: bool
+) -> IdentifyResponse:
     """1:N: exact cosine over every face, QAConv re-ranking of a shortlist, fusion, one row per subject."""
     thr, preset = _threshold(state, threshold)
     face = await _find_face(state, photo, select, aligned)
@@ -282,7 +327,9 @@ async def identify(state: AppState, photo: Photo, top_k: int, threshold: str | N
     (feats,) = await engine.embed(face.crop[None])
     factor = OCCLUDED_SHORTLIST_FACTOR if feats.visibility < OCCLUDED_VISIBILITY else 1
     t0 = time.perf_counter()
-    found = await engine.run_device(state.index.search, feats.embedding, feats.feature_map, feats.occlusion, state.settings.shortlist * factor)
+    found = await engine.run_device(
+        state.index.search, feats.embedding, feats.feature_map, feats.occlusion, state.settings.shortlist * factor
+    )
     cal = engine.calibration
     fused = cal.score(found["cosine"], found["qaconv"], np.minimum(found["visibility"], feats.visibility))
     best: dict[str, int] = {}
@@ -292,18 +339,30 @@ async def identify(state: AppState, photo: Photo, top_k: int, threshold: str | N
     order = sorted(best.items(), key=lambda kv: -fused[kv[1]])[:top_k]
     probs = cal.probability(fused)
     candidates = [
-        Candidate(subject=s, name=state.names.get(s), face_id=found["face_ids"][i], score=round(float(fused[i]), 5),
-                  probability=round(float(probs[i]), 5), adaface=round(float(found["cosine"][i]), 5),
-                  qaconv=round(float(found["qaconv"][i]), 5), match=bool(fused[i] > thr))
+        Candidate(
+            subject=s,
+            name=state.names.get(s),
+            face_id=found["face_ids"][i],
+            score=round(float(fused[i]), 5),
+            probability=round(float(probs[i]), 5),
+            adaface=round(float(found["cosine"][i]), 5),
+            qaconv=round(float(found["qaconv"][i]), 5),
+            match=bool(fused[i] > thr),
+        )
         for s, i in order
     ]
     timings = {k: round(v, 3) for k, v in found["ms"].items()}
     timings["matching"] = round(1000 * (time.perf_counter() - t0), 3)
     return IdentifyResponse(
         match=candidates[0] if candidates and candidates[0].match else None,
-        candidates=candidates, threshold=round(thr, 5), threshold_probability=round(cal.probability_at(thr), 5),
-        threshold_preset=preset, face=_face_info(state, feats, face.detection),
-        gallery_faces=len(state.index), timings_ms=timings, model_version=engine.model_version,
+        candidates=candidates,
+        threshold=round(thr, 5),
+        threshold_probability=round(cal.probability_at(thr), 5),
+        threshold_preset=preset,
+        face=_face_info(state, feats, face.detection),
+        gallery_faces=len(state.index),
+        timings_ms=timings,
+        model_version=engine.model_version,
     )
 
 

@@ -38,7 +38,7 @@ class TestDecode:
     def test_every_common_mode_becomes_rgb(self, astronaut: np.ndarray, mode: str) -> None:
         img = Image.fromarray(astronaut)
         if mode == "I;16":
-            img = Image.fromarray((np.asarray(img.convert("L"), dtype=np.uint16) * 257))
+            img = Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257)
         else:
             img = img.convert(mode)
         fmt = {"CMYK": "JPEG", "F": "TIFF", "I": "TIFF"}.get(mode, "PNG")
@@ -81,7 +81,9 @@ class TestDetector:
         assert faces[0].score > 0.99
         assert np.abs(faces[0].landmarks - ASTRONAUT_LANDMARKS).max() < 3.0
 
-    def test_large_photos_map_landmarks_back_to_full_resolution(self, detector: FaceDetector, astronaut: np.ndarray) -> None:
+    def test_large_photos_map_landmarks_back_to_full_resolution(
+        self, detector: FaceDetector, astronaut: np.ndarray
+    ) -> None:
         big = cv2.resize(astronaut, (2048, 2048), interpolation=cv2.INTER_CUBIC)
         faces = detector.detect(big)
         assert len(faces) == 1
@@ -137,11 +139,15 @@ class TestAlignment:
         crop = align_face(astronaut, ASTRONAUT_LANDMARKS)
         assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8
 
-    def test_aligned_crop_is_detected_as_a_centred_face(self, pipeline: FacePipeline, detector: FaceDetector, astronaut: np.ndarray) -> None:
+    def test_aligned_crop_is_detected_as_a_centred_face(
+        self, pipeline: FacePipeline, detector: FaceDetector, astronaut: np.ndarray
+    ) -> None:
         crop = pipeline.align_one(astronaut).crop
         faces = detector.detect(crop)
         assert len(faces) == 1
-        assert np.abs(faces[0].landmarks - ARCFACE_TEMPLATE).max() < 8.0  # a context-free re-detection is biased a few px
+        assert (
+            np.abs(faces[0].landmarks - ARCFACE_TEMPLATE).max() < 8.0
+        )  # a context-free re-detection is biased a few px
 
     def test_input_tensor_is_bgr_in_minus_one_one(self) -> None:
         red = np.zeros((112, 112, 3), dtype=np.uint8)

@@ -18,8 +18,8 @@ from model.checkpoint import (
     save_checkpoint,
 )
 from model.errors import CheckpointError
-from model.training.adaface_import import import_adaface_ckpt
 from model.net import OAMLNet, build_model
+from model.training.adaface_import import import_adaface_ckpt
 
 
 def randomise_stats(model: OAMLNet) -> OAMLNet:
@@ -46,7 +46,7 @@ class TestOurFormat:
         assert meta["model_version"].startswith("ir_18-") and meta["calibration"] == {"threshold": 0.3}
         x = torch.randn(2, 3, 112, 112)
         with torch.no_grad():
-            for a, b in zip(model(x), loaded(x)):
+            for a, b in zip(model(x), loaded(x), strict=True):
                 torch.testing.assert_close(a, b)
 
     def test_content_hash_changes_with_any_weight(self, model: OAMLNet) -> None:
@@ -75,7 +75,9 @@ class TestOurFormat:
             load_checkpoint(path)
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-    def test_half_precision_export_is_smaller_and_close(self, model: OAMLNet, tmp_path: Path, dtype: torch.dtype) -> None:
+    def test_half_precision_export_is_smaller_and_close(
+        self, model: OAMLNet, tmp_path: Path, dtype: torch.dtype
+    ) -> None:
         full, half = tmp_path / "f.safetensors", tmp_path / "h.safetensors"
         save_checkpoint(model, full)
         meta = export_backbone(model, half, dtype=dtype)
@@ -110,7 +112,9 @@ def write_lightning_ckpt(model: OAMLNet, path: Path, hparams: object, extra: dic
     state["head.t"] = torch.zeros(1)
     state["head.batch_mean"] = torch.tensor([21.5])
     state["head.batch_std"] = torch.tensor([3.25])
-    torch.save({"epoch": 25, "global_step": 1000, "state_dict": state, "hyper_parameters": hparams, **(extra or {})}, path)
+    torch.save(
+        {"epoch": 25, "global_step": 1000, "state_dict": state, "hyper_parameters": hparams, **(extra or {})}, path
+    )
 
 
 class TestAdaFaceImport:

@@ -28,7 +28,9 @@ class TestEmbedder:
         torch.testing.assert_close(together.feature_map, alone.feature_map, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(together.embedding.norm(dim=1), torch.ones(3))
 
-    def test_flip_test_changes_only_the_embedding_and_makes_it_mirror_invariant(self, ir18: OAMLNet, crops: np.ndarray) -> None:
+    def test_flip_test_changes_only_the_embedding_and_makes_it_mirror_invariant(
+        self, ir18: OAMLNet, crops: np.ndarray
+    ) -> None:
         plain = Embedder(ir18, device="cpu", precision="fp32", flip=False)(crops)
         flipped = Embedder(ir18, device="cpu", precision="fp32", flip=True)(crops)
         torch.testing.assert_close(plain.feature_map, flipped.feature_map)
@@ -63,7 +65,9 @@ class TestScorePairs:
         assert len(s) == 3
         np.testing.assert_allclose(s.cos, (f.embedding[ia] * f.embedding[ib]).sum(1).numpy(), atol=1e-6)
         with torch.no_grad():
-            literal = ir18.qaconv.eval()(f.feature_map, f.feature_map, probe_occ=f.occlusion[:, None], gal_occ=f.occlusion[:, None])
+            literal = ir18.qaconv.eval()(
+                f.feature_map, f.feature_map, probe_occ=f.occlusion[:, None], gal_occ=f.occlusion[:, None]
+            )
         np.testing.assert_allclose(s.qa, literal[ia, ib].numpy(), atol=1e-4)
         np.testing.assert_allclose(s.visibility, torch.minimum(f.visibility[ia], f.visibility[ib]).numpy(), atol=1e-6)
 

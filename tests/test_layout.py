@@ -36,8 +36,12 @@ def imported_modules(folder: Path, exclude: str | None = None, root: Path = ROOT
 
 
 def offenders(found: dict[str, set[str]], forbidden: tuple[str, ...]) -> list[str]:
-    return [f"{file} imports {name}" for file, names in found.items() for name in sorted(names)
-            if any(name == f or name.startswith(f + ".") for f in forbidden)]
+    return [
+        f"{file} imports {name}"
+        for file, names in found.items()
+        for name in sorted(names)
+        if any(name == f or name.startswith(f + ".") for f in forbidden)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -47,7 +51,11 @@ def offenders(found: dict[str, set[str]], forbidden: tuple[str, ...]) -> list[st
         ("model", "training", ("model.training", "service", "oaml")),
         ("model/training", None, ("service", "oaml")),
     ],
-    ids=["service never imports training", "the core imports neither training nor the app", "training never imports the app"],
+    ids=[
+        "service never imports training",
+        "the core imports neither training nor the app",
+        "training never imports the app",
+    ],
 )
 def test_imports_only_go_down(folder: str, exclude: str | None, forbidden: tuple[str, ...]) -> None:
     found = imported_modules(ROOT / folder, exclude)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.checkpoint import HEAD_PREFIXES
 from model.net import (
     ARCHITECTURES,
     BasicBlockIRSE,
@@ -14,7 +15,6 @@ from model.net import (
     OcclusionHead,
     build_model,
 )
-from model.checkpoint import HEAD_PREFIXES
 
 
 def backbone_state(model: OAMLNet) -> dict[str, torch.Tensor]:
@@ -44,8 +44,13 @@ class TestTopology:
 
     def test_adaface_key_names_and_shortcut_placement(self) -> None:
         sd = build_model("ir_50").state_dict()
-        for key in ("input_layer.0.weight", "input_layer.2.weight", "body.0.res_layer.4.weight",
-                    "output_layer.3.weight", "output_layer.4.running_mean"):
+        for key in (
+            "input_layer.0.weight",
+            "input_layer.2.weight",
+            "body.0.res_layer.4.weight",
+            "output_layer.3.weight",
+            "output_layer.4.running_mean",
+        ):
             assert key in sd
         # projection shortcuts only where the width changes: first unit of stages 2, 3, 4
         projected = sorted({int(k.split(".")[1]) for k in sd if ".shortcut_layer.0.weight" in k})

@@ -53,7 +53,8 @@ def write_templates(root: Path) -> Path:
     for name in ("1", "41"):
         cv2.imwrite(str(glasses / f"{name}.png"), g)
         (glasses / f"{name}.xml").write_text(
-            f'<?xml version="1.0"?>\n<opencv_storage>\n<sunglasses type_id="opencv-matrix">\n<rows>2</rows>\n<cols>12</cols>\n<dt>f</dt>\n<data>\n{data}</data></sunglasses>\n</opencv_storage>\n'
+            '<?xml version="1.0"?>\n<opencv_storage>\n<sunglasses type_id="opencv-matrix">\n'
+            f"<rows>2</rows>\n<cols>12</cols>\n<dt>f</dt>\n<data>\n{data}</data></sunglasses>\n</opencv_storage>\n"
         )
     return root
 
@@ -131,7 +132,12 @@ class TestOccluders:
         names = {t.name for o, _ in aug.occluders for t in getattr(o, "templates", [])}
         assert names == {"plain", "1"}
         everything = OcclusionAugmenter.from_folder(root, probability=1.0, exclude_eval=False)
-        assert {t.name for o, _ in everything.occluders for t in getattr(o, "templates", [])} == {"plain", "KN95", "1", "41"}
+        assert {t.name for o, _ in everything.occluders for t in getattr(o, "templates", [])} == {
+            "plain",
+            "KN95",
+            "1",
+            "41",
+        }
 
     def test_without_templates_procedural_occluders_still_work(self) -> None:
         aug = OcclusionAugmenter.from_folder("/nonexistent", probability=1.0)

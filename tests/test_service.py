@@ -1,4 +1,7 @@
-"""The HTTP service driven over HTTP with real photos: verify, gallery, identify, heatmaps, errors, batching, durability."""
+"""The HTTP service driven over HTTP with real photos.
+
+Verify, gallery, identify, heatmaps, errors, batching, durability.
+"""
 
 from __future__ import annotations
 
@@ -22,14 +25,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from model.align import FacePipeline
-from model.embedder import FLIP_TEST
 from model.checkpoint import save_checkpoint
+from model.embedder import FLIP_TEST
 from model.net import build_model
 from service.app import create_app
 from service.config import Settings
 from service.index import GalleryIndex
-from service.store import FaceRecord, GalleryVersionError, SQLiteGalleryStore
 from service.render import BAR_WIDTH
+from service.store import FaceRecord, GalleryVersionError, SQLiteGalleryStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +83,13 @@ def make_settings(weights: Path, data_dir: Path, **kwargs: object) -> Settings:
 
 @pytest.fixture(scope="module")
 def client(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> TestClient:
-    settings = make_settings(weights, tmp_path_factory.mktemp("data"), max_wait_ms=100.0, max_image_bytes=2_000_000, max_image_pixels=3_000_000)
+    settings = make_settings(
+        weights,
+        tmp_path_factory.mktemp("data"),
+        max_wait_ms=100.0,
+        max_image_bytes=2_000_000,
+        max_image_pixels=3_000_000,
+    )
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -99,10 +108,24 @@ def assert_problem(response: httpx.Response, status: int, code: str) -> dict:
 
 class TestVerify:
     def test_response_describes_both_faces_and_the_scores(self, client: TestClient, photos: dict[str, bytes]) -> None:
-        r = client.post("/verify", files=files(image_a=("a.png", photos["astronaut"]), image_b=("b.jpg", photos["astronaut_jpeg"], "image/jpeg")))
+        r = client.post(
+            "/verify",
+            files=files(
+                image_a=("a.png", photos["astronaut"]), image_b=("b.jpg", photos["astronaut_jpeg"], "image/jpeg")
+            ),
+        )
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) >= {"match", "score", "probability", "threshold", "scores", "face_a", "face_b", "model_version"}
+        assert set(body) >= {
+            "match",
+            "score",
+            "probability",
+            "threshold",
+            "scores",
+            "face_a",
+            "face_b",
+            "model_version",
+        }
         assert body["threshold_preset"] == "balanced"
         assert set(body["scores"]) == {"adaface", "qaconv", "weights"}
         assert body["match"] == (body["score"] > body["threshold"])
@@ -117,9 +140,15 @@ class TestVerify:
         # 640x480 resize of the same photo: the detector finds the face at the scaled place
         assert body["face_b"]["landmarks"][0][0] == pytest.approx(body["face_a"]["landmarks"][0][0] * 640 / 512, abs=5)
 
-    def test_identical_photos_score_higher_than_different_people(self, client: TestClient, photos: dict[str, bytes]) -> None:
-        same = client.post("/verify", files=files(image_a=("a.png", photos["astronaut"]), image_b=("b.png", photos["astronaut"]))).json()
-        diff = client.post("/verify", files=files(image_a=("a.png", photos["astronaut"]), image_b=("b.png", photos["camera"]))).json()
+    def test_identical_photos_score_higher_than_different_people(
+        self, client: TestClient, photos: dict[str, bytes]
+    ) -> None:
+        same = client.post(
+            "/verify", files=files(image_a=("a.png", photos["astronaut"]), image_b=("b.png", photos["astronaut"]))
+        ).json()
+        diff = client.post(
+            "/verify", files=files(image_a=("a.png", photos["astronaut"]), image_b=("b.png", photos["camera"]))
+        ).json()
         assert same["scores"]["adaface"] == pytest.approx(1.0, abs=1e-3)
         assert same["score"] > diff["score"]
 
@@ -128,9 +157,19 @@ class TestVerify:
         low = client.post("/verify", files=f, data={"threshold": "-1000"}).json()
         high = client.post("/verify", files=f, data={"threshold": "1000"}).json()
         assert low["match"] is True and high["match"] is False and low["threshold_preset"] is None
-        assert low["threshold_probability"] == pytest.approx(0.0) and high["threshold_probability"] == pytest.approx(1.0)
-        assert low["probability"] > low["threshold_probability"] and high["probability"] <= high["threshold_probability"]
-        for bad in ("nan", "inf", "-inf", "1e309", "-Infinity"):  # a non-finite threshold would make every answer the same
+        assert low["threshold_probability"] == pytest.approx(0.0) and high["threshold_probability"] == pytest.approx(
+            1.0
+        )
+        assert (
+            low["probability"] > low["threshold_probability"] and high["probability"] <= high["threshold_probability"]
+        )
+        for bad in (
+            "nan",
+            "inf",
+            "-inf",
+            "1e309",
+            "-Infinity",
+        ):  # a non-finite threshold would make every answer the same
             body = assert_problem(client.post("/verify", files=f, data={"threshold": bad}), 422, "VALIDATION_ERROR")
             assert body["field"] == "threshold"
         info = client.get("/info").json()
@@ -138,13 +177,23 @@ class TestVerify:
         assert strict["threshold"] == pytest.approx(info["presets"]["strict"]["threshold"])
         assert info["presets"]["strict"]["far"] == 1e-4
         assert info["probability_prior"] == 0.5 and info["flip_test"] is FLIP_TEST
-        assert info["presets"]["strict"]["probability"] > info["presets"]["balanced"]["probability"] > info["presets"]["lenient"]["probability"]
+        assert (
+            info["presets"]["strict"]["probability"]
+            > info["presets"]["balanced"]["probability"]
+            > info["presets"]["lenient"]["probability"]
+        )
 
-    def test_tight_crops_and_aligned_input(self, client: TestClient, photos: dict[str, bytes], pipeline: FacePipeline, astronaut: np.ndarray) -> None:
-        r = client.post("/verify", files=files(image_a=("a.png", photos["tight"]), image_b=("b.png", photos["astronaut"])))
+    def test_tight_crops_and_aligned_input(
+        self, client: TestClient, photos: dict[str, bytes], pipeline: FacePipeline, astronaut: np.ndarray
+    ) -> None:
+        r = client.post(
+            "/verify", files=files(image_a=("a.png", photos["tight"]), image_b=("b.png", photos["astronaut"]))
+        )
         assert r.status_code == 200, r.text
         crop = pipeline.align_one(astronaut).crop
-        r = client.post("/verify", files=files(image_a=("a.png", png(crop)), image_b=("b.png", png(crop))), data={"aligned": "true"})
+        r = client.post(
+            "/verify", files=files(image_a=("a.png", png(crop)), image_b=("b.png", png(crop))), data={"aligned": "true"}
+        )
         assert r.status_code == 200 and r.json()["face_a"]["box"] is None
         assert r.json()["scores"]["adaface"] == pytest.approx(1.0, abs=1e-3)
 
@@ -160,22 +209,33 @@ class TestGalleryAndIdentify:
         r = client.post(
             "/gallery",
             data={"subject": "eileen", "name": "Eileen Collins", "metadata": json.dumps({"team": "STS-93"})},
-            files=[("images", ("a.png", photos["astronaut"], "image/png")), ("images", ("c.jpg", photos["coffee"], "image/jpeg")),
-                   ("images", ("g.png", photos["two_faces"], "image/png"))],
+            files=[
+                ("images", ("a.png", photos["astronaut"], "image/png")),
+                ("images", ("c.jpg", photos["coffee"], "image/jpeg")),
+                ("images", ("g.png", photos["two_faces"], "image/png")),
+            ],
         )
         assert r.status_code == 201, r.text
         body = r.json()
         assert len(body["faces"]) == 1 and body["total_faces"] == 1
         assert {(x["image_index"], x["code"]) for x in body["rejected"]} == {(1, "NO_FACE"), (2, "MULTIPLE_FACES")}
         face_id = body["faces"][0]["face_id"]
-        r = client.post("/gallery", data={"subject": "photographer"}, files=[("images", ("c.png", photos["camera"], "image/png"))])
+        r = client.post(
+            "/gallery", data={"subject": "photographer"}, files=[("images", ("c.png", photos["camera"], "image/png"))]
+        )
         assert r.status_code == 201, r.text
 
-        found = client.post("/identify", files=files(image=("a.jpg", photos["astronaut_jpeg"], "image/jpeg")), data={"top_k": "5", "threshold": "-1000"}).json()
+        found = client.post(
+            "/identify",
+            files=files(image=("a.jpg", photos["astronaut_jpeg"], "image/jpeg")),
+            data={"top_k": "5", "threshold": "-1000"},
+        ).json()
         assert [c["subject"] for c in found["candidates"]] == ["eileen", "photographer"]
         assert found["match"]["subject"] == "eileen" and found["match"]["name"] == "Eileen Collins"
         assert found["candidates"][0]["face_id"] == face_id and found["gallery_faces"] == 2
-        unknown = client.post("/identify", files=files(image=("a.png", photos["astronaut"])), data={"threshold": "1000"}).json()
+        unknown = client.post(
+            "/identify", files=files(image=("a.png", photos["astronaut"])), data={"threshold": "1000"}
+        ).json()
         assert unknown["match"] is None and len(unknown["candidates"]) == 2
 
         page = client.get("/gallery", params={"limit": 1}).json()
@@ -205,21 +265,69 @@ class TestGalleryAndIdentify:
 class TestErrors:
     def test_each_error_code(self, client: TestClient, photos: dict[str, bytes]) -> None:
         ast = ("a.png", photos["astronaut"])
-        assert_problem(client.post("/verify", files=files(image_a=("c.jpg", photos["coffee"], "image/jpeg"), image_b=ast)), 422, "NO_FACE")
-        body = assert_problem(client.post("/verify", files=files(image_a=ast, image_b=("g.png", photos["two_faces"])), data={"face_b": "single"}), 422, "MULTIPLE_FACES")
+        assert_problem(
+            client.post("/verify", files=files(image_a=("c.jpg", photos["coffee"], "image/jpeg"), image_b=ast)),
+            422,
+            "NO_FACE",
+        )
+        body = assert_problem(
+            client.post(
+                "/verify", files=files(image_a=ast, image_b=("g.png", photos["two_faces"])), data={"face_b": "single"}
+            ),
+            422,
+            "MULTIPLE_FACES",
+        )
         assert body["field"] == "image_b"
-        assert_problem(client.post("/verify", files=files(image_a=ast, image_b=("g.png", photos["astronaut"])), data={"face_b": "3"}), 422, "FACE_INDEX_OUT_OF_RANGE")
-        assert_problem(client.post("/verify", files=files(image_a=("x.png", b"\x89PNG\r\n\x1a\nbroken"), image_b=ast)), 400, "INVALID_IMAGE")
-        assert_problem(client.post("/verify", files=files(image_a=("x.txt", b"hello", "text/plain"), image_b=ast)), 415, "UNSUPPORTED_MEDIA")
-        big = png(np.random.default_rng(0).integers(0, 255, (1200, 1200, 3), dtype=np.uint8))  # > 2 MB in the test settings
-        assert_problem(client.post("/verify", files=files(image_a=("big.png", big), image_b=ast)), 413, "IMAGE_TOO_LARGE")
+        assert_problem(
+            client.post(
+                "/verify", files=files(image_a=ast, image_b=("g.png", photos["astronaut"])), data={"face_b": "3"}
+            ),
+            422,
+            "FACE_INDEX_OUT_OF_RANGE",
+        )
+        assert_problem(
+            client.post("/verify", files=files(image_a=("x.png", b"\x89PNG\r\n\x1a\nbroken"), image_b=ast)),
+            400,
+            "INVALID_IMAGE",
+        )
+        assert_problem(
+            client.post("/verify", files=files(image_a=("x.txt", b"hello", "text/plain"), image_b=ast)),
+            415,
+            "UNSUPPORTED_MEDIA",
+        )
+        big = png(
+            np.random.default_rng(0).integers(0, 255, (1200, 1200, 3), dtype=np.uint8)
+        )  # > 2 MB in the test settings
+        assert_problem(
+            client.post("/verify", files=files(image_a=("big.png", big), image_b=ast)), 413, "IMAGE_TOO_LARGE"
+        )
         many_pixels = png(np.zeros((2000, 2000, 3), dtype=np.uint8))  # small file, 4 Mpx > 3 Mpx limit
-        assert_problem(client.post("/verify", files=files(image_a=("px.png", many_pixels), image_b=ast)), 413, "IMAGE_TOO_LARGE")
+        assert_problem(
+            client.post("/verify", files=files(image_a=("px.png", many_pixels), image_b=ast)), 413, "IMAGE_TOO_LARGE"
+        )
         assert_problem(client.post("/verify", files=files(image_a=ast)), 422, "VALIDATION_ERROR")
-        assert_problem(client.post("/verify", files=files(image_a=ast, image_b=ast), data={"threshold": "loose"}), 422, "VALIDATION_ERROR")
-        assert_problem(client.post("/gallery", data={"subject": "bad id!"}, files=[("images", ast + ("image/png",))]), 422, "VALIDATION_ERROR")
-        assert_problem(client.post("/gallery", data={"subject": "x", "metadata": "[1]"}, files=[("images", ast + ("image/png",))]), 422, "VALIDATION_ERROR")
-        body = assert_problem(client.post("/gallery", data={"subject": "nobody"}, files=[("images", ("c.jpg", photos["coffee"], "image/jpeg"))]), 422, "NO_USABLE_FACE")
+        assert_problem(
+            client.post("/verify", files=files(image_a=ast, image_b=ast), data={"threshold": "loose"}),
+            422,
+            "VALIDATION_ERROR",
+        )
+        assert_problem(
+            client.post("/gallery", data={"subject": "bad id!"}, files=[("images", ast + ("image/png",))]),
+            422,
+            "VALIDATION_ERROR",
+        )
+        assert_problem(
+            client.post("/gallery", data={"subject": "x", "metadata": "[1]"}, files=[("images", ast + ("image/png",))]),
+            422,
+            "VALIDATION_ERROR",
+        )
+        body = assert_problem(
+            client.post(
+                "/gallery", data={"subject": "nobody"}, files=[("images", ("c.jpg", photos["coffee"], "image/jpeg"))]
+            ),
+            422,
+            "NO_USABLE_FACE",
+        )
         assert body["rejected"][0]["code"] == "NO_FACE"
         assert_problem(client.get("/gallery/nobody"), 404, "SUBJECT_NOT_FOUND")
         assert_problem(client.delete("/gallery/nobody"), 404, "SUBJECT_NOT_FOUND")
@@ -245,7 +353,7 @@ class TestOperations:
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda _: client.post("/occlusion", files=f).status_code, range(8)))
         assert results == [200] * 8
-        sizes = engine.stats.batch_sizes[-(engine.stats.batches - before):]
+        sizes = engine.stats.batch_sizes[-(engine.stats.batches - before) :]
         assert sum(sizes) == 8 and max(sizes) > 1
         metrics = client.get("/metrics").text
         assert "oaml_batch_size_bucket" in metrics and 'route="/occlusion"' in metrics and "oaml_queue_depth" in metrics
@@ -255,7 +363,11 @@ class TestOperations:
         assert client.get("/ready").json()["status"] == "ready"
         info = client.get("/info").json()
         expected_device = "cuda" if torch.cuda.is_available() else "cpu"  # OAML_DEVICE=auto
-        assert info["architecture"] == "ir_18" and info["device"] == expected_device and set(info["presets"]) == {"lenient", "balanced", "strict"}
+        assert (
+            info["architecture"] == "ir_18"
+            and info["device"] == expected_device
+            and set(info["presets"]) == {"lenient", "balanced", "strict"}
+        )
         assert client.get("/openapi.json").json()["paths"].keys() >= {"/verify", "/gallery", "/identify", "/occlusion"}
 
 
@@ -263,8 +375,18 @@ class TestGalleryStore:
     def record(self, fid: str, subject: str, seed: int) -> FaceRecord:
         rng = np.random.default_rng(seed)
         emb = rng.normal(size=512).astype(np.float32)
-        return FaceRecord(fid, subject, emb / np.linalg.norm(emb), rng.normal(size=(512, 7, 7)).astype(np.float16),
-                          rng.random((7, 7)).astype(np.float32), 20.0, 0.0, 0.9, [0, 0, 10, 10], time.time())
+        return FaceRecord(
+            fid,
+            subject,
+            emb / np.linalg.norm(emb),
+            rng.normal(size=(512, 7, 7)).astype(np.float16),
+            rng.random((7, 7)).astype(np.float32),
+            20.0,
+            0.0,
+            0.9,
+            [0, 0, 10, 10],
+            time.time(),
+        )
 
     def test_other_model_versions_are_refused(self, tmp_path: Path) -> None:
         store = SQLiteGalleryStore(tmp_path / "g.sqlite3", "ir_18-aaaa")
@@ -282,15 +404,30 @@ class TestGalleryStore:
         qa = build_model("ir_18").qaconv.eval()
         index = GalleryIndex(qa, torch.device("cpu"), torch.bfloat16)
         recs = [self.record(f"f{i}", f"s{i % 3}", i) for i in range(70)]  # crosses the initial capacity of 64
-        index.add([r.face_id for r in recs], [r.subject for r in recs], torch.from_numpy(np.stack([r.embedding for r in recs])),
-                  torch.from_numpy(np.stack([r.feature_map for r in recs])).float(), torch.from_numpy(np.stack([r.occlusion for r in recs]))[:, None])
+        index.add(
+            [r.face_id for r in recs],
+            [r.subject for r in recs],
+            torch.from_numpy(np.stack([r.embedding for r in recs])),
+            torch.from_numpy(np.stack([r.feature_map for r in recs])).float(),
+            torch.from_numpy(np.stack([r.occlusion for r in recs]))[:, None],
+        )
         index.remove(["f3", "f10", "f69"])
         assert len(index) == 67
         probe = recs[50]
-        found = index.search(torch.from_numpy(probe.embedding), torch.from_numpy(probe.feature_map).float(), torch.from_numpy(probe.occlusion), 5)
+        found = index.search(
+            torch.from_numpy(probe.embedding),
+            torch.from_numpy(probe.feature_map).float(),
+            torch.from_numpy(probe.occlusion),
+            5,
+        )
         assert found["face_ids"][0] == "f50" and found["cosine"][0] == pytest.approx(1.0, abs=1e-5)
-        full = qa.match(torch.from_numpy(probe.feature_map).float()[None], qa.prepare_gallery(torch.from_numpy(probe.feature_map).float()[None], torch.from_numpy(probe.occlusion)[None, None]),
-                        probe_occ=torch.from_numpy(probe.occlusion)[None, None])
+        full = qa.match(
+            torch.from_numpy(probe.feature_map).float()[None],
+            qa.prepare_gallery(
+                torch.from_numpy(probe.feature_map).float()[None], torch.from_numpy(probe.occlusion)[None, None]
+            ),
+            probe_occ=torch.from_numpy(probe.occlusion)[None, None],
+        )
         assert found["qaconv"][0] == pytest.approx(float(full[0, 0]), abs=0.05)
 
 
@@ -301,8 +438,16 @@ def free_port() -> int:
 
 
 def start_server(weights: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "OAML_WEIGHTS": str(weights), "OAML_DATA_DIR": str(data_dir), "OAML_PORT": str(port), "OAML_TORCH_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "oaml.cli", "serve"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "OAML_WEIGHTS": str(weights),
+        "OAML_DATA_DIR": str(data_dir),
+        "OAML_PORT": str(port),
+        "OAML_TORCH_THREADS": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "oaml.cli", "serve"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 90) -> None:
@@ -319,12 +464,19 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 90) ->
     raise AssertionError("server did not become ready")
 
 
-def test_enrolments_survive_sigkill_and_other_weights_are_refused(weights: Path, tmp_path: Path, photos: dict[str, bytes]) -> None:
+def test_enrolments_survive_sigkill_and_other_weights_are_refused(
+    weights: Path, tmp_path: Path, photos: dict[str, bytes]
+) -> None:
     port = free_port()
     proc = start_server(weights, tmp_path, port)
     try:
         wait_ready(proc, port)
-        r = httpx.post(f"http://127.0.0.1:{port}/gallery", data={"subject": "eileen"}, files=[("images", ("a.png", photos["astronaut"], "image/png"))], timeout=60)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/gallery",
+            data={"subject": "eileen"},
+            files=[("images", ("a.png", photos["astronaut"], "image/png"))],
+            timeout=60,
+        )
         assert r.status_code == 201, r.text
         face_id = r.json()["faces"][0]["face_id"]
     finally:
@@ -335,7 +487,11 @@ def test_enrolments_survive_sigkill_and_other_weights_are_refused(weights: Path,
         wait_ready(proc, port)
         detail = httpx.get(f"http://127.0.0.1:{port}/gallery/eileen", timeout=10).json()
         assert [f["face_id"] for f in detail["face_list"]] == [face_id]
-        found = httpx.post(f"http://127.0.0.1:{port}/identify", files={"image": ("a.png", photos["astronaut"], "image/png")}, timeout=60).json()
+        found = httpx.post(
+            f"http://127.0.0.1:{port}/identify",
+            files={"image": ("a.png", photos["astronaut"], "image/png")},
+            timeout=60,
+        ).json()
         assert found["candidates"][0]["face_id"] == face_id
     finally:
         proc.send_signal(signal.SIGKILL)

@@ -58,7 +58,9 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
 
 
 def verify(client: TestClient, a: bytes, b: bytes, **data: str) -> dict:
-    r = client.post("/verify", files={"image_a": ("a.jpg", a, "image/jpeg"), "image_b": ("b.jpg", b, "image/jpeg")}, data=data)
+    r = client.post(
+        "/verify", files={"image_a": ("a.jpg", a, "image/jpeg"), "image_b": ("b.jpg", b, "image/jpeg")}, data=data
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -93,7 +95,9 @@ def binomial_tail(k: int, n: int, p: float) -> float:
 
 @pytest.mark.slow
 @pytest.mark.shared_data
-@pytest.mark.skipif(not (LFW / "pairs.txt").is_file(), reason="needs ../shared/data/eval/lfw (LFW photos and pairs.txt)")
+@pytest.mark.skipif(
+    not (LFW / "pairs.txt").is_file(), reason="needs ../shared/data/eval/lfw (LFW photos and pairs.txt)"
+)
 def test_lfw_first_200_pairs_at_the_default_preset_meet_the_published_rates(client: TestClient) -> None:
     """The first 100 genuine and the first 100 impostor pairs of pairs.txt, as photos, through `POST /verify`
     at the default threshold. TAR and FAR must agree with what `/info` publishes for that preset (measured by
@@ -132,8 +136,10 @@ def served_features(engine: Engine, crops: np.ndarray, chunk: int = 64) -> Featu
 
 @pytest.mark.slow
 @pytest.mark.shared_data
-@pytest.mark.skipif(not (PREPARED_DATA / "celeba" / "manifest.jsonl").is_file() or not SHARED_DATA.is_dir(),
-                    reason="needs ../shared/data and the aligned caches of `make prepare-data` (../oaml_data)")
+@pytest.mark.skipif(
+    not (PREPARED_DATA / "celeba" / "manifest.jsonl").is_file() or not SHARED_DATA.is_dir(),
+    reason="needs ../shared/data and the aligned caches of `make prepare-data` (../oaml_data)",
+)
 def test_each_preset_far_through_the_served_path_is_the_published_far() -> None:
     """Fresh pairs of the calibration identities (new occluded copies, new pairs), embedded by the running
     engine and fused by it: each preset's FAR equals the FAR `/info` publishes within binomial sampling error.
@@ -159,4 +165,6 @@ def test_each_preset_far_through_the_served_path_is_the_published_far() -> None:
     for name, far in PRESETS.items():
         measured = float((impostor > engine.calibration.thresholds[name]).mean())
         sigma = math.sqrt(far * (1 - far) / n)
-        assert abs(measured - far) <= 4 * sigma, f"{name}: FAR {measured:.2e} on {n} impostor pairs, published {far:.0e}"
+        assert abs(measured - far) <= 4 * sigma, (
+            f"{name}: FAR {measured:.2e} on {n} impostor pairs, published {far:.0e}"
+        )

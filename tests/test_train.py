@@ -15,6 +15,8 @@ from PIL import Image
 
 from model.align import ARCFACE_TEMPLATE, FacePipeline, align_face
 from model.embedder import FLIP_TEST
+from model.net import build_model
+from model.qaconv import QAConv
 from model.training.face import AlignedCache, Face, identity_from_filename
 from model.training.head import AdaFace
 from model.training.losses import (
@@ -24,9 +26,7 @@ from model.training.losses import (
     relation_distillation_loss,
     triplet_ranking_loss,
 )
-from model.net import build_model
 from model.training.prepare import prepare
-from model.qaconv import QAConv
 from model.training.sampler import GraphSampler, PKSampler
 from model.training.train import TrainConfig, Trainer, split_by_identity
 from tests.conftest import SHARED_DATA
@@ -54,7 +54,9 @@ class TestData:
         with pytest.raises(ValueError):
             identity_from_filename("portrait.jpg")
 
-    def test_prepare_aligns_photos_and_lists_failures(self, tmp_path: Path, astronaut: np.ndarray, detector: object) -> None:
+    def test_prepare_aligns_photos_and_lists_failures(
+        self, tmp_path: Path, astronaut: np.ndarray, detector: object
+    ) -> None:
         src, dst = tmp_path / "src", tmp_path / "dst"
         (src / "eileen").mkdir(parents=True)
         (src / "nobody").mkdir()
@@ -90,8 +92,8 @@ class TestSamplers:
         for b in batches:
             ids = self.labels[b]
             assert len(set(ids)) == 4 and all((ids == i).sum() == 2 for i in set(ids))
-        assert all(np.array_equal(x, y) for x, y in zip(batches, sampler.batches(0)))
-        assert not all(np.array_equal(x, y) for x, y in zip(batches, sampler.batches(1)))
+        assert all(np.array_equal(x, y) for x, y in zip(batches, sampler.batches(0), strict=True))
+        assert not all(np.array_equal(x, y) for x, y in zip(batches, sampler.batches(1), strict=True))
 
     def test_graph_batches_are_a_class_and_its_neighbours(self) -> None:
         sampler = GraphSampler(self.labels, 3, 2, seed=0)
@@ -153,17 +155,41 @@ def write_fake_cache(root: Path, astronaut: np.ndarray, identities: int = 6, per
             img = np.roll(img, int(rng.integers(-3, 4)), axis=1)
             rel = f"id{i}/{j}.png"
             cv2.imwrite(str(root / rel), img[..., ::-1])
-            lines.append(json.dumps({"path": rel, "source": f"/src/{rel}", "identity": f"id{i}", "landmarks": ASTRONAUT_LANDMARKS.tolist(),
-                                     "aligned_landmarks": ARCFACE_TEMPLATE.tolist(), "score": 0.99}))
+            lines.append(
+                json.dumps(
+                    {
+                        "path": rel,
+                        "source": f"/src/{rel}",
+                        "identity": f"id{i}",
+                        "landmarks": ASTRONAUT_LANDMARKS.tolist(),
+                        "aligned_landmarks": ARCFACE_TEMPLATE.tolist(),
+                        "score": 0.99,
+                    }
+                )
+            )
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return root
 
 
 def tiny_config(cache: Path, out: Path, **overrides: object) -> TrainConfig:
     raw = {
-        "train": [str(cache)], "out": str(out), "arch": "ir_18", "p": 2, "k": 2, "val_fraction": 0.34,
-        "teacher": False, "threads": 2, "warmup_steps": 2, "lr": 0.05, "epochs": 3, "max_steps": 4,
-        "checkpoint_every": 1, "log_every": 1, "qaconv_k_nearest": 2, "val_pairs": 20, "precision": "fp32",
+        "train": [str(cache)],
+        "out": str(out),
+        "arch": "ir_18",
+        "p": 2,
+        "k": 2,
+        "val_fraction": 0.34,
+        "teacher": False,
+        "threads": 2,
+        "warmup_steps": 2,
+        "lr": 0.05,
+        "epochs": 3,
+        "max_steps": 4,
+        "checkpoint_every": 1,
+        "log_every": 1,
+        "qaconv_k_nearest": 2,
+        "val_pairs": 20,
+        "precision": "fp32",
     }
     raw.update(overrides)
     return TrainConfig.from_dict(raw)
@@ -185,7 +211,7 @@ class TestTrainer:
         assert resumed.state["global_step"] == 2
         resumed.fit()
         assert resumed.state["global_step"] == straight.state["global_step"] == 4
-        for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
         # epochs ended inside the run: validation happened, a CSV row each, a serving file with metadata
         rows = (tmp_path / "a" / "epochs.csv").read_text().splitlines()
@@ -199,18 +225,40 @@ class TestTrainer:
         from oaml.cli import main
 
         out = tmp_path / "shipped.safetensors"
-        args = ["calibrate", str(tmp_path / "a" / "best.safetensors"), "--data-root", str(tmp_path), "--dtype", "float16",
-                "--out", str(out), "--export-check", "--precision", "fp32", "--plot", str(tmp_path / "reliability.png"),
-                "--genuine-pairs", "200", "--impostor-pairs", "400"]
+        args = [
+            "calibrate",
+            str(tmp_path / "a" / "best.safetensors"),
+            "--data-root",
+            str(tmp_path),
+            "--dtype",
+            "float16",
+            "--out",
+            str(out),
+            "--export-check",
+            "--precision",
+            "fp32",
+            "--plot",
+            str(tmp_path / "reliability.png"),
+            "--genuine-pairs",
+            "200",
+            "--impostor-pairs",
+            "400",
+        ]
         assert main(args) == 0
         _, shipped = load_checkpoint(out)
         cal = shipped["calibration"]
-        assert cal["fitted"] and cal["thresholds"]["strict"] >= cal["thresholds"]["balanced"] >= cal["thresholds"]["lenient"]
+        assert (
+            cal["fitted"]
+            and cal["thresholds"]["strict"] >= cal["thresholds"]["balanced"] >= cal["thresholds"]["lenient"]
+        )
         assert shipped["dtype"] == "float16" and shipped["training"] == meta["training"]
         # fitted on the path the service runs: its flip-test decision, the requested precision, the rounded weights
         assert cal["embedding"] == {"device": cal["embedding"]["device"], "precision": "float32", "flip": FLIP_TEST}
         assert cal["prior"] == 0.5 and 0 <= cal["reliability"]["ece_in_sample"] <= 1
-        assert set(cal["presets"]) == {"lenient", "balanced", "strict"} and (tmp_path / "reliability.png").stat().st_size > 0
+        assert (
+            set(cal["presets"]) == {"lenient", "balanced", "strict"}
+            and (tmp_path / "reliability.png").stat().st_size > 0
+        )
         check = shipped["export_check"]
         assert check["served_as"]["weights"] == "float16" and check["pairs"] == cal["pairs"]
         assert 0 < check["max_abs_fused_diff"] < 0.5  # rounding moves scores a little, not much
@@ -267,7 +315,9 @@ class TestTeacher:
 
 
 class TestEvaluation:
-    def test_lfw_protocol_end_to_end_on_a_fake_cache(self, tmp_path: Path, astronaut: np.ndarray, ir18: torch.nn.Module) -> None:
+    def test_lfw_protocol_end_to_end_on_a_fake_cache(
+        self, tmp_path: Path, astronaut: np.ndarray, ir18: torch.nn.Module
+    ) -> None:
         from model.training.evaluate import evaluate_lfw, markdown_report, read_lfw_pairs
 
         cache = tmp_path / "lfw"
@@ -277,19 +327,28 @@ class TestEvaluation:
             (cache / name).mkdir(parents=True)
             for i in (1, 2):
                 cv2.imwrite(str(cache / name / f"{name}_{i:04d}.png"), np.roll(base, 5 * i, axis=0)[..., ::-1])
-                lines.append(json.dumps({"path": f"{name}/{name}_{i:04d}.png", "identity": name,
-                                         "aligned_landmarks": ARCFACE_TEMPLATE.tolist()}))
+                lines.append(
+                    json.dumps(
+                        {
+                            "path": f"{name}/{name}_{i:04d}.png",
+                            "identity": name,
+                            "aligned_landmarks": ARCFACE_TEMPLATE.tolist(),
+                        }
+                    )
+                )
         (cache / "manifest.jsonl").write_text("\n".join(lines) + "\n")
         pairs = tmp_path / "pairs.txt"
         pairs.write_text("2\t1\nAnn_A\t1\t2\nAnn_A\t1\tBob_B\t1\nBob_B\t1\t2\nAnn_A\t2\tBob_B\t2\n")
         parsed = read_lfw_pairs(pairs)
         assert [p.same for p in parsed] == [True, False, True, False] and [p.fold for p in parsed] == [0, 0, 1, 1]
-        from model.training.calibrate import fit_calibration
         from model.embedder import Embedder
+        from model.training.calibrate import fit_calibration
 
         rng = np.random.default_rng(0)
         fitted = fit_calibration(rng.normal(0, 0.1, 400), rng.normal(0, 1, 400), np.ones(400), rng.random(400) < 0.5)
-        report = evaluate_lfw(Embedder(ir18, device="cpu", precision="fp32", flip=True), cache, pairs, calibration=fitted)
+        report = evaluate_lfw(
+            Embedder(ir18, device="cpu", precision="fp32", flip=True), cache, pairs, calibration=fitted
+        )
         clean = report["protocols"]["clean"]
         assert set(clean) >= {"adaface", "qaconv", "fused", "mean_visibility", "presets", "probability_ece"}
         assert 0.0 <= clean["fused"]["accuracy"] <= 1.0 and report["missing_faces"] == 0
@@ -302,9 +361,23 @@ class TestEvaluation:
         save_checkpoint(ir18, tmp_path / "w.safetensors")
         oaml = Path(sys.executable).parent / "oaml"
         run = subprocess.run(
-            [str(oaml), "eval", str(tmp_path / "w.safetensors"), "--lfw-cache", str(cache), "--pairs", str(pairs),
-             "--peer", "sface", "--out", str(tmp_path / "eval")],
-            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+            [
+                str(oaml),
+                "eval",
+                str(tmp_path / "w.safetensors"),
+                "--lfw-cache",
+                str(cache),
+                "--pairs",
+                str(pairs),
+                "--peer",
+                "sface",
+                "--out",
+                str(tmp_path / "eval"),
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert run.returncode == 0, run.stderr[-2000:]
         cli_report = json.loads((tmp_path / "eval" / "report.json").read_text())

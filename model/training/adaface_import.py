@@ -54,14 +54,23 @@ class _Placeholder:
 
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,  # type: ignore[attr-defined]
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,  # type: ignore[attr-defined]
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("torch", "Size"): torch.Size,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
 }
-for _name in ("FloatStorage", "HalfStorage", "BFloat16Storage", "DoubleStorage", "LongStorage", "IntStorage", "ByteStorage", "BoolStorage"):
+for _name in (
+    "FloatStorage",
+    "HalfStorage",
+    "BFloat16Storage",
+    "DoubleStorage",
+    "LongStorage",
+    "IntStorage",
+    "ByteStorage",
+    "BoolStorage",
+):
     _ALLOWED_GLOBALS[("torch", _name)] = getattr(torch, _name)
 
 
@@ -88,15 +97,19 @@ def _load_lightning(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        logger.info("weights_only load of %s refused (%s); using the restricted unpickler", path, str(exc).splitlines()[0])
+        logger.info(
+            "weights_only load of %s refused (%s); using the restricted unpickler", path, str(exc).splitlines()[0]
+        )
     _RestrictedUnpickler.stubbed = set()
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)  # type: ignore[arg-type]
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
     if _RestrictedUnpickler.stubbed:
         logger.info("replaced non-tensor globals with placeholders: %s", sorted(_RestrictedUnpickler.stubbed))
     return ckpt
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def checkpoint_filter_fn(
+    state_dict: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Split an AdaFace Lightning ``state_dict`` into (backbone keys without ``model.``, head keys)."""
     backbone, head = {}, {}
     for key, value in state_dict.items():
@@ -119,7 +132,16 @@ class ImportReport:
     hyper_parameters: dict[str, Any] = field(default_factory=dict)
 
 
-_KEYS_TO_ARCH = {179: "ir_18", 323: "ir_34", 467: "ir_50", 917: "ir_101", 195: "ir_se_18", 355: "ir_se_34", 515: "ir_se_50", 1015: "ir_se_101"}
+_KEYS_TO_ARCH = {
+    179: "ir_18",
+    323: "ir_34",
+    467: "ir_50",
+    917: "ir_101",
+    195: "ir_se_18",
+    355: "ir_se_34",
+    515: "ir_se_50",
+    1015: "ir_se_101",
+}
 
 
 def _hparams(ckpt: dict[str, Any]) -> dict[str, Any]:

@@ -125,4 +125,3 @@ class FaceAugmenter:
         small = (max(1, int(w * ratio)), max(1, int(h * ratio)))
         down = cv2.resize(image, small, interpolation=_INTERPOLATIONS[rng.integers(len(_INTERPOLATIONS))])
         return cv2.resize(down, (w, h), interpolation=_INTERPOLATIONS[rng.integers(len(_INTERPOLATIONS))])
-

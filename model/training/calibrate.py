@@ -111,14 +111,27 @@ def reliability(probability: np.ndarray, same: np.ndarray, bins: int = 10, prior
         conf = float((w[m] * p[m]).sum() / weight)
         frac = float((w[m] * y[m]).sum() / weight)
         ece += weight * abs(frac - conf)
-        table.append({"bin": [b / bins, (b + 1) / bins], "mean_probability": conf, "genuine_fraction": frac,
-                      "weight": weight, "pairs": int(m.sum())})
+        table.append(
+            {
+                "bin": [b / bins, (b + 1) / bins],
+                "mean_probability": conf,
+                "genuine_fraction": frac,
+                "weight": weight,
+                "pairs": int(m.sum()),
+            }
+        )
     return {"ece": float(ece), "prior": prior, "bins": table, "pairs": int(len(p))}
 
 
 def cross_validated_reliability(
-    cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray, same: np.ndarray,
-    identity_a: np.ndarray, identity_b: np.ndarray, folds: int = 5, seed: int = 0,
+    cos: np.ndarray,
+    qa: np.ndarray,
+    visibility: np.ndarray,
+    same: np.ndarray,
+    identity_a: np.ndarray,
+    identity_b: np.ndarray,
+    folds: int = 5,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Reliability of probabilities on identities the fit never saw.
 
@@ -127,7 +140,7 @@ def cross_validated_reliability(
     in-sample ECE flatters a fit; this one is what a new person's pair can expect.
     """
     ids = np.unique(np.r_[identity_a, identity_b])
-    group = dict(zip(ids.tolist(), np.random.default_rng([seed, 23]).permutation(len(ids)) % folds))
+    group = dict(zip(ids.tolist(), np.random.default_rng([seed, 23]).permutation(len(ids)) % folds, strict=True))
     ga = np.array([group[i] for i in identity_a.tolist()])
     gb = np.array([group[i] for i in identity_b.tolist()])
     prob = np.full(len(same), np.nan)
@@ -139,7 +152,11 @@ def cross_validated_reliability(
         cal = fit_calibration(cos[train], qa[train], visibility[train], same[train])
         prob[test] = cal.probability(cal.score(cos[test], qa[test], visibility[test]))
     keep = ~np.isnan(prob)
-    report = reliability(prob[keep], same[keep]) if keep.any() else {"ece": float("nan"), "bins": [], "pairs": 0, "prior": PRIOR}
+    report = (
+        reliability(prob[keep], same[keep])
+        if keep.any()
+        else {"ece": float("nan"), "bins": [], "pairs": 0, "prior": PRIOR}
+    )
     report["folds"] = folds  # ECE is NaN when no fold had both kinds of pairs to fit on
     return report
 
@@ -178,7 +195,9 @@ def draw_reliability(reports: dict[str, dict[str, Any]], path: str | Path, size:
     img.save(path)
 
 
-def export_check(cal: Calibration, reference: dict[str, np.ndarray], served: dict[str, np.ndarray], served_as: dict[str, Any]) -> dict[str, Any]:
+def export_check(
+    cal: Calibration, reference: dict[str, np.ndarray], served: dict[str, np.ndarray], served_as: dict[str, Any]
+) -> dict[str, Any]:
     """Fused-score drift and per-preset TAR/FAR on the same labelled pairs, reference vs served.
 
     ``reference`` is :func:`model.training.evaluate.validation_scores` of the fp32 weights computed in fp32;
@@ -189,10 +208,16 @@ def export_check(cal: Calibration, reference: dict[str, np.ndarray], served: dic
     a = cal.score(reference["cos"], reference["qa"], reference["visibility"])
     b = cal.score(served["cos"], served["qa"], served["visibility"])
     same = reference["same"]
-    report: dict[str, Any] = {"served_as": served_as, "pairs": int(len(same)), "max_abs_fused_diff": float(np.abs(a - b).max())}
+    report: dict[str, Any] = {
+        "served_as": served_as,
+        "pairs": int(len(same)),
+        "max_abs_fused_diff": float(np.abs(a - b).max()),
+    }
     for name, t in cal.thresholds.items():
         report[name] = {
-            "tar_reference": float((a[same] > t).mean()), "tar_served": float((b[same] > t).mean()),
-            "far_reference": float((a[~same] > t).mean()), "far_served": float((b[~same] > t).mean()),
+            "tar_reference": float((a[same] > t).mean()),
+            "tar_served": float((b[same] > t).mean()),
+            "far_reference": float((a[~same] > t).mean()),
+            "far_served": float((b[~same] > t).mean()),
         }
     return report

@@ -29,7 +29,9 @@ class ClassMemory(nn.Module):
         k_nearest: neighbours scored with each sample (capped at ``num_classes - 1``).
     """
 
-    def __init__(self, num_classes: int, num_features: int = 512, height: int = 7, width: int = 7, k_nearest: int = 32) -> None:
+    def __init__(
+        self, num_classes: int, num_features: int = 512, height: int = 7, width: int = 7, k_nearest: int = 32
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.embed = nn.Parameter(torch.randn(num_classes, num_features, height, width) / math.sqrt(num_features))
@@ -41,7 +43,9 @@ class ClassMemory(nn.Module):
         """``[B, k + 1]`` class ids: own class first, then its nearest classes."""
         return torch.cat([labels[:, None], self.neighbors[labels]], dim=1)
 
-    def scores(self, qaconv: QAConv, probe_fea: torch.Tensor, labels: torch.Tensor, probe_occ: torch.Tensor | None = None) -> torch.Tensor:
+    def scores(
+        self, qaconv: QAConv, probe_fea: torch.Tensor, labels: torch.Tensor, probe_occ: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``[B, k + 1]`` QAConv scores of each sample against its candidate classes (column 0 = own class)."""
         classes = self.candidates(labels)
         return qaconv.match_grouped(probe_fea, self.embed[classes], probe_occ)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ from PIL import Image, ImageDraw
 
 from model.align import ARCFACE_TEMPLATE, load_image
 from model.calibration import DEFAULT_CALIBRATION, Calibration
-from model.training.calibrate import preset_rates, reliability
 from model.embedder import Embedder, Features, score_pairs
+from model.training.calibrate import preset_rates, reliability
 from model.training.metrics import roc_curve, verification_report
 from model.training.occlusion import (
     EVAL_MASKS,
@@ -218,7 +219,7 @@ def draw_roc(report: dict[str, Any], path: str | Path, size: tuple[int, int] = (
     labels = np.array(report["_labels"], dtype=bool)
     for i, (protocol, s) in enumerate(report["_scores"].items()):
         far, tar, _ = roc_curve(np.array(s["fused"]), labels)
-        pts = [xy(f, t) for f, t in zip(far, tar) if f > 0]
+        pts = [xy(f, t) for f, t in zip(far, tar, strict=True) if f > 0]
         colour = colours.get(protocol, (0, 0, 0))
         if len(pts) > 1:
             d.line(pts, fill=colour, width=2)
@@ -231,25 +232,42 @@ def markdown_report(report: dict[str, Any]) -> str:
     lines = []
     emb = report.get("embedding")
     if emb:
-        lines += [f"Embedding path: {emb['device']}, {emb['precision']}, flip test {'on' if emb['flip'] else 'off'}.", ""]
+        lines += [
+            f"Embedding path: {emb['device']}, {emb['precision']}, flip test {'on' if emb['flip'] else 'off'}.",
+            "",
+        ]
     for protocol, rows in report["protocols"].items():
-        lines += [f"#### LFW, {protocol}", "", "| matcher | accuracy | AUC | TAR@FAR=1e-2 | TAR@FAR=1e-3 |", "|---|---|---|---|---|"]
+        lines += [
+            f"#### LFW, {protocol}",
+            "",
+            "| matcher | accuracy | AUC | TAR@FAR=1e-2 | TAR@FAR=1e-3 |",
+            "|---|---|---|---|---|",
+        ]
         for name in ("adaface", "qaconv", "fused", "sface_peer"):
             if name in rows:
                 r = rows[name]
                 lines.append(
-                    f"| {name} | {100 * r['accuracy']:.2f}% +- {100 * r['accuracy_std']:.2f} | {r['auc']:.4f} | {r['tar_far_1e-2']:.4f} | {r['tar_far_1e-3']:.4f} |"
+                    f"| {name} | {100 * r['accuracy']:.2f}% +- {100 * r['accuracy_std']:.2f} | {r['auc']:.4f} "
+                    f"| {r['tar_far_1e-2']:.4f} | {r['tar_far_1e-3']:.4f} |"
                 )
         if "presets" in rows:
-            lines += ["", "| preset (FAR on calibration pairs) | threshold | TAR on LFW | FAR on LFW |", "|---|---|---|---|"]
+            lines += [
+                "",
+                "| preset (FAR on calibration pairs) | threshold | TAR on LFW | FAR on LFW |",
+                "|---|---|---|---|",
+            ]
             for name, p in rows["presets"].items():
-                lines.append(f"| {name} ({p['far_target']:g}) | {p['threshold']:.3f} | {p['tar']:.4f} | {p['far']:.4f} ({round(p['far'] * p['impostor'])} of {p['impostor']}) |")
+                lines.append(
+                    f"| {name} ({p['far_target']:g}) | {p['threshold']:.3f} | {p['tar']:.4f} "
+                    f"| {p['far']:.4f} ({round(p['far'] * p['impostor'])} of {p['impostor']}) |"
+                )
             lines += ["", f"Probability: expected calibration error on these pairs {rows['probability_ece']:.3f}."]
         vis = [f"mean visibility {rows['mean_visibility']:.3f}"]
         if "mean_visibility_occluded_cells" in rows:
             vis.append(
                 f"on occluded cells {rows['mean_visibility_occluded_cells']:.3f} (true visible fraction "
-                f"{rows.get('true_visibility_occluded_cells', float('nan')):.3f}), on visible cells {rows['mean_visibility_visible_cells']:.3f}"
+                f"{rows.get('true_visibility_occluded_cells', float('nan')):.3f}), "
+                f"on visible cells {rows['mean_visibility_visible_cells']:.3f}"
             )
         lines += ["", "Occlusion head: " + "; ".join(vis) + ".", ""]
     return "\n".join(lines)
@@ -267,12 +285,17 @@ class PairSample:
     identity_b: np.ndarray
 
 
-def held_out_views(images: np.ndarray, landmarks: np.ndarray, occluder_root: str | Path | None, seed: int = 0) -> np.ndarray:
+def held_out_views(
+    images: np.ndarray, landmarks: np.ndarray, occluder_root: str | Path | None, seed: int = 0
+) -> np.ndarray:
     """``[2n, 112, 112, 3]``: the clean images, then one occluded copy of each (training-family occluders, seeded)."""
     from model.training.occlusion import OcclusionAugmenter
 
     occluder = OcclusionAugmenter.from_folder(occluder_root, probability=1.0)
-    occluded = [occluder.occlude(img, lm, np.random.default_rng([seed, 19, i]))[0] for i, (img, lm) in enumerate(zip(images, landmarks))]
+    occluded = [
+        occluder.occlude(img, lm, np.random.default_rng([seed, 19, i]))[0]
+        for i, (img, lm) in enumerate(zip(images, landmarks, strict=True))
+    ]
     return np.concatenate([images, np.stack(occluded)]) if occluded else images
 
 
@@ -316,12 +339,19 @@ def validation_scores(
     pairs = sample_pairs(labels, seed, max_genuine, max_impostor)
     s = score_pairs(embedder.model.qaconv, views, views, pairs.ia, pairs.ib)
     return {
-        "cos": s.cos, "qa": s.qa, "visibility": s.visibility, "same": pairs.same, "occluded": pairs.occluded,
-        "identity_a": pairs.identity_a, "identity_b": pairs.identity_b,
+        "cos": s.cos,
+        "qa": s.qa,
+        "visibility": s.visibility,
+        "same": pairs.same,
+        "occluded": pairs.occluded,
+        "identity_a": pairs.identity_a,
+        "identity_b": pairs.identity_b,
     }
 
 
-def held_out_faces(training_config: dict[str, Any], data_root: str | Path, holdout: list[str | Path] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def held_out_faces(
+    training_config: dict[str, Any], data_root: str | Path, holdout: Sequence[str | Path] = ()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images, labels, landmarks) of identities a model never trained on.
 
     The weights' own validation split (rebuilt from their training config and the caches under
@@ -338,9 +368,14 @@ def held_out_faces(training_config: dict[str, Any], data_root: str | Path, holdo
     trained_on = {Path(p).name for p in cfg.train}
     for extra in holdout:
         if Path(extra).name in trained_on:
-            raise ValueError(f"holdout {extra}: the weights were trained on {Path(extra).name!r}; calibration needs unseen identities")
+            raise ValueError(
+                f"holdout {extra}: the weights were trained on {Path(extra).name!r}; "
+                "calibration needs unseen identities"
+            )
         more = load_training_data([extra])
         images = np.concatenate([images, more.images])
-        labels = np.concatenate([labels, more.labels + int(labels.max(initial=-1)) + 1])  # never merges with another set
+        labels = np.concatenate(
+            [labels, more.labels + int(labels.max(initial=-1)) + 1]
+        )  # never merges with another set
         landmarks = np.concatenate([landmarks, more.landmarks])
     return images, labels, landmarks

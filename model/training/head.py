@@ -105,6 +105,9 @@ class AdaFace(MarginHead):
         self.register_buffer("t", torch.zeros(1))
         self.register_buffer("batch_mean", torch.ones(1) * 20)
         self.register_buffer("batch_std", torch.ones(1) * 100)
+        self.t: torch.Tensor
+        self.batch_mean: torch.Tensor
+        self.batch_std: torch.Tensor
 
     def margin_scaler(self, norms: torch.Tensor) -> torch.Tensor:
         """Update the EMA (in training mode) and return ``z`` in [-1, 1], shape ``[B, 1]``."""

@@ -82,17 +82,25 @@ class Occluder(abc.ABC):
     name = "occluder"
 
     @abc.abstractmethod
-    def __call__(self, image: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self, image: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Occlude ``image`` (RGB uint8) given its 5 landmarks; returns (image, visible mask)."""
 
 
-def _warp_template(template: _Template, matrix: np.ndarray, size: tuple[int, int], perspective: bool) -> tuple[np.ndarray, np.ndarray]:
+def _warp_template(
+    template: _Template, matrix: np.ndarray, size: tuple[int, int], perspective: bool
+) -> tuple[np.ndarray, np.ndarray]:
     h, w = size
     rgba = template.rgba
     if perspective:
-        warped = cv2.warpPerspective(rgba, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        warped = cv2.warpPerspective(
+            rgba, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        )
     else:
-        warped = cv2.warpAffine(rgba, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        warped = cv2.warpAffine(
+            rgba, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        )
     return warped[..., :3], warped[..., 3].astype(np.float32) / 255.0
 
 
@@ -200,7 +208,9 @@ class MaskOccluder(_TemplateOccluder):
 
     name = "mask"
 
-    def __call__(self, image: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self, image: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         template = self.pick(rng)
         targets = mask_anchor_targets(landmarks)
         ipd = float(np.linalg.norm(landmarks[1] - landmarks[0]))
@@ -218,7 +228,9 @@ class SunglassesOccluder(_TemplateOccluder):
 
     name = "sunglasses"
 
-    def __call__(self, image: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self, image: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         template = self.pick(rng)
         src = np.stack([template.points[:6].mean(0), template.points[6:].mean(0)])
         dst = landmarks[:2].astype(np.float64).copy()
@@ -234,7 +246,7 @@ class SunglassesOccluder(_TemplateOccluder):
 def _similarity_from_two(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """The similarity transform that maps two points exactly onto two points."""
     s_vec, d_vec = src[1] - src[0], dst[1] - dst[0]
-    scale = np.linalg.norm(d_vec) / max(np.linalg.norm(s_vec), 1e-9)
+    scale = float(np.linalg.norm(d_vec)) / max(float(np.linalg.norm(s_vec)), 1e-9)
     angle = np.arctan2(d_vec[1], d_vec[0]) - np.arctan2(s_vec[1], s_vec[0])
     rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     return np.hstack([rot, (dst[0] - rot @ src[0])[:, None]])
@@ -277,7 +289,9 @@ class ProceduralOccluder(Occluder):
             raise ValueError(f"unknown procedural occluders {sorted(unknown)}; choose from {self.KINDS}")
         self.kinds = tuple(kinds)
 
-    def __call__(self, image: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self, image: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         h, w = image.shape[:2]
         kind = self.kinds[rng.integers(len(self.kinds))]
         alpha = np.zeros((h, w), dtype=np.uint8)
@@ -360,7 +374,9 @@ class OcclusionAugmenter:
             if masks:
                 pairs.append((MaskOccluder(masks), weights["mask"]))
         if root is not None and (root / "sunglasses").is_dir() and weights["sunglasses"] > 0:
-            glasses = load_sunglasses_templates(root / "sunglasses", sunglasses_names, EVAL_SUNGLASSES if exclude_eval else ())
+            glasses = load_sunglasses_templates(
+                root / "sunglasses", sunglasses_names, EVAL_SUNGLASSES if exclude_eval else ()
+            )
             if glasses:
                 pairs.append((SunglassesOccluder(glasses), weights["sunglasses"]))
         if not any(isinstance(o, (MaskOccluder, SunglassesOccluder)) for o, _ in pairs):
@@ -379,7 +395,11 @@ class OcclusionAugmenter:
         self, image: np.ndarray, landmarks: np.ndarray | None, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray, str]:
         """Always occlude: pick an occluder by weight and apply it (landmarks default to the template)."""
-        lm = ARCFACE_TEMPLATE * (image.shape[0] / 112.0) if landmarks is None else np.asarray(landmarks, dtype=np.float64)
+        lm = (
+            ARCFACE_TEMPLATE * (image.shape[0] / 112.0)
+            if landmarks is None
+            else np.asarray(landmarks, dtype=np.float64)
+        )
         occluder = self.occluders[rng.choice(len(self.occluders), p=self.weights)][0]
         out, visible = occluder(image, lm, rng)
         return out, visible, occluder.name

@@ -44,7 +44,7 @@ def prepare(
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     manifest, failures = dst / "manifest.jsonl", dst / "failures.jsonl"
-    done = set()
+    done: set[str] = set()
     for file in (manifest, failures):
         if file.exists():
             done.update(json.loads(line)["source"] for line in file.read_text().splitlines() if line.strip())
@@ -62,13 +62,17 @@ def prepare(
             try:
                 aligned = pipeline.align_one(load_image(path), "largest")
             except OAMLError as exc:
-                bad_f.write(json.dumps({"source": source, "identity": identity, "code": exc.code, "error": exc.message}) + "\n")
+                bad_f.write(
+                    json.dumps({"source": source, "identity": identity, "code": exc.code, "error": exc.message}) + "\n"
+                )
                 counts["failed"] += 1
                 continue
             rel = Path(identity) / f"{path.stem}.{image_format}"
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            params = {"quality": 95} if image_format == "jpg" else {}
-            Image.fromarray(aligned.crop).save(dst / rel, **params)
+            if image_format == "jpg":
+                Image.fromarray(aligned.crop).save(dst / rel, quality=95)
+            else:
+                Image.fromarray(aligned.crop).save(dst / rel)
             lm = aligned.face.landmarks
             m = similarity_transform(lm, ARCFACE_TEMPLATE)
             record = AlignedRecord(

@@ -54,7 +54,7 @@ class PKSampler:
                     chosen = np.concatenate([chosen, rng.choice(idx, self.k - len(chosen), replace=len(idx) < self.k)])
                 groups.append(chosen)
             queues[int(c)] = groups
-        batches = []
+        batches: list[np.ndarray] = []
         while True:
             alive = np.array([c for c, q in queues.items() if q])
             if len(alive) < self.p:

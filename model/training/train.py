@@ -34,9 +34,10 @@ import math
 import os
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import torch
@@ -44,13 +45,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.align import to_input_tensor
-from model.training.augment import AugmentConfig, FaceAugmenter
-from model.training.class_memory import ClassMemory
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.embedder import Embedder, score_pairs
+from model.net import build_model
 from model.training.adaface_import import import_adaface_ckpt
+from model.training.augment import AugmentConfig, FaceAugmenter
+from model.training.class_memory import ClassMemory
 from model.training.face import AlignedCache
-from model.training.head import build_head
+from model.training.head import AdaFace, build_head
 from model.training.losses import (
     class_neighbor_loss,
     feature_distillation_loss,
@@ -60,7 +62,6 @@ from model.training.losses import (
     triplet_ranking_loss,
 )
 from model.training.metrics import accuracy, best_threshold
-from model.net import OAMLNet, build_model
 from model.training.occlusion import OcclusionAugmenter, visibility_grid
 from model.training.sampler import GraphSampler, PKSampler
 
@@ -135,7 +136,8 @@ class TrainConfig:
             aug_known = {f.name for f in dataclasses.fields(AugmentConfig)}
             if set(aug) - aug_known:
                 raise ValueError(f"unknown augment options {sorted(set(aug) - aug_known)}")
-            aug = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})
+            options: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()}
+            aug = AugmentConfig(**options)
         cfg = cls(**raw, augment=aug)
         cfg.validate()
         return cfg
@@ -154,6 +156,16 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+class TrainState(TypedDict):
+    """Progress saved in ``last.pt`` (as JSON) and restored on resume."""
+
+    epoch: int
+    step_in_epoch: int
+    global_step: int
+    best_score: float
+    history: list[dict[str, Any]]
+
+
 @dataclass
 class TrainingData:
     """All aligned crops in memory, with global identity labels and aligned landmarks."""
@@ -165,9 +177,11 @@ class TrainingData:
     sources: list[str]  # cache names, one per dataset folder
 
 
-def load_training_data(caches: list[str | Path]) -> TrainingData:
+def load_training_data(caches: Sequence[str | Path]) -> TrainingData:
     """Concatenate aligned caches; identities are namespaced by cache so two sets never merge."""
-    images, labels, landmarks, identities, sources = [], [], [], [], []
+    images, labels, landmarks = [], [], []
+    identities: list[str] = []
+    sources: list[str] = []
     for cache_path in caches:
         cache = AlignedCache(cache_path)
         name = Path(cache_path).name
@@ -213,7 +227,11 @@ class Trainer:
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+        self.device = torch.device(
+            "cuda"
+            if cfg.device == "auto" and torch.cuda.is_available()
+            else ("cpu" if cfg.device == "auto" else cfg.device)
+        )
         precision = cfg.precision
         if precision == "auto":
             precision = "fp16" if self.device.type == "cuda" else "bf16"
@@ -228,7 +246,10 @@ class Trainer:
         self.num_classes = len(train_classes)
         logger.info(
             "%d training images of %d identities, %d validation images of %d identities",
-            len(self.train_idx), self.num_classes, len(self.val_idx), len(np.unique(self.data.labels[self.val_idx])),
+            len(self.train_idx),
+            self.num_classes,
+            len(self.val_idx),
+            len(np.unique(self.data.labels[self.val_idx])),
         )
 
         finetune = cfg.mode == "finetune-heads"
@@ -241,24 +262,30 @@ class Trainer:
             "distill_relation": 0.0 if finetune or not cfg.teacher else cfg.w_distill_relation,
             "distill_feature": 0.0 if finetune or not cfg.teacher else cfg.w_distill_feature,
         }
-        self.teacher_emb = self._teacher_embeddings() if self.w["distill_relation"] or self.w["distill_feature"] else None
+        self.teacher_emb = (
+            self._teacher_embeddings() if self.w["distill_relation"] or self.w["distill_feature"] else None
+        )
 
         self.model = build_model(cfg.arch, occlusion_method=cfg.occlusion_method, nan_guard=True)
         if cfg.init_from:
             self._init_weights(cfg.init_from)
-        self.head = build_head(cfg.head, self.model.embedding_size, self.num_classes, m=cfg.m, t_alpha=cfg.t_alpha, h=cfg.h, s=cfg.s)
+        self.head = build_head(
+            cfg.head, self.model.embedding_size, self.num_classes, m=cfg.m, t_alpha=cfg.t_alpha, h=cfg.h, s=cfg.s
+        )
         self.projector = nn.Linear(self.model.embedding_size, 128) if self.w["distill_feature"] else None
         qa = self.model.qaconv
         self.class_memory = (
-            ClassMemory(self.num_classes, qa.num_features, qa.height, qa.width, cfg.qaconv_k_nearest) if self.w["qaconv_class"] > 0 else None
+            ClassMemory(self.num_classes, qa.num_features, qa.height, qa.width, cfg.qaconv_k_nearest)
+            if self.w["qaconv_class"] > 0
+            else None
         )
-        self.model.to(self.device).to(memory_format=torch.channels_last)
-        for module in (self.head, self.projector, self.class_memory):
-            if module is not None:
-                module.to(self.device)
+        self.model.to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        for extra in (self.head, self.projector, self.class_memory):
+            if extra is not None:
+                extra.to(self.device)
         if finetune:
-            for module in (self.model.input_layer, self.model.body, self.model.output_layer):
-                module.requires_grad_(False)
+            for frozen in (self.model.input_layer, self.model.body, self.model.output_layer):
+                frozen.requires_grad_(False)
         self.optimizer = self._build_optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and self.device.type == "cuda")
 
@@ -268,7 +295,13 @@ class Trainer:
         self.sampler = sampler_cls(self.train_labels, cfg.p, cfg.k, cfg.seed)
         self.steps_per_epoch = len(self.sampler.batches(0))
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_score": -math.inf, "history": []}
+        self.state: TrainState = {
+            "epoch": 0,
+            "step_in_epoch": 0,
+            "global_step": 0,
+            "best_score": -math.inf,
+            "history": [],
+        }
         self._val_cache: dict[str, Any] | None = None
         self._maybe_resume()
 
@@ -278,7 +311,9 @@ class Trainer:
         from model.training.teacher import teacher_embeddings
 
         digest = "-".join(self.data.sources)
-        return teacher_embeddings(self.data.images, self.out.parent / ".teacher" / f"sface-{digest}-{len(self.data.images)}.npy")
+        return teacher_embeddings(
+            self.data.images, self.out.parent / ".teacher" / f"sface-{digest}-{len(self.data.images)}.npy"
+        )
 
     def _init_weights(self, path: str) -> None:
         if path.endswith(".ckpt"):
@@ -294,11 +329,14 @@ class Trainer:
         if not bool(torch.all(qa.logit_bn.weight == 1)):
             # made before the logit scale was fixed at 1: a collapsed tail (scale near 0) would also
             # stay collapsed, since the scale no longer trains
-            logger.warning("%s has a trained QAConv logit scale (%.3g): resetting its QAConv tail", path, qa.logit_bn.weight.item())
+            logger.warning(
+                "%s has a trained QAConv logit scale (%.3g): resetting its QAConv tail", path, qa.logit_bn.weight.item()
+            )
             qa.reset_parameters()
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         modules = [m for m in (self.model, self.head, self.projector, self.class_memory) if m is not None]
         for module in modules:
             for name, param in module.named_parameters():
@@ -325,7 +363,9 @@ class Trainer:
             "projector": self.projector.state_dict() if self.projector is not None else None,
             "class_memory": self.class_memory.state_dict() if self.class_memory is not None else None,
             "optimizer": self.optimizer.state_dict(),
-            "graph_neighbors": torch.from_numpy(self.sampler.neighbors) if isinstance(self.sampler, GraphSampler) and self.sampler.neighbors is not None else None,
+            "graph_neighbors": torch.from_numpy(self.sampler.neighbors)
+            if isinstance(self.sampler, GraphSampler) and self.sampler.neighbors is not None
+            else None,
             "scaler": self.scaler.state_dict(),
             "state": json.dumps(self.state),
             "config": json.dumps(self.cfg.to_dict()),
@@ -344,7 +384,9 @@ class Trainer:
         saved_cfg = json.loads(ckpt["config"])
         for key in ("arch", "seed", "p", "k", "sampler", "train"):
             if saved_cfg[key] != getattr(self.cfg, key):
-                raise ValueError(f"{path} was made with {key}={saved_cfg[key]!r}, config says {getattr(self.cfg, key)!r}")
+                raise ValueError(
+                    f"{path} was made with {key}={saved_cfg[key]!r}, config says {getattr(self.cfg, key)!r}"
+                )
         self.model.load_state_dict(ckpt["model"])
         self.head.load_state_dict(ckpt["head"])
         if self.projector is not None and ckpt["projector"] is not None:
@@ -355,13 +397,15 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         if isinstance(self.sampler, GraphSampler) and ckpt.get("graph_neighbors") is not None:
             self.sampler.set_neighbors(ckpt["graph_neighbors"].numpy())
-        self.state = json.loads(ckpt["state"])
+        self.state = cast(TrainState, json.loads(ckpt["state"]))
         logger.info("resumed from %s at epoch %d, step %d", path, self.state["epoch"], self.state["global_step"])
 
     # -- one step ----------------------------------------------------------------------------
 
     def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None)
+        return torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        )
 
     def train_step(self, batch: np.ndarray) -> dict[str, float]:
         cfg, step = self.cfg, self.state["global_step"]
@@ -391,7 +435,9 @@ class Trainer:
             losses["qaconv_pair"] = pairwise_matching_loss(scores, labels)
             losses["qaconv_triplet"] = triplet_ranking_loss(scores, labels, cfg.triplet_margin)
         if self.class_memory is not None:
-            losses["qaconv_class"] = class_neighbor_loss(self.class_memory.scores(self.model.qaconv, out.feature_map, labels, occ_weights))
+            losses["qaconv_class"] = class_neighbor_loss(
+                self.class_memory.scores(self.model.qaconv, out.feature_map, labels, occ_weights)
+            )
         losses["occlusion"] = occlusion_loss(out.occlusion, target_vis)
         if self.teacher_emb is not None:
             flips = np.array([int(a.flipped) for a in augmented])
@@ -400,7 +446,7 @@ class Trainer:
                 losses["distill_relation"] = relation_distillation_loss(out.embedding, t)
             if self.w["distill_feature"] and self.projector is not None:
                 losses["distill_feature"] = feature_distillation_loss(self.projector(out.embedding.float()), t)
-        total = sum(self.w[k] * v for k, v in losses.items())
+        total = torch.stack([self.w[k] * v.float() for k, v in losses.items()]).sum()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optimizer)
@@ -434,7 +480,12 @@ class Trainer:
             is_same = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostor), bool)]
             occluder = OcclusionAugmenter.from_folder(self.cfg.occluders, probability=1.0)
             occluded = np.stack(
-                [occluder.occlude(self.data.images[i], self.data.landmarks[i], np.random.default_rng([self.cfg.seed, 13, n]))[0] for n, i in enumerate(self.val_idx)]
+                [
+                    occluder.occlude(
+                        self.data.images[i], self.data.landmarks[i], np.random.default_rng([self.cfg.seed, 13, n])
+                    )[0]
+                    for n, i in enumerate(self.val_idx)
+                ]
             )
             self._val_cache = {"pairs": pairs, "same": is_same, "occluded": occluded}
         return self._val_cache
@@ -463,7 +514,9 @@ class Trainer:
             "visibility_clean": float(clean.occlusion.mean()),
             "visibility_occluded": float(occl.occlusion.mean()),
         }
-        result["score"] = float(np.mean([result["acc_cos_clean"], result["acc_cos_occluded"], result["acc_qaconv_occluded"]]))
+        result["score"] = float(
+            np.mean([result["acc_cos_clean"], result["acc_cos_occluded"], result["acc_qaconv_occluded"]])
+        )
         return result
 
     # -- loop --------------------------------------------------------------------------------
@@ -478,7 +531,7 @@ class Trainer:
         if self.class_memory is not None:
             self.class_memory.compute_neighbors()
 
-    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+    def fit(self, stop_after: int | None = None) -> TrainState:
         """Train until ``epochs`` or ``max_steps``; returns the final state (history, best score).
 
         ``stop_after`` interrupts at that global step (checkpointed) without changing the schedule,
@@ -508,7 +561,13 @@ class Trainer:
                     rate = len(batch) / (time.perf_counter() - t0)
                     progress.update(1, losses["total"], rate)
                     if self.state["global_step"] % cfg.log_every == 0:
-                        row = {"step": self.state["global_step"], "epoch": epoch, "lr": self.lr_at(self.state["global_step"] - 1), "img_per_s": round(rate, 2), **{k: round(v, 5) for k, v in losses.items()}}
+                        row = {
+                            "step": self.state["global_step"],
+                            "epoch": epoch,
+                            "lr": self.lr_at(self.state["global_step"] - 1),
+                            "img_per_s": round(rate, 2),
+                            **{k: round(v, 5) for k, v in losses.items()},
+                        }
                         log_jsonl.write(json.dumps(row) + "\n")
                         log_jsonl.flush()
                     if self.state["global_step"] % cfg.checkpoint_every == 0:
@@ -566,8 +625,10 @@ class Trainer:
                 "precision": self.precision,
                 **(extra or {}),
             },
-            "quality": {"norm_mean": float(self.head.batch_mean) if hasattr(self.head, "batch_mean") else None,
-                        "norm_std": float(self.head.batch_std) if hasattr(self.head, "batch_std") else None},
+            "quality": {
+                "norm_mean": float(self.head.batch_mean) if isinstance(self.head, AdaFace) else None,
+                "norm_std": float(self.head.batch_std) if isinstance(self.head, AdaFace) else None,
+            },
         }
         return save_checkpoint(self.model, path, meta)
 

@@ -46,7 +46,11 @@ def parse_selection(value: str, field: str) -> FaceSelection:
         return value  # type: ignore[return-value]
     if re.fullmatch(r"\d{1,3}", value):
         return int(value)
-    raise ApiError("VALIDATION_ERROR", f"{field} must be 'largest', 'single' or a face index (0 = largest), got {value!r}", field=field)
+    raise ApiError(
+        "VALIDATION_ERROR",
+        f"{field} must be 'largest', 'single' or a face index (0 = largest), got {value!r}",
+        field=field,
+    )
 
 
 async def read_photo(state: AppState, upload: UploadFile, field: str, collect: bool = False) -> Photo:

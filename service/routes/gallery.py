@@ -29,21 +29,30 @@ def _metadata(raw: str | None) -> dict[str, Any] | None:
     return value
 
 
-@router.post("/gallery", response_model=EnrolResponse, status_code=201, operation_id="enrol",
-             responses={422: {"description": "no usable face in any image (see `rejected`)"}})
+@router.post(
+    "/gallery",
+    response_model=EnrolResponse,
+    status_code=201,
+    operation_id="enrol",
+    responses={422: {"description": "no usable face in any image (see `rejected`)"}},
+)
 async def enrol(
     state: StateDep,
     subject: Annotated[str, Form(pattern=SUBJECT_PATTERN, description="subject id: letters, digits, . _ @ : + -")],
     images: Annotated[list[UploadFile], File(description="one or more photos of the subject")],
     name: Annotated[str | None, Form(max_length=256)] = None,
     metadata: Annotated[str | None, Form(description="JSON object stored with the subject")] = None,
-    face: Annotated[str, Form(description="'single' (reject photos with several faces), 'largest' or an index")] = "single",
+    face: Annotated[
+        str, Form(description="'single' (reject photos with several faces), 'largest' or an index")
+    ] = "single",
     aligned: Annotated[bool, Form()] = False,
 ) -> EnrolResponse:
     """Enrol every usable face; unusable photos are listed in `rejected` with a reason."""
     meta = _metadata(metadata)
     if len(images) > state.settings.max_images_per_request:
-        raise ApiError("VALIDATION_ERROR", f"at most {state.settings.max_images_per_request} images per request", field="images")
+        raise ApiError(
+            "VALIDATION_ERROR", f"at most {state.settings.max_images_per_request} images per request", field="images"
+        )
     select = parse_selection(face, "face")
     photos = [await read_photo(state, upload, f"images[{i}]", collect=True) for i, upload in enumerate(images)]
     return await usecases.enrol(state, subject, photos, name, meta, select, aligned)

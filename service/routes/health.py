@@ -25,7 +25,9 @@ async def health() -> HealthResponse:
     return HealthResponse(status="ok")
 
 
-@public.get("/ready", response_model=HealthResponse, operation_id="ready", responses={503: {"description": "still loading"}})
+@public.get(
+    "/ready", response_model=HealthResponse, operation_id="ready", responses={503: {"description": "still loading"}}
+)
 async def ready(request: Request) -> Any:
     """Readiness: model loaded and warmed, gallery loaded."""
     state: AppState | None = getattr(request.app.state, "oaml", None)
@@ -55,8 +57,13 @@ async def info(state: StateDep) -> InfoResponse:
     presets = {}
     for name, far in PRESETS.items():
         lfw = engine.card.lfw_presets.get(name, {})
-        presets[name] = PresetInfo(far=far, threshold=round(cal.thresholds[name], 5), probability=round(cal.probability_at(cal.thresholds[name]), 5),
-                                   lfw_tar=lfw.get("tar"), lfw_far=lfw.get("far"))
+        presets[name] = PresetInfo(
+            far=far,
+            threshold=round(cal.thresholds[name], 5),
+            probability=round(cal.probability_at(cal.thresholds[name]), 5),
+            lfw_tar=lfw.get("tar"),
+            lfw_far=lfw.get("far"),
+        )
     return InfoResponse(
         model_version=engine.model_version,
         architecture=engine.card.architecture,
@@ -71,6 +78,9 @@ async def info(state: StateDep) -> InfoResponse:
         gallery_faces=len(state.index),
         detector="retinaface_mnet025",
         max_batch=settings.max_batch,
-        limits={"max_image_bytes": settings.max_image_bytes, "max_image_pixels": settings.max_image_pixels,
-                "max_images_per_request": settings.max_images_per_request},
+        limits={
+            "max_image_bytes": settings.max_image_bytes,
+            "max_image_pixels": settings.max_image_pixels,
+            "max_images_per_request": settings.max_images_per_request,
+        },
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
@@ -14,7 +14,9 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["occlusion"])
 
-PNG = {200: {"content": {"image/png": {}}, "description": "aligned crop with its visibility heatmap and a colour bar"}}
+PNG: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/png": {}}, "description": "aligned crop with its visibility heatmap and a colour bar"}
+}
 
 
 def _png(heatmap: usecases.Heatmap) -> Response:
@@ -22,8 +24,13 @@ def _png(heatmap: usecases.Heatmap) -> Response:
 
 
 @router.get("/occlusion", operation_id="occlusion_of_face", response_class=Response, responses=PNG)
-async def occlusion_of_face(state: StateDep, face_id: Annotated[str, Query(min_length=1)], scale: Annotated[int, Query(ge=1, le=8)] = 2) -> Response:
-    """Heatmap of an enrolled face (1 = visible). Without stored crops (`OAML_STORE_CROPS`), the map is drawn on grey."""
+async def occlusion_of_face(
+    state: StateDep, face_id: Annotated[str, Query(min_length=1)], scale: Annotated[int, Query(ge=1, le=8)] = 2
+) -> Response:
+    """Heatmap of an enrolled face (1 = visible).
+
+    Without stored crops (`OAML_STORE_CROPS`), the map is drawn on grey.
+    """
     return _png(await usecases.heatmap_of_face(state, face_id, scale))
 
 

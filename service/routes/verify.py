@@ -20,7 +20,9 @@ async def verify(
     state: StateDep,
     image_a: Annotated[UploadFile, File(description="first photo")],
     image_b: Annotated[UploadFile, File(description="second photo")],
-    threshold: Annotated[str | None, Form(description="finite number (fused score), or preset: lenient, balanced, strict")] = None,
+    threshold: Annotated[
+        str | None, Form(description="finite number (fused score), or preset: lenient, balanced, strict")
+    ] = None,
     face_a: Annotated[str, Form(description="'largest', 'single' or a face index")] = "largest",
     face_b: Annotated[str, Form()] = "largest",
     aligned: Annotated[bool, Form(description="inputs are aligned 112x112 crops: skip detection")] = False,
