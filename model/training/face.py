@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "Face", "identity_from_filename", "AlignedRecord", "AlignedCache"]
+__all__ = ["IMAGE_SUFFIXES", "Face", "FaceFolder", "identity_from_filename", "AlignedRecord", "AlignedCache"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,10 @@ def identity_from_filename(name: str) -> str:
 
 
 class Face:
-    """Image paths and integer labels from a folder of face photos.
+    """A *folder* of face photos: image paths and integer labels (one photo per sample, not one face).
+
+    The name is the one the project started with; :data:`FaceFolder` is the same class under a
+    name that says what it is.
 
     Args:
         root: the folder.
@@ -71,6 +74,10 @@ class Face:
 
     def __iter__(self) -> Iterator[tuple[Path, int]]:
         return iter(self.samples)
+
+
+#: What :class:`Face` is: a labelled folder of face photos.
+FaceFolder = Face
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from torch import nn
 
 from model.align import to_input_tensor
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.embedder import Embedder, score_pairs
+from model.embedder import Embedder, score_pairs, select_device
 from model.net import build_model
 from model.training.adaface_import import import_adaface_ckpt
 from model.training.augment import AugmentConfig, FaceAugmenter
@@ -222,75 +222,15 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)  # weight initialisation
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        self.device = torch.device(
-            "cuda"
-            if cfg.device == "auto" and torch.cuda.is_available()
-            else ("cpu" if cfg.device == "auto" else cfg.device)
-        )
-        precision = cfg.precision
-        if precision == "auto":
-            precision = "fp16" if self.device.type == "cuda" else "bf16"
-        self.precision = precision
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-        self.data = data or load_training_data(cfg.train)
-        self.train_idx, self.val_idx = split_by_identity(self.data.labels, cfg.val_fraction, cfg.seed)
-        train_classes = np.unique(self.data.labels[self.train_idx])
-        self.label_map = {int(c): i for i, c in enumerate(train_classes)}
-        self.train_labels = np.array([self.label_map[int(c)] for c in self.data.labels[self.train_idx]])
-        self.num_classes = len(train_classes)
-        logger.info(
-            "%d training images of %d identities, %d validation images of %d identities",
-            len(self.train_idx),
-            self.num_classes,
-            len(self.val_idx),
-            len(np.unique(self.data.labels[self.val_idx])),
-        )
-
-        finetune = cfg.mode == "finetune-heads"
-        self.w = {
-            "margin": 0.0 if finetune else cfg.w_margin,
-            "qaconv_pair": cfg.w_qaconv_pair,
-            "qaconv_triplet": cfg.w_qaconv_triplet,
-            "qaconv_class": cfg.w_qaconv_class,
-            "occlusion": cfg.w_occlusion,
-            "distill_relation": 0.0 if finetune or not cfg.teacher else cfg.w_distill_relation,
-            "distill_feature": 0.0 if finetune or not cfg.teacher else cfg.w_distill_feature,
-        }
-        self.teacher_emb = (
-            self._teacher_embeddings() if self.w["distill_relation"] or self.w["distill_feature"] else None
-        )
-
-        self.model = build_model(cfg.arch, occlusion_method=cfg.occlusion_method, nan_guard=True)
-        if cfg.init_from:
-            self._init_weights(cfg.init_from)
-        self.head = build_head(
-            cfg.head, self.model.embedding_size, self.num_classes, m=cfg.m, t_alpha=cfg.t_alpha, h=cfg.h, s=cfg.s
-        )
-        self.projector = nn.Linear(self.model.embedding_size, 128) if self.w["distill_feature"] else None
-        qa = self.model.qaconv
-        self.class_memory = (
-            ClassMemory(self.num_classes, qa.num_features, qa.height, qa.width, cfg.qaconv_k_nearest)
-            if self.w["qaconv_class"] > 0
-            else None
-        )
-        self.model.to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        for extra in (self.head, self.projector, self.class_memory):
-            if extra is not None:
-                extra.to(self.device)
-        if finetune:
-            for frozen in (self.model.input_layer, self.model.body, self.model.output_layer):
-                frozen.requires_grad_(False)
+        self._setup_runtime()
+        self._split(data or load_training_data(cfg.train))
+        self.w = self._loss_weights()
+        distill = bool(self.w["distill_relation"] or self.w["distill_feature"])
+        self.teacher_emb = self._teacher_embeddings() if distill else None
+        self._build_networks()
         self.optimizer = self._build_optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and self.device.type == "cuda")
-
-        occlusion = OcclusionAugmenter.from_folder(cfg.occluders, probability=1.0)
-        self.augmenter = FaceAugmenter(cfg.augment, occlusion)
+        self.augmenter = FaceAugmenter(cfg.augment, OcclusionAugmenter.from_folder(cfg.occluders, probability=1.0))
         sampler_cls = GraphSampler if cfg.sampler == "graph" else PKSampler
         self.sampler = sampler_cls(self.train_labels, cfg.p, cfg.k, cfg.seed)
         self.steps_per_epoch = len(self.sampler.batches(0))
@@ -306,6 +246,73 @@ class Trainer:
         self._maybe_resume()
 
     # -- set-up ------------------------------------------------------------------------------
+
+    def _setup_runtime(self) -> None:
+        """Threads, seeds, determinism, device and training precision."""
+        cfg = self.cfg
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)  # weight initialisation
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.device = select_device(cfg.device)
+        precision = cfg.precision
+        if precision == "auto":  # training autocast: fp16 with a grad scaler on CUDA, bf16 on the CPU
+            precision = "fp16" if self.device.type == "cuda" else "bf16"
+        self.precision = precision
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def _split(self, data: TrainingData) -> None:
+        """Identity-disjoint train/validation split; training labels renumbered from 0."""
+        self.data = data
+        self.train_idx, self.val_idx = split_by_identity(data.labels, self.cfg.val_fraction, self.cfg.seed)
+        train_classes = np.unique(data.labels[self.train_idx])
+        self.label_map = {int(c): i for i, c in enumerate(train_classes)}
+        self.train_labels = np.array([self.label_map[int(c)] for c in data.labels[self.train_idx]])
+        self.num_classes = len(train_classes)
+        logger.info(
+            "%d training images of %d identities, %d validation images of %d identities",
+            len(self.train_idx),
+            self.num_classes,
+            len(self.val_idx),
+            len(np.unique(data.labels[self.val_idx])),
+        )
+
+    def _loss_weights(self) -> dict[str, float]:
+        """Each objective's weight; fine-tuning the heads turns off what shapes the backbone."""
+        cfg, finetune = self.cfg, self.cfg.mode == "finetune-heads"
+        return {
+            "margin": 0.0 if finetune else cfg.w_margin,
+            "qaconv_pair": cfg.w_qaconv_pair,
+            "qaconv_triplet": cfg.w_qaconv_triplet,
+            "qaconv_class": cfg.w_qaconv_class,
+            "occlusion": cfg.w_occlusion,
+            "distill_relation": 0.0 if finetune or not cfg.teacher else cfg.w_distill_relation,
+            "distill_feature": 0.0 if finetune or not cfg.teacher else cfg.w_distill_feature,
+        }
+
+    def _build_networks(self) -> None:
+        """The model (optionally initialised from weights) and the training-only heads, on the device."""
+        cfg = self.cfg
+        self.model = build_model(cfg.arch, occlusion_method=cfg.occlusion_method, nan_guard=True)
+        if cfg.init_from:
+            self._init_weights(cfg.init_from)
+        size = self.model.embedding_size
+        self.head = build_head(cfg.head, size, self.num_classes, m=cfg.m, t_alpha=cfg.t_alpha, h=cfg.h, s=cfg.s)
+        self.projector = nn.Linear(size, 128) if self.w["distill_feature"] else None
+        qa = self.model.qaconv
+        self.class_memory = (
+            ClassMemory(self.num_classes, qa.num_features, qa.height, qa.width, cfg.qaconv_k_nearest)
+            if self.w["qaconv_class"] > 0
+            else None
+        )
+        self.model.to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        for extra in (self.head, self.projector, self.class_memory):
+            if extra is not None:
+                extra.to(self.device)
+        if cfg.mode == "finetune-heads":
+            for frozen in (self.model.input_layer, self.model.body, self.model.output_layer):
+                frozen.requires_grad_(False)
 
     def _teacher_embeddings(self) -> np.ndarray:
         from model.training.teacher import teacher_embeddings
@@ -409,10 +416,13 @@ class Trainer:
 
     def train_step(self, batch: np.ndarray) -> dict[str, float]:
         cfg, step = self.cfg, self.state["global_step"]
-        rng = np.random.default_rng([cfg.seed, step])
         torch.manual_seed(_seed_for(cfg.seed, step))  # dropout
         idx = self.train_idx[batch]
-        augmented = [self.augmenter(self.data.images[i], self.data.landmarks[i], rng) for i in idx]
+        # one generator per sample, from (seed, step, position): any sample can be augmented anywhere, in any order
+        augmented = [
+            self.augmenter(self.data.images[i], self.data.landmarks[i], np.random.default_rng([cfg.seed, step, j]))
+            for j, i in enumerate(idx)
+        ]
         x = to_input_tensor([a.image for a in augmented]).to(self.device).contiguous(memory_format=torch.channels_last)
         target_vis = torch.from_numpy(np.stack([visibility_grid(a.visible) for a in augmented])).to(self.device)
         labels = torch.from_numpy(self.train_labels[batch]).to(self.device)
