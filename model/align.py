@@ -18,6 +18,7 @@ import hashlib
 import io
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -103,8 +104,12 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise InvalidImageError(f"cannot decode image: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidImageError("not a recognised image format (JPEG, PNG, WebP, BMP, GIF, TIFF)") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        # Pillow's messages may embed a repr of the stream ("<_io.BytesIO object at 0x...>"): keep only the reason
+        reason = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip() or type(exc).__name__
+        raise InvalidImageError(f"cannot decode image: {reason}") from exc
 
 
 def load_image(path: str | Path, max_pixels: int = 40_000_000) -> np.ndarray:

@@ -215,17 +215,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from pydantic import ValidationError
 
-    from service.app import create_app
     from service.config import Settings
+    from service.server import serve
 
     overrides = {
         k: v for k, v in {"host": args.host, "port": args.port, "weights": args.weights}.items() if v is not None
     }
-    settings = Settings(**overrides)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, workers=1)
-    return 0
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"OAML_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()
+        )
+        logger.error("cannot start: invalid settings: %s", problems)
+        return 2
+    return serve(settings)
 
 
 def _add_embedding_options(p: argparse.ArgumentParser) -> None:

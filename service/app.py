@@ -11,16 +11,18 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 
 from service.config import Settings, get_settings
 from service.engine import Engine
+from service.guard import RequestGuard
 from service.index import GalleryIndex
-from service.problems import install_handlers, problem
+from service.problems import Problem, install_handlers, problem_responses
 from service.routes import protected, public
-from service.routes.deps import require_key
 from service.state import AppState, Metrics, load_index
 from service.store import SQLiteGalleryStore
 
@@ -49,6 +51,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         await asyncio.to_thread(eng.warm_up)
         store = SQLiteGalleryStore(settings.data_dir / "gallery.sqlite3", eng.model_version)
         store.check_version()  # a gallery from other weights stops start-up with a clear message
+        store.check_writable()  # so does a gallery that cannot record enrolments
         index = GalleryIndex(eng.model.qaconv, eng.device, eng.gallery_dtype, eng.model.embedding_size)
         faces = await asyncio.to_thread(load_index, store, index, eng)
         metrics = Metrics(settings.max_batch)
@@ -75,20 +78,18 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app = FastAPI(title="OAML", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     install_handlers(app)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["X-API-Key", "Authorization", "Content-Type"],
-        )
-    body_limit = settings.max_image_bytes * settings.max_images_per_request + 1024 * 1024
+
+    def count_body(size: int) -> None:
+        state: AppState | None = getattr(app.state, "oaml", None)
+        if state is not None:
+            state.metrics.body_bytes.inc(size)
+
+    # Starlette runs the middleware added last outermost. The guard goes first, so it runs inside `observe`
+    # (whose metrics then count its 401 and 413 answers) and inside CORS (preflight requests carry no key).
+    app.add_middleware(RequestGuard, settings=settings, on_body=count_body)
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > body_limit:
-            return problem("PAYLOAD_TOO_LARGE", f"request body over {body_limit} bytes")
         started = time.perf_counter()
         response = await call_next(request)
         state: AppState | None = getattr(request.app.state, "oaml", None)
@@ -99,8 +100,34 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             state.metrics.latency.labels(path).observe(time.perf_counter() - started)
         return response
 
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["X-API-Key", "Authorization", "Content-Type"],
+        )
     for router in public:
         app.include_router(router)
     for router in protected:
-        app.include_router(router, dependencies=[Depends(require_key)])
+        app.include_router(router, responses=problem_responses(401, 403, 422, 503))
+    app.openapi = lambda: problem_openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def problem_openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, with every error response declared as ``application/problem+json``."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        ref = {"$ref": "#/components/schemas/Problem"}
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                for status, response in operation.get("responses", {}).items():
+                    if status.isdigit() and int(status) >= 400:
+                        response["content"] = {"application/problem+json": {"schema": ref}}
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.setdefault("Problem", Problem.model_json_schema())
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema

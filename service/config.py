@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings", "DEFAULT_WEIGHTS"]
@@ -44,7 +45,8 @@ class Settings(BaseSettings):
         False, description="keep aligned 112x112 crops of enrolled faces (for /occlusion overlays)"
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated; empty disables auth"
+        default_factory=list,
+        description="comma-separated `key` or `key:role` (role `admin`, the default, or `match`); empty disables auth",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated; empty disables CORS"
@@ -52,6 +54,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    header_timeout: float = Field(10.0, gt=0, description="seconds a connection may take to send its request headers")
+    keep_alive_timeout: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open")
+    limit_concurrency: int = Field(256, ge=1, description="connections and requests in flight before new ones get 503")
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
@@ -60,15 +65,41 @@ class Settings(BaseSettings):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _roles(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            key, _, role = entry.partition(":")
+            if not key or (role and role not in ("admin", "match")):
+                raise ValueError(f"API key entries are `key` or `key:role` with role admin or match, got {entry!r}")
+        return value
+
     @field_validator("default_threshold")
     @classmethod
     def _threshold(cls, value: str) -> str:
         if value not in ("lenient", "balanced", "strict"):
             try:
-                float(value)
+                number = float(value)
             except ValueError as exc:
                 raise ValueError("default_threshold must be lenient, balanced, strict or a number") from exc
+            if not math.isfinite(number):
+                raise ValueError("default_threshold must be a finite number")
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        """Settings that are valid alone but not together: fail at start-up, not on every request."""
+        largest = max(2, self.max_images_per_request)  # /verify embeds 2 faces, an enrolment up to max_images
+        if self.queue_size < largest:
+            raise ValueError(
+                f"queue_size (OAML_QUEUE_SIZE={self.queue_size}) must hold the faces of one request ({largest}: "
+                "OAML_MAX_IMAGES_PER_REQUEST, and /verify's two faces); otherwise such requests are refused forever"
+            )
+        return self
+
+    def key_roles(self) -> dict[str, str]:
+        """API key -> role (``admin`` unless the entry names ``match``)."""
+        return {key: role or "admin" for key, _, role in (entry.partition(":") for entry in self.api_keys)}
 
 
 @lru_cache

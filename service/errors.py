@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from model.errors import OAMLError
 
-__all__ = ["Overloaded", "SubjectNotFound", "FaceNotFound", "GalleryVersionError"]
+__all__ = ["Overloaded", "SubjectNotFound", "FaceNotFound", "GalleryVersionError", "GalleryStoreError"]
 
 
 class Overloaded(OAMLError):
@@ -33,3 +33,9 @@ class GalleryVersionError(OAMLError, RuntimeError):
     """The store holds faces embedded by different weights: matching them would be meaningless."""
 
     code = "GALLERY_VERSION_MISMATCH"
+
+
+class GalleryStoreError(OAMLError, RuntimeError):
+    """The gallery's database cannot be opened or written (read-only folder, full disk, ...)."""
+
+    code = "STORE_UNAVAILABLE"

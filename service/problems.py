@@ -13,11 +13,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.errors import OAMLError
 
-__all__ = ["ApiError", "STATUS", "problem", "install_handlers"]
+__all__ = ["ApiError", "STATUS", "RETRY_AFTER_S", "Problem", "problem", "install_handlers", "problem_responses"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ STATUS: dict[str, int] = {
     "INVALID_IMAGE": 400,
     "INVALID_REQUEST": 400,
     "UNAUTHORIZED": 401,
+    "FORBIDDEN": 403,
     "SUBJECT_NOT_FOUND": 404,
     "FACE_NOT_FOUND": 404,
     "NOT_FOUND": 404,
@@ -41,12 +43,14 @@ STATUS: dict[str, int] = {
     "OVERLOADED": 503,
     "NOT_READY": 503,
     "GALLERY_VERSION_MISMATCH": 503,
+    "STORE_UNAVAILABLE": 503,
     "INTERNAL_ERROR": 500,
 }
 
 _TITLES = {
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",
@@ -58,6 +62,29 @@ _TITLES = {
 }
 
 
+class Problem(BaseModel):
+    """An error response (RFC 9457 ``application/problem+json``); more fields may follow ``detail``."""
+
+    type: str
+    title: str
+    status: int
+    code: str = Field(description="stable machine-readable error code (see README, Errors)")
+    detail: str
+    field: str | None = Field(None, description="the request field at fault, when there is one")
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries declaring problem+json bodies for these statuses."""
+    return {
+        status: {
+            "model": Problem,
+            "description": _TITLES.get(status, "Error"),
+            "content": {"application/problem+json": {}},
+        }
+        for status in statuses
+    }
+
+
 class ApiError(Exception):
     """An error raised by the HTTP layer itself (validation of form fields, auth, limits)."""
 
@@ -66,7 +93,14 @@ class ApiError(Exception):
         self.code, self.detail, self.extra = code, detail, extra
 
 
-def problem(code: str, detail: str, status: int | None = None, /, **extra: Any) -> JSONResponse:
+#: Seconds a client should wait before retrying a 503 (``Retry-After``).
+RETRY_AFTER_S = 1
+
+
+def problem(
+    code: str, detail: str, status: int | None = None, headers: dict[str, str] | None = None, /, **extra: Any
+) -> JSONResponse:
+    """A problem+json response; 401 carries ``WWW-Authenticate``, 503 ``Retry-After``."""
     status = status or STATUS.get(code, 400)
     body = {
         "type": f"https://oaml.dev/errors/{code.lower().replace('_', '-')}",
@@ -76,7 +110,11 @@ def problem(code: str, detail: str, status: int | None = None, /, **extra: Any) 
         "detail": detail,
         **extra,
     }
-    headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'} if status == 401 else None
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = 'ApiKey header="X-API-Key"'
+    if status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
     return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
 
 
@@ -103,7 +141,8 @@ def install_handlers(app: FastAPI) -> None:
         code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(
             exc.status_code, "INVALID_REQUEST"
         )
-        return problem(code, str(exc.detail), exc.status_code)
+        # keeps Starlette's own headers, e.g. `Allow` on a 405
+        return problem(code, str(exc.detail), exc.status_code, dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

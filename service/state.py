@@ -44,6 +44,9 @@ class Metrics:
         self.queue_depth = Gauge("oaml_queue_depth", "faces waiting for the model", registry=self.registry)
         self.gallery_faces = Gauge("oaml_gallery_faces", "enrolled faces", registry=self.registry)
         self.gallery_subjects = Gauge("oaml_gallery_subjects", "enrolled subjects", registry=self.registry)
+        self.body_bytes = Counter(
+            "oaml_request_body_bytes", "request body bytes read (refused requests stop early)", registry=self.registry
+        )
 
     def on_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

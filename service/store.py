@@ -19,13 +19,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from service.errors import FaceNotFound, GalleryVersionError, SubjectNotFound
+from service.errors import FaceNotFound, GalleryStoreError, GalleryVersionError, SubjectNotFound
 
 __all__ = [
     "FaceRecord",
@@ -112,14 +113,25 @@ class SQLiteGalleryStore:
 
     def __init__(self, path: str | Path, model_version: str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.model_version = model_version
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise GalleryStoreError(
+                f"cannot open the gallery {self.path}: {exc}; set OAML_DATA_DIR to a writable folder",
+                path=str(self.path),
+            ) from exc
+
+    def check_writable(self) -> None:
+        """Write and commit one row, so a read-only file or folder fails start-up instead of every enrolment."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_opened', ?)", (str(time.time()),))
 
     def check_version(self) -> None:
         """Refuse a store made by other weights (the embeddings would be meaningless)."""
@@ -132,8 +144,23 @@ class SQLiteGalleryStore:
                 "or serve the matching weights"
             )
 
-    def _tx(self) -> _Transaction:
-        return _Transaction(self._db, self._lock)
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` under a lock (one writer at a time); SQLite failures become
+        :class:`GalleryStoreError` (503 ``STORE_UNAVAILABLE``) naming the file."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise GalleryStoreError(f"cannot write the gallery {self.path}: {exc}", path=str(self.path)) from exc
 
     def upsert_subject(self, subject: str, name: str | None, metadata: dict[str, Any] | None) -> None:
         with self._tx() as db:
@@ -241,24 +268,6 @@ class SQLiteGalleryStore:
 
     def close(self) -> None:
         self._db.close()
-
-
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` under a lock (one writer at a time)."""
-
-    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
-        self.db, self.lock = db, lock
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.lock.acquire()
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        try:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            self.lock.release()
 
 
 def new_face_id() -> str:

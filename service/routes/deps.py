@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request, UploadFile
@@ -12,7 +13,16 @@ from service.problems import ApiError
 from service.state import AppState
 from service.usecases import Photo
 
-__all__ = ["StateDep", "get_state", "require_key", "read_photo", "parse_selection", "SUBJECT_PATTERN"]
+__all__ = [
+    "StateDep",
+    "get_state",
+    "require_role",
+    "MatchRole",
+    "AdminRole",
+    "read_photo",
+    "parse_selection",
+    "SUBJECT_PATTERN",
+]
 
 SUBJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$"
 _ACCEPTED_TYPES = ("image/", "application/octet-stream")
@@ -28,17 +38,26 @@ def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def require_key(request: Request) -> None:
-    """API-key check when ``OAML_API_KEYS`` is set: ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``."""
-    keys = request.app.state.settings.api_keys
-    if not keys:
-        return
-    supplied = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
-    if supplied is None and auth.lower().startswith("bearer "):
-        supplied = auth[7:].strip()
-    if supplied is None or supplied not in keys:
-        raise ApiError("UNAUTHORIZED", "missing or invalid API key (send X-API-Key)")
+def require_role(role: str) -> Callable[[Request], None]:
+    """A dependency: the request's key (checked by :class:`service.guard.RequestGuard`) must hold ``role``.
+
+    ``admin`` holds every role. Without ``OAML_API_KEYS`` there are no keys and no roles to check.
+    """
+
+    def check(request: Request) -> None:
+        if not request.app.state.settings.api_keys:
+            return
+        held = getattr(request.state, "oaml_role", None)
+        if held is None:  # the guard did not run (an app mounted without it): refuse rather than assume
+            raise ApiError("UNAUTHORIZED", "missing or invalid API key (send X-API-Key)")
+        if held != role and held != "admin":
+            raise ApiError("FORBIDDEN", f"this API key has the {held!r} role; {request.url.path} needs {role!r}")
+
+    return check
+
+
+MatchRole = Depends(require_role("match"))
+AdminRole = Depends(require_role("admin"))
 
 
 def parse_selection(value: str, field: str) -> FaceSelection:

@@ -8,24 +8,50 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Query, UploadFile
 
 from service import usecases
-from service.problems import ApiError
-from service.routes.deps import SUBJECT_PATTERN, StateDep, parse_selection, read_photo
+from service.problems import ApiError, problem_responses
+from service.routes.deps import SUBJECT_PATTERN, AdminRole, StateDep, parse_selection, read_photo
 from service.schemas import DeleteResponse, EnrolResponse, SubjectDetail, SubjectPage
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["gallery"])
+router = APIRouter(tags=["gallery"], dependencies=[AdminRole])
+
+
+#: Subject metadata: at most this many bytes of JSON, nested at most this deep.
+MAX_METADATA_BYTES = 16 * 1024
+MAX_METADATA_DEPTH = 16
+#: Largest page offset: far beyond any gallery, far below SQLite's 64-bit integer limit.
+MAX_OFFSET = 2**31 - 1
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (iterative: a deep document must not exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 def _metadata(raw: str | None) -> dict[str, Any] | None:
     if not raw:
         return None
+    if len(raw.encode()) > MAX_METADATA_BYTES:
+        raise ApiError("VALIDATION_ERROR", f"metadata is over {MAX_METADATA_BYTES} bytes", field="metadata")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ApiError("VALIDATION_ERROR", f"metadata is not valid JSON: {exc}", field="metadata") from exc
+    except RecursionError as exc:  # nested deeper than the parser's stack: certainly over the depth limit
+        raise ApiError(
+            "VALIDATION_ERROR", f"metadata is nested deeper than {MAX_METADATA_DEPTH}", field="metadata"
+        ) from exc
     if not isinstance(value, dict):
         raise ApiError("VALIDATION_ERROR", "metadata must be a JSON object", field="metadata")
+    if _depth(value) > MAX_METADATA_DEPTH:
+        raise ApiError("VALIDATION_ERROR", f"metadata is nested deeper than {MAX_METADATA_DEPTH}", field="metadata")
     return value
 
 
@@ -34,12 +60,12 @@ def _metadata(raw: str | None) -> dict[str, Any] | None:
     response_model=EnrolResponse,
     status_code=201,
     operation_id="enrol",
-    responses={422: {"description": "no usable face in any image (see `rejected`)"}},
+    responses=problem_responses(400, 413, 415),
 )
 async def enrol(
     state: StateDep,
     subject: Annotated[str, Form(pattern=SUBJECT_PATTERN, description="subject id: letters, digits, . _ @ : + -")],
-    images: Annotated[list[UploadFile], File(description="one or more photos of the subject")],
+    images: Annotated[list[UploadFile], File(min_length=1, description="one or more photos of the subject")],
     name: Annotated[str | None, Form(max_length=256)] = None,
     metadata: Annotated[str | None, Form(description="JSON object stored with the subject")] = None,
     face: Annotated[
@@ -60,25 +86,36 @@ async def enrol(
 
 @router.get("/gallery", response_model=SubjectPage, operation_id="list_subjects")
 async def list_subjects(
-    state: StateDep, offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    state: StateDep,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> SubjectPage:
     """Enrolled subjects, ordered by id, a page at a time."""
     return await usecases.list_subjects(state, offset, limit)
 
 
-@router.get("/gallery/{subject}", response_model=SubjectDetail, operation_id="get_subject")
+@router.get(
+    "/gallery/{subject}", response_model=SubjectDetail, operation_id="get_subject", responses=problem_responses(404)
+)
 async def get_subject(state: StateDep, subject: str) -> SubjectDetail:
     """One subject and its enrolled faces."""
     return await usecases.get_subject(state, subject)
 
 
-@router.delete("/gallery/{subject}", response_model=DeleteResponse, operation_id="delete_subject")
+@router.delete(
+    "/gallery/{subject}", response_model=DeleteResponse, operation_id="delete_subject", responses=problem_responses(404)
+)
 async def delete_subject(state: StateDep, subject: str) -> DeleteResponse:
     """Remove a subject and all of its faces."""
     return await usecases.delete_subject(state, subject)
 
 
-@router.delete("/gallery/{subject}/faces/{face_id}", response_model=DeleteResponse, operation_id="delete_face")
+@router.delete(
+    "/gallery/{subject}/faces/{face_id}",
+    response_model=DeleteResponse,
+    operation_id="delete_face",
+    responses=problem_responses(404),
+)
 async def delete_face(state: StateDep, subject: str, face_id: str) -> DeleteResponse:
     """Remove one face of a subject (the subject stays, even with no faces left)."""
     return await usecases.delete_face(state, subject, face_id)

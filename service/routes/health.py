@@ -9,14 +9,14 @@ from fastapi import APIRouter, Request, Response
 from model.calibration import PRESETS, PRIOR
 from model.embedder import precision_name
 from service.problems import ApiError
-from service.routes.deps import StateDep
+from service.routes.deps import MatchRole, StateDep
 from service.schemas import HealthResponse, InfoResponse, PresetInfo
 from service.state import AppState
 
 __all__ = ["public", "protected"]
 
 public = APIRouter(tags=["health"])
-protected = APIRouter(tags=["health"])  # the app adds the key check to every protected router
+protected = APIRouter(tags=["health"], dependencies=[MatchRole])
 
 
 @public.get("/health", response_model=HealthResponse, operation_id="health")

@@ -7,15 +7,18 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from service import usecases
-from service.routes.deps import StateDep, parse_selection, read_photo
+from service.problems import problem_responses
+from service.routes.deps import MatchRole, StateDep, parse_selection, read_photo
 from service.schemas import IdentifyResponse
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["match"])
+router = APIRouter(tags=["match"], dependencies=[MatchRole])
 
 
-@router.post("/identify", response_model=IdentifyResponse, operation_id="identify")
+@router.post(
+    "/identify", response_model=IdentifyResponse, operation_id="identify", responses=problem_responses(400, 413, 415)
+)
 async def identify(
     state: StateDep,
     image: Annotated[UploadFile, File()],

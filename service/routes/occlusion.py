@@ -8,7 +8,8 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 
 from service import usecases
-from service.routes.deps import StateDep, parse_selection, read_photo
+from service.problems import problem_responses
+from service.routes.deps import AdminRole, MatchRole, StateDep, parse_selection, read_photo
 
 __all__ = ["router"]
 
@@ -23,7 +24,13 @@ def _png(heatmap: usecases.Heatmap) -> Response:
     return Response(heatmap.png, media_type="image/png", headers={"X-OAML-Visibility": f"{heatmap.visibility:.4f}"})
 
 
-@router.get("/occlusion", operation_id="occlusion_of_face", response_class=Response, responses=PNG)
+@router.get(
+    "/occlusion",
+    operation_id="occlusion_of_face",
+    response_class=Response,
+    responses={**PNG, **problem_responses(404)},
+    dependencies=[AdminRole],
+)
 async def occlusion_of_face(
     state: StateDep, face_id: Annotated[str, Query(min_length=1)], scale: Annotated[int, Query(ge=1, le=8)] = 2
 ) -> Response:
@@ -34,7 +41,13 @@ async def occlusion_of_face(
     return _png(await usecases.heatmap_of_face(state, face_id, scale))
 
 
-@router.post("/occlusion", operation_id="occlusion_of_photo", response_class=Response, responses=PNG)
+@router.post(
+    "/occlusion",
+    operation_id="occlusion_of_photo",
+    response_class=Response,
+    responses={**PNG, **problem_responses(400, 413, 415)},
+    dependencies=[MatchRole],
+)
 async def occlusion_of_photo(
     state: StateDep,
     image: Annotated[UploadFile, File()],

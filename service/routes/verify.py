@@ -7,15 +7,18 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from service import usecases
-from service.routes.deps import StateDep, parse_selection, read_photo
+from service.problems import problem_responses
+from service.routes.deps import MatchRole, StateDep, parse_selection, read_photo
 from service.schemas import VerifyResponse
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["match"])
+router = APIRouter(tags=["match"], dependencies=[MatchRole])
 
 
-@router.post("/verify", response_model=VerifyResponse, operation_id="verify")
+@router.post(
+    "/verify", response_model=VerifyResponse, operation_id="verify", responses=problem_responses(400, 413, 415)
+)
 async def verify(
     state: StateDep,
     image_a: Annotated[UploadFile, File(description="first photo")],

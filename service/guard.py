@@ -1,0 +1,121 @@
+"""Authenticate and limit a request before its body is read (pure ASGI, outside FastAPI's routing).
+
+FastAPI parses multipart bodies (spooling uploads to temporary files) before any dependency
+runs, so a key check or a size check in a route comes too late: a client without a key could
+make the server write gigabytes. :class:`RequestGuard` sits in front of the app:
+
+- **API keys** (``OAML_API_KEYS``): the key is taken from the headers (``X-API-Key`` or
+  ``Authorization: Bearer``); an unknown or missing key gets 401 without one byte of the body
+  being read. The key's role (``admin`` or ``match``) is left in the request state for the
+  routes' role checks (403).
+- **Body size**: each route has a limit from the settings (a ``/verify`` carries two images, an
+  enrolment up to ``OAML_MAX_IMAGES_PER_REQUEST``). A declared ``Content-Length`` over it gets 413
+  at once; a chunked body is counted as it arrives and refused with 413 just past the limit.
+- **Response hygiene**: every response carries ``X-Content-Type-Options: nosniff``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+
+from service.config import Settings
+from service.problems import problem
+
+__all__ = ["RequestGuard", "PUBLIC_PATHS", "ROLES", "body_limit", "BodyTooLarge"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Answer without a key: probes, metrics and the API documentation.
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+#: ``match`` may verify, identify and look at uploaded photos; ``admin`` may also enrol, list,
+#: delete and read enrolled faces (whose crops may be stored).
+ROLES = ("match", "admin")
+#: Room for multipart boundaries and form fields beside the images.
+FORM_OVERHEAD = 1024 * 1024
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` when a body passes its route's limit (answered as 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over {limit} bytes")
+
+
+def body_limit(settings: Settings, method: str, path: str) -> int:
+    """Most bytes a request to ``method path`` may carry."""
+    images = {"/verify": 2, "/identify": 1, "/occlusion": 1, "/gallery": settings.max_images_per_request}
+    count = images.get(path, 0) if method == "POST" else 0
+    return count * settings.max_image_bytes + FORM_OVERHEAD
+
+
+def supplied_key(headers: Headers) -> str | None:
+    key = headers.get("x-api-key")
+    auth = headers.get("authorization", "")
+    if key is None and auth.lower().startswith("bearer "):
+        key = auth[7:].strip()
+    return key
+
+
+class RequestGuard:
+    """ASGI middleware: key check, per-route body limit, ``nosniff``. See the module docstring."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, on_body: Callable[[int], None] | None = None) -> None:
+        self.app = app
+        self.settings = settings
+        self.roles = settings.key_roles()
+        self.on_body = on_body  # told how many body bytes each request had read (metrics)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        send = _with_nosniff(send)
+        headers = Headers(scope=scope)
+        path, method = scope["path"], scope["method"]
+        if self.roles and path not in PUBLIC_PATHS:
+            role = self.roles.get(supplied_key(headers) or "")
+            if role is None:
+                await problem("UNAUTHORIZED", "missing or invalid API key (send X-API-Key)")(scope, receive, send)
+                return
+            scope.setdefault("state", {})["oaml_role"] = role
+        limit = body_limit(self.settings, method, path)
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await problem("PAYLOAD_TOO_LARGE", f"request body over {limit} bytes", max_bytes=limit)(
+                scope, receive, send
+            )
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        finally:
+            if self.on_body is not None:
+                self.on_body(received)
+
+
+def _with_nosniff(send: Send) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            raw = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-content-type-options"]
+            message["headers"] = [*raw, (b"x-content-type-options", b"nosniff")]
+        await send(message)
+
+    return wrapped

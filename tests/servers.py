@@ -1,0 +1,70 @@
+"""Real service processes for tests that need sockets, signals or uvicorn itself (not the in-process client).
+
+The server's output goes to a file, never to a pipe nobody reads: a full pipe would block the
+server's logging, and with it the server, after a few hundred access-log lines.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Server(subprocess.Popen[bytes]):
+    """``oaml serve`` in a child process, its output in ``log``."""
+
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def finish(self, timeout: float = 120) -> str:
+        """Wait for the process to exit (a failed start-up) and return its output."""
+        self.wait(timeout=timeout)
+        return self.output()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(weights: Path, data_dir: Path, port: int, **env: str) -> Server:
+    """``env`` adds ``OAML_*`` settings."""
+    full = {
+        **os.environ,
+        "OAML_WEIGHTS": str(weights),
+        "OAML_DATA_DIR": str(data_dir),
+        "OAML_PORT": str(port),
+        "OAML_TORCH_THREADS": "1",
+        **env,
+    }
+    fd, name = tempfile.mkstemp(prefix="oaml-server-", suffix=".log")
+    with os.fdopen(fd, "wb") as log:
+        proc = Server([sys.executable, "-m", "oaml", "serve"], cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT)
+    proc.log = Path(name)
+    return proc
+
+
+def wait_ready(proc: Server, port: int, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.output()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("server did not become ready")
