@@ -22,6 +22,7 @@ RUN if [ -n "$TORCH_INDEX" ]; then pip install --no-cache-dir "$TORCH_SPEC" --in
 COPY pyproject.toml README.md ./
 COPY model ./model
 COPY service ./service
+COPY oaml ./oaml
 COPY weights ./weights
 RUN pip install --no-cache-dir -e .  # editable: weights resolve next to the sources
 

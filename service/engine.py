@@ -12,9 +12,10 @@ What runs where:
 
 Batching: ``await engine.embed(crops)`` queues the crops; the worker takes the first waiting
 face, keeps collecting until ``max_batch`` faces or ``max_wait_ms`` after that first face, runs
-one forward pass and resolves each request's future. A device call queued meanwhile runs after
-that batch, in arrival order. A full queue answers 503 (``OVERLOADED``) instead of growing
-without bound.
+one forward pass and resolves each request's future. Device calls (scoring, index updates:
+milliseconds each) run in arrival order as soon as the worker is free; one that arrives while a
+batch is collecting runs at once without ending the collection. A full queue answers 503
+(``OVERLOADED``) instead of growing without bound.
 """
 
 from __future__ import annotations
@@ -236,8 +237,13 @@ class Engine:
                 if item is None:
                     stopping = True
                     break
-                if isinstance(item, _Call) or size + len(item.crops) > self.settings.max_batch:
-                    carry = item  # runs after this batch
+                if isinstance(item, _Call):
+                    # short device work (scoring, index updates) runs at once, while the batch is still
+                    # collecting: it neither cuts the batch short nor waits for its forward pass
+                    _settle(item.future, item.fn, *item.args)
+                    continue
+                if size + len(item.crops) > self.settings.max_batch:
+                    carry = item  # starts the next batch
                     break
                 jobs.append(item)
                 size += len(item.crops)

@@ -45,6 +45,17 @@ def pipeline(detector: FaceDetector) -> FacePipeline:
 
 
 @pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised IR-18 weights file: enough for everything but recognition quality."""
+    from model.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("weights") / "random_ir18.safetensors"
+    torch.manual_seed(0)
+    save_checkpoint(build_model("ir_18").eval(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def ir18() -> OAMLNet:
     torch.manual_seed(1)
     return build_model("ir_18").eval()

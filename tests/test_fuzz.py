@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import (
     content_type_conformance,
@@ -21,18 +20,13 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from model.checkpoint import save_checkpoint
-from model.net import build_model
 from tests.servers import free_port, start_server, wait_ready
 
 EXAMPLES = 80
 
 
 @pytest.fixture(scope="module")
-def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[schemathesis.BaseSchema]:
-    weights = tmp_path_factory.mktemp("fuzz-weights") / "random_ir18.safetensors"
-    torch.manual_seed(0)
-    save_checkpoint(build_model("ir_18").eval(), weights)
+def api_schema(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[schemathesis.BaseSchema]:
     port = free_port()
     proc = start_server(weights, Path(tmp_path_factory.mktemp("fuzz-data")), port, OAML_MAX_IMAGE_BYTES=str(256 * 1024))
     try:

@@ -19,26 +19,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from model.checkpoint import save_checkpoint
-from model.net import build_model
 from service.app import create_app
 from service.config import Settings
 from tests.conftest import encode
 from tests.servers import free_port, start_server, wait_ready
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("weights") / "random_ir18.safetensors"
-    torch.manual_seed(0)
-    save_checkpoint(build_model("ir_18").eval(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

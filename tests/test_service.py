@@ -47,15 +47,6 @@ def jpeg(image: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised IR-18: enough for everything but recognition quality."""
-    path = tmp_path_factory.mktemp("weights") / "random_ir18.safetensors"
-    torch.manual_seed(0)
-    save_checkpoint(build_model("ir_18").eval(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def photos(astronaut: np.ndarray) -> dict[str, bytes]:
     from skimage import data
 

@@ -149,15 +149,16 @@ def test_each_preset_far_through_the_served_path_is_the_published_far() -> None:
     engine = Engine(Settings(weights=DEFAULT_WEIGHTS, torch_threads=2))
     engine.start()
     try:
-        cal = engine.metadata["calibration"]
+        meta = engine.card.metadata
+        cal = meta["calibration"]
         sampled = cal["pairs_sampled"]
         holdout = [SHARED_DATA / "train" / "aligned" / name for name in cal["holdout"]]
-        images, labels, landmarks = held_out_faces(engine.metadata["training"]["config"], PREPARED_DATA, holdout)
+        images, labels, landmarks = held_out_faces(meta["training"]["config"], PREPARED_DATA, holdout)
         seed = sampled["seed"] + 1000  # not the calibration's draw
         views = held_out_views(images, landmarks, SHARED_DATA / "occluders", seed)
         pairs = sample_pairs(labels, seed, sampled["max_genuine"], sampled["max_impostor"])
         feats = served_features(engine, views)
-        fused = engine.score(feats, feats, pairs.ia, pairs.ib)["fused"]
+        fused = engine.call_device(engine.score, feats, feats, pairs.ia, pairs.ib)["fused"]
     finally:
         engine.stop()
     impostor = fused[~pairs.same]
