@@ -70,16 +70,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "max_steps": args.max_steps,
         "epochs": args.epochs,
         "init_from": str(args.init_from) if args.init_from else None,
+        "budget_minutes": args.budget_minutes,
+        "validate_every_s": args.validate_every_s,
+        "augment_workers": args.augment_workers,
     }
     cfg = TrainConfig.from_toml(args.config, **overrides)
     if args.data_root is not None:
-        cfg.train = [str(Path(args.data_root) / p) if not Path(p).is_absolute() else p for p in cfg.train]
+        root = Path(args.data_root)
+        cfg.train = [str(root / p) if not Path(p).is_absolute() else p for p in cfg.train]
+        cfg.unlabeled = [str(root / p) if not Path(p).is_absolute() else p for p in cfg.unlabeled]
+        if cfg.teacher_weights and not Path(cfg.teacher_weights).is_absolute():
+            cfg.teacher_weights = str(root / cfg.teacher_weights)
         if cfg.occluders and not Path(cfg.occluders).is_absolute():
             cfg.occluders = str(Path(args.data_root) / cfg.occluders)
     state = Trainer(cfg).fit()
     json.dump(
         {"global_step": state["global_step"], "epoch": state["epoch"], "best_score": state["best_score"]}, sys.stdout
     )
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    from model.training.bundle import make_bundle
+
+    summary = make_bundle(
+        args.out, args.cache, args.occluders, quality=args.quality, limit_mb=args.limit_mb, teacher=args.teacher
+    )
+    json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
 
@@ -280,8 +298,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, default=None, help="prefix for relative `train` and `occluders` paths")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--init-from", type=Path, default=None, help="start from OAML .safetensors or AdaFace .ckpt weights")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from OAML .safetensors (fp32/fp16/bf16) or AdaFace .ckpt weights, with a fresh optimiser",
+    )
+    p.add_argument("--budget-minutes", type=float, default=None, help="size the schedule to end inside this time")
+    p.add_argument("--validate-every-s", type=float, default=None, help="validate by the clock (short epochs)")
+    p.add_argument("--augment-workers", type=int, default=None, help="processes preparing batches ahead (GPU hosts)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("bundle", help="pack aligned caches and training occluders into one small folder for a GPU run")
+    p.add_argument("out", type=Path, help="a new, empty folder: usable as --data-root of `oaml train`")
+    p.add_argument("--cache", type=Path, action="append", required=True, help="aligned cache to include (repeatable)")
+    p.add_argument("--occluders", type=Path, default=None, help="occluder templates (the evaluation ones are left out)")
+    p.add_argument("--quality", type=int, default=85, help="JPEG quality of the re-encoded crops")
+    p.add_argument("--limit-mb", type=float, default=None, help="fail when the bundle is larger")
+    p.add_argument("--teacher", action="store_true", help="include the SFace teacher for function matching (10 MB)")
+    p.set_defaults(func=_cmd_bundle)
 
     p = sub.add_parser(
         "calibrate", help="fit score fusion, preset thresholds and probabilities on identities held out of training"

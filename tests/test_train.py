@@ -279,9 +279,10 @@ class TestTrainer:
         save_checkpoint(old, tmp_path / "old.safetensors")
         trainer = Trainer(tiny_config(cache, tmp_path / "run", init_from=str(tmp_path / "old.safetensors")))
         qa = trainer.model.qaconv
-        assert torch.equal(qa.logit_bn.weight, torch.ones(1)) and not qa.logit_bn.weight.requires_grad
+        # compared on the CPU: the trainer puts the model on CUDA when one is visible
+        assert torch.equal(qa.logit_bn.weight.cpu(), torch.ones(1)) and not qa.logit_bn.weight.requires_grad
         assert torch.allclose(qa.fc.weight, torch.full_like(qa.fc.weight, 1.0 / (2 * qa.hw)))
-        assert torch.equal(trainer.model.output_layer[3].weight, old.output_layer[3].weight)
+        assert torch.equal(trainer.model.output_layer[3].weight.cpu(), old.output_layer[3].weight)
         # a checkpoint with the fixed scale keeps its trained tail
         with torch.no_grad():
             old.qaconv.logit_bn.weight.fill_(1.0)
@@ -312,6 +313,34 @@ class TestTeacher:
         np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
         assert float(emb[0] @ emb[1]) > 0.85  # mirror image: same person (weights.md measured 0.97)
         assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2])
+
+    def test_the_pytorch_port_gives_what_opencv_gives(
+        self, pipeline: FacePipeline, astronaut: np.ndarray, tmp_path: Path
+    ) -> None:
+        """Function matching runs the teacher on the training device: the port must be the same network."""
+        from skimage import data
+
+        from model.training.teacher import SFaceTeacher, SFaceTorch
+
+        face = pipeline.align_one(astronaut).crop
+        views = [face, face[:, ::-1], np.roll(face, 12, axis=1), np.clip(face * 0.6, 0, 255).astype(np.uint8)]
+        for other in (data.chelsea(), data.coffee(), np.repeat(data.camera()[..., None], 3, axis=2)):
+            views.append(cv2.resize(np.ascontiguousarray(other), (112, 112)))
+        crops = np.ascontiguousarray(np.stack(views))
+        reference = SFaceTeacher(threads=1).embed(crops)
+        x = torch.from_numpy(crops.transpose(0, 3, 1, 2).astype(np.float32))
+        port = SFaceTorch.from_onnx()
+        with torch.no_grad():
+            ours = port(x).numpy()
+        cosine = (reference * ours).sum(1)
+        assert cosine.min() >= 0.999, cosine
+        assert not any(p.requires_grad for p in port.parameters()) and len(list(port.buffers())) > 40
+        # the export a GPU host loads with torch alone gives the same embeddings
+        port.save(tmp_path / "sface.safetensors")
+        assert (tmp_path / "sface.safetensors").stat().st_size < 12 * 2**20  # int8 blocks, as the source
+        with torch.no_grad():
+            again = SFaceTorch.load(tmp_path / "sface.safetensors")(x).numpy()
+        assert (reference * again).sum(1).min() >= 0.999
 
 
 class TestEvaluation:

@@ -40,12 +40,19 @@ class AugmentConfig:
 
 @dataclass
 class AugmentedFace:
-    """An augmented crop, its visibility mask and what was done (for the distillation target)."""
+    """An augmented crop, its visibility mask and what was done (for the distillation target).
+
+    ``teacher_image``, when asked for, is the same view without the occluder: the same flip, crop,
+    photometric change and resolution loss applied to the clean crop. Function-matching
+    distillation shows the teacher this view, so the student is asked to match the teacher on
+    what the student sees, less only what the occluder hides.
+    """
 
     image: np.ndarray  # [112, 112, 3] uint8 RGB
     visible: np.ndarray  # [112, 112] float32 in [0, 1]
     flipped: bool
     occluder: str | None
+    teacher_image: np.ndarray | None = None
 
 
 def flip_landmarks(landmarks: np.ndarray, width: int) -> np.ndarray:
@@ -56,13 +63,20 @@ def flip_landmarks(landmarks: np.ndarray, width: int) -> np.ndarray:
 
 
 class FaceAugmenter:
-    """Applies the AdaFace augmentations and the occlusion augmenter to aligned crops."""
+    """Applies the AdaFace augmentations and the occlusion augmenter to aligned crops.
+
+    Random choices are drawn in a fixed order (flip, occluder, crop box, photometric factors,
+    resolution), then applied; drawing does not depend on whether a teacher view is also made,
+    so asking for one never changes the student's view.
+    """
 
     def __init__(self, config: AugmentConfig, occlusion: OcclusionAugmenter | None) -> None:
         self.config = config
         self.occlusion = occlusion
 
-    def __call__(self, image: np.ndarray, landmarks: np.ndarray | None, rng: np.random.Generator) -> AugmentedFace:
+    def __call__(
+        self, image: np.ndarray, landmarks: np.ndarray | None, rng: np.random.Generator, teacher_view: bool = False
+    ) -> AugmentedFace:
         cfg = self.config
         h, w = image.shape[:2]
         visible = np.ones((h, w), dtype=np.float32)
@@ -70,23 +84,42 @@ class FaceAugmenter:
         if flipped:
             image = image[:, ::-1]
             landmarks = flip_landmarks(landmarks, w) if landmarks is not None else None
-        image = np.ascontiguousarray(image)
+        clean = image = np.ascontiguousarray(image)
         occluder = None
         if self.occlusion is not None and cfg.occlusion > 0 and rng.random() < cfg.occlusion:
             image, vis, occluder = self.occlusion.occlude(image, landmarks, rng)
             visible = visible * vis
-        if rng.random() < cfg.crop:
-            image, keep = self._crop(image, rng)
+        box = self._crop_box(h, w, rng) if rng.random() < cfg.crop else None
+        photometric = self._photometric_plan(rng) if rng.random() < cfg.photometric else None
+        low_res = self._low_res_plan(rng) if rng.random() < cfg.low_res else None
+        if box is not None:
+            keep = np.zeros((h, w), dtype=np.float32)
+            keep[box[0] : box[1], box[2] : box[3]] = 1.0
             visible = visible * keep
-        if rng.random() < cfg.photometric:
-            image = self._photometric(image, rng)
-        if rng.random() < cfg.low_res:
-            image = self._low_res(image, rng)
-        return AugmentedFace(image, visible, flipped, occluder)
+        views = [self._apply(image, box, photometric, low_res)]
+        if teacher_view:
+            views.append(self._apply(clean, box, photometric, low_res))
+        return AugmentedFace(views[0], visible, flipped, occluder, views[1] if teacher_view else None)
 
-    def _crop(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Keep a random box (area scale and aspect as RandomResizedCrop), zero the rest."""
-        h, w = image.shape[:2]
+    def _apply(
+        self,
+        image: np.ndarray,
+        box: tuple[int, int, int, int] | None,
+        photometric: list[tuple[int, float]] | None,
+        low_res: tuple[float, int, int] | None,
+    ) -> np.ndarray:
+        if box is not None:
+            out = np.zeros_like(image)
+            out[box[0] : box[1], box[2] : box[3]] = image[box[0] : box[1], box[2] : box[3]]
+            image = out
+        if photometric is not None:
+            image = self._photometric(image, photometric)
+        if low_res is not None:
+            image = self._low_res(image, *low_res)
+        return image
+
+    def _crop_box(self, h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
+        """A random box (area scale and aspect as RandomResizedCrop) as (y0, y1, x0, x1); the rest is zeroed."""
         area = h * w
         for _ in range(10):
             target = area * rng.uniform(*self.config.crop_scale)
@@ -94,20 +127,17 @@ class FaceAugmenter:
             cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
             if 0 < cw <= w and 0 < ch <= h:
                 y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-                break
-        else:
-            return image, np.ones((h, w), dtype=np.float32)
-        out = np.zeros_like(image)
-        out[y : y + ch, x : x + cw] = image[y : y + ch, x : x + cw]
-        keep = np.zeros((h, w), dtype=np.float32)
-        keep[y : y + ch, x : x + cw] = 1.0
-        return out, keep
+                return y, y + ch, x, x + cw
+        return None
 
-    def _photometric(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _photometric_plan(self, rng: np.random.Generator) -> list[tuple[int, float]]:
         s = self.config.photometric_strength
+        return [(int(op), float(rng.uniform(max(0.0, 1 - s), 1 + s))) for op in rng.permutation(3)]
+
+    @staticmethod
+    def _photometric(image: np.ndarray, plan: list[tuple[int, float]]) -> np.ndarray:
         img = image.astype(np.float32)
-        for op in rng.permutation(3):
-            factor = rng.uniform(max(0.0, 1 - s), 1 + s)
+        for op, factor in plan:
             if op == 0:  # brightness
                 img = img * factor
             elif op == 1:  # contrast around the mean grey level
@@ -119,9 +149,14 @@ class FaceAugmenter:
             img = np.clip(img, 0, 255)
         return (img + 0.5).astype(np.uint8)
 
-    def _low_res(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _low_res_plan(self, rng: np.random.Generator) -> tuple[float, int, int]:
+        ratio = float(rng.uniform(*self.config.low_res_scale))
+        down = _INTERPOLATIONS[rng.integers(len(_INTERPOLATIONS))]
+        up = _INTERPOLATIONS[rng.integers(len(_INTERPOLATIONS))]
+        return ratio, down, up
+
+    @staticmethod
+    def _low_res(image: np.ndarray, ratio: float, down: int, up: int) -> np.ndarray:
         h, w = image.shape[:2]
-        ratio = rng.uniform(*self.config.low_res_scale)
-        small = (max(1, int(w * ratio)), max(1, int(h * ratio)))
-        down = cv2.resize(image, small, interpolation=_INTERPOLATIONS[rng.integers(len(_INTERPOLATIONS))])
-        return cv2.resize(down, (w, h), interpolation=_INTERPOLATIONS[rng.integers(len(_INTERPOLATIONS))])
+        small = cv2.resize(image, (max(1, int(w * ratio)), max(1, int(h * ratio))), interpolation=down)
+        return cv2.resize(small, (w, h), interpolation=up)

@@ -50,6 +50,7 @@ from model.embedder import Embedder, score_pairs, select_device
 from model.net import build_model
 from model.training.adaface_import import import_adaface_ckpt
 from model.training.augment import AugmentConfig, FaceAugmenter
+from model.training.batches import BatchSource, Prefetcher, PreparedBatch
 from model.training.class_memory import ClassMemory
 from model.training.face import AlignedCache
 from model.training.head import AdaFace, build_head
@@ -62,7 +63,7 @@ from model.training.losses import (
     triplet_ranking_loss,
 )
 from model.training.metrics import accuracy, best_threshold
-from model.training.occlusion import OcclusionAugmenter, visibility_grid
+from model.training.occlusion import OcclusionAugmenter
 from model.training.sampler import GraphSampler, PKSampler
 
 __all__ = ["TrainConfig", "Trainer", "TrainingData", "load_training_data", "split_by_identity"]
@@ -116,6 +117,15 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     val_pairs: int = 3000  # genuine and impostor pairs each, for validation
+    # "clean": precomputed teacher embeddings of each un-augmented crop (and its mirror); "matched": the teacher
+    # embeds the student's own view without the occluder, on the training device, every step (function matching)
+    teacher_view: str = "clean"
+    teacher_weights: str | None = None  # the "matched" teacher: None = SFace's ONNX file, or an `oaml bundle` export
+    unlabeled: list[str] = field(default_factory=list)  # aligned caches without usable labels: teacher losses only
+    unlabeled_per_batch: int = 0  # unlabeled faces added to each PK batch
+    augment_workers: int = 0  # processes preparing the next batch during the step (0: in the training process)
+    budget_minutes: float | None = None  # size the schedule from the measured step rate to end inside this time
+    validate_every_s: float | None = None  # validate by time (short epochs) instead of at each epoch end
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     @classmethod
@@ -151,6 +161,12 @@ class TrainConfig:
             raise ValueError("optimizer must be 'sgd' or 'adamw'")
         if not self.train:
             raise ValueError("no training data: set `train` to one or more aligned caches")
+        if self.teacher_view not in ("clean", "matched"):
+            raise ValueError("teacher_view must be 'clean' or 'matched'")
+        if bool(self.unlabeled) != (self.unlabeled_per_batch > 0):
+            raise ValueError("unlabeled caches and unlabeled_per_batch > 0 go together")
+        if self.unlabeled and not self.teacher:
+            raise ValueError("unlabeled faces only train through the teacher: set teacher = true")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -164,6 +180,7 @@ class TrainState(TypedDict):
     global_step: int
     best_score: float
     history: list[dict[str, Any]]
+    total_steps: int | None  # set by a time budget; otherwise the configured length decides
 
 
 @dataclass
@@ -226,11 +243,32 @@ class Trainer:
         self._split(data or load_training_data(cfg.train))
         self.w = self._loss_weights()
         distill = bool(self.w["distill_relation"] or self.w["distill_feature"])
-        self.teacher_emb = self._teacher_embeddings() if distill else None
+        self.unlabeled = load_training_data(cfg.unlabeled) if cfg.unlabeled else None
+        matched = distill and cfg.teacher_view == "matched"
+        self.teacher_emb = self._teacher_embeddings(self.data) if distill and not matched else None
+        self.teacher_net = self._teacher_network() if matched else None
         self._build_networks()
         self.optimizer = self._build_optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and self.device.type == "cuda")
         self.augmenter = FaceAugmenter(cfg.augment, OcclusionAugmenter.from_folder(cfg.occluders, probability=1.0))
+        unlabeled = self.unlabeled
+        self.batch_source = BatchSource(
+            augmenter=self.augmenter,
+            images=self.data.images,
+            landmarks=self.data.landmarks,
+            rows=self.train_idx,
+            labels=self.train_labels,
+            seed=cfg.seed,
+            teacher_view=("matched" if matched else "clean") if distill else None,
+            teacher_table=self.teacher_emb,
+            unlabeled_images=unlabeled.images if unlabeled is not None else None,
+            unlabeled_landmarks=unlabeled.landmarks if unlabeled is not None else None,
+            unlabeled_per_batch=cfg.unlabeled_per_batch,
+            unlabeled_teacher_table=(
+                self._teacher_embeddings(unlabeled) if unlabeled is not None and distill and not matched else None
+            ),
+        )
+        self._prefetcher: Prefetcher | None = None
         sampler_cls = GraphSampler if cfg.sampler == "graph" else PKSampler
         self.sampler = sampler_cls(self.train_labels, cfg.p, cfg.k, cfg.seed)
         self.steps_per_epoch = len(self.sampler.batches(0))
@@ -241,6 +279,7 @@ class Trainer:
             "global_step": 0,
             "best_score": -math.inf,
             "history": [],
+            "total_steps": None,
         }
         self._val_cache: dict[str, Any] | None = None
         self._maybe_resume()
@@ -314,13 +353,16 @@ class Trainer:
             for frozen in (self.model.input_layer, self.model.body, self.model.output_layer):
                 frozen.requires_grad_(False)
 
-    def _teacher_embeddings(self) -> np.ndarray:
+    def _teacher_embeddings(self, data: TrainingData) -> np.ndarray:
         from model.training.teacher import teacher_embeddings
 
-        digest = "-".join(self.data.sources)
-        return teacher_embeddings(
-            self.data.images, self.out.parent / ".teacher" / f"sface-{digest}-{len(self.data.images)}.npy"
-        )
+        digest = "-".join(data.sources)
+        return teacher_embeddings(data.images, self.out.parent / ".teacher" / f"sface-{digest}-{len(data.images)}.npy")
+
+    def _teacher_network(self) -> torch.nn.Module:
+        from model.training.teacher import SFaceTorch
+
+        return SFaceTorch.load(self.cfg.teacher_weights).to(self.device)
 
     def _init_weights(self, path: str) -> None:
         if path.endswith(".ckpt"):
@@ -404,7 +446,9 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         if isinstance(self.sampler, GraphSampler) and ckpt.get("graph_neighbors") is not None:
             self.sampler.set_neighbors(ckpt["graph_neighbors"].numpy())
-        self.state = cast(TrainState, json.loads(ckpt["state"]))
+        self.state = cast(TrainState, {"total_steps": None, **json.loads(ckpt["state"])})
+        if self.state["total_steps"]:  # a time-budgeted run keeps the schedule it sized
+            self.total_steps = self.state["total_steps"]
         logger.info("resumed from %s at epoch %d, step %d", path, self.state["epoch"], self.state["global_step"])
 
     # -- one step ----------------------------------------------------------------------------
@@ -415,17 +459,27 @@ class Trainer:
         )
 
     def train_step(self, batch: np.ndarray) -> dict[str, float]:
+        """One optimisation step on the PK batch ``batch`` (training positions) plus its unlabelled share."""
+        step = self.state["global_step"]
+        prepared = self._prefetcher.take(step, batch) if self._prefetcher else self.batch_source.prepare(step, batch)
+        return self._step(prepared)
+
+    def _teacher_targets(self, prepared: PreparedBatch) -> torch.Tensor | None:
+        if self.teacher_net is not None and prepared.teacher_images is not None:
+            with torch.no_grad():
+                views = torch.from_numpy(prepared.teacher_images).to(self.device).permute(0, 3, 1, 2).float()
+                return self.teacher_net(views)
+        if prepared.teacher_targets is not None:
+            return torch.from_numpy(prepared.teacher_targets).to(self.device)
+        return None
+
+    def _step(self, prepared: PreparedBatch) -> dict[str, float]:
         cfg, step = self.cfg, self.state["global_step"]
         torch.manual_seed(_seed_for(cfg.seed, step))  # dropout
-        idx = self.train_idx[batch]
-        # one generator per sample, from (seed, step, position): any sample can be augmented anywhere, in any order
-        augmented = [
-            self.augmenter(self.data.images[i], self.data.landmarks[i], np.random.default_rng([cfg.seed, step, j]))
-            for j, i in enumerate(idx)
-        ]
-        x = to_input_tensor([a.image for a in augmented]).to(self.device).contiguous(memory_format=torch.channels_last)
-        target_vis = torch.from_numpy(np.stack([visibility_grid(a.visible) for a in augmented])).to(self.device)
-        labels = torch.from_numpy(self.train_labels[batch]).to(self.device)
+        x = to_input_tensor(prepared.images).to(self.device).contiguous(memory_format=torch.channels_last)
+        target_vis = torch.from_numpy(prepared.visibility).to(self.device)
+        labels = torch.from_numpy(prepared.labels).to(self.device)
+        n = prepared.labelled  # identity losses see the labelled faces; the teacher and the occlusion head all
 
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(step)
@@ -438,20 +492,19 @@ class Trainer:
             out = self.model.forward_all(x)
         losses: dict[str, torch.Tensor] = {}
         if self.w["margin"]:
-            losses["margin"] = F.cross_entropy(self.head(out.embedding, out.norm, labels), labels)
-        occ_weights = out.occlusion.detach()
+            losses["margin"] = F.cross_entropy(self.head(out.embedding[:n], out.norm[:n], labels), labels)
+        fmap, occ_weights = out.feature_map[:n], out.occlusion[:n].detach()
         if self.w["qaconv_pair"] or self.w["qaconv_triplet"]:
-            scores = self.model.qaconv(out.feature_map, out.feature_map, probe_occ=occ_weights, gal_occ=occ_weights)
+            scores = self.model.qaconv(fmap, fmap, probe_occ=occ_weights, gal_occ=occ_weights)
             losses["qaconv_pair"] = pairwise_matching_loss(scores, labels)
             losses["qaconv_triplet"] = triplet_ranking_loss(scores, labels, cfg.triplet_margin)
         if self.class_memory is not None:
             losses["qaconv_class"] = class_neighbor_loss(
-                self.class_memory.scores(self.model.qaconv, out.feature_map, labels, occ_weights)
+                self.class_memory.scores(self.model.qaconv, fmap, labels, occ_weights)
             )
         losses["occlusion"] = occlusion_loss(out.occlusion, target_vis)
-        if self.teacher_emb is not None:
-            flips = np.array([int(a.flipped) for a in augmented])
-            t = torch.from_numpy(self.teacher_emb[idx, flips]).to(self.device)
+        t = self._teacher_targets(prepared)
+        if t is not None:
             if self.w["distill_relation"]:
                 losses["distill_relation"] = relation_distillation_loss(out.embedding, t)
             if self.w["distill_feature"] and self.projector is not None:
@@ -467,7 +520,7 @@ class Trainer:
         self.state["global_step"] += 1
         result = {k: float(v.detach()) for k, v in losses.items()}
         result["total"] = float(total.detach())
-        clean = torch.tensor([a.occluder is None for a in augmented], device=out.occlusion.device)
+        clean = torch.from_numpy(~prepared.occluded).to(out.occlusion.device)
         result["visibility_clean"] = float(out.occlusion.detach()[clean].mean()) if bool(clean.any()) else float("nan")
         return result
 
@@ -542,34 +595,50 @@ class Trainer:
             self.class_memory.compute_neighbors()
 
     def fit(self, stop_after: int | None = None) -> TrainState:
-        """Train until ``epochs`` or ``max_steps``; returns the final state (history, best score).
+        """Train until ``epochs`` or ``max_steps`` (or the time budget); returns the final state.
 
         ``stop_after`` interrupts at that global step (checkpointed) without changing the schedule,
-        as a crash or a time limit would; a new :class:`Trainer` on the same folder resumes.
+        as a crash or a time limit would; a new :class:`Trainer` on the same folder resumes. With
+        ``budget_minutes`` the cosine schedule is re-sized from the measured step rate so that the
+        run, validations included, ends decayed inside the budget; with ``validate_every_s`` the
+        model is validated (and the best exported) by the clock instead of at epoch ends.
         """
         cfg = self.cfg
-        limit = min(self.total_steps, stop_after) if stop_after is not None else self.total_steps
+        clock = _RunClock(cfg.budget_minutes, self.state["global_step"], cfg.validate_every_s)
         progress = _progress(total=self.total_steps, initial=self.state["global_step"])
         log_jsonl = (self.out / "steps.jsonl").open("a")
         running: dict[str, list[float]] = {}
-        t_epoch, images_epoch = time.perf_counter(), 0
+        t_epoch, images_epoch, last_validation = time.perf_counter(), 0, time.perf_counter()
+        self._prefetcher = Prefetcher(self.batch_source, cfg.augment_workers)
+
+        def limit() -> int:
+            return min(self.total_steps, stop_after) if stop_after is not None else self.total_steps
+
         try:
-            while self.state["global_step"] < limit and self.state["epoch"] < cfg.epochs:
+            while self.state["global_step"] < limit() and self.state["epoch"] < cfg.epochs:
                 epoch = self.state["epoch"]
                 if self.state["step_in_epoch"] == 0:  # mid-epoch resume keeps the epoch's neighbours
                     self._refresh_graph()
                 batches = self.sampler.batches(epoch)
-                for batch in batches[self.state["step_in_epoch"] :]:
-                    if self.state["global_step"] >= limit:
+                for i in range(self.state["step_in_epoch"], len(batches)):
+                    if self.state["global_step"] >= limit():
                         break
+                    step = self.state["global_step"]
+                    for ahead in (1, 2):  # the workers prepare the next batches while this one trains
+                        if i + ahead < len(batches):
+                            self._prefetcher.request(step + ahead, batches[i + ahead])
                     t0 = time.perf_counter()
-                    losses = self.train_step(batch)
+                    losses = self.train_step(batches[i])
                     self.state["step_in_epoch"] += 1
-                    images_epoch += len(batch)
+                    images_epoch += len(batches[i])
                     for k, v in losses.items():
                         running.setdefault(k, []).append(v)
-                    rate = len(batch) / (time.perf_counter() - t0)
+                    rate = len(batches[i]) / (time.perf_counter() - t0)
                     progress.update(1, losses["total"], rate)
+                    sized = clock.resize(self.state["global_step"])
+                    if sized is not None:
+                        self.total_steps = self.state["total_steps"] = sized
+                        logger.info("time budget: schedule sized to %d steps", sized)
                     if self.state["global_step"] % cfg.log_every == 0:
                         row = {
                             "step": self.state["global_step"],
@@ -580,21 +649,47 @@ class Trainer:
                         }
                         log_jsonl.write(json.dumps(row) + "\n")
                         log_jsonl.flush()
-                    if self.state["global_step"] % cfg.checkpoint_every == 0:
+                    if (
+                        cfg.validate_every_s is not None
+                        and time.perf_counter() - last_validation >= cfg.validate_every_s
+                    ):
+                        started = time.perf_counter()
+                        self._validate_and_record(running, started - t_epoch, images_epoch, end_of_epoch=False)
+                        clock.spent_validating(time.perf_counter() - started)
+                        running, t_epoch, images_epoch = {}, time.perf_counter(), 0
+                        last_validation = time.perf_counter()
+                    elif self.state["global_step"] % cfg.checkpoint_every == 0:
                         self.save()
                 else:
-                    self._end_epoch(running, time.perf_counter() - t_epoch, images_epoch)
-                    running, t_epoch, images_epoch = {}, time.perf_counter(), 0
+                    started = time.perf_counter()
+                    if cfg.validate_every_s is None:
+                        self._validate_and_record(running, started - t_epoch, images_epoch, end_of_epoch=True)
+                        clock.spent_validating(time.perf_counter() - started)
+                        running, t_epoch, images_epoch = {}, time.perf_counter(), 0
+                    else:
+                        self._next_epoch()
                     continue
-                break  # max_steps reached inside the epoch
+                break  # the step limit was reached inside the epoch
+            if cfg.validate_every_s is not None and running:  # the last stretch is validated too
+                self._validate_and_record(running, time.perf_counter() - t_epoch, images_epoch, end_of_epoch=False)
             if self.state["step_in_epoch"]:
                 self.save()
         finally:
+            self._prefetcher.close()
+            self._prefetcher = None
             progress.close()
             log_jsonl.close()
         return self.state
 
-    def _end_epoch(self, running: dict[str, list[float]], seconds: float, images: int) -> None:
+    def _next_epoch(self) -> None:
+        self.state["epoch"] += 1
+        self.state["step_in_epoch"] = 0
+        self.save()
+
+    def _validate_and_record(
+        self, running: dict[str, list[float]], seconds: float, images: int, end_of_epoch: bool
+    ) -> None:
+        """Validate, log a row (``epochs.csv``), export the best model, checkpoint."""
         val = self.validate()
         row = {
             "epoch": self.state["epoch"],
@@ -605,9 +700,10 @@ class Trainer:
             **{f"val_{k}": round(v, 5) for k, v in val.items()},
         }
         self.state["history"].append(row)
-        self.state["epoch"] += 1
-        self.state["step_in_epoch"] = 0
-        logger.info("epoch %s", json.dumps(row))
+        if end_of_epoch:
+            self.state["epoch"] += 1
+            self.state["step_in_epoch"] = 0
+        logger.info("validation %s", json.dumps(row))
         csv_path = self.out / "epochs.csv"
         new = not csv_path.exists()
         with csv_path.open("a", newline="") as f:
@@ -618,7 +714,9 @@ class Trainer:
         score = val.get("score", float("nan"))
         if not math.isnan(score) and score > self.state["best_score"]:
             self.state["best_score"] = score
-            self.export(self.out / "best.safetensors", {"validation": val, "epoch": row["epoch"]})
+            self.export(
+                self.out / "best.safetensors", {"validation": val, "epoch": row["epoch"], "step": row["global_step"]}
+            )
         self.save()
 
     def export(self, path: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -641,6 +739,50 @@ class Trainer:
             },
         }
         return save_checkpoint(self.model, path, meta)
+
+
+class _RunClock:
+    """Sizes a time-budgeted schedule from the measured step rate (twice: early, then refined).
+
+    Steps before timing starts are not counted (start-up, allocator and kernel warm-up). The time
+    the remaining validations will take is kept out of the budget, so that the run ends, with its
+    learning rate decayed, before the time is up.
+    """
+
+    PROBES = (20, 200)  # steps into the run at which the schedule is (re)sized
+    MARGIN = 0.03  # of the budget, for the final checkpoint and export
+
+    def __init__(self, budget_minutes: float | None, first_step: int, validate_every_s: float | None = None) -> None:
+        self.budget = budget_minutes * 60.0 if budget_minutes else None
+        self.every = validate_every_s
+        self.started = time.perf_counter()
+        self.first_step = first_step
+        self.mark: tuple[float, int] | None = None
+        self.validating = 0.0
+        self.validations = 0
+        self._pending = list(self.PROBES)
+
+    def spent_validating(self, seconds: float) -> None:
+        self.validating += seconds
+        self.validations += 1
+
+    def resize(self, step: int) -> int | None:
+        """The new total step count when ``step`` reaches a probe, else ``None``."""
+        if self.budget is None or not self._pending:
+            return None
+        done = step - self.first_step
+        if self.mark is None and done >= 3:  # start timing after a few warm-up steps
+            self.mark = (time.perf_counter(), step)
+            return None
+        if self.mark is None or done < self._pending[0]:
+            return None
+        self._pending.pop(0)
+        now = time.perf_counter()
+        rate = (step - self.mark[1]) / max(now - self.mark[0] - self.validating, 1e-6)
+        wall = self.budget * (1 - self.MARGIN) - (now - self.started)
+        per = self.validating / self.validations if self.validations else 0.0
+        future = wall / (self.every + per) if self.every else 1.0  # validations still to come (+1: the last)
+        return step + max(1, int(rate * (wall - (future + 1) * per)))
 
 
 class _progress:
