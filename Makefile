@@ -15,7 +15,7 @@ DATA ?= ../oaml_data
 RUN ?= ../oaml_runs/ir18_default
 WEIGHTS ?= weights/oaml_ir18.safetensors
 
-.PHONY: install lint test test-slow serve bench bench-service prepare-data train-default eval clean
+.PHONY: install lint test test-slow browser serve bench bench-service prepare-data train-default eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium for the demo page's browser tests (skipped, with a reason, where it cannot be installed).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing chromium and chromium-driver for the browser tests"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+			echo "could not install chromium: the browser tests will be skipped"; \
+		else echo "no chromium (needs root and apt): the browser tests will be skipped"; fi; }
 
 # Style and types: ruff (lint + format check) over the tree, mypy over model/, service/ and oaml/.
 lint: install

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QAConv", "PreparedGallery", "OCCLUSION_METHODS"]
+__all__ = ["QAConv", "PreparedGallery", "PairExplanation", "OCCLUSION_METHODS"]
 
 OCCLUSION_METHODS = ("scaling", "outer")
 
@@ -57,6 +57,31 @@ class PreparedGallery:
 
     def __len__(self) -> int:
         return self.count
+
+
+@dataclass
+class PairExplanation:
+    """One pair's QAConv score taken apart (see :meth:`QAConv.explain_pair`); tensors of ``hw`` values.
+
+    For each probe location: ``probe_match``, the gallery location it matched best;
+    ``probe_similarity``, that visibility-weighted, clamped local correlation; ``probe_weight``, the
+    probe's own visibility weight at that location; ``probe_shares``, its contribution to the
+    score. The ``gallery_*`` fields read the same from the other side.
+    """
+
+    probe_match: torch.Tensor
+    probe_similarity: torch.Tensor
+    probe_weight: torch.Tensor
+    probe_shares: torch.Tensor
+    gallery_match: torch.Tensor
+    gallery_similarity: torch.Tensor
+    gallery_weight: torch.Tensor
+    gallery_shares: torch.Tensor
+    bias: float
+
+    @property
+    def score(self) -> float:
+        return float(self.probe_shares.sum() + self.gallery_shares.sum()) + self.bias
 
 
 class QAConv(nn.Module):
@@ -189,6 +214,42 @@ class QAConv(nn.Module):
         return self._tail(self._pool(corr * wp[:, None, :, None]))
 
     # -- fast paths --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def explain_pair(
+        self,
+        probe: torch.Tensor,
+        gallery: torch.Tensor,
+        probe_occ: torch.Tensor | None = None,
+        gallery_occ: torch.Tensor | None = None,
+    ) -> PairExplanation:
+        """Where one pair's eval-mode score comes from, location by location.
+
+        ``probe``/``gallery``: ``[C, H, W]`` maps, occlusions ``[H, W]``. The score is
+        ``sum(probe_shares) + sum(gallery_shares) + bias``: each probe location contributes its best
+        weighted correlation with any gallery location times its tail weight, and each gallery
+        location likewise. These are the numbers :meth:`match_pairs` adds up, not a re-estimate.
+        """
+        wp = self.visibility_weights(None if probe_occ is None else probe_occ[None], 1, probe.device)[0]
+        wg = self.visibility_weights(None if gallery_occ is None else gallery_occ[None], 1, gallery.device)[0]
+        p = self._locations(probe[None])[0] * wp[:, None]
+        g = self._locations(gallery[None])[0] * wg[:, None]
+        corr = (p @ g.T).clamp_min(0.0)  # [hw probe, hw gallery], weighted and clamped as in _pool
+        weight, bias = self.folded_tail()
+        weight = weight.to(corr.device)
+        best_for_probe, probe_match = corr.max(dim=1)
+        best_for_gallery, gallery_match = corr.max(dim=0)
+        return PairExplanation(
+            probe_match=probe_match.cpu(),
+            probe_similarity=best_for_probe.cpu(),
+            probe_weight=wp.cpu(),
+            probe_shares=(best_for_probe * weight[: self.hw]).cpu(),
+            gallery_match=gallery_match.cpu(),
+            gallery_similarity=best_for_gallery.cpu(),
+            gallery_weight=wg.cpu(),
+            gallery_shares=(best_for_gallery * weight[self.hw :]).cpu(),
+            bias=float(bias),
+        )
 
     def match_pairs(
         self,

@@ -39,6 +39,7 @@ from model.card import WeightsCard
 from model.checkpoint import load_checkpoint
 from model.embedder import Embedder, Features, score_pairs
 from model.net import OAMLNet
+from model.qaconv import PairExplanation
 from service.config import Settings
 from service.errors import Overloaded
 
@@ -312,6 +313,13 @@ class Engine:
     def pair_scores(self, a: FaceFeatures, b: FaceFeatures) -> dict[str, float]:
         """:meth:`score` of one pair, as plain floats."""
         return {k: float(v[0]) for k, v in self.score(a.batch(), b.batch()).items()}
+
+    def explain_pair(self, a: FaceFeatures, b: FaceFeatures) -> PairExplanation:
+        """QAConv's score of one pair, location by location (device work: call through run_device)."""
+        dev = self.device
+        return self.model.qaconv.explain_pair(
+            a.feature_map.to(dev), b.feature_map.to(dev), a.occlusion.to(dev), b.occlusion.to(dev)
+        )
 
     def resolve_threshold(self, value: str | float | None) -> tuple[float, str | None]:
         """(fused-score threshold, preset name or None) for a preset name or a finite number."""

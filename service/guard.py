@@ -33,8 +33,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-#: Answer without a key: probes, metrics and the API documentation.
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+#: Answer without a key: probes, metrics, the API documentation and the demo page (whose calls send the key).
+PUBLIC_PATHS = frozenset(
+    {"/", "/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+PUBLIC_PREFIXES = ("/demo",)
 #: ``match`` may verify, identify and look at uploaded photos; ``admin`` may also enrol, list,
 #: delete and read enrolled faces (whose crops may be stored).
 ROLES = ("match", "admin")
@@ -51,7 +54,7 @@ class BodyTooLarge(HTTPException):
 
 def body_limit(settings: Settings, method: str, path: str) -> int:
     """Most bytes a request to ``method path`` may carry."""
-    images = {"/verify": 2, "/identify": 1, "/occlusion": 1, "/gallery": settings.max_images_per_request}
+    images = {"/verify": 2, "/explain": 2, "/identify": 1, "/occlusion": 1, "/gallery": settings.max_images_per_request}
     count = images.get(path, 0) if method == "POST" else 0
     return count * settings.max_image_bytes + FORM_OVERHEAD
 
@@ -80,7 +83,7 @@ class RequestGuard:
         send = _with_nosniff(send)
         headers = Headers(scope=scope)
         path, method = scope["path"], scope["method"]
-        if self.roles and path not in PUBLIC_PATHS:
+        if self.roles and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
             role = self.roles.get(supplied_key(headers) or "")
             if role is None:
                 await problem("UNAUTHORIZED", "missing or invalid API key (send X-API-Key)")(scope, receive, send)

@@ -11,6 +11,9 @@ __all__ = [
     "Quality",
     "ScoreBreakdown",
     "VerifyResponse",
+    "Correspondence",
+    "FaceEvidence",
+    "ExplainResponse",
     "EnrolledFace",
     "RejectedImage",
     "EnrolResponse",
@@ -71,6 +74,29 @@ class VerifyResponse(BaseModel):
     face_a: FaceInfo
     face_b: FaceInfo
     model_version: str
+
+
+class Correspondence(BaseModel):
+    location: int = Field(description="cell of this face's 7x7 grid, 0-48, row-major from the top-left")
+    match: int = Field(description="the other face's cell this location matched best")
+    similarity: float = Field(description="that visibility-weighted local similarity (clamped at 0)")
+    weight: float = Field(description="this location's own visibility weight in the match")
+    share: float = Field(description="this location's contribution to the QAConv score")
+
+
+class FaceEvidence(BaseModel):
+    crop: str = Field(description="the aligned 112x112 crop the model saw, as a data: URL (JPEG)")
+    visibility_map: list[list[float]] = Field(description="7x7, 1 = visible")
+    correspondences: list[Correspondence] = Field(description="one per location, in location order")
+
+
+class ExplainResponse(VerifyResponse):
+    qaconv_bias: float = Field(
+        description="the QAConv tail's constant: the shares of both faces plus this equal scores.qaconv"
+    )
+    evidence_a: FaceEvidence
+    evidence_b: FaceEvidence
+    picture: str | None = Field(None, description="the explanation picture as a data: URL (PNG), when asked for")
 
 
 class EnrolledFace(BaseModel):

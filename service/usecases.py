@@ -10,6 +10,7 @@ work goes through the engine's worker (:meth:`service.engine.Engine.run_device`)
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import time
 from dataclasses import dataclass
@@ -22,12 +23,15 @@ from model.align import FaceSelection
 from model.errors import OAMLError
 from service.engine import FaceFeatures
 from service.problems import ApiError
-from service.render import heatmap_png
+from service.render import explanation_png, heatmap_png
 from service.schemas import (
     Candidate,
+    Correspondence,
     DeleteResponse,
     EnrolledFace,
     EnrolResponse,
+    ExplainResponse,
+    FaceEvidence,
     FaceInfo,
     IdentifyResponse,
     Quality,
@@ -46,6 +50,7 @@ __all__ = [
     "Photo",
     "Heatmap",
     "verify",
+    "explain",
     "enrol",
     "identify",
     "list_subjects",
@@ -138,7 +143,16 @@ def _crop_jpeg(crop: np.ndarray) -> bytes:
 # -- verify ----------------------------------------------------------------------------------
 
 
-async def verify(
+@dataclass(frozen=True)
+class _Pair:
+    """What a verification computed: the answer, and the faces it came from."""
+
+    response: VerifyResponse
+    faces: tuple[_Face, _Face]
+    features: tuple[FaceFeatures, FaceFeatures]
+
+
+async def _verify_pair(
     state: AppState,
     a: Photo,
     b: Photo,
@@ -146,8 +160,7 @@ async def verify(
     face_a: FaceSelection,
     face_b: FaceSelection,
     aligned: bool,
-) -> VerifyResponse:
-    """1:1: one face from each photo, fused score against the threshold."""
+) -> _Pair:
     thr, preset = _threshold(state, threshold)
     fa_face, fb_face = await asyncio.gather(
         _find_face(state, a, face_a, aligned), _find_face(state, b, face_b, aligned)
@@ -156,7 +169,7 @@ async def verify(
     fa, fb = await engine.embed(np.stack([fa_face.crop, fb_face.crop]))
     s = await engine.run_device(engine.pair_scores, fa, fb)
     cal = engine.calibration
-    return VerifyResponse(
+    response = VerifyResponse(
         match=s["fused"] > thr,
         score=round(s["fused"], 5),
         probability=round(s["probability"], 5),
@@ -171,6 +184,99 @@ async def verify(
         face_a=_face_info(state, fa, fa_face.detection),
         face_b=_face_info(state, fb, fb_face.detection),
         model_version=engine.model_version,
+    )
+    return _Pair(response, (fa_face, fb_face), (fa, fb))
+
+
+async def verify(
+    state: AppState,
+    a: Photo,
+    b: Photo,
+    threshold: str | None,
+    face_a: FaceSelection,
+    face_b: FaceSelection,
+    aligned: bool,
+) -> VerifyResponse:
+    """1:1: one face from each photo, fused score against the threshold."""
+    return (await _verify_pair(state, a, b, threshold, face_a, face_b, aligned)).response
+
+
+#: Lines drawn in the explanation picture: the probe locations that contribute most.
+EXPLAIN_LINES = 12
+
+
+async def explain(
+    state: AppState,
+    a: Photo,
+    b: Photo,
+    threshold: str | None,
+    face_a: FaceSelection,
+    face_b: FaceSelection,
+    aligned: bool,
+    picture: bool,
+) -> tuple[ExplainResponse, bytes | None]:
+    """The verify answer and its evidence: crops, visibility maps, QAConv's correspondences and their shares.
+
+    Returns the response and, when ``picture`` is asked for, the explanation PNG (also embedded in the
+    response as a data URL).
+    """
+    pair = await _verify_pair(state, a, b, threshold, face_a, face_b, aligned)
+    fa, fb = pair.features
+    engine = state.engine
+    why = await engine.run_device(engine.explain_pair, fa, fb)
+    evidence = [
+        _evidence(pair.faces[0].crop, fa, why.probe_match, why.probe_similarity, why.probe_weight, why.probe_shares),
+        _evidence(
+            pair.faces[1].crop, fb, why.gallery_match, why.gallery_similarity, why.gallery_weight, why.gallery_shares
+        ),
+    ]
+    png = None
+    if picture:
+        r = pair.response
+        strongest = np.argsort(-why.probe_shares.numpy())[:EXPLAIN_LINES]
+        lines = [(int(s), int(why.probe_match[s]), float(why.probe_similarity[s])) for s in strongest]
+        caption = [
+            f"{'MATCH' if r.match else 'NO MATCH'}: fused score {r.score:.2f} vs threshold {r.threshold:.2f}"
+            f" ({r.threshold_preset or 'custom'})",
+            f"probability {r.probability:.3f} (a match needs more than {r.threshold_probability:.3f})",
+            f"AdaFace cosine {r.scores.adaface:.3f}; QAConv {r.scores.qaconv:.2f}; visibility "
+            f"{r.face_a.visibility:.2f} / {r.face_b.visibility:.2f}; lines: the {len(lines)} strongest local matches",
+        ]
+        png = await engine.run_cpu(
+            explanation_png,
+            pair.faces[0].crop,
+            pair.faces[1].crop,
+            fa.occlusion.numpy(),
+            fb.occlusion.numpy(),
+            lines,
+            caption,
+        )
+    response = ExplainResponse(
+        **pair.response.model_dump(),
+        qaconv_bias=round(why.bias, 6),
+        evidence_a=evidence[0],
+        evidence_b=evidence[1],
+        picture=("data:image/png;base64," + base64.b64encode(png).decode()) if png is not None else None,
+    )
+    return response, png
+
+
+def _evidence(
+    crop: np.ndarray, feats: FaceFeatures, match: Any, similarity: Any, weight: Any, shares: Any
+) -> FaceEvidence:
+    return FaceEvidence(
+        crop="data:image/jpeg;base64," + base64.b64encode(_crop_jpeg(crop)).decode(),
+        visibility_map=np.round(feats.occlusion.numpy(), 4).tolist(),
+        correspondences=[
+            Correspondence(
+                location=i,
+                match=int(match[i]),
+                similarity=float(similarity[i]),
+                weight=float(weight[i]),
+                share=float(shares[i]),
+            )
+            for i in range(len(shares))
+        ],
     )
 
 

@@ -172,3 +172,24 @@ class TestClassMemory:
 
     def test_serving_files_never_hold_class_maps(self) -> None:
         assert not any("class" in k for k in QAConv(32).state_dict())
+
+
+class TestExplanation:
+    @pytest.mark.parametrize("method", ["scaling", "outer"])
+    def test_the_shares_add_up_to_the_score_it_serves(self, method: str) -> None:
+        qa = trained_like(method)
+        probe, gallery = maps(1)[0], maps(1)[0]
+        occ_p, occ_g = torch.rand(7, 7), torch.rand(7, 7)
+        why = qa.explain_pair(probe, gallery, occ_p, occ_g)
+        with torch.no_grad():
+            served = qa.match_pairs(probe[None], gallery[None], occ_p[None, None], occ_g[None, None])[0]
+        assert why.score == pytest.approx(float(served), abs=1e-4)
+        assert why.probe_shares.shape == (49,) and why.gallery_match.shape == (49,)
+        # each location's match is the best weighted correlation on the other face
+        p = qa._locations(probe[None])[0] * qa.visibility_weights(occ_p[None], 1, probe.device)[0][:, None]
+        g = qa._locations(gallery[None])[0] * qa.visibility_weights(occ_g[None], 1, gallery.device)[0][:, None]
+        corr = (p @ g.T).clamp_min(0)
+        assert torch.equal(why.probe_match, corr.argmax(dim=1)) and torch.allclose(
+            why.probe_similarity, corr.amax(dim=1)
+        )
+        torch.testing.assert_close(why.probe_weight, qa.visibility_weights(occ_p[None], 1, probe.device)[0])

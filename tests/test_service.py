@@ -192,6 +192,49 @@ class TestVerify:
         assert first["face_a"]["box"][0] < 512 < second["face_a"]["box"][0]
 
 
+class TestExplain:
+    def test_the_evidence_adds_up_to_the_answer(self, client: TestClient, photos: dict[str, bytes]) -> None:
+        f = files(image_a=("a.png", photos["astronaut"]), image_b=("b.jpg", photos["astronaut_jpeg"], "image/jpeg"))
+        verify = client.post("/verify", files=f).json()
+        r = client.post("/explain", files=f)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        for key in ("match", "score", "probability", "threshold", "scores"):
+            assert body[key] == verify[key], key  # the verify answer, unchanged
+        shares = sum(c["share"] for side in ("evidence_a", "evidence_b") for c in body[side]["correspondences"])
+        assert shares + body["qaconv_bias"] == pytest.approx(body["scores"]["qaconv"], abs=1e-3)
+        for side in ("evidence_a", "evidence_b"):
+            evidence = body[side]
+            assert evidence["crop"].startswith("data:image/jpeg;base64,")
+            assert np.array(evidence["visibility_map"]).shape == (7, 7)
+            assert [c["location"] for c in evidence["correspondences"]] == list(range(49))
+            assert all(0 <= c["match"] < 49 and c["similarity"] >= 0 for c in evidence["correspondences"])
+        assert body["picture"] is None
+
+    def test_the_picture(self, client: TestClient, photos: dict[str, bytes]) -> None:
+        f = files(image_a=("a.png", photos["astronaut"]), image_b=("b.png", photos["camera"]))
+        png = client.post("/explain", files=f, data={"format": "png"})
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        image = Image.open(io.BytesIO(png.content))
+        assert image.size[0] == 2 * 112 * 3 + 60 and image.size[1] > 112 * 3
+        embedded = client.post("/explain", files=f, data={"picture": "true"}).json()["picture"]
+        assert embedded.startswith("data:image/png;base64,")
+        assert_problem(client.post("/explain", files=f, data={"format": "gif"}), 422, "VALIDATION_ERROR")
+
+
+class TestDemo:
+    def test_the_page_and_its_files_are_served_without_a_key(self, weights: Path, tmp_path: Path) -> None:
+        with TestClient(create_app(make_settings(weights, tmp_path, api_keys="k1"))) as c:  # type: ignore[arg-type]
+            assert c.get("/", follow_redirects=False).headers["location"] == "/demo/"
+            page = c.get("/demo/")
+            assert page.status_code == 200 and '<script src="/demo/app.js">' in page.text
+            assert "http" not in page.text.replace("http-equiv", "")  # nothing from elsewhere: works offline
+            assert c.get("/demo/app.js").headers["content-type"].startswith("text/javascript")
+            assert c.get("/demo/style.css").status_code == 200
+            assert_problem(c.get("/demo/secrets.txt"), 404, "NOT_FOUND")
+            assert_problem(c.post("/explain"), 401, "UNAUTHORIZED")  # the API behind it still wants the key
+
+
 class TestGalleryAndIdentify:
     def test_enrol_identify_delete(self, client: TestClient, photos: dict[str, bytes]) -> None:
         r = client.post(

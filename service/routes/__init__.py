@@ -8,9 +8,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.routes import gallery, health, identify, occlusion, verify
+from service.routes import demo, explain, gallery, health, identify, occlusion, verify
 
 __all__ = ["public", "protected"]
 
-public: list[APIRouter] = [health.public]
-protected: list[APIRouter] = [health.protected, verify.router, gallery.router, identify.router, occlusion.router]
+public: list[APIRouter] = [health.public, demo.router]
+protected: list[APIRouter] = [
+    health.protected,
+    verify.router,
+    explain.router,
+    gallery.router,
+    identify.router,
+    occlusion.router,
+]
