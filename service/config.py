@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -10,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings", "DEFAULT_WEIGHTS"]
+__all__ = ["Settings", "get_settings", "usable_cores", "DEFAULT_WEIGHTS"]
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "oaml_ir18.safetensors"
 
@@ -26,9 +27,13 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: fp16 on CUDA, bf16 on CPUs with bf16 support, else fp32"
     )
-    torch_threads: int = Field(2, ge=1, description="intra-op threads of the inference worker")
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads of the inference worker (default: sized to the machine)"
+    )
     detector_threads: int = Field(1, ge=1, description="onnxruntime threads per detection")
-    detection_workers: int = Field(2, ge=1, description="photos decoded and detected concurrently")
+    detection_workers: int | None = Field(
+        None, ge=1, description="photos decoded and detected concurrently (default: sized to the machine)"
+    )
     max_batch: int = Field(8, ge=1, description="most faces per batched forward pass")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the first queued face waits for others")
     queue_size: int = Field(256, ge=1, description="faces waiting for the model before requests get 503")
@@ -87,6 +92,22 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _sized(self) -> Settings:
+        """Thread and worker counts from the cores this process may use, when not set.
+
+        Without a GPU the model and detection share the cores: the model gets all of them (up to
+        8) and detection half (at least 2), so a 2-core machine gets 2 and 2. With a GPU the model
+        needs a CPU thread or two and detection, now the CPU's main work, gets the rest.
+        """
+        cores = usable_cores()
+        gpu = self.device == "cuda" or (self.device == "auto" and _cuda_visible())
+        if self.torch_threads is None:
+            self.torch_threads = 2 if gpu else min(8, cores)
+        if self.detection_workers is None:
+            self.detection_workers = max(2, cores - 2) if gpu else max(2, cores // 2)
+        return self
+
+    @model_validator(mode="after")
     def _consistent(self) -> Settings:
         """Settings that are valid alone but not together: fail at start-up, not on every request."""
         largest = max(2, self.max_images_per_request)  # /verify embeds 2 faces, an enrolment up to max_images
@@ -100,6 +121,20 @@ class Settings(BaseSettings):
     def key_roles(self) -> dict[str, str]:
         """API key -> role (``admin`` unless the entry names ``match``)."""
         return {key: role or "admin" for key, _, role in (entry.partition(":") for entry in self.api_keys)}
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # platforms without affinity
+        return max(1, os.cpu_count() or 1)
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 @lru_cache

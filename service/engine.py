@@ -114,6 +114,7 @@ class Engine:
         self, settings: Settings, model: OAMLNet | None = None, metadata: dict[str, Any] | None = None
     ) -> None:
         self.settings = settings
+        assert settings.torch_threads is not None and settings.detection_workers is not None  # sized by Settings
         torch.set_num_threads(settings.torch_threads)
         if model is None:
             model, metadata = load_checkpoint(settings.weights)

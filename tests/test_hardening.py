@@ -304,3 +304,31 @@ class TestScopedKeys:
     def test_unknown_roles_are_refused_at_start_up(self, weights: Path, tmp_path: Path) -> None:
         with pytest.raises(ValidationError, match="role"):
             Settings(weights=weights, data_dir=tmp_path, api_keys="k:superuser")  # type: ignore[arg-type]
+
+
+class TestSizing:
+    @pytest.mark.parametrize(
+        ("cores", "device", "expected"),
+        [(2, "cpu", (2, 2)), (16, "cpu", (8, 8)), (16, "cuda", (2, 14)), (1, "cpu", (1, 2))],
+    )
+    def test_threads_and_workers_follow_the_usable_cores(
+        self,
+        weights: Path,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        cores: int,
+        device: str,
+        expected: tuple[int, int],
+    ) -> None:
+        monkeypatch.setattr("service.config.usable_cores", lambda: cores)
+        s = Settings(weights=weights, data_dir=tmp_path, device=device)
+        assert (s.torch_threads, s.detection_workers) == expected
+        pinned = Settings(weights=weights, data_dir=tmp_path, device=device, torch_threads=3, detection_workers=5)
+        assert (pinned.torch_threads, pinned.detection_workers) == (3, 5)  # what is set is kept
+
+    def test_usable_cores_is_the_affinity(self) -> None:
+        import os
+
+        from service.config import usable_cores
+
+        assert usable_cores() == len(os.sched_getaffinity(0))
