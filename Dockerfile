@@ -1,6 +1,9 @@
-# OAML service image. CPU by default; for NVIDIA GPUs build with a CUDA base and the default torch build:
-#   docker build --build-arg BASE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 --build-arg TORCH_SPEC=torch --build-arg TORCH_INDEX= .
-# (the CUDA base needs python3.11 and pip installed on top; the CPU default below has them.)
+# OAML service image.
+#   CPU:  docker build -t oaml .
+#   GPU:  docker build --build-arg TORCH_INDEX= -t oaml:gpu .   then   docker run --gpus all -p 8000:8000 oaml:gpu
+# The GPU build takes PyPI's default torch wheel, which carries its own CUDA runtime libraries; the
+# host's NVIDIA driver reaches the container through the NVIDIA container toolkit (`--gpus all`), so
+# the same slim Python base serves both.
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 
