@@ -48,6 +48,7 @@ from service.store import FaceRecord, new_face_id
 
 __all__ = [
     "Photo",
+    "PairRequest",
     "Heatmap",
     "verify",
     "explain",
@@ -152,18 +153,23 @@ class _Pair:
     features: tuple[FaceFeatures, FaceFeatures]
 
 
-async def _verify_pair(
-    state: AppState,
-    a: Photo,
-    b: Photo,
-    threshold: str | None,
-    face_a: FaceSelection,
-    face_b: FaceSelection,
-    aligned: bool,
-) -> _Pair:
-    thr, preset = _threshold(state, threshold)
+@dataclass(frozen=True)
+class PairRequest:
+    """What `/verify` and `/explain` ask: two photos, which face of each, the threshold, aligned or not."""
+
+    a: Photo
+    b: Photo
+    threshold: str | None = None
+    face_a: FaceSelection = "largest"
+    face_b: FaceSelection = "largest"
+    aligned: bool = False
+
+
+async def _verify_pair(state: AppState, request: PairRequest) -> _Pair:
+    thr, preset = _threshold(state, request.threshold)
     fa_face, fb_face = await asyncio.gather(
-        _find_face(state, a, face_a, aligned), _find_face(state, b, face_b, aligned)
+        _find_face(state, request.a, request.face_a, request.aligned),
+        _find_face(state, request.b, request.face_b, request.aligned),
     )
     engine = state.engine
     fa, fb = await engine.embed(np.stack([fa_face.crop, fb_face.crop]))
@@ -188,39 +194,22 @@ async def _verify_pair(
     return _Pair(response, (fa_face, fb_face), (fa, fb))
 
 
-async def verify(
-    state: AppState,
-    a: Photo,
-    b: Photo,
-    threshold: str | None,
-    face_a: FaceSelection,
-    face_b: FaceSelection,
-    aligned: bool,
-) -> VerifyResponse:
+async def verify(state: AppState, request: PairRequest) -> VerifyResponse:
     """1:1: one face from each photo, fused score against the threshold."""
-    return (await _verify_pair(state, a, b, threshold, face_a, face_b, aligned)).response
+    return (await _verify_pair(state, request)).response
 
 
 #: Lines drawn in the explanation picture: the probe locations that contribute most.
 EXPLAIN_LINES = 12
 
 
-async def explain(
-    state: AppState,
-    a: Photo,
-    b: Photo,
-    threshold: str | None,
-    face_a: FaceSelection,
-    face_b: FaceSelection,
-    aligned: bool,
-    picture: bool,
-) -> tuple[ExplainResponse, bytes | None]:
+async def explain(state: AppState, request: PairRequest, picture: bool) -> tuple[ExplainResponse, bytes | None]:
     """The verify answer and its evidence: crops, visibility maps, QAConv's correspondences and their shares.
 
     Returns the response and, when ``picture`` is asked for, the explanation PNG (also embedded in the
     response as a data URL).
     """
-    pair = await _verify_pair(state, a, b, threshold, face_a, face_b, aligned)
+    pair = await _verify_pair(state, request)
     fa, fb = pair.features
     engine = state.engine
     why = await engine.run_device(engine.explain_pair, fa, fb)

@@ -11,7 +11,7 @@ from fastapi import Depends, Request, UploadFile
 from model.align import FaceSelection
 from service.problems import ApiError
 from service.state import AppState
-from service.usecases import Photo
+from service.usecases import PairRequest, Photo
 
 __all__ = [
     "StateDep",
@@ -20,6 +20,7 @@ __all__ = [
     "MatchRole",
     "AdminRole",
     "read_photo",
+    "pair_request",
     "parse_selection",
     "SUBJECT_PATTERN",
 ]
@@ -93,3 +94,18 @@ async def read_photo(state: AppState, upload: UploadFile, field: str, collect: b
             raise
         return Photo(field, filename=upload.filename, error=exc)
     return Photo(field, data, upload.filename)
+
+
+async def pair_request(
+    state: AppState,
+    image_a: UploadFile,
+    image_b: UploadFile,
+    threshold: str | None,
+    face_a: str,
+    face_b: str,
+    aligned: bool,
+) -> PairRequest:
+    """The form of `/verify` and `/explain`, checked and read."""
+    sel_a, sel_b = parse_selection(face_a, "face_a"), parse_selection(face_b, "face_b")
+    a, b = await read_photo(state, image_a, "image_a"), await read_photo(state, image_b, "image_b")
+    return PairRequest(a, b, threshold, sel_a, sel_b, aligned)

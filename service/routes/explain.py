@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from service import usecases
 from service.problems import problem_responses
-from service.routes.deps import MatchRole, StateDep, parse_selection, read_photo
+from service.routes.deps import MatchRole, StateDep, pair_request
 from service.schemas import ExplainResponse
 
 __all__ = ["router"]
@@ -41,9 +41,8 @@ async def explain(
     """Why two photos match or not: `/verify`'s answer, each face's aligned crop and visibility map, and for
     every location the other face's location it matched, their similarity, its visibility weight and its
     share of the QAConv score (the shares of both faces plus `qaconv_bias` equal `scores.qaconv`)."""
-    sel_a, sel_b = parse_selection(face_a, "face_a"), parse_selection(face_b, "face_b")
-    a, b = await read_photo(state, image_a, "image_a"), await read_photo(state, image_b, "image_b")
-    response, png = await usecases.explain(state, a, b, threshold, sel_a, sel_b, aligned, picture or format == "png")
+    request = await pair_request(state, image_a, image_b, threshold, face_a, face_b, aligned)
+    response, png = await usecases.explain(state, request, picture or format == "png")
     if format == "png" and png is not None:
         return Response(png, media_type="image/png", headers={"X-OAML-Match": str(response.match).lower()})
     return response

@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 
 from service import usecases
 from service.problems import problem_responses
-from service.routes.deps import MatchRole, StateDep, parse_selection, read_photo
+from service.routes.deps import MatchRole, StateDep, pair_request
 from service.schemas import VerifyResponse
 
 __all__ = ["router"]
@@ -31,6 +31,4 @@ async def verify(
     aligned: Annotated[bool, Form(description="inputs are aligned 112x112 crops: skip detection")] = False,
 ) -> VerifyResponse:
     """1:1 verification of two photos: are they the same person?"""
-    sel_a, sel_b = parse_selection(face_a, "face_a"), parse_selection(face_b, "face_b")
-    a, b = await read_photo(state, image_a, "image_a"), await read_photo(state, image_b, "image_b")
-    return await usecases.verify(state, a, b, threshold, sel_a, sel_b, aligned)
+    return await usecases.verify(state, await pair_request(state, image_a, image_b, threshold, face_a, face_b, aligned))
