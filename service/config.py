@@ -31,6 +31,13 @@ class Settings(BaseSettings):
         None, ge=1, description="intra-op threads of the inference worker (default: sized to the machine)"
     )
     detector_threads: int = Field(1, ge=1, description="onnxruntime threads per detection")
+    detector_backend: Literal["auto", "onnxruntime", "torch"] = Field(
+        "auto",
+        description=(
+            "auto: torch on the model's device when that is a GPU (batched across requests), else onnxruntime "
+            "in the detection workers (faster on a CPU)"
+        ),
+    )
     detection_workers: int | None = Field(
         None, ge=1, description="photos decoded and detected concurrently (default: sized to the machine)"
     )

@@ -3,16 +3,19 @@
 What runs where:
 
 - The event loop parses requests and awaits; it never runs model code or tensor ops.
-- ``cpu_pool`` threads decode photos, detect and align faces (onnxruntime, OpenCV and Pillow
-  release the GIL), render heatmaps and talk to the SQLite store.
-- The worker thread runs everything that touches the model's device: embedding batches, pair
-  scoring (QAConv), and gallery-index search, insertion and removal (:meth:`Engine.run_device`,
-  :meth:`Engine.call_device`). One owner means no two threads race for the device or its
-  threads, and a GPU sees one ordered stream of work.
+- ``cpu_pool`` threads decode photos, prepare them for the detector, decode its output and align
+  faces (OpenCV, Pillow and onnxruntime release the GIL), render heatmaps and talk to the SQLite
+  store. On a CPU-only host they also run the detector network (onnxruntime, faster there).
+- The worker thread runs everything that touches the model's device: embedding batches, the
+  detector network when it runs in torch on the model's device (``OAML_DETECTOR_BACKEND``; the
+  default on a GPU), pair scoring (QAConv), and gallery-index search, insertion and removal
+  (:meth:`Engine.run_device`, :meth:`Engine.call_device`). One owner means no two threads race
+  for the device or its threads, and a GPU sees one ordered stream of work.
 
-Batching: ``await engine.embed(crops)`` queues the crops; the worker takes the first waiting
-face, keeps collecting until ``max_batch`` faces or ``max_wait_ms`` after that first face, runs
-one forward pass and resolves each request's future. Device calls (scoring, index updates:
+Batching: ``await engine.embed(crops)`` queues the crops (``await engine.detect(image)`` its
+prepared photo); the worker takes the first waiting job, keeps collecting until ``max_batch``
+faces (or photos) or ``max_wait_ms`` after that first job, runs one forward pass per kind
+(detector, then embedder) and resolves each request's future. Device calls (scoring, index updates:
 milliseconds each) run in arrival order as soon as the worker is free; one that arrives while a
 batch is collecting runs at once without ending the collection. A full queue answers 503
 (``OVERLOADED``) instead of growing without bound.
@@ -34,7 +37,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.align import AlignedFace, FaceDetector, FacePipeline, FaceSelection, decode_image
+from model.align import (
+    AlignedFace,
+    DetectedFace,
+    DetectorInput,
+    DetectorOutput,
+    FaceDetector,
+    FacePipeline,
+    FaceSelection,
+    decode_image,
+)
 from model.card import WeightsCard
 from model.checkpoint import load_checkpoint
 from model.embedder import Embedder, Features, score_pairs
@@ -72,6 +84,22 @@ class _Job:
 
     crops: np.ndarray  # [n, 112, 112, 3]
     future: Future[list[FaceFeatures]]
+
+    @property
+    def size(self) -> int:
+        return len(self.crops)
+
+
+@dataclass
+class _DetectJob:
+    """Photos (prepared for the detector) whose network pass runs on the model's device."""
+
+    inputs: list[DetectorInput]
+    future: Future[list[DetectorOutput]]
+
+    @property
+    def size(self) -> int:
+        return len(self.inputs)
 
 
 @dataclass
@@ -136,11 +164,18 @@ class Engine:
                 fitted_on.get("flip"),
                 self.embedder.flip,
             )
-        self.pipeline = FacePipeline(FaceDetector(threads=settings.detector_threads))
+        backend = settings.detector_backend
+        if backend == "auto":
+            backend = "torch" if self.device.type == "cuda" else "onnxruntime"
+        self.detector = FaceDetector(threads=settings.detector_threads, backend=backend, device=self.device)
+        #: the detector network runs batched on the worker thread (torch) rather than in cpu_pool
+        self.batched_detection = backend == "torch"
+        self.pipeline = FacePipeline(self.detector)
         self.cpu_pool = ThreadPoolExecutor(max_workers=settings.detection_workers, thread_name_prefix="oaml-detect")
         self.gallery_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         self.stats = BatchStats()
-        self._queue: queue.Queue[_Job | _Call | None] = queue.Queue()
+        self.detect_stats = BatchStats()
+        self._queue: queue.Queue[_Job | _DetectJob | _Call | None] = queue.Queue()
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._worker = threading.Thread(target=self._run, name="oaml-inference", daemon=True)
@@ -156,7 +191,8 @@ class Engine:
         blank = np.zeros((self.settings.max_batch, 112, 112, 3), dtype=np.uint8)
         self.call_device(self._forward, blank[:1])
         self.call_device(self._forward, blank)
-        self.pipeline.detector.detect(np.zeros((320, 320, 3), dtype=np.uint8))
+        blank_photo = self.detector.prepare(np.zeros((480, 640, 3), dtype=np.uint8))
+        self.call_device(self.detector.forward, [blank_photo.blob])  # lazy init, wherever the detector runs
         self.ready = True
 
     def stop(self) -> None:
@@ -176,8 +212,31 @@ class Engine:
     def decode(self, data: bytes) -> np.ndarray:
         return decode_image(data, max_pixels=self.settings.max_image_pixels)
 
-    def detect_one(self, data: bytes, select: FaceSelection) -> AlignedFace:
+    async def detect_one(self, data: bytes, select: FaceSelection) -> AlignedFace:
+        """Decode a photo, find its faces and align the one ``select`` picks (see :class:`FacePipeline`)."""
+        if not self.batched_detection:
+            return await self.run_cpu(self._align_one, data, select)
+        image = await self.run_cpu(self.decode, data)
+        faces = await self.detect(image)
+        return await self.run_cpu(self.pipeline.align_selected, image, faces, select)
+
+    def _align_one(self, data: bytes, select: FaceSelection) -> AlignedFace:
         return self.pipeline.align_one(self.decode(data), select)
+
+    async def detect(self, image: np.ndarray) -> list[DetectedFace]:
+        """:meth:`FaceDetector.detect` with the network pass batched on the worker thread."""
+        faces = await self._detect_pass(image, pad=False)
+        if not faces and self.detector.retry_padded(image):
+            faces = await self._detect_pass(image, pad=True)
+        return sorted(faces, key=lambda f: f.area, reverse=True)
+
+    async def _detect_pass(self, image: np.ndarray, pad: bool) -> list[DetectedFace]:
+        inp = await self.run_cpu(self.detector.prepare, image, pad)
+        self._admit(1)
+        future: Future[list[DetectorOutput]] = Future()
+        self._queue.put(_DetectJob([inp], future))
+        (out,) = await asyncio.wrap_future(future)
+        return await self.run_cpu(self.detector.decode, inp, out)
 
     def aligned_crop(self, data: bytes) -> np.ndarray:
         """An already aligned face: resized to 112x112 if needed (no detection)."""
@@ -194,14 +253,17 @@ class Engine:
 
     async def embed(self, crops: np.ndarray) -> list[FaceFeatures]:
         """Features of ``[n, 112, 112, 3]`` RGB crops, batched with other requests' faces."""
-        n = len(crops)
+        self._admit(len(crops))
+        future: Future[list[FaceFeatures]] = Future()
+        self._queue.put(_Job(crops, future))
+        return await asyncio.wrap_future(future)
+
+    def _admit(self, n: int) -> None:
+        """Take ``n`` places in the queue, or refuse with 503 when it is full (released as jobs finish)."""
         with self._pending_lock:
             if self._pending + n > self.settings.queue_size:
                 raise Overloaded(f"inference queue is full ({self._pending} faces waiting); retry later")
             self._pending += n
-        future: Future[list[FaceFeatures]] = Future()
-        self._queue.put(_Job(crops, future))
-        return await asyncio.wrap_future(future)
 
     async def run_device(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the worker thread (device work) and await its result."""
@@ -218,7 +280,7 @@ class Engine:
         return future.result()
 
     def _run(self) -> None:
-        carry: _Job | _Call | None = None
+        carry: _Job | _DetectJob | _Call | None = None
         stopping = False
         while not stopping:
             first = carry or self._queue.get()
@@ -228,9 +290,27 @@ class Engine:
             if isinstance(first, _Call):
                 _settle(first.future, first.fn, *first.args)
                 continue
-            jobs, size = [first], len(first.crops)
+            embeds: list[_Job] = []
+            detects: list[_DetectJob] = []
+            sizes = {_Job: 0, _DetectJob: 0}
+            item: _Job | _DetectJob | _Call | None = first
             deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
-            while size < self.settings.max_batch:
+            while True:
+                if isinstance(item, _Call):
+                    # short device work (scoring, index updates) runs at once, while the batch is still
+                    # collecting: it neither cuts the batch short nor waits for its forward pass
+                    _settle(item.future, item.fn, *item.args)
+                elif item is not None:
+                    if sizes[type(item)] and sizes[type(item)] + item.size > self.settings.max_batch:
+                        carry = item  # starts the next batch
+                        break
+                    sizes[type(item)] += item.size
+                    if isinstance(item, _Job):
+                        embeds.append(item)
+                    else:
+                        detects.append(item)
+                    if sizes[type(item)] >= self.settings.max_batch:
+                        break
                 timeout = deadline - time.perf_counter()
                 try:
                     item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
@@ -239,25 +319,45 @@ class Engine:
                 if item is None:
                     stopping = True
                     break
-                if isinstance(item, _Call):
-                    # short device work (scoring, index updates) runs at once, while the batch is still
-                    # collecting: it neither cuts the batch short nor waits for its forward pass
-                    _settle(item.future, item.fn, *item.args)
-                    continue
-                if size + len(item.crops) > self.settings.max_batch:
-                    carry = item  # starts the next batch
-                    break
-                jobs.append(item)
-                size += len(item.crops)
-            self._execute(jobs)
+            if detects:
+                self._execute_detection(detects)
+            if embeds:
+                self._execute(embeds)
 
-    def _execute(self, jobs: list[_Job]) -> None:
+    def _live(self, jobs: list[Any]) -> list[Any]:
+        """The jobs whose requests still wait; the others' places in the queue are released."""
         live = []
         for job in jobs:
             if job.future.set_running_or_notify_cancel():
                 live.append(job)
-            else:  # its request went away: release its places in the queue
-                self._release(len(job.crops))
+            else:  # its request went away
+                self._release(job.size)
+        return live
+
+    def _execute_detection(self, jobs: list[_DetectJob]) -> None:
+        live = self._live(jobs)
+        if not live:
+            return
+        inputs = [inp for job in live for inp in job.inputs]
+        started = time.perf_counter()
+        try:
+            outputs = self.detector.forward([inp.blob for inp in inputs])
+            error: BaseException | None = None
+        except BaseException as exc:  # delivered to every waiting request; the worker keeps running
+            logger.exception("detection failed for a batch of %d photos", len(inputs))
+            outputs, error = [], exc
+        self.detect_stats.record(len(inputs), time.perf_counter() - started)
+        offset = 0
+        for job in live:
+            self._release(job.size)
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(outputs[offset : offset + job.size])
+            offset += job.size
+
+    def _execute(self, jobs: list[_Job]) -> None:
+        live = self._live(jobs)
         if not live:
             return
         crops = np.concatenate([j.crops for j in live])

@@ -208,6 +208,9 @@ class InfoResponse(BaseModel):
     gallery_subjects: int
     gallery_faces: int
     detector: str
+    detector_backend: str = Field(
+        description="`onnxruntime` (CPU, per photo in the detection workers) or `torch` (on `device`, batched)"
+    )
     max_batch: int
     limits: dict[str, int]
 

@@ -106,7 +106,7 @@ async def _find_face(state: AppState, photo: Photo, select: FaceSelection, align
         if aligned:
             crop = await engine.run_cpu(engine.aligned_crop, photo.data)
             return _Face(crop, {"box": None, "landmarks": None, "detection_score": None})
-        found = await engine.run_cpu(engine.detect_one, photo.data, select)
+        found = await engine.detect_one(photo.data, select)
     except OAMLError as exc:
         raise _with_field(exc, photo.field) from exc
     return _Face(

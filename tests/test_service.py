@@ -389,6 +389,36 @@ class TestOperations:
         metrics = client.get("/metrics").text
         assert "oaml_batch_size_bucket" in metrics and 'route="/occlusion"' in metrics and "oaml_queue_depth" in metrics
 
+    def test_the_torch_detector_batches_photos_and_answers_as_onnxruntime_does(
+        self, client: TestClient, weights: Path, tmp_path: Path, photos: dict[str, bytes]
+    ) -> None:
+        # the GPU default (OAML_DETECTOR_BACKEND=auto on CUDA), forced here so it runs on any host
+        pairs = [
+            files(image_a=("a.png", photos["astronaut"]), image_b=("b.jpg", photos["astronaut_jpeg"], "image/jpeg")),
+            files(image_a=("a.png", photos["tight"]), image_b=("b.png", photos["two_faces"])),  # padded retry; 2 faces
+        ]
+        expected = [client.post("/verify", files=f).json() for f in pairs]
+        settings = make_settings(weights, tmp_path, max_wait_ms=100.0, detector_backend="torch")
+        with TestClient(create_app(settings)) as c:
+            engine = c.app.state.oaml.engine  # type: ignore[attr-defined]
+            assert engine.batched_detection and c.get("/info").json()["detector_backend"] == "torch"
+            for f, want in zip(pairs, expected, strict=True):
+                got = c.post("/verify", files=f).json()
+                for side in ("face_a", "face_b"):
+                    assert np.allclose(got[side]["box"], want[side]["box"], atol=1.0)
+                    assert np.allclose(got[side]["landmarks"], want[side]["landmarks"], atol=1.0)
+                assert got["score"] == pytest.approx(want["score"], abs=0.05)
+            assert_problem(
+                c.post("/occlusion", files=files(image=("c.jpg", photos["coffee"], "image/jpeg"))), 422, "NO_FACE"
+            )
+            before = engine.detect_stats.batches
+            f = files(image=("a.png", photos["astronaut"]))
+            with ThreadPoolExecutor(8) as pool:
+                results = list(pool.map(lambda _: c.post("/occlusion", files=f).status_code, range(8)))
+            assert results == [200] * 8
+            sizes = engine.detect_stats.batch_sizes[-(engine.detect_stats.batches - before) :]
+            assert sum(sizes) == 8 and max(sizes) > 1  # photos of concurrent requests shared a network pass
+
     def test_health_ready_info_docs(self, client: TestClient) -> None:
         assert client.get("/health").json() == {"status": "ok", "detail": None}
         assert client.get("/ready").json()["status"] == "ready"

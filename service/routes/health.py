@@ -77,6 +77,7 @@ async def info(state: StateDep) -> InfoResponse:
         gallery_subjects=len(state.names),
         gallery_faces=len(state.index),
         detector="retinaface_mnet025",
+        detector_backend=engine.detector.backend,
         max_batch=settings.max_batch,
         limits={
             "max_image_bytes": settings.max_image_bytes,

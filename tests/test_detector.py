@@ -1,0 +1,118 @@
+"""The PyTorch RetinaFace (model/retinaface.py) against the onnxruntime graph it was read from.
+
+The torch path serves on GPU hosts, batched across requests; it must find the same faces, at the
+same places, as the onnxruntime path that made the training crops and serves on CPUs.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from model.align import DEFAULT_DETECTOR_PATH, DetectedFace, FaceDetector, load_image
+from model.retinaface import RetinaFaceMNet, load_retinaface_onnx
+from tests.conftest import SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def torch_detector() -> FaceDetector:
+    return FaceDetector(backend="torch", device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def real_photos(astronaut: np.ndarray) -> dict[str, np.ndarray]:
+    """Real photos: the astronaut in several framings, plus 20 LFW photos when ../shared is present."""
+    canvas = np.full((512, 1024, 3), 200, dtype=np.uint8)
+    canvas[:, :512] = astronaut
+    canvas[128:384, 640:896] = cv2.resize(astronaut, (256, 256))
+    photos = {
+        "astronaut": astronaut,
+        "astronaut_640x480": cv2.resize(astronaut, (640, 480)),
+        "astronaut_1600": cv2.resize(astronaut, (1600, 1600)),
+        "tight_crop": np.ascontiguousarray(astronaut[65:165, 180:270]),
+        "two_faces": canvas,
+    }
+    lfw = SHARED_DATA / "eval" / "lfw"
+    if lfw.is_dir():
+        files = sorted(lfw.rglob("*.jpg"))
+        for path in random.Random(0).sample(files, min(20, len(files))):
+            photos[path.stem] = load_image(path)
+    return photos
+
+
+def iou(a: DetectedFace, b: DetectedFace) -> float:
+    x1, y1 = max(a.box[0], b.box[0]), max(a.box[1], b.box[1])
+    x2, y2 = min(a.box[2], b.box[2]), min(a.box[3], b.box[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    return inter / (a.area + b.area - inter)
+
+
+def assert_same_faces(expected: list[DetectedFace], got: list[DetectedFace], what: str) -> None:
+    assert len(got) == len(expected), f"{what}: {len(got)} faces, onnxruntime finds {len(expected)}"
+    for e, g in zip(expected, got, strict=True):
+        assert iou(e, g) >= 0.95, f"{what}: box IoU {iou(e, g):.3f}"
+        assert np.abs(e.landmarks - g.landmarks).max() <= 1.0, f"{what}: landmarks {e.landmarks} vs {g.landmarks}"
+        assert abs(e.score - g.score) < 0.01
+
+
+class TestTorchRetinaFace:
+    def test_raw_outputs_match_the_onnx_graph(
+        self, detector: FaceDetector, torch_detector: FaceDetector, astronaut: np.ndarray
+    ) -> None:
+        inp = detector.prepare(astronaut)
+        ours = torch_detector.forward([inp.blob])[0]
+        theirs = detector.forward([inp.blob])[0]
+        assert ours.canvas == theirs.canvas == (512, 512)
+        np.testing.assert_allclose(ours.conf, theirs.conf, atol=1e-4)
+        np.testing.assert_allclose(ours.loc, theirs.loc, atol=1e-3)
+        np.testing.assert_allclose(ours.landmarks, theirs.landmarks, atol=1e-3)
+
+    def test_same_faces_as_onnxruntime_on_real_photos(
+        self, detector: FaceDetector, torch_detector: FaceDetector, astronaut: np.ndarray
+    ) -> None:
+        photos = real_photos(astronaut)
+        found = 0
+        for name, image in photos.items():
+            expected = detector.detect(image)
+            assert_same_faces(expected, torch_detector.detect(image), name)
+            found += len(expected)
+        assert found >= len(photos)  # every photo has a face (two_faces has two)
+
+    def test_a_batch_of_different_sizes_finds_what_each_photo_finds_alone(
+        self, torch_detector: FaceDetector, astronaut: np.ndarray
+    ) -> None:
+        photos = list(real_photos(astronaut).values())[:5]
+        inputs = [torch_detector.prepare(image) for image in photos]
+        outputs = torch_detector.forward([inp.blob for inp in inputs])
+        assert len({out.canvas for out in outputs}) == 1  # padded to one canvas
+        for image, inp, out in zip(photos, inputs, outputs, strict=True):
+            alone = torch_detector.decode(inp, torch_detector.forward([inp.blob])[0])
+            assert_same_faces(alone, torch_detector.decode(inp, out), f"{image.shape}")
+
+    def test_a_graph_missing_weights_is_refused(self, tmp_path: Path) -> None:
+        import onnx
+
+        model = onnx.load(str(DEFAULT_DETECTOR_PATH))
+        conv = next(n for n in model.graph.node if n.op_type == "Conv" and "landmark_head.2" in n.output[0])
+        model.graph.node.remove(conv)
+        path = tmp_path / "broken.onnx"
+        onnx.save(model, str(path))
+        with pytest.raises(ValueError, match=r"no weights for \['landmark_head.2.bias', 'landmark_head.2.weight'\]"):
+            load_retinaface_onnx(path)
+
+    def test_a_file_with_another_hash_is_refused(self, tmp_path: Path) -> None:
+        path = tmp_path / "det.onnx"
+        path.write_bytes(DEFAULT_DETECTOR_PATH.read_bytes() + b"\0")
+        with pytest.raises(ValueError, match="SHA-256"):
+            load_retinaface_onnx(path, expected_sha256="0" * 64)
+
+    def test_every_parameter_is_loaded(self) -> None:
+        net = load_retinaface_onnx(DEFAULT_DETECTOR_PATH)
+        fresh = RetinaFaceMNet()
+        changed = [k for k, v in net.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])]
+        assert len(changed) == len(fresh.state_dict()) == 2 * 56  # 56 convolutions, weight and bias
+
