@@ -139,6 +139,22 @@ class TestTrainerV2:
         assert trainer.state["global_step"] == 2
 
 
+class TestRunEnd:
+    def test_a_step_limit_inside_an_epoch_validates_and_exports_the_final_model(
+        self, tmp_path: Path, cache: Path
+    ) -> None:
+        trainer = Trainer(tiny_config(cache, tmp_path / "run", max_steps=2, epochs=1000))
+        assert trainer.steps_per_epoch > 2  # the limit falls inside the first epoch
+        trainer.fit()
+        rows = (tmp_path / "run" / "epochs.csv").read_text().splitlines()
+        assert len(rows) == 2 and rows[1].split(",")[1] == "2"  # one row, at the last (decayed) step
+        assert (tmp_path / "run" / "best.safetensors").exists()
+
+    def test_an_interrupted_run_does_not_validate(self, tmp_path: Path, cache: Path) -> None:
+        Trainer(tiny_config(cache, tmp_path / "run", max_steps=2, epochs=1000)).fit(stop_after=1)
+        assert not (tmp_path / "run" / "epochs.csv").exists()
+
+
 class TestTimeBudget:
     def test_the_schedule_is_sized_to_end_inside_the_budget(self, monkeypatch: pytest.MonkeyPatch) -> None:
         now = [1000.0]

@@ -670,7 +670,10 @@ class Trainer:
                         self._next_epoch()
                     continue
                 break  # the step limit was reached inside the epoch
-            if cfg.validate_every_s is not None and running:  # the last stretch is validated too
+            finished = self.state["global_step"] >= self.total_steps
+            if running and (cfg.validate_every_s is not None or finished):
+                # the last stretch is validated too: with max_steps inside an epoch it is the decayed end
+                # of the schedule, the model the run was for
                 self._validate_and_record(running, time.perf_counter() - t_epoch, images_epoch, end_of_epoch=False)
             if self.state["step_in_epoch"]:
                 self.save()
