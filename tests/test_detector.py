@@ -115,4 +115,3 @@ class TestTorchRetinaFace:
         fresh = RetinaFaceMNet()
         changed = [k for k, v in net.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])]
         assert len(changed) == len(fresh.state_dict()) == 2 * 56  # 56 convolutions, weight and bias
-
