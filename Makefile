@@ -15,7 +15,7 @@ DATA ?= ../oaml_data
 RUN ?= ../oaml_runs/ir18_default
 WEIGHTS ?= weights/oaml_ir18.safetensors
 
-.PHONY: install lint test test-slow browser serve bench bench-service prepare-data train-default eval clean
+.PHONY: install lint test test-slow browser serve bench bench-service bench-stages prepare-data train-default eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,9 @@ bench: install
 
 bench-service: install
 	$(BIN)/python bench/bench_service.py --out bench/RESULTS.md
+
+bench-stages: install
+	$(BIN)/python bench/bench_stages.py --out bench/RESULTS.md
 
 prepare-data: install
 	$(BIN)/oaml prepare $(SHARED)/train/celeba $(DATA)/celeba

@@ -1,0 +1,136 @@
+"""Where one request's time goes: each stage of a /verify face, measured alone, on this machine.
+
+Run: ``python bench/bench_stages.py --out bench/RESULTS.md`` (or ``make bench-stages``). For each
+stage of one 640x480 JPEG on its way through the service (decode with EXIF, detector
+pre-processing, the detector network, box decoding and NMS, alignment, the embedding step, pair
+scoring, the JSON answer), the median time of repeated calls; and the detector network alone at
+several batch sizes, onnxruntime and torch, on the CPU and (when there is one) on the GPU. This
+is what decides which stages are worth moving to a GPU: a stage that costs little on the CPU
+gains nothing there. Shipped weights when present (speed does not depend on their values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_model import cpu_name, emit, timeit  # noqa: E402
+from model.align import FaceDetector, align_face, decode_image  # noqa: E402
+from model.checkpoint import load_checkpoint  # noqa: E402
+from model.embedder import Embedder, score_pairs  # noqa: E402
+from model.net import build_model  # noqa: E402
+from service.config import DEFAULT_WEIGHTS  # noqa: E402
+
+SECTION = "## Request stages (bench/bench_stages.py)"
+
+
+def _photo() -> bytes:
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(cv2.resize(data.astronaut(), (640, 480))).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def stage_rows(device: torch.device, seconds: float) -> list[str]:
+    """One face of a /verify request, stage by stage, as the service runs it on ``device``."""
+    data = _photo()
+    backend = "torch" if device.type == "cuda" else "onnxruntime"
+    detector = FaceDetector(threads=1, backend=backend, device=device)
+    if DEFAULT_WEIGHTS.exists():
+        model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    else:
+        model = build_model("ir_18").eval()
+    embedder = Embedder(model, device=device.type)
+    image = decode_image(data)
+    inp = detector.prepare(image)
+    out = detector.forward([inp.blob])[0]
+    face = detector.decode(inp, out)[0]
+    crop = align_face(image, face.landmarks)
+    pair = np.stack([crop, crop])
+    feats = embedder.forward(pair)
+    qaconv = embedder.model.qaconv
+    mode = f"{embedder.precision}, flip {'on' if embedder.flip else 'off'}"
+    answer = {"match": True, "score": 1.0, "face_a": {"visibility_map": np.ones((7, 7)).tolist()}}
+    stages: list[tuple[str, Callable[[], object]]] = [
+        ("decode JPEG (Pillow, EXIF)", lambda: decode_image(data)),
+        ("detector pre-processing (resize, BGR, pad)", lambda: detector.prepare(image)),
+        (f"detector network ({backend}, 1 photo)", lambda: detector.forward([inp.blob])),
+        ("box decoding and NMS", lambda: detector.decode(inp, out)),
+        ("alignment (similarity warp)", lambda: align_face(image, face.landmarks)),
+        (f"embedding step, 2 faces ({mode}; per face: half)", lambda: embedder.forward(pair)),
+        ("pair scoring (cosine + QAConv), 1 pair", lambda: score_pairs(qaconv, feats.take([0]), feats.take([1]))),
+        ("JSON answer", lambda: json.dumps(answer)),
+    ]
+    rows = ["| stage | ms |", "|---|---|"]
+    total = 0.0
+    for name, fn in stages:
+        t = timeit(fn, seconds) * 1000
+        total += t
+        rows.append(f"| {name} | {t:.2f} |")
+        print(rows[-1], flush=True)  # noqa: T201
+    rows.append(f"| sum (the embedding step counted for both faces) | {total:.1f} |")
+    return rows
+
+
+def detector_rows(devices: list[torch.device], seconds: float) -> list[str]:
+    """The detector network alone on 640x480 photos, by backend, device and batch size."""
+    blob = FaceDetector(threads=1).prepare(decode_image(_photo())).blob
+    rows = ["| backend | device | batch | photos/s |", "|---|---|---|---|"]
+    cases: list[tuple[str, torch.device]] = [("onnxruntime", torch.device("cpu"))]
+    cases += [("torch", d) for d in devices]
+    for backend, device in cases:
+        detector = FaceDetector(threads=1, backend=backend, device=device)  # type: ignore[arg-type]
+        for batch in (1, 8, 32) if device.type == "cuda" else (1, 8):
+            blobs = [blob] * batch
+            t = timeit(lambda blobs=blobs, detector=detector: detector.forward(blobs), seconds)
+            rows.append(f"| {backend} | {device.type} | {batch} | {batch / t:.0f} |")
+            print(rows[-1], flush=True)  # noqa: T201
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=None, help="Markdown file to update")
+    parser.add_argument("--seconds", type=float, default=2.0, help="minimum timing window per case")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the service's default here)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    header = [
+        SECTION,
+        "",
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()}, {os.cpu_count()} cores, GPU: {gpu}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, {args.threads} torch threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}.",
+        f"- Command: `python bench/bench_stages.py --out bench/RESULTS.md --seconds {args.seconds:g} "
+        f"--threads {args.threads}` (or `make bench-stages`).",
+        "- One 640x480 JPEG (the astronaut, resized), median of repeated calls after 2 warm-up calls.",
+        "",
+    ]
+    rows: list[str] = []
+    for device in devices:
+        rows += [f"### One /verify face, stage by stage, on {device.type}", ""]
+        rows += stage_rows(device, args.seconds) + [""]
+    rows += ["### The detector network alone", ""]
+    rows += detector_rows(devices, args.seconds)
+    emit("\n".join(header + rows) + "\n", args.out)
+
+
+if __name__ == "__main__":
+    main()
