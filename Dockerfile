@@ -27,7 +27,7 @@ COPY model ./model
 COPY service ./service
 COPY oaml ./oaml
 COPY weights ./weights
-RUN pip install --no-cache-dir -e .  # editable: weights resolve next to the sources
+RUN pip install --no-cache-dir -e ".[postgres]"  # editable: weights resolve next to the sources
 
 RUN useradd --create-home --uid 10001 oaml && mkdir -p /data && chown oaml /data
 USER oaml

@@ -15,7 +15,7 @@ DATA ?= ../oaml_data
 RUN ?= ../oaml_runs/ir18_default
 WEIGHTS ?= weights/oaml_ir18.safetensors
 
-.PHONY: install lint test test-slow browser serve bench bench-service bench-stages prepare-data train-default eval clean
+.PHONY: install lint test test-slow browser postgres serve bench bench-service bench-stages prepare-data train-default eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,12 +29,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 			echo "no GPU: installing $(TORCH_CPU)"; $(BIN)/pip install -q "$(TORCH_CPU)"; \
 		fi; \
 	fi
-	$(BIN)/pip install -q -e ".[test,train,lint]"
+	$(BIN)/pip install -q -e ".[test,train,lint,postgres]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
-test: install browser
+test: install browser postgres
 	$(BIN)/python -m pytest -q
 
 # Headless Chromium for the demo page's browser tests (skipped, with a reason, where it cannot be installed).
@@ -46,6 +46,17 @@ browser:
 			{ apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
 			echo "could not install chromium: the browser tests will be skipped"; \
 		else echo "no chromium (needs root and apt): the browser tests will be skipped"; fi; }
+
+# PostgreSQL server binaries for the shared-store tests (the suite starts its own server; skipped, with a
+# reason, where they cannot be installed).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing postgresql for the shared-store tests"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null 2>&1; } || \
+			echo "could not install postgresql: the shared-store tests will be skipped"; \
+		else echo "no postgresql (needs root and apt): the shared-store tests will be skipped"; fi; }
 
 # Style and types: ruff (lint + format check) over the tree, mypy over model/, service/ and oaml/.
 lint: install

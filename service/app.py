@@ -23,8 +23,8 @@ from service.guard import RequestGuard
 from service.index import GalleryIndex
 from service.problems import Problem, install_handlers, problem_responses
 from service.routes import protected, public
-from service.state import AppState, Metrics, load_index
-from service.store import SQLiteGalleryStore
+from service.state import AppState, Metrics, apply_changes, load_index, open_store
+from service.store_pg import ChangeFollower, PostgresGalleryStore
 
 __all__ = ["create_app"]
 
@@ -49,15 +49,23 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         eng: Engine = given if given is not None else await asyncio.to_thread(Engine, settings)
         eng.start()
         await asyncio.to_thread(eng.warm_up)
-        store = SQLiteGalleryStore(settings.data_dir / "gallery.sqlite3", eng.model_version)
+        store = await asyncio.to_thread(open_store, settings, eng.model_version)
         store.check_version()  # a gallery from other weights stops start-up with a clear message
         store.check_writable()  # so does a gallery that cannot record enrolments
+        # shared store: note where the change log stands before loading, and follow from there
+        since = store.last_seq() if isinstance(store, PostgresGalleryStore) else 0
         index = GalleryIndex(eng.model.qaconv, eng.device, eng.gallery_dtype, eng.model.embedding_size)
         faces = await asyncio.to_thread(load_index, store, index, eng)
         metrics = Metrics(settings.max_batch)
         eng.stats.hooks.append(metrics.on_batch)
         subjects, _ = store.subjects(0, 10**9)
         state = AppState(settings, eng, store, index, metrics, names={s.subject: s.name for s in subjects})
+        if isinstance(store, PostgresGalleryStore):
+            shared = store
+            state.follower = ChangeFollower(
+                shared, lambda changes: apply_changes(state, shared, changes), since, settings.gallery_poll_s
+            )
+            state.follower.start()
         state.ready = True
         app.state.oaml = state
         logger.info(
@@ -72,6 +80,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             yield
         finally:
             state.ready = False
+            if state.follower is not None:
+                state.follower.stop()
             eng.stop()
             store.close()
 

@@ -23,6 +23,16 @@ class Settings(BaseSettings):
 
     weights: Path = Field(DEFAULT_WEIGHTS, description="OAML .safetensors weights to serve")
     data_dir: Path = Field(Path("data"), description="folder for the gallery database (created if missing)")
+    gallery_url: str | None = Field(
+        None,
+        description=(
+            "postgresql://... : a PostgreSQL store of record shared by several replicas (instead of SQLite in "
+            "data_dir); each replica follows the others' enrolments and deletions"
+        ),
+    )
+    gallery_poll_s: float = Field(
+        1.0, gt=0, le=60, description="with gallery_url: longest wait between catch-ups when no notification arrives"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: fp16 on CUDA, bf16 on CPUs with bf16 support, else fp32"
@@ -84,6 +94,15 @@ class Settings(BaseSettings):
             key, _, role = entry.partition(":")
             if not key or (role and role not in ("admin", "match")):
                 raise ValueError(f"API key entries are `key` or `key:role` with role admin or match, got {entry!r}")
+        return value
+
+    @field_validator("gallery_url")
+    @classmethod
+    def _gallery_url(cls, value: str | None) -> str | None:
+        if value is not None and value.strip() == "":
+            return None
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("gallery_url must be a postgresql:// URL (leave it unset for the embedded SQLite store)")
         return value
 
     @field_validator("default_threshold")

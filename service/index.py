@@ -87,8 +87,13 @@ class GalleryIndex:
             self.subjects += subjects
             self.count += n
 
+    def __contains__(self, face_id: object) -> bool:
+        return face_id in self._slot
+
     def add_records(self, records: Sequence[FaceRecord]) -> None:
-        """Append stored faces (numpy arrays, as the store keeps them)."""
+        """Append stored faces (numpy arrays, as the store keeps them); faces already indexed are skipped,
+        so the enrolment path and a gallery follower (shared stores) may both add the same face."""
+        records = [r for r in records if r.face_id not in self._slot]
         if not records:
             return
         self.add(

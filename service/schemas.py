@@ -207,6 +207,16 @@ class InfoResponse(BaseModel):
     default_threshold: str
     gallery_subjects: int
     gallery_faces: int
+    gallery_store: str = Field(
+        description="`sqlite` (embedded, this process only) or `postgresql` (shared by replicas; see `gallery_sync`)"
+    )
+    gallery_sync: dict[str, int | bool] | None = Field(
+        None,
+        description=(
+            "with a shared store: `seq` (the last change log entry this replica applied), `connected` (its "
+            "LISTEN connection is up) and `reconnects`"
+        ),
+    )
     detector: str
     detector_backend: str = Field(
         description="`onnxruntime` (CPU, per photo in the detection workers) or `torch` (on `device`, batched)"

@@ -24,7 +24,7 @@ from model.checkpoint import read_metadata
 from model.errors import OAMLError
 from service.app import create_app
 from service.config import Settings
-from service.store import SQLiteGalleryStore
+from service.state import open_store
 
 __all__ = ["HeaderTimeoutH11Protocol", "preflight", "serve"]
 
@@ -79,7 +79,7 @@ def preflight(settings: Settings) -> None:
         card = WeightsCard.from_metadata(read_metadata(settings.weights))
     except OSError as exc:
         raise OAMLError(f"cannot read the weights {settings.weights}: {exc.strerror or exc}") from exc
-    store = SQLiteGalleryStore(settings.data_dir / "gallery.sqlite3", card.model_version)
+    store = open_store(settings, card.model_version)
     try:
         store.check_version()
         store.check_writable()

@@ -10,10 +10,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.config import Settings
 from service.engine import Engine
+from service.errors import SubjectNotFound
 from service.index import GalleryIndex
-from service.store import FaceRecord, GalleryStore
+from service.store import FaceRecord, GalleryStore, SQLiteGalleryStore
+from service.store_pg import Change, ChangeFollower, PostgresGalleryStore
 
-__all__ = ["Metrics", "AppState", "load_index"]
+__all__ = ["Metrics", "AppState", "open_store", "load_index", "apply_changes"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,14 @@ class AppState:
     names: dict[str, str | None] = field(default_factory=dict)  # subject -> display name
     enrol_lock: threading.Lock = field(default_factory=threading.Lock)
     ready: bool = False
+    follower: ChangeFollower | None = None  # with a shared (PostgreSQL) store: applies other replicas' changes
+
+
+def open_store(settings: Settings, model_version: str) -> SQLiteGalleryStore | PostgresGalleryStore:
+    """The configured store of record: PostgreSQL when ``gallery_url`` is set, else SQLite in ``data_dir``."""
+    if settings.gallery_url:
+        return PostgresGalleryStore(settings.gallery_url, model_version)
+    return SQLiteGalleryStore(settings.data_dir / "gallery.sqlite3", model_version)
 
 
 def load_index(store: GalleryStore, index: GalleryIndex, engine: Engine, chunk: int = 2048) -> int:
@@ -75,3 +85,22 @@ def load_index(store: GalleryStore, index: GalleryIndex, engine: Engine, chunk: 
             batch = []
     engine.call_device(index.add_records, batch)
     return len(index)
+
+
+def apply_changes(state: AppState, store: PostgresGalleryStore, changes: list[Change]) -> None:
+    """Bring this replica's index and subject names up to ``changes`` (other replicas' and its own).
+
+    Idempotent: a face this replica already indexed is not added twice, a face it already removed
+    is not removed twice. Faces are read from the store when their ``add`` is applied; one deleted
+    since is no longer there, so catching up never resurrects a deletion.
+    """
+    removed = {c.face_id for c in changes if c.op == "delete" and c.face_id}
+    wanted = [c.face_id for c in changes if c.op == "add" and c.face_id and c.face_id not in removed]
+    records = store.faces_by_id([fid for fid in wanted if fid not in state.index])
+    state.engine.call_device(state.index.remove, sorted(removed))
+    state.engine.call_device(state.index.add_records, records)
+    for subject in sorted({c.subject for c in changes}):
+        try:
+            state.names[subject] = store.subject(subject).name
+        except SubjectNotFound:
+            state.names.pop(subject, None)

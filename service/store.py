@@ -6,8 +6,8 @@ in-memory index (:mod:`service.index`) is rebuilt from the store. Records carry 
 version; a store written by other weights is refused (:class:`GalleryVersionError`) instead of
 matching incompatible embeddings.
 
-The store is behind :class:`GalleryStore` so a shared database can back several replicas later;
-:class:`SQLiteGalleryStore` is the embedded default (no server to run). Nothing here touches
+The store is behind :class:`GalleryStore`: :class:`SQLiteGalleryStore` is the embedded default (no
+server to run); :mod:`service.store_pg` puts the gallery in PostgreSQL for several replicas. Nothing here touches
 torch: the store holds numpy arrays and bytes.
 """
 

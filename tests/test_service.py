@@ -429,6 +429,7 @@ class TestOperations:
             and info["device"] == expected_device
             and set(info["presets"]) == {"lenient", "balanced", "strict"}
         )
+        assert info["gallery_store"] == "sqlite" and info["gallery_sync"] is None
         assert client.get("/openapi.json").json()["paths"].keys() >= {"/verify", "/gallery", "/identify", "/occlusion"}
 
 

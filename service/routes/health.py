@@ -76,6 +76,12 @@ async def info(state: StateDep) -> InfoResponse:
         default_threshold=settings.default_threshold,
         gallery_subjects=len(state.names),
         gallery_faces=len(state.index),
+        gallery_store="postgresql" if state.follower is not None else "sqlite",
+        gallery_sync=(
+            {"seq": state.follower.seq, "connected": state.follower.connected, "reconnects": state.follower.reconnects}
+            if state.follower is not None
+            else None
+        ),
         detector="retinaface_mnet025",
         detector_backend=engine.detector.backend,
         max_batch=settings.max_batch,

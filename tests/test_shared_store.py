@@ -1,0 +1,285 @@
+"""PostgreSQL as a shared store of record: the store itself, its change feed, and replicas on one gallery.
+
+Against a real server the suite starts (tests/pg.py); skipped with the reason when PostgreSQL or
+psycopg is not installed.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.errors import FaceNotFound, GalleryStoreError, GalleryVersionError, SubjectNotFound
+from service.store import FaceRecord, SQLiteGalleryStore
+from tests.pg import PostgresServer, running_postgres
+from tests.servers import Server, free_port, start_server, wait_ready
+
+psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[postgres]')")
+from service.store_pg import Change, ChangeFollower, PostgresGalleryStore  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PostgresServer]:
+    try:
+        with running_postgres() as server:
+            yield server
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture()
+def url(pg: PostgresServer) -> str:
+    return pg.new_database()
+
+
+def record(face_id: str, subject: str, seed: int) -> FaceRecord:
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=512).astype(np.float32)
+    return FaceRecord(
+        face_id=face_id,
+        subject=subject,
+        embedding=emb / np.linalg.norm(emb),
+        feature_map=rng.normal(size=(512, 7, 7)).astype(np.float16),
+        occlusion=rng.uniform(size=(7, 7)).astype(np.float32),
+        norm=20.0,
+        quality=0.5,
+        detection_score=0.99,
+        box=[1.0, 2.0, 30.0, 40.0],
+        created_at=1000.0 + seed,
+        crop=b"jpeg" if seed % 2 else None,
+    )
+
+
+def until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+class TestStore:
+    @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+    def test_both_stores_keep_the_same_records(self, kind: str, url: str, tmp_path: Path) -> None:
+        store = (
+            SQLiteGalleryStore(tmp_path / "g.sqlite3", "v1") if kind == "sqlite" else PostgresGalleryStore(url, "v1")
+        )
+        store.check_writable()
+        store.upsert_subject("bob", "Bob", {"team": "a", "n": [1, 2]})
+        store.upsert_subject("al", None, None)
+        store.add_faces([record("f1", "bob", 1), record("f2", "bob", 2), record("f3", "al", 3)])
+        store.upsert_subject("bob", None, None)  # keeps the name and metadata
+        bob = store.subject("bob")
+        assert (bob.name, bob.metadata, bob.faces) == ("Bob", {"team": "a", "n": [1, 2]}, 2)
+        page, total = store.subjects(0, 1)
+        assert total == 2 and [s.subject for s in page] == ["al"]
+        got = store.face("f1")
+        want = record("f1", "bob", 1)
+        np.testing.assert_array_equal(got.feature_map, want.feature_map)
+        np.testing.assert_array_equal(got.embedding, want.embedding)
+        assert (got.box, got.crop, got.created_at) == (want.box, want.crop, want.created_at)
+        assert [f.face_id for f in store.faces_of("bob")] == ["f1", "f2"]
+        assert [f.face_id for f in store.iter_faces()] == ["f1", "f2", "f3"]
+        store.delete_face("bob", "f1")
+        with pytest.raises(FaceNotFound):
+            store.delete_face("bob", "f1")
+        with pytest.raises(SubjectNotFound):
+            store.delete_subject("nobody")
+        assert store.delete_subject("bob") == ["f2"]
+        with pytest.raises(FaceNotFound):
+            store.face("f2")
+        store.check_version()
+        store.close()
+
+    def test_migrations_apply_once_when_replicas_start_together(self, url: str) -> None:
+        with ThreadPoolExecutor(4) as pool:
+            stores = list(pool.map(lambda _: PostgresGalleryStore(url, "v1"), range(4)))
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT version FROM oaml_migrations").fetchall() == [(1,)]
+        for s in stores:
+            s.close()
+
+    def test_a_gallery_of_other_weights_is_refused(self, url: str) -> None:
+        store = PostgresGalleryStore(url, "v1")
+        store.upsert_subject("bob", None, None)
+        store.add_faces([record("f1", "bob", 1)])
+        store.close()
+        other = PostgresGalleryStore(url, "v2")
+        with pytest.raises(GalleryVersionError, match="model version"):
+            other.check_version()
+        other.close()
+
+    def test_an_unreachable_server_is_a_store_error_without_the_password(self) -> None:
+        with pytest.raises(GalleryStoreError) as info:
+            PostgresGalleryStore(f"postgresql://oaml:secret@127.0.0.1:{free_port()}/x?connect_timeout=2", "v1")
+        assert "secret" not in str(info.value) and info.value.code == "STORE_UNAVAILABLE"
+
+    def test_start_up_without_the_database_stops_in_one_line(self, weights: Path, tmp_path: Path) -> None:
+        url = f"postgresql://oaml:secret@127.0.0.1:{free_port()}/oaml"
+        proc = start_server(weights, tmp_path, free_port(), OAML_GALLERY_URL=url)
+        out = proc.finish(timeout=90)
+        assert proc.returncode == 2 and "Traceback" not in out and "secret" not in out
+        assert "cannot open the gallery postgresql://oaml:***@127.0.0.1" in out
+
+
+class TestChangeFeed:
+    def test_a_follower_applies_other_writes_in_order_and_survives_a_dropped_connection(
+        self, url: str, pg: PostgresServer
+    ) -> None:
+        writer = PostgresGalleryStore(url, "v1")
+        reader = PostgresGalleryStore(url, "v1")
+        seen: list[Change] = []
+        lock = threading.Lock()
+
+        def apply(changes: list[Change]) -> None:
+            with lock:
+                seen.extend(changes)
+
+        follower = ChangeFollower(reader, apply, since=reader.last_seq(), poll_s=30.0)  # notifications only
+        follower.start()
+        try:
+            assert until(lambda: follower.connected)
+            writer.upsert_subject("bob", None, None)
+            writer.add_faces([record("f1", "bob", 1)])
+            started = time.perf_counter()
+            assert until(lambda: any(c.face_id == "f1" for c in seen), timeout=5)
+            assert time.perf_counter() - started < 2  # a notification, not the 30 s poll
+            first_pid = follower.listener_pid
+            assert first_pid is not None
+            pg.terminate(first_pid)  # the listener's connection drops ...
+            writer.add_faces([record("f2", "bob", 2)])  # ... while another replica writes
+            writer.delete_face("bob", "f1")
+            assert until(lambda: any(c.op == "delete" and c.face_id == "f1" for c in seen), timeout=10)
+            assert follower.reconnects >= 1 and follower.listener_pid != first_pid
+            with lock:
+                seqs = [c.seq for c in seen]
+                assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
+                assert [(c.op, c.face_id) for c in seen if c.face_id] == [
+                    ("add", "f1"),
+                    ("add", "f2"),
+                    ("delete", "f1"),
+                ]
+        finally:
+            follower.stop()
+            writer.close()
+            reader.close()
+
+
+# -- replicas: real service processes on one database -------------------------------------------
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo(astronaut: np.ndarray) -> bytes:
+    return png(astronaut)
+
+
+class Replica:
+    def __init__(self, weights: Path, data_dir: Path, url: str) -> None:
+        self.port = free_port()
+        self.proc: Server = start_server(weights, data_dir, self.port, OAML_GALLERY_URL=url, OAML_GALLERY_POLL_S="1")
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def ready(self) -> Replica:
+        wait_ready(self.proc, self.port)
+        return self
+
+    def enrol(self, subject: str, photo: bytes) -> httpx.Response:
+        return httpx.post(
+            f"{self.base}/gallery",
+            data={"subject": subject},
+            files=[("images", ("a.png", photo, "image/png"))],
+            timeout=60,
+        )
+
+    def identify(self, photo: bytes) -> dict[str, Any]:
+        r = httpx.post(f"{self.base}/identify", files={"image": ("a.png", photo, "image/png")}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def face_ids(self, subject: str) -> set[str]:
+        r = httpx.get(f"{self.base}/gallery/{subject}", timeout=10)
+        return {f["face_id"] for f in r.json()["face_list"]} if r.status_code == 200 else set()
+
+    def indexed(self) -> int:
+        return int(httpx.get(f"{self.base}/info", timeout=10).json()["gallery_faces"])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+def test_replicas_share_one_gallery(weights: Path, tmp_path: Path, url: str, photo: bytes) -> None:
+    a = Replica(weights, tmp_path / "a", url)
+    b = Replica(weights, tmp_path / "b", url)
+    replicas = [a, b]
+    try:
+        a.ready(), b.ready()
+        info = httpx.get(f"{a.base}/info", timeout=10).json()
+        assert info["gallery_store"] == "postgresql" and info["gallery_sync"]["connected"] is True
+        # enrol on A, identify on B
+        r = a.enrol("eileen", photo)
+        assert r.status_code == 201, r.text
+        face_id = r.json()["faces"][0]["face_id"]
+        assert until(lambda: b.indexed() == 1, timeout=5)
+        assert b.identify(photo)["candidates"][0]["face_id"] == face_id
+        # delete on B, gone on A
+        assert httpx.delete(f"{b.base}/gallery/eileen", timeout=10).status_code == 200
+        assert until(lambda: a.indexed() == 0, timeout=5)
+        assert a.identify(photo)["candidates"] == [] and a.face_ids("eileen") == set()
+        # kill -9 A during a burst of enrolments: nothing it acknowledged is lost, B agrees with the database
+        acknowledged: list[str] = []
+        stop = threading.Event()
+
+        def burst(worker: int) -> None:
+            for i in range(1000):
+                if stop.is_set():
+                    return
+                try:
+                    r = a.enrol(f"s{worker}_{i}", photo)
+                except httpx.HTTPError:
+                    return
+                if r.status_code == 201:
+                    acknowledged.append(r.json()["faces"][0]["face_id"])
+
+        threads = [threading.Thread(target=burst, args=(w,)) for w in range(3)]
+        for t in threads:
+            t.start()
+        assert until(lambda: len(acknowledged) >= 6, timeout=120)
+        a.kill()
+        stop.set()
+        for t in threads:
+            t.join()
+        with psycopg.connect(url) as conn:
+            stored = {row[0] for row in conn.execute("SELECT face_id FROM oaml_faces")}
+        assert set(acknowledged) <= stored
+        assert until(lambda: b.indexed() == len(stored), timeout=10)
+        # a replica started late loads the gallery and follows from there
+        c = Replica(weights, tmp_path / "c", url)
+        replicas.append(c)
+        c.ready()
+        assert c.indexed() == len(stored)
+        r = b.enrol("late", photo)
+        assert r.status_code == 201
+        assert until(lambda: c.face_ids("late") == {r.json()["faces"][0]["face_id"]} and c.indexed() == len(stored) + 1)
+    finally:
+        for replica in replicas:
+            replica.kill()
