@@ -320,9 +320,9 @@ class Engine:
                     stopping = True
                     break
             if detects:
-                self._execute_detection(detects)
+                self._execute(detects, self._detect_batch, self.detect_stats, "detection")
             if embeds:
-                self._execute(embeds)
+                self._execute(embeds, self._embed_batch, self.stats, "inference")
 
     def _live(self, jobs: list[Any]) -> list[Any]:
         """The jobs whose requests still wait; the others' places in the queue are released."""
@@ -334,52 +334,38 @@ class Engine:
                 self._release(job.size)
         return live
 
-    def _execute_detection(self, jobs: list[_DetectJob]) -> None:
+    def _execute(self, jobs: list[Any], run: Callable[[list[Any]], list[Any]], stats: BatchStats, what: str) -> None:
+        """One batch of ``jobs`` (all of one kind): ``run`` them, hand each job its slice of the results."""
         live = self._live(jobs)
         if not live:
             return
-        inputs = [inp for job in live for inp in job.inputs]
+        size = sum(job.size for job in live)
         started = time.perf_counter()
         try:
-            outputs = self.detector.forward([inp.blob for inp in inputs])
+            results = run(live)
             error: BaseException | None = None
         except BaseException as exc:  # delivered to every waiting request; the worker keeps running
-            logger.exception("detection failed for a batch of %d photos", len(inputs))
-            outputs, error = [], exc
-        self.detect_stats.record(len(inputs), time.perf_counter() - started)
+            logger.exception("%s failed for a batch of %d", what, size)
+            results, error = [], exc
+        stats.record(size, time.perf_counter() - started)
         offset = 0
         for job in live:
             self._release(job.size)
             if error is not None:
                 job.future.set_exception(error)
             else:
-                job.future.set_result(outputs[offset : offset + job.size])
+                job.future.set_result(results[offset : offset + job.size])
             offset += job.size
 
-    def _execute(self, jobs: list[_Job]) -> None:
-        live = self._live(jobs)
-        if not live:
-            return
-        crops = np.concatenate([j.crops for j in live])
-        started = time.perf_counter()
-        try:
-            feats = []
-            for start in range(0, len(crops), self.settings.max_batch):  # one request may bring many faces
-                feats += self._forward(crops[start : start + self.settings.max_batch])
-            error: BaseException | None = None
-        except BaseException as exc:  # delivered to every waiting request; the worker keeps running
-            logger.exception("inference failed for a batch of %d faces", len(crops))
-            feats, error = [], exc
-        self.stats.record(len(crops), time.perf_counter() - started)
-        offset = 0
-        for job in live:
-            part = feats[offset : offset + len(job.crops)]
-            offset += len(job.crops)
-            self._release(len(job.crops))
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                job.future.set_result(part)
+    def _embed_batch(self, jobs: list[_Job]) -> list[FaceFeatures]:
+        crops = np.concatenate([j.crops for j in jobs])
+        feats = []
+        for start in range(0, len(crops), self.settings.max_batch):  # one request may bring many faces
+            feats += self._forward(crops[start : start + self.settings.max_batch])
+        return feats
+
+    def _detect_batch(self, jobs: list[_DetectJob]) -> list[DetectorOutput]:
+        return self.detector.forward([inp.blob for job in jobs for inp in job.inputs])
 
     def _release(self, faces: int) -> None:
         with self._pending_lock:

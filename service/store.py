@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,9 @@ __all__ = [
     "SubjectNotFound",
     "FaceNotFound",
     "new_face_id",
+    "FACE_COLUMNS",
+    "face_row",
+    "face_from_row",
 ]
 
 
@@ -174,25 +177,8 @@ class SQLiteGalleryStore:
     def add_faces(self, faces: list[FaceRecord]) -> None:
         with self._tx() as db:
             db.executemany(
-                "INSERT INTO faces VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        f.face_id,
-                        f.subject,
-                        self.model_version,
-                        f.embedding.astype(np.float32).tobytes(),
-                        f.feature_map.astype(np.float16).tobytes(),
-                        json.dumps(list(f.feature_map.shape)),
-                        f.occlusion.astype(np.float32).tobytes(),
-                        f.norm,
-                        f.quality,
-                        f.detection_score,
-                        json.dumps(f.box) if f.box is not None else None,
-                        f.crop,
-                        f.created_at,
-                    )
-                    for f in faces
-                ],
+                f"INSERT INTO faces({FACE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [face_row(f, self.model_version) for f in faces],
             )
 
     def delete_subject(self, subject: str) -> list[str]:
@@ -253,21 +239,64 @@ class SQLiteGalleryStore:
 
     def faces_of(self, subject: str) -> list[FaceRecord]:
         self.subject(subject)
-        rows = self._db.execute(f"SELECT {self._COLUMNS} FROM faces WHERE subject = ? ORDER BY created_at", (subject,))
-        return [self._face(r) for r in rows]
+        rows = self._db.execute(f"SELECT {FACE_COLUMNS} FROM faces WHERE subject = ? ORDER BY created_at", (subject,))
+        return [face_from_row(r) for r in rows]
 
     def face(self, face_id: str) -> FaceRecord:
-        row = self._db.execute(f"SELECT {self._COLUMNS} FROM faces WHERE face_id = ?", (face_id,)).fetchone()
+        row = self._db.execute(f"SELECT {FACE_COLUMNS} FROM faces WHERE face_id = ?", (face_id,)).fetchone()
         if row is None:
             raise FaceNotFound(f"face {face_id!r} is not enrolled")
-        return self._face(row)
+        return face_from_row(row)
 
     def iter_faces(self) -> Iterator[FaceRecord]:
-        for row in self._db.execute(f"SELECT {self._COLUMNS} FROM faces ORDER BY rowid"):
-            yield self._face(row)
+        for row in self._db.execute(f"SELECT {FACE_COLUMNS} FROM faces ORDER BY rowid"):
+            yield face_from_row(row)
 
     def close(self) -> None:
         self._db.close()
+
+
+#: the faces table's columns, in the order of :func:`face_row` and :func:`face_from_row` (both stores)
+FACE_COLUMNS = (
+    "face_id, subject, model_version, embedding, feature_map, fmap_shape, occlusion, "
+    "norm, quality, detection_score, box, crop, created_at"
+)
+
+
+def face_row(f: FaceRecord, model_version: str) -> tuple[Any, ...]:
+    """A face as stored: arrays as raw little-endian bytes (maps in float16), shapes and boxes as JSON."""
+    return (
+        f.face_id,
+        f.subject,
+        model_version,
+        f.embedding.astype(np.float32).tobytes(),
+        f.feature_map.astype(np.float16).tobytes(),
+        json.dumps(list(f.feature_map.shape)),
+        f.occlusion.astype(np.float32).tobytes(),
+        f.norm,
+        f.quality,
+        f.detection_score,
+        json.dumps(f.box) if f.box is not None else None,
+        f.crop,
+        f.created_at,
+    )
+
+
+def face_from_row(row: Sequence[Any]) -> FaceRecord:
+    """The inverse of :func:`face_row` (without the model version, checked at open)."""
+    return FaceRecord(
+        face_id=row[0],
+        subject=row[1],
+        embedding=np.frombuffer(row[3], dtype=np.float32).copy(),
+        feature_map=np.frombuffer(row[4], dtype=np.float16).reshape(json.loads(row[5])).copy(),
+        occlusion=np.frombuffer(row[6], dtype=np.float32).reshape(7, 7).copy(),
+        norm=row[7],
+        quality=row[8],
+        detection_score=row[9],
+        box=json.loads(row[10]) if row[10] else None,
+        crop=bytes(row[11]) if row[11] is not None else None,
+        created_at=row[12],
+    )
 
 
 def new_face_id() -> str:

@@ -32,10 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from service.errors import FaceNotFound, GalleryStoreError, GalleryVersionError, SubjectNotFound
-from service.store import FaceRecord, SubjectRecord
+from service.store import FACE_COLUMNS, FaceRecord, SubjectRecord, face_from_row, face_row
 
 __all__ = ["PostgresGalleryStore", "Change", "ChangeFollower", "MIGRATIONS", "CHANNEL"]
 
@@ -60,7 +58,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             face_id text PRIMARY KEY,
             subject text NOT NULL REFERENCES oaml_subjects(subject) ON DELETE CASCADE,
             model_version text NOT NULL,
-            embedding bytea NOT NULL, feature_map bytea NOT NULL, fmap_shape integer[] NOT NULL,
+            embedding bytea NOT NULL, feature_map bytea NOT NULL, fmap_shape text NOT NULL,
             occlusion bytea NOT NULL, norm double precision NOT NULL, quality double precision NOT NULL,
             detection_score double precision, box text, crop bytea, created_at double precision NOT NULL
         );
@@ -71,11 +69,6 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
-)
-
-_COLUMNS = (
-    "face_id, subject, model_version, embedding, feature_map, fmap_shape, occlusion, "
-    "norm, quality, detection_score, box, crop, created_at"
 )
 
 
@@ -203,25 +196,8 @@ class PostgresGalleryStore:
         with self._write() as conn:
             with conn.cursor() as cur:
                 cur.executemany(
-                    f"INSERT INTO oaml_faces({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [
-                        (
-                            f.face_id,
-                            f.subject,
-                            self.model_version,
-                            f.embedding.astype(np.float32).tobytes(),
-                            f.feature_map.astype(np.float16).tobytes(),
-                            list(f.feature_map.shape),
-                            f.occlusion.astype(np.float32).tobytes(),
-                            f.norm,
-                            f.quality,
-                            f.detection_score,
-                            json.dumps(f.box) if f.box is not None else None,
-                            f.crop,
-                            f.created_at,
-                        )
-                        for f in faces
-                    ],
+                    f"INSERT INTO oaml_faces({FACE_COLUMNS}) VALUES ({', '.join(['%s'] * 13)})",
+                    [face_row(f, self.model_version) for f in faces],
                 )
             self._log(conn, [("add", f.subject, f.face_id) for f in faces])
 
@@ -265,36 +241,20 @@ class PostgresGalleryStore:
             ).fetchall()
         return [SubjectRecord(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows], total
 
-    @staticmethod
-    def _face(row: tuple[Any, ...]) -> FaceRecord:
-        return FaceRecord(
-            face_id=row[0],
-            subject=row[1],
-            embedding=np.frombuffer(row[3], dtype=np.float32).copy(),
-            feature_map=np.frombuffer(row[4], dtype=np.float16).reshape(row[5]).copy(),
-            occlusion=np.frombuffer(row[6], dtype=np.float32).reshape(7, 7).copy(),
-            norm=row[7],
-            quality=row[8],
-            detection_score=row[9],
-            box=json.loads(row[10]) if row[10] else None,
-            crop=bytes(row[11]) if row[11] is not None else None,
-            created_at=row[12],
-        )
-
     def faces_of(self, subject: str) -> list[FaceRecord]:
         self.subject(subject)
         with self._read() as conn:
             rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM oaml_faces WHERE subject = %s ORDER BY position", (subject,)
+                f"SELECT {FACE_COLUMNS} FROM oaml_faces WHERE subject = %s ORDER BY position", (subject,)
             ).fetchall()
-        return [self._face(r) for r in rows]
+        return [face_from_row(r) for r in rows]
 
     def face(self, face_id: str) -> FaceRecord:
         with self._read() as conn:
-            row = conn.execute(f"SELECT {_COLUMNS} FROM oaml_faces WHERE face_id = %s", (face_id,)).fetchone()
+            row = conn.execute(f"SELECT {FACE_COLUMNS} FROM oaml_faces WHERE face_id = %s", (face_id,)).fetchone()
         if row is None:
             raise FaceNotFound(f"face {face_id!r} is not enrolled")
-        return self._face(row)
+        return face_from_row(row)
 
     def faces_by_id(self, face_ids: list[str]) -> list[FaceRecord]:
         """The faces among ``face_ids`` that are still enrolled, in enrolment order."""
@@ -302,17 +262,17 @@ class PostgresGalleryStore:
             return []
         with self._read() as conn:
             rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM oaml_faces WHERE face_id = ANY(%s) ORDER BY position", (face_ids,)
+                f"SELECT {FACE_COLUMNS} FROM oaml_faces WHERE face_id = ANY(%s) ORDER BY position", (face_ids,)
             ).fetchall()
-        return [self._face(r) for r in rows]
+        return [face_from_row(r) for r in rows]
 
     def iter_faces(self) -> Iterator[FaceRecord]:
         """Every face in enrolment order, streamed through a server-side cursor (bounded memory)."""
         with self._read() as conn, conn.transaction(), conn.cursor(name="oaml_faces_scan") as cur:
             cur.itersize = 1024
-            cur.execute(f"SELECT {_COLUMNS} FROM oaml_faces ORDER BY position")
+            cur.execute(f"SELECT {FACE_COLUMNS} FROM oaml_faces ORDER BY position")
             for row in cur:
-                yield self._face(row)
+                yield face_from_row(row)
 
     def last_seq(self) -> int:
         """The newest change's number (0 for none): a follower started from it misses nothing after."""

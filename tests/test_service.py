@@ -26,6 +26,7 @@ from model.embedder import FLIP_TEST
 from model.net import build_model
 from service.app import create_app
 from service.config import Settings
+from service.engine import BatchStats
 from service.index import GalleryIndex
 from service.render import BAR_WIDTH
 from service.store import FaceRecord, GalleryVersionError, SQLiteGalleryStore
@@ -376,15 +377,20 @@ class TestErrors:
             assert c.get("/gallery", headers={"Authorization": "Bearer k1"}).status_code == 200
 
 
+def batch_sizes_of_8_concurrent_requests(client: TestClient, photo: bytes, stats: BatchStats) -> list[int]:
+    """Send 8 /occlusion requests at once; the sizes of the batches ``stats`` recorded for them."""
+    before = stats.batches
+    f = files(image=("a.png", photo))
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: client.post("/occlusion", files=f).status_code, range(8)))
+    assert results == [200] * 8
+    return stats.batch_sizes[-(stats.batches - before) :]
+
+
 class TestOperations:
     def test_concurrent_requests_are_batched(self, client: TestClient, photos: dict[str, bytes]) -> None:
         engine = client.app.state.oaml.engine  # type: ignore[attr-defined]
-        before = engine.stats.batches
-        f = files(image=("a.png", photos["astronaut"]))
-        with ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(lambda _: client.post("/occlusion", files=f).status_code, range(8)))
-        assert results == [200] * 8
-        sizes = engine.stats.batch_sizes[-(engine.stats.batches - before) :]
+        sizes = batch_sizes_of_8_concurrent_requests(client, photos["astronaut"], engine.stats)
         assert sum(sizes) == 8 and max(sizes) > 1
         metrics = client.get("/metrics").text
         assert "oaml_batch_size_bucket" in metrics and 'route="/occlusion"' in metrics and "oaml_queue_depth" in metrics
@@ -411,12 +417,7 @@ class TestOperations:
             assert_problem(
                 c.post("/occlusion", files=files(image=("c.jpg", photos["coffee"], "image/jpeg"))), 422, "NO_FACE"
             )
-            before = engine.detect_stats.batches
-            f = files(image=("a.png", photos["astronaut"]))
-            with ThreadPoolExecutor(8) as pool:
-                results = list(pool.map(lambda _: c.post("/occlusion", files=f).status_code, range(8)))
-            assert results == [200] * 8
-            sizes = engine.detect_stats.batch_sizes[-(engine.detect_stats.batches - before) :]
+            sizes = batch_sizes_of_8_concurrent_requests(c, photos["astronaut"], engine.detect_stats)
             assert sum(sizes) == 8 and max(sizes) > 1  # photos of concurrent requests shared a network pass
 
     def test_health_ready_info_docs(self, client: TestClient) -> None:
