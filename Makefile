@@ -15,7 +15,7 @@ DATA ?= ../oaml_data
 RUN ?= ../oaml_runs/ir18_default
 WEIGHTS ?= weights/oaml_ir18.safetensors
 
-.PHONY: install lint test test-slow browser postgres serve bench bench-service bench-stages prepare-data train-default eval clean
+.PHONY: install lint test test-slow browser postgres serve bench bench-service bench-stages bench-gallery prepare-data train-default eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,9 @@ bench-service: install
 
 bench-stages: install
 	$(BIN)/python bench/bench_stages.py --out bench/RESULTS.md
+
+bench-gallery: install
+	$(BIN)/python bench/bench_gallery.py --out bench/RESULTS.md
 
 prepare-data: install
 	$(BIN)/oaml prepare $(SHARED)/train/celeba $(DATA)/celeba
