@@ -304,7 +304,7 @@ class FaceDetector:
         if not faces and self.retry_padded(image):
             inp = self.prepare(image, pad=True)
             faces = self.decode(inp, self.forward([inp.blob])[0])
-        return sorted(faces, key=lambda f: f.area, reverse=True)
+        return faces
 
     def retry_padded(self, image: np.ndarray) -> bool:
         """Whether a photo without faces is small enough to be a tight crop worth a padded retry."""
@@ -352,7 +352,7 @@ class FaceDetector:
         return [DetectorOutput(loc[i], conf[i], landms[i], (ph, pw)) for i in range(len(blobs))]
 
     def decode(self, inp: DetectorInput, out: DetectorOutput) -> list[DetectedFace]:
-        """Boxes and landmarks above the score threshold, after NMS, in original image pixels."""
+        """Boxes and landmarks above the score threshold, after NMS, in original image pixels, largest first."""
         ph, pw = out.canvas
         h, w = inp.view
         priors = self._prior_cache.get((ph, pw))
@@ -379,7 +379,7 @@ class FaceDetector:
             box = np.clip(boxes[i], 0, [w, h, w, h]).reshape(2, 2) / inp.scale - offset
             landmarks = lms[i] / inp.scale - offset
             faces.append(DetectedFace(tuple(float(v) for v in box.reshape(-1)), float(sc[i]), landmarks))  # type: ignore[arg-type]
-        return faces
+        return sorted(faces, key=lambda f: f.area, reverse=True)
 
 
 # -- alignment ---------------------------------------------------------------------------------

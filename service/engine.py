@@ -168,8 +168,6 @@ class Engine:
         if backend == "auto":
             backend = "torch" if self.device.type == "cuda" else "onnxruntime"
         self.detector = FaceDetector(threads=settings.detector_threads, backend=backend, device=self.device)
-        #: the detector network runs batched on the worker thread (torch) rather than in cpu_pool
-        self.batched_detection = backend == "torch"
         self.pipeline = FacePipeline(self.detector)
         self.cpu_pool = ThreadPoolExecutor(max_workers=settings.detection_workers, thread_name_prefix="oaml-detect")
         self.gallery_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
@@ -212,6 +210,11 @@ class Engine:
     def decode(self, data: bytes) -> np.ndarray:
         return decode_image(data, max_pixels=self.settings.max_image_pixels)
 
+    @property
+    def batched_detection(self) -> bool:
+        """Whether the detector network runs batched on the worker thread (torch) rather than in cpu_pool."""
+        return self.detector.backend == "torch"
+
     async def detect_one(self, data: bytes, select: FaceSelection) -> AlignedFace:
         """Decode a photo, find its faces and align the one ``select`` picks (see :class:`FacePipeline`)."""
         if not self.batched_detection:
@@ -228,7 +231,7 @@ class Engine:
         faces = await self._detect_pass(image, pad=False)
         if not faces and self.detector.retry_padded(image):
             faces = await self._detect_pass(image, pad=True)
-        return sorted(faces, key=lambda f: f.area, reverse=True)
+        return faces
 
     async def _detect_pass(self, image: np.ndarray, pad: bool) -> list[DetectedFace]:
         inp = await self.run_cpu(self.detector.prepare, image, pad)
@@ -290,9 +293,7 @@ class Engine:
             if isinstance(first, _Call):
                 _settle(first.future, first.fn, *first.args)
                 continue
-            embeds: list[_Job] = []
-            detects: list[_DetectJob] = []
-            sizes = {_Job: 0, _DetectJob: 0}
+            batches: dict[type, list[Any]] = {_DetectJob: [], _Job: []}  # one open batch per kind
             item: _Job | _DetectJob | _Call | None = first
             deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
             while True:
@@ -301,15 +302,13 @@ class Engine:
                     # collecting: it neither cuts the batch short nor waits for its forward pass
                     _settle(item.future, item.fn, *item.args)
                 elif item is not None:
-                    if sizes[type(item)] and sizes[type(item)] + item.size > self.settings.max_batch:
+                    batch = batches[type(item)]
+                    size = sum(job.size for job in batch)
+                    if batch and size + item.size > self.settings.max_batch:
                         carry = item  # starts the next batch
                         break
-                    sizes[type(item)] += item.size
-                    if isinstance(item, _Job):
-                        embeds.append(item)
-                    else:
-                        detects.append(item)
-                    if sizes[type(item)] >= self.settings.max_batch:
+                    batch.append(item)
+                    if size + item.size >= self.settings.max_batch:
                         break
                 timeout = deadline - time.perf_counter()
                 try:
@@ -319,10 +318,10 @@ class Engine:
                 if item is None:
                     stopping = True
                     break
-            if detects:
-                self._execute(detects, self._detect_batch, self.detect_stats, "detection")
-            if embeds:
-                self._execute(embeds, self._embed_batch, self.stats, "inference")
+            if batches[_DetectJob]:
+                self._execute(batches[_DetectJob], self._detect_batch, self.detect_stats, "detection")
+            if batches[_Job]:
+                self._execute(batches[_Job], self._embed_batch, self.stats, "inference")
 
     def _live(self, jobs: list[Any]) -> list[Any]:
         """The jobs whose requests still wait; the others' places in the queue are released."""

@@ -136,15 +136,20 @@ def photo_files(astronaut: np.ndarray, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
+def submit_verify(browser: Browser, url: str, a: Path, b: Path) -> None:
+    """Open the page, enter the key, choose two photos and press verify."""
+    browser.open(f"{url}/demo/")
+    browser.type("#key", "demo-key")
+    browser.type("#verify-a", str(a))
+    browser.type("#verify-b", str(b))
+    browser.click("#verify-go")
+
+
 def test_verify_shows_the_decision_the_numbers_and_the_picture(
     page: tuple[Browser, str], photo_files: dict[str, Path], tmp_path: Path
 ) -> None:
     browser, url = page
-    browser.open(f"{url}/demo/")
-    browser.type("#key", "demo-key")
-    browser.type("#verify-a", str(photo_files["a"]))
-    browser.type("#verify-b", str(photo_files["b"]))
-    browser.click("#verify-go")
+    submit_verify(browser, url, photo_files["a"], photo_files["b"])
     browser.wait("return !document.querySelector('#verify-result').hidden")
     width = browser.wait("const i = document.querySelector('#verify-picture'); return i.complete && i.naturalWidth")
     assert width == 2 * 112 * 3 + 60
@@ -158,11 +163,7 @@ def test_verify_shows_the_decision_the_numbers_and_the_picture(
 
 def test_the_api_error_reaches_the_page(page: tuple[Browser, str], photo_files: dict[str, Path]) -> None:
     browser, url = page
-    browser.open(f"{url}/demo/")
-    browser.type("#key", "demo-key")
-    browser.type("#verify-a", str(photo_files["none"]))
-    browser.type("#verify-b", str(photo_files["a"]))
-    browser.click("#verify-go")
+    submit_verify(browser, url, photo_files["none"], photo_files["a"])
     text = browser.wait("const e = document.querySelector('#error'); return !e.hidden && e.textContent")
     assert text.startswith("NO_FACE: image_a")
     browser.open(f"{url}/demo/")  # a wrong key: the API's own code shows
