@@ -54,7 +54,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         store.check_writable()  # so does a gallery that cannot record enrolments
         # shared store: note where the change log stands before loading, and follow from there
         since = store.last_seq() if isinstance(store, PostgresGalleryStore) else 0
-        index = GalleryIndex(eng.model.qaconv, eng.device, eng.gallery_dtype, eng.model.embedding_size)
+        index = GalleryIndex(
+            eng.model.qaconv,
+            eng.device,
+            eng.gallery_dtype,
+            eng.model.embedding_size,
+            ann_min_faces=settings.ann_min_faces,
+            ann_probe=settings.ann_probe,
+        )
         faces = await asyncio.to_thread(load_index, store, index, eng)
         metrics = Metrics(settings.max_batch)
         eng.stats.hooks.append(metrics.on_batch)

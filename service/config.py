@@ -62,6 +62,15 @@ class Settings(BaseSettings):
         -3.0, description="enrolment rejects faces whose standardised AdaFace norm is below this"
     )
     shortlist: int = Field(100, ge=1, description="faces re-ranked by QAConv in /identify")
+    ann_min_faces: int = Field(
+        200_000,
+        ge=0,
+        description="gallery size from which /identify's cosine stage reads an inverted file's nearest lists "
+        "instead of every face (bench/RESULTS.md); 0 keeps it exact",
+    )
+    ann_probe: int = Field(
+        256, ge=1, description="inverted-file lists read per /identify probe (of ~sqrt(gallery size)): recall vs time"
+    )
     default_threshold: str = Field("balanced", description="preset or number used when a request gives none")
     store_crops: bool = Field(
         False, description="keep aligned 112x112 crops of enrolled faces (for /occlusion overlays)"

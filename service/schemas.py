@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -195,6 +195,17 @@ class PresetInfo(BaseModel):
     )
 
 
+class GallerySearchInfo(BaseModel):
+    method: Literal["exact", "inverted_file"] = Field(
+        description="how /identify finds the faces QAConv re-ranks: cosine against every enrolled face, or "
+        "against the faces of the inverted file's nearest lists (from `ann_min_faces` faces on)"
+    )
+    shortlist: int = Field(description="faces QAConv re-ranks per probe (OAML_SHORTLIST)")
+    ann_min_faces: int = Field(description="gallery size from which the inverted file is used; 0: never")
+    ann_lists: int | None = Field(description="lists of the trained inverted file (null until it is trained)")
+    ann_probe: int = Field(description="lists read per probe")
+
+
 class InfoResponse(BaseModel):
     model_version: str
     architecture: str
@@ -217,6 +228,7 @@ class InfoResponse(BaseModel):
             "LISTEN connection is up) and `reconnects`"
         ),
     )
+    gallery_search: GallerySearchInfo
     detector: str
     detector_backend: str = Field(
         description="`onnxruntime` (CPU, per photo in the detection workers) or `torch` (on `device`, batched)"

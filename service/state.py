@@ -76,14 +76,17 @@ def open_store(settings: Settings, model_version: str) -> SQLiteGalleryStore | P
 
 
 def load_index(store: GalleryStore, index: GalleryIndex, engine: Engine, chunk: int = 2048) -> int:
-    """Fill the in-memory index from the store, ``chunk`` faces at a time so memory stays bounded."""
+    """Fill the in-memory index from the store, ``chunk`` faces at a time so memory stays bounded; the
+    inverted file of a large gallery is trained once, on all of it, at the end."""
     batch: list[FaceRecord] = []
+    index.cosine.defer_training = True
     for face in store.iter_faces():
         batch.append(face)
         if len(batch) >= chunk:
             engine.call_device(index.add_records, batch)
             batch = []
     engine.call_device(index.add_records, batch)
+    engine.call_device(index.finish_loading)
     return len(index)
 
 

@@ -415,7 +415,8 @@ async def delete_face(state: AppState, subject: str, face_id: str) -> DeleteResp
 async def identify(
     state: AppState, photo: Photo, top_k: int, threshold: str | None, select: FaceSelection, aligned: bool
 ) -> IdentifyResponse:
-    """1:N: exact cosine over every face, QAConv re-ranking of a shortlist, fusion, one row per subject."""
+    """1:N: cosine shortlist (exact, or an inverted file above OAML_ANN_MIN_FACES), QAConv re-ranking of it,
+    fusion, one row per subject."""
     thr, preset = _threshold(state, threshold)
     face = await _find_face(state, photo, select, aligned)
     engine = state.engine

@@ -286,6 +286,21 @@ class TestGalleryAndIdentify:
         after = client.post("/identify", files=files(image=("a.png", photos["astronaut"]))).json()
         assert after["candidates"] == [] and after["match"] is None
 
+    def test_identify_through_the_inverted_file(self, weights: Path, tmp_path: Path, photos: dict[str, bytes]) -> None:
+        # tests/test_ann.py covers the search itself; here: settings reach the index, /info says so, answers hold
+        settings = make_settings(weights, tmp_path, ann_min_faces=2, ann_probe=1, shortlist=1)
+        with TestClient(create_app(settings)) as c:
+            assert c.get("/info").json()["gallery_search"]["method"] == "exact"
+            for subject, photo in (("eileen", photos["astronaut"]), ("photographer", photos["camera"])):
+                r = c.post("/gallery", data={"subject": subject}, files=[("images", ("p.png", photo, "image/png"))])
+                assert r.status_code == 201, r.text
+            search = c.get("/info").json()["gallery_search"]
+            assert search["method"] == "inverted_file" and search["ann_lists"] == 1 and search["ann_probe"] == 1
+            found = c.post(
+                "/identify", files=files(image=("a.jpg", photos["astronaut_jpeg"], "image/jpeg")), data={"top_k": "5"}
+            ).json()
+            assert [x["subject"] for x in found["candidates"]] == ["eileen"]  # one list read, shortlist of one
+
     def test_heatmap_of_an_uploaded_photo_has_the_crop_size(self, client: TestClient, photos: dict[str, bytes]) -> None:
         r = client.post("/occlusion", files=files(image=("a.png", photos["astronaut"])), data={"scale": "3"})
         assert r.status_code == 200
@@ -431,6 +446,13 @@ class TestOperations:
             and set(info["presets"]) == {"lenient", "balanced", "strict"}
         )
         assert info["gallery_store"] == "sqlite" and info["gallery_sync"] is None
+        assert info["gallery_search"] == {
+            "method": "exact",  # a small gallery, below OAML_ANN_MIN_FACES
+            "shortlist": 100,
+            "ann_min_faces": 200_000,
+            "ann_lists": None,
+            "ann_probe": 256,
+        }
         assert client.get("/openapi.json").json()["paths"].keys() >= {"/verify", "/gallery", "/identify", "/occlusion"}
 
 

@@ -10,7 +10,7 @@ from model.calibration import PRESETS, PRIOR
 from model.embedder import precision_name
 from service.problems import ApiError
 from service.routes.deps import MatchRole, StateDep
-from service.schemas import HealthResponse, InfoResponse, PresetInfo
+from service.schemas import GallerySearchInfo, HealthResponse, InfoResponse, PresetInfo
 from service.state import AppState
 
 __all__ = ["public", "protected"]
@@ -82,6 +82,7 @@ async def info(state: StateDep) -> InfoResponse:
             if state.follower is not None
             else None
         ),
+        gallery_search=GallerySearchInfo(shortlist=settings.shortlist, **state.index.describe()),
         detector="retinaface_mnet025",
         detector_backend=engine.detector.backend,
         max_batch=settings.max_batch,

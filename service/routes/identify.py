@@ -27,7 +27,8 @@ async def identify(
     face: Annotated[str, Form()] = "largest",
     aligned: Annotated[bool, Form()] = False,
 ) -> IdentifyResponse:
-    """1:N search: exact AdaFace cosine over every face, QAConv re-ranking of a shortlist, one row per subject.
+    """1:N search: AdaFace cosine shortlist (over every face, or an inverted file's candidates above
+    OAML_ANN_MIN_FACES), QAConv re-ranking of it, one row per subject.
 
     `match` is the best subject when it passes the threshold, else null (an unknown person).
     """
