@@ -15,7 +15,7 @@ DATA ?= ../oaml_data
 RUN ?= ../oaml_runs/ir18_default
 WEIGHTS ?= weights/oaml_ir18.safetensors
 
-.PHONY: install lint test test-slow browser postgres serve bench bench-service bench-stages bench-gallery prepare-data train-default eval clean
+.PHONY: install lint test test-slow browser postgres serve bench bench-service bench-stages bench-gallery bench-ann prepare-data train-default eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,9 @@ bench-stages: install
 
 bench-gallery: install
 	$(BIN)/python bench/bench_gallery.py --out bench/RESULTS.md
+
+bench-ann: install
+	$(BIN)/python bench/bench_ann.py --out bench/RESULTS.md --real $(SHARED)/train/aligned/celeba_extra $(DATA)/celeba
 
 prepare-data: install
 	$(BIN)/oaml prepare $(SHARED)/train/celeba $(DATA)/celeba

@@ -60,7 +60,7 @@ def bytes_per_face(dtype: torch.dtype, faces: int) -> float:
         index.add_records(synthetic(1000, start, rng))
     # the index grows by doubling: count what the faces use, not the spare capacity
     spare = (index._capacity - index.count) * (
-        index.embedding_size * 4 + index.channels * index.hw * dtype.itemsize + 4
+        index.embedding_size * 4 + 8 + index.channels * index.hw * dtype.itemsize + 4
     )  # noqa: SLF001
     return (rss_bytes() - before - spare) / faces
 
