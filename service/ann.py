@@ -20,12 +20,13 @@ import logging
 import math
 
 import numpy as np
+import torch
 
 # faiss' loader logs each CPU-specific build it tries, failures included, at INFO on import
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 import faiss  # noqa: E402
 
-__all__ = ["InvertedFile", "lists_for"]
+__all__ = ["InvertedFile", "lists_for", "training_sample"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,15 @@ def lists_for(count: int) -> int:
     return max(16, int(round(math.sqrt(count))))
 
 
+def training_sample(embeddings: np.ndarray | torch.Tensor, seed: int = 0) -> np.ndarray:
+    """A copy of up to ``TRAIN_PER_LIST`` rows per list of a gallery's embeddings, in gallery order."""
+    n = len(embeddings)
+    rows = np.sort(np.random.default_rng(seed).permutation(n)[: TRAIN_PER_LIST * lists_for(n)])
+    if isinstance(embeddings, torch.Tensor):
+        return embeddings[torch.from_numpy(rows).to(embeddings.device)].float().cpu().numpy()
+    return np.ascontiguousarray(embeddings[rows], dtype=np.float32)
+
+
 class InvertedFile:
     """faiss ``IndexIVFScalarQuantizer`` (inner product, 8-bit) keyed by stable int64 keys.
 
@@ -53,20 +63,28 @@ class InvertedFile:
         self.trained_on = trained_on
 
     @classmethod
-    def build(cls, embeddings: np.ndarray, keys: np.ndarray, seed: int = 0) -> InvertedFile:
-        """Train on a sample of ``embeddings`` (``[N, D]`` unit rows) and add them all under ``keys``."""
-        n, dim = embeddings.shape
-        lists = min(lists_for(n), max(1, n // 39))  # faiss needs ~39 points per centroid
-        quantizer = faiss.IndexFlatIP(dim)
+    def train(cls, sample: np.ndarray, count: int, seed: int = 0) -> InvertedFile:
+        """An empty file for a gallery of ``count`` faces, its centroids and 8-bit ranges fitted to
+        ``sample`` (unit rows; :func:`training_sample` draws one). The costly part of a build, and
+        independent of the gallery's later changes, so it can run beside the service."""
+        lists = min(lists_for(count), max(1, len(sample) // 39))  # faiss needs ~39 points per centroid
         index = faiss.IndexIVFScalarQuantizer(
-            quantizer, dim, lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+            faiss.IndexFlatIP(sample.shape[1]),
+            sample.shape[1],
+            lists,
+            faiss.ScalarQuantizer.QT_8bit,
+            faiss.METRIC_INNER_PRODUCT,
         )
         index.cp.seed = seed
-        sample = np.random.default_rng(seed).permutation(n)[: TRAIN_PER_LIST * lists]
-        index.train(np.ascontiguousarray(embeddings[np.sort(sample)], dtype=np.float32))
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
         # removal by key without scanning every list (the stubs faiss ships lack DirectMap)
         index.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
-        ivf = cls(index, n)
+        return cls(index, count)
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, keys: np.ndarray, seed: int = 0) -> InvertedFile:
+        """Train on a sample of ``embeddings`` (``[N, D]`` unit rows) and add them all under ``keys``."""
+        ivf = cls.train(training_sample(embeddings, seed), len(embeddings), seed)
         ivf.add(embeddings, keys)
         return ivf
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from model.qaconv import PreparedGallery, QAConv
-from service.ann import InvertedFile
+from service.ann import InvertedFile, training_sample
 from service.store import FaceRecord
 
 __all__ = ["ANN_REGROWTH", "CosineStage", "GalleryIndex"]
@@ -57,6 +57,8 @@ class CosineStage:
         self.ivf: InvertedFile | None = None
         #: set while a gallery is loaded, so the file is trained once on all of it (see finish_loading)
         self.defer_training = False
+        self._training: threading.Thread | None = None
+        self._trained: InvertedFile | None = None  # handed over by the training thread
 
     @property
     def approximate(self) -> bool:
@@ -83,6 +85,7 @@ class CosineStage:
 
     def append(self, embeddings: torch.Tensor) -> None:
         """Faces in the next ``n`` slots (capacity reserved by the caller)."""
+        self._adopt()
         n, start = len(embeddings), self.count
         self.emb[start : start + n] = embeddings.to(self.device).float()
         keys = np.arange(self._next_key, self._next_key + n, dtype=np.int64)
@@ -96,6 +99,7 @@ class CosineStage:
 
     def remove(self, slot: int) -> None:
         """Forget the face in ``slot``; the last face moves into it."""
+        self._adopt()
         key = int(self._keys[slot])
         del self._slot_of_key[key]
         if self.ivf is not None:
@@ -107,18 +111,53 @@ class CosineStage:
             self._slot_of_key[int(self._keys[slot])] = slot
         self.count -= 1
 
-    def train_if_due(self) -> None:
-        """(Re-)train the inverted file if the gallery has reached the threshold or outgrown the file."""
+    def train_if_due(self, wait: bool = False) -> None:
+        """(Re-)train the inverted file if the gallery has reached the threshold or outgrown the file.
+
+        Training (k-means on a sample: ~4 s at 200,000 faces on two cores) runs in a thread of its
+        own unless ``wait``; searches meanwhile use the old file, or exact search. The next call of
+        the owner then adds every face to the new file (~1 s at 200,000) and switches to it.
+        """
         if self.defer_training or not self.ann_min_faces or self.count < self.ann_min_faces:
             return
         if self.ivf is not None and self.count < ANN_REGROWTH * self.ivf.trained_on:
             return
+        if self._training is not None:
+            if not wait:
+                return
+            self._training.join()
+        else:
+            sample, count = training_sample(self.emb[: self.count]), self.count
+
+            def work() -> None:
+                t0 = time.perf_counter()
+                try:
+                    self._trained = InvertedFile.train(sample, count)
+                except Exception:  # a failed training leaves the old file (or exact search) in use
+                    log.exception("training the inverted file on %d faces failed", count)
+                    return
+                log.info("inverted file trained on %d faces in %.1f s", count, time.perf_counter() - t0)
+
+            self._training = threading.Thread(target=work, name="oaml-ann-train", daemon=True)
+            self._training.start()
+            if wait:
+                self._training.join()
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Switch to a newly trained file once its training thread is done: add every face to it."""
+        if self._training is None or self._training.is_alive():
+            return
+        self._training, trained, self._trained = None, self._trained, None
+        if trained is None:
+            return
         t0 = time.perf_counter()
-        self.ivf = InvertedFile.build(self.emb[: self.count].cpu().numpy(), self._keys[: self.count])
+        trained.add(self.emb[: self.count].cpu().numpy(), self._keys[: self.count])
+        self.ivf = trained
         log.info(
-            "inverted file trained on %d faces: %d lists, %d read per probe (%.1f s)",
+            "inverted file in use: %d faces in %d lists, %d read per probe (filled in %.1f s)",
             self.count,
-            self.ivf.lists,
+            trained.lists,
             self.ann_probe,
             time.perf_counter() - t0,
         )
@@ -128,6 +167,7 @@ class CosineStage:
         among all faces, or among the inverted file's ``k`` candidates when it is in use and its
         lists hold at least ``k`` faces (else exact: never fewer answers)."""
         probe = probe.to(self.device).float()
+        self._adopt()
         if self.approximate:
             assert self.ivf is not None
             keys = self.ivf.search(probe.cpu().numpy(), k, self.ann_probe)
@@ -188,7 +228,7 @@ class GalleryIndex:
         """End of the start-up load: train the inverted file now if the gallery needs one."""
         with self._lock:
             self.cosine.defer_training = False
-            self.cosine.train_if_due()
+            self.cosine.train_if_due(wait=True)
 
     def _grow(self, needed: int) -> None:
         if needed <= self._capacity:

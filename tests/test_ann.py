@@ -48,6 +48,11 @@ def fill(index: GalleryIndex, emb: torch.Tensor, start: int = 0, chunk: int = 10
     return ids
 
 
+def settle(index: GalleryIndex) -> None:
+    """Let a training in flight finish and its file be adopted (the service adopts it at its next call)."""
+    index.cosine.train_if_due(wait=True)
+
+
 def search(index: GalleryIndex, probe: torch.Tensor, k: int) -> dict:
     return index.search(probe, torch.randn(512, 7, 7), torch.ones(7, 7), k)
 
@@ -80,6 +85,7 @@ def test_index_switches_to_the_inverted_file_at_the_threshold(qaconv: torch.nn.M
     fill(index, x[:300])
     assert index.describe() == {"method": "exact", "ann_min_faces": 400, "ann_lists": None, "ann_probe": 4}
     fill(index, x[300:], start=300)
+    settle(index)
     info = index.describe()
     assert info["method"] == "inverted_file" and info["ann_lists"] == 400 // 39  # trained on crossing 400
     # a face is its own nearest neighbour through the lists, with an exact cosine
@@ -106,6 +112,7 @@ def test_assignments_follow_deletions_and_later_enrolments(qaconv: torch.nn.Modu
     x, _ = clustered(40, 20)
     index = GalleryIndex(qaconv, torch.device("cpu"), torch.bfloat16, ann_min_faces=300, ann_probe=8)
     ids = fill(index, x[:500])
+    settle(index)
     assert index.approximate
     gone = ids[::3]
     index.remove(gone)
@@ -128,9 +135,11 @@ def test_retrains_after_the_gallery_grows_and_drops_back_to_exact_below_the_thre
     x, _ = clustered(50, 20)
     index = GalleryIndex(qaconv, torch.device("cpu"), torch.bfloat16, ann_min_faces=200, ann_probe=8)
     fill(index, x[:200])
+    settle(index)
     assert index.cosine.ivf is not None and index.cosine.ivf.trained_on == 200
     first = index.cosine.ivf
     fill(index, x[200 : 200 * ANN_REGROWTH], start=200)
+    settle(index)
     assert index.cosine.ivf is not first and index.cosine.ivf.trained_on == 200 * ANN_REGROWTH
     assert index.cosine.ivf.lists == min(lists_for(200 * ANN_REGROWTH), 200 * ANN_REGROWTH // 39)
     index.remove([f"f{i}" for i in range(200 * ANN_REGROWTH - 1)])
@@ -142,6 +151,7 @@ def test_too_few_candidates_fall_back_to_exact(qaconv: torch.nn.Module) -> None:
     x, _ = clustered(30, 10)
     index = GalleryIndex(qaconv, torch.device("cpu"), torch.bfloat16, ann_min_faces=100, ann_probe=1)
     fill(index, x)
+    settle(index)
     exact = GalleryIndex(qaconv, torch.device("cpu"), torch.bfloat16)
     fill(exact, x)
     k = 200
@@ -161,3 +171,17 @@ def test_a_gallery_loaded_at_start_up_is_trained_once_on_all_of_it(qaconv: torch
     index.finish_loading()
     assert index.cosine.ivf is not None and index.cosine.ivf.trained_on == len(x) and index.approximate
     assert search(index, x[123], 1)["face_ids"] == ["f123"]
+
+
+def test_training_runs_beside_the_service_and_the_next_call_switches_to_it(qaconv: torch.nn.Module) -> None:
+    x, _ = clustered(20, 50)
+    index = GalleryIndex(qaconv, torch.device("cpu"), torch.bfloat16, ann_min_faces=500, ann_probe=8)
+    fill(index, x[:500])
+    stage = index.cosine
+    training = stage._training
+    assert training is not None and stage.ivf is None  # started in its own thread; nothing switched yet
+    training.join()
+    assert stage.ivf is None and not index.approximate  # still exact until the owner's next call
+    fill(index, x[500:], start=500)  # that call adopts the file: every face, old and new, is in it
+    assert stage.ivf is not None and len(stage.ivf) == len(x) and stage.ivf.trained_on == 500
+    assert index.approximate and search(index, x[777], 1)["face_ids"] == ["f777"]
