@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -42,10 +40,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_gallery import rss_bytes  # noqa: E402
-from bench.bench_model import cpu_name, emit  # noqa: E402
+from bench.bench_gallery import machine_line, rss_bytes  # noqa: E402
+from bench.bench_model import emit  # noqa: E402
 from service.ann import lists_for  # noqa: E402
-from service.index import CosineStage  # noqa: E402
+from service.index import CosineStage, GalleryIndex  # noqa: E402
 
 SECTION = "## Approximate shortlist for large galleries (bench/bench_ann.py)"
 ROOT = Path(__file__).resolve().parents[1]
@@ -333,7 +331,6 @@ def graph_results(gallery: torch.Tensor, probes: torch.Tensor, truth: np.ndarray
 def identify_rows(model: FaceModel, faces: int, probes: int, shortlist: int, probe: int) -> list[str]:
     """/identify's gallery stages through the real GalleryIndex, exact against IVF, at ``faces``."""
     from model.net import build_model
-    from service.index import GalleryIndex
 
     qaconv = build_model("ir_18").qaconv.eval()
     gallery, probe_emb, _ = synthetic_gallery(model, faces, 2, probes, seed=1)
@@ -372,10 +369,7 @@ def identify_rows(model: FaceModel, faces: int, probes: int, shortlist: int, pro
     return rows
 
 
-def _fill(index: object, gallery: torch.Tensor, maps: torch.Tensor, occ: torch.Tensor) -> None:
-    from service.index import GalleryIndex
-
-    assert isinstance(index, GalleryIndex)
+def _fill(index: GalleryIndex, gallery: torch.Tensor, maps: torch.Tensor, occ: torch.Tensor) -> None:
     for s in range(0, len(gallery), 1000):
         n = min(1000, len(gallery) - s)
         ids = [f"{i:032x}" for i in range(s, s + n)]
@@ -429,12 +423,10 @@ def main() -> None:
         print(r.row(), flush=True)  # noqa: T201
     del gallery, sub
 
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     rows = [
         SECTION,
         "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()}, {os.cpu_count()} cores, {mem_gib:.0f} GiB; "
-        f"Python {platform.python_version()}, torch {torch.__version__}, {args.threads} threads.",
+        f"- {machine_line(args.threads)}",
         f"- Command: `python bench/bench_ann.py --out bench/RESULTS.md --faces {args.faces} "
         f"--probes {args.probes} --threads {args.threads}` (or `make bench-ann`).",
         f"- Synthetic gallery: {args.faces:,} faces, {args.faces_per_subject} per identity, face model {model.source}; "

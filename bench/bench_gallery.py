@@ -32,6 +32,15 @@ from service.store import FaceRecord  # noqa: E402
 SECTION = "## Gallery memory and exact search at scale (bench/bench_gallery.py)"
 
 
+def machine_line(threads: int) -> str:
+    """Date, CPU, cores, memory and software of a run, for a results section's first line."""
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()}, {os.cpu_count()} cores, {mem_gib:.0f} GiB; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, {threads} torch threads."
+    )
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -88,12 +97,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     rows = [
         SECTION,
         "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()}, {os.cpu_count()} cores, {mem_gib:.0f} GiB; "
-        f"Python {platform.python_version()}, torch {torch.__version__}, {args.threads} torch threads.",
+        f"- {machine_line(args.threads)}",
         f"- Command: `python bench/bench_gallery.py --out bench/RESULTS.md --faces {args.faces} "
         f"--seconds {args.seconds:g} --threads {args.threads}` (or `make bench-gallery`).",
         "",
