@@ -7,11 +7,11 @@ reads only its ``probe`` nearest lists. The index then re-scores the candidates 
 own fp32 embeddings, so the cosines it reports are exact and only recall is approximate.
 
 Chosen by measurement (bench/bench_ann.py, bench/RESULTS.md): against HNSW graphs (faiss,
-usearch) it builds a million faces in seconds instead of tens of minutes on two cores, so it
-needs no persistence beside the store (it is rebuilt whenever the index is loaded), and it
-supports deletion; against an inverted file over the index's own rows in torch it reads its
-lists contiguously, ~10x faster at the same recall, for 520 bytes per face (1% of a face's
-QAConv maps). faiss runs on the CPU whatever the model's device.
+usearch) it builds a million faces in 23 s instead of 12-15 minutes on two cores, so it needs no
+persistence beside the store (it is rebuilt whenever the index is loaded), and it supports
+deletion; against an inverted file over the index's own rows in torch it reads its lists
+contiguously, 17x faster at the same recall, for ~525 bytes per face (1% of a face's QAConv
+maps). faiss runs on the CPU whatever the model's device.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def training_sample(embeddings: np.ndarray | torch.Tensor, seed: int = 0) -> np.
 class InvertedFile:
     """faiss ``IndexIVFScalarQuantizer`` (inner product, 8-bit) keyed by stable int64 keys.
 
-    The owner (:class:`service.index.GalleryIndex`) gives each face a key that survives its slot
-    moving, and serialises calls under its own lock.
+    The owner (:class:`service.index.CosineStage`) gives each face a key that survives its slot
+    moving, and serialises calls.
     """
 
     def __init__(self, index: faiss.IndexIVFScalarQuantizer, trained_on: int) -> None:
