@@ -303,6 +303,10 @@ class TestGalleryAndIdentify:
             assert [x["subject"] for x in found["candidates"]] == ["eileen"]  # one list read, shortlist of one
             search = c.get("/info").json()["gallery_search"]
             assert search["method"] == "inverted_file" and search["ann_lists"] == 1 and search["ann_probe"] == 1
+        with TestClient(create_app(settings)) as c:  # a restart trains the file while loading, before ready
+            assert c.get("/info").json()["gallery_search"]["method"] == "inverted_file"
+            found = c.post("/identify", files=files(image=("a.png", photos["astronaut"])), data={"top_k": "5"}).json()
+            assert [x["subject"] for x in found["candidates"]] == ["eileen"]
 
     def test_heatmap_of_an_uploaded_photo_has_the_crop_size(self, client: TestClient, photos: dict[str, bytes]) -> None:
         r = client.post("/occlusion", files=files(image=("a.png", photos["astronaut"])), data={"scale": "3"})
