@@ -204,7 +204,6 @@ class GalleryIndex:
         self.channels = qaconv.num_features
         self.embedding_size = embedding_size
         self._lock = threading.RLock()
-        self.count = 0
         self._capacity = 0
         self.cosine = CosineStage(device, embedding_size, ann_min_faces, ann_probe)
         self._maps = torch.zeros(self.channels, 0, dtype=map_dtype, device=device)
@@ -212,6 +211,11 @@ class GalleryIndex:
         self.face_ids: list[str] = []
         self.subjects: list[str] = []
         self._slot: dict[str, int] = {}
+
+    @property
+    def count(self) -> int:
+        """Faces indexed: the cosine stage's count, which every add and remove goes through."""
+        return self.cosine.count
 
     def __len__(self) -> int:
         return self.count
@@ -223,6 +227,11 @@ class GalleryIndex:
     def describe(self) -> dict[str, Any]:
         """How /identify's cosine stage searches, for /info."""
         return self.cosine.describe()
+
+    def begin_loading(self) -> None:
+        """Start of the start-up load: hold the inverted file's training until :meth:`finish_loading`."""
+        with self._lock:
+            self.cosine.defer_training = True
 
     def finish_loading(self) -> None:
         """End of the start-up load: train the inverted file now if the gallery needs one."""
@@ -268,7 +277,6 @@ class GalleryIndex:
                 self._slot[fid] = start + i
             self.face_ids += face_ids
             self.subjects += subjects
-            self.count += n
 
     def __contains__(self, face_id: object) -> bool:
         return face_id in self._slot
@@ -305,7 +313,6 @@ class GalleryIndex:
                     self._slot[moved] = slot
                 self.face_ids.pop()
                 self.subjects.pop()
-                self.count -= 1
 
     def search(
         self, embedding: torch.Tensor, feature_map: torch.Tensor, occlusion: torch.Tensor, shortlist: int

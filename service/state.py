@@ -79,7 +79,7 @@ def load_index(store: GalleryStore, index: GalleryIndex, engine: Engine, chunk: 
     """Fill the in-memory index from the store, ``chunk`` faces at a time so memory stays bounded; the
     inverted file of a large gallery is trained once, on all of it, at the end."""
     batch: list[FaceRecord] = []
-    index.cosine.defer_training = True
+    engine.call_device(index.begin_loading)
     for face in store.iter_faces():
         batch.append(face)
         if len(batch) >= chunk:

@@ -165,7 +165,7 @@ def test_too_few_candidates_fall_back_to_exact(qaconv: torch.nn.Module) -> None:
 def test_a_gallery_loaded_at_start_up_is_trained_once_on_all_of_it(qaconv: torch.nn.Module) -> None:
     x, _ = clustered(20, 50)
     index = GalleryIndex(qaconv, torch.device("cpu"), torch.bfloat16, ann_min_faces=100, ann_probe=8)
-    index.cosine.defer_training = True  # what service.state.load_index does
+    index.begin_loading()  # what service.state.load_index does
     fill(index, x)  # crosses 100 and 4 x 100 without training
     assert index.cosine.ivf is None and index.describe()["method"] == "exact"
     index.finish_loading()
