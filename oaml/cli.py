@@ -19,9 +19,14 @@ def _cmd_import_adaface(args: argparse.Namespace) -> int:
     import torch
 
     from model.checkpoint import export_backbone, save_checkpoint
+    from model.errors import CheckpointError
     from model.training.adaface_import import import_adaface_ckpt
 
-    model, report = import_adaface_ckpt(args.ckpt, arch=args.arch)
+    try:
+        model, report = import_adaface_ckpt(args.ckpt, arch=args.arch)
+    except CheckpointError as exc:  # untrusted input: one line saying why, never a traceback
+        logger.error("cannot import %s: %s", args.ckpt, exc.message)
+        return 2
     meta = {
         "source": {"kind": "adaface-lightning", "file": Path(args.ckpt).name},
         "untrained_heads": report.missing_heads,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import pickle
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -148,6 +150,32 @@ class TestAdaFaceImport:
         import_adaface_ckpt(path)
         assert not marker.exists()
 
+    def test_code_in_a_legacy_checkpoint_is_never_executed(self, model: OAMLNet, tmp_path: Path) -> None:
+        """torch's legacy format read with a permissive pickle module runs the header pickles' code."""
+        marker = tmp_path / "pwned"
+        body = tmp_path / "legacy.ckpt"
+        state = {"state_dict": {"model.x": torch.zeros(1)}, "hyper_parameters": Exploit(marker)}
+        torch.save(state, body, _use_new_zipfile_serialization=False)
+        header = tmp_path / "header.ckpt"  # the magic-number pickle itself calls a function
+        header.write_bytes(pickle.dumps(Exploit(marker), protocol=2) + body.read_bytes()[2:])
+        for path in (body, header):
+            with pytest.raises(CheckpointError, match="cannot|refuse|not") as refused:
+                import_adaface_ckpt(path)
+            assert "\n" not in str(refused.value)
+        assert not marker.exists()
+
+    def test_torchscript_and_tar_archives_are_refused(self, model: OAMLNet, tmp_path: Path) -> None:
+        scripted = tmp_path / "scripted.ckpt"
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), scripted)
+        with pytest.raises(CheckpointError, match="TorchScript"):
+            import_adaface_ckpt(scripted)
+        archive, member = tmp_path / "legacy.tar", tmp_path / "storages"
+        member.write_bytes(b"\x80\x02" + bytes(64))
+        with tarfile.open(archive, "w") as tar:
+            tar.add(member, arcname="storages")
+        with pytest.raises(CheckpointError, match="tar archive"):
+            import_adaface_ckpt(archive)
+
     def test_wrong_architecture_is_a_clear_error(self, model: OAMLNet, tmp_path: Path) -> None:
         path = tmp_path / "ir18.ckpt"
         write_lightning_ckpt(model, path, {"arch": "ir_18"})
@@ -173,3 +201,16 @@ def test_cli_converts_an_adaface_checkpoint(model: OAMLNet, tmp_path: Path, caps
     capsys.readouterr()
     assert main(["info", str(out)]) == 0
     assert '"architecture": "ir_18"' in capsys.readouterr().out
+
+
+def test_cli_refuses_an_unsafe_checkpoint_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from oaml.cli import main
+
+    marker, src = tmp_path / "pwned", tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": Exploit(marker)}, src, _use_new_zipfile_serialization=False)
+    assert main(["import-adaface", str(src), str(tmp_path / "out.safetensors")]) == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0].getMessage() and str(src) in errors[0].getMessage()
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()

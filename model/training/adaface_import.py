@@ -1,17 +1,33 @@
 """Import of official AdaFace ``.ckpt`` files (training side: a backbone to fine-tune from).
 
-AdaFace's released checkpoints are PyTorch Lightning ``.ckpt`` pickles: backbone keys under the
-prefix ``model.``, the margin head under ``head.``. They are read with ``weights_only=True`` first;
-Lightning's pickled hyper-parameters often need classes that torch's safe loader refuses, so the
-fallback is a restricted unpickler that rebuilds tensors but turns every other global into an inert
-placeholder: no code from the file is ever run. The backbone loads strictly; the OAML heads are
-reported as untrained. ``oaml import-adaface`` writes the result in the serving format.
+AdaFace's released checkpoints are PyTorch Lightning ``.ckpt`` files (torch's zip format):
+backbone keys under the prefix ``model.``, the margin head under ``head.``. A checkpoint is
+untrusted input, and a pickle can name any function for the loader to call, so nothing in it
+may run:
+
+1. ``torch.load(weights_only=True)``: torch's own restricted reader (tensors and plain containers
+   only), for every format it knows (zip, legacy pickles).
+2. Lightning's pickled hyper-parameters often name classes that reader refuses. For a zip
+   checkpoint the fallback is this module's own reader: ``data.pkl`` is unpickled with an
+   unpickler whose every global is either on a short allow-list (tensor rebuilding,
+   ``OrderedDict``, ``torch.Size``, ``set``) or replaced by an inert placeholder, and tensors are
+   rebuilt from the archive's records by this module, never through ``torch.load`` with a
+   permissive pickle module (whose legacy path reads header pickles with plain ``pickle.load``).
+3. Anything else is refused with one line: TorchScript archives (``torch.load`` would hand them
+   to ``torch.jit.load``), tar archives, legacy pickles the safe reader refuses, big-endian
+   archives.
+
+The backbone loads strictly; the OAML heads are reported as untrained. ``oaml import-adaface``
+writes the result in the serving format.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
+import re
+import tarfile
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,7 +40,7 @@ from model.checkpoint import HEAD_PREFIXES
 from model.errors import CheckpointError
 from model.net import OAMLNet, build_model
 
-__all__ = ["ImportReport", "import_adaface_ckpt", "checkpoint_filter_fn"]
+__all__ = ["ImportReport", "import_adaface_ckpt", "checkpoint_filter_fn", "read_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +67,31 @@ class _Placeholder:
     def append(self, value: Any) -> None:  # list subclasses are rebuilt via APPENDS
         self.args = (*self.args, value)
 
+    def extend(self, values: Any) -> None:
+        self.args = (*self.args, *values)
 
+
+@dataclass(frozen=True)
+class _StorageType:
+    """What a pickled ``torch.FloatStorage`` (etc.) names: only the element type of a storage record."""
+
+    dtype: torch.dtype
+
+
+_STORAGE_TYPES = {
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+#: Callables the fallback reader may call: each builds a tensor or a plain container and nothing else.
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
@@ -61,49 +101,96 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
 }
-for _name in (
-    "FloatStorage",
-    "HalfStorage",
-    "BFloat16Storage",
-    "DoubleStorage",
-    "LongStorage",
-    "IntStorage",
-    "ByteStorage",
-    "BoolStorage",
-):
-    _ALLOWED_GLOBALS[("torch", _name)] = getattr(torch, _name)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    stubbed: set[str] = set()
+    """Allow-listed globals, storage-type markers, placeholders for everything else (never an import)."""
+
+    def __init__(self, file: io.BytesIO, records: zipfile.ZipFile, prefix: str) -> None:
+        super().__init__(file)
+        self.records, self.prefix = records, prefix
+        self.stubbed: set[str] = set()
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = _ALLOWED_GLOBALS.get((module, name))
         if allowed is not None:
             return allowed
-        type(self).stubbed.add(f"{module}.{name}")
+        if module == "torch" and name in _STORAGE_TYPES:
+            return _StorageType(_STORAGE_TYPES[name])
+        self.stubbed.add(f"{module}.{name}")
         return _Placeholder
 
+    def persistent_load(self, pid: Any) -> Any:
+        """A tensor's storage: ``('storage', type, key, location, numel)``, read from ``data/<key>``."""
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise CheckpointError(f"unsupported persistent id {str(pid)[:60]!r}")
+        _, kind, key, _location, numel = pid
+        if not isinstance(kind, _StorageType) or not isinstance(key, str) or not re.fullmatch(r"\w{1,64}", key):
+            raise CheckpointError(f"unsupported storage record {key!r}")
+        data = bytearray(self.records.read(f"{self.prefix}data/{key}"))
+        itemsize = torch.empty(0, dtype=kind.dtype).element_size()
+        if not isinstance(numel, int) or numel * itemsize != len(data):
+            raise CheckpointError(f"storage record {key!r} has {len(data)} bytes, not {numel} x {itemsize}")
+        untyped = torch.frombuffer(data, dtype=torch.uint8).untyped_storage() if data else torch.UntypedStorage(0)
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=kind.dtype, _internal=True)
 
-class _RestrictedPickleModule:
-    """Passed to ``torch.load(pickle_module=...)``: tensors load, nothing else executes."""
 
-    Unpickler = _RestrictedUnpickler
-    load = staticmethod(pickle.load)
-    __name__ = "oaml_restricted_pickle"
+def _archive_prefix(path: Path, records: zipfile.ZipFile) -> str:
+    """The folder holding ``data.pkl`` in a torch zip archive; refuses TorchScript and big-endian archives."""
+    names = records.namelist()
+    pickles = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
+    if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+        raise CheckpointError(f"{path} is a TorchScript archive (it carries code): refused")
+    if len(pickles) != 1:
+        raise CheckpointError(f"{path} is a zip file but not a torch checkpoint (no single data.pkl)")
+    prefix = pickles[0][: -len("data.pkl")]
+    if f"{prefix}byteorder" in names and records.read(f"{prefix}byteorder").strip() != b"little":
+        raise CheckpointError(f"{path} was written on a big-endian machine: refused")
+    return prefix
 
 
-def _load_lightning(path: Path) -> dict[str, Any]:
+def _read_zip(path: Path) -> tuple[Any, set[str]]:
+    """The object pickled in a torch zip archive, read by :class:`_RestrictedUnpickler`."""
+    with zipfile.ZipFile(path) as records:
+        prefix = _archive_prefix(path, records)
+        unpickler = _RestrictedUnpickler(io.BytesIO(records.read(f"{prefix}data.pkl")), records, prefix)
+        return unpickler.load(), unpickler.stubbed
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """The object in a torch checkpoint file, read without running anything the file names.
+
+    Raises:
+        CheckpointError: one line, when the file cannot be read safely (see the module docstring).
+    """
+    path = Path(path)
+    try:
+        if tarfile.is_tarfile(path):  # torch's legacy tar format extracts members to disk: never
+            raise CheckpointError(f"{path} is a tar archive, not a PyTorch checkpoint (zip or pickle)")
+        is_zip = zipfile.is_zipfile(path)
+        if is_zip:
+            with zipfile.ZipFile(path) as records:
+                _archive_prefix(path, records)  # TorchScript is refused before torch sees the file
+        elif not _is_legacy_pickle(path):
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (zip or pickle)")
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        logger.info(
-            "weights_only load of %s refused (%s); using the restricted unpickler", path, str(exc).splitlines()[0]
-        )
-    _RestrictedUnpickler.stubbed = set()
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
-    if _RestrictedUnpickler.stubbed:
-        logger.info("replaced non-tensor globals with placeholders: %s", sorted(_RestrictedUnpickler.stubbed))
+    except Exception as exc:  # torch's safe reader refused or failed: say why in one line
+        refused = " ".join(str(exc).split())[:200]
+    if not is_zip:
+        raise CheckpointError(f"{path}: a legacy pickle that torch's safe reader refuses ({refused}): not loaded")
+    logger.info("weights_only load of %s refused (%s); reading it with the restricted unpickler", path, refused)
+    try:
+        ckpt, stubbed = _read_zip(path)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # malformed pickle or archive: whatever the reason, one line
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CheckpointError(f"{path} cannot be read safely: {reason}") from exc
+    if stubbed:
+        logger.info("replaced non-tensor globals with inert placeholders: %s", sorted(stubbed))
     return ckpt
 
 
@@ -167,9 +254,7 @@ def import_adaface_ckpt(path: str | Path, arch: str | None = None) -> tuple[OAML
         CheckpointError: not a Lightning checkpoint, unknown architecture, or key mismatch.
     """
     path = Path(path)
-    if not zipfile.is_zipfile(path) and not _is_legacy_pickle(path):
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint")
-    ckpt = _load_lightning(path)
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} has no 'state_dict': not a Lightning checkpoint")
     backbone, head = checkpoint_filter_fn(ckpt["state_dict"])
