@@ -30,7 +30,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model.errors import FaceIndexError, ImageTooLargeError, InvalidImageError, MultipleFacesError, NoFaceError
+from model.errors import (
+    FaceIndexError,
+    ImageTooLargeError,
+    InvalidImageError,
+    MultipleFacesError,
+    NoFaceError,
+    UnsupportedImageFormatError,
+)
 
 __all__ = [
     "ARCFACE_TEMPLATE",
@@ -44,6 +51,7 @@ __all__ = [
     "FaceDetector",
     "FacePipeline",
     "decode_image",
+    "ACCEPTED_FORMATS",
     "load_image",
     "similarity_transform",
     "align_face",
@@ -78,21 +86,29 @@ _BGR_MEAN = np.array([104.0, 117.0, 123.0], dtype=np.float32)
 # -- decoding ----------------------------------------------------------------------------------
 
 
+#: The image formats decoded (Pillow's names), and nothing else: each is a common photo format with a
+#: small, well-exercised parser. Pillow can parse many more (EPS through Ghostscript, PSD, FITS, TIFF,
+#: GIF, ...); those parsers never see an upload.
+ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP")
+ACCEPTED_FORMATS_TEXT = "JPEG, PNG, WebP, BMP"
+
+
 def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
     """Decode image bytes to an RGB ``uint8`` array ``[H, W, 3]``.
 
-    EXIF orientation is applied; grayscale, palette, RGBA/LA (composited on white), CMYK, and 16-bit
-    or float images are converted. The pixel limit is checked from the header before any pixel data
-    is decoded, so a decompression bomb costs nothing.
+    Only :data:`ACCEPTED_FORMATS` are opened. EXIF orientation is applied; grayscale, palette,
+    RGBA/LA (composited on white), CMYK and 16-bit images are converted. The pixel limit is checked
+    from the header before any pixel data is decoded, so a decompression bomb costs nothing.
 
     Raises:
         InvalidImageError: not a decodable image.
+        UnsupportedImageFormatError: an image in a format outside :data:`ACCEPTED_FORMATS`.
         ImageTooLargeError: more than ``max_pixels`` pixels.
     """
     if not data:
         raise InvalidImageError("empty image data")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageTooLargeError(
@@ -110,11 +126,27 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise InvalidImageError("not a recognised image format (JPEG, PNG, WebP, BMP, GIF, TIFF)") from exc
+        other = _refused_format(data[:16])
+        if other is not None:
+            raise UnsupportedImageFormatError(
+                f"{other} images are not accepted (accepted: {ACCEPTED_FORMATS_TEXT})", format=other
+            ) from exc
+        raise InvalidImageError(f"not a recognised image (accepted: {ACCEPTED_FORMATS_TEXT})") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow's messages may embed a repr of the stream ("<_io.BytesIO object at 0x...>"): keep only the reason
         reason = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip() or type(exc).__name__
         raise InvalidImageError(f"cannot decode image: {reason}") from exc
+
+
+def _refused_format(prefix: bytes) -> str | None:
+    """The format Pillow would have parsed ``prefix`` as, outside the allow-list (its signature check only:
+    a comparison of the first bytes, no parser runs), or None for bytes no format claims."""
+    Image.init()
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        if name not in ACCEPTED_FORMATS and accept is not None and accept(prefix):
+            return name
+    return None
 
 
 def load_image(path: str | Path, max_pixels: int = 40_000_000) -> np.ndarray:

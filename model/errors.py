@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "OAMLError",
     "InvalidImageError",
+    "UnsupportedImageFormatError",
     "ImageTooLargeError",
     "NoFaceError",
     "MultipleFacesError",
@@ -32,6 +33,12 @@ class InvalidImageError(OAMLError, ValueError):
     """The bytes are not a decodable image (truncated, corrupt, unsupported format)."""
 
     code = "INVALID_IMAGE"
+
+
+class UnsupportedImageFormatError(OAMLError, ValueError):
+    """An image in a format the service does not decode (its parser is never run on uploads)."""
+
+    code = "UNSUPPORTED_MEDIA"
 
 
 class ImageTooLargeError(OAMLError, ValueError):

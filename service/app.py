@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 DESCRIPTION = """Occlusion-aware face verification and identification.
 
-Photos in (any size; faces are detected and aligned), answers out: a fused score of the AdaFace
+Photos in (JPEG, PNG, WebP or BMP, any size; faces are detected and aligned), answers out: a fused score of the AdaFace
 cosine and the occlusion-weighted QAConv local matcher, a calibrated probability, the threshold
 applied, and for each face its box, landmarks, quality and 7x7 visibility map (1 = visible).
 Errors are `application/problem+json` with a stable `code`.

@@ -235,6 +235,7 @@ class InfoResponse(BaseModel):
     )
     max_batch: int
     limits: dict[str, int]
+    image_formats: list[str] = Field(description="image formats decoded; any other is refused with 415")
 
 
 class HealthResponse(BaseModel):

@@ -468,7 +468,7 @@ async def identify(
 async def heatmap_of_face(state: AppState, face_id: str, scale: int) -> Heatmap:
     """An enrolled face's visibility map (over its crop when crops are stored, else over grey)."""
     record = await state.engine.run_cpu(state.store.face, face_id)
-    crop = np.asarray(Image.open(io.BytesIO(record.crop)).convert("RGB")) if record.crop else None
+    crop = np.asarray(Image.open(io.BytesIO(record.crop), formats=["JPEG"]).convert("RGB")) if record.crop else None
     png = await state.engine.run_cpu(heatmap_png, crop, record.occlusion, scale)
     return Heatmap(png, float(record.occlusion.mean()))
 

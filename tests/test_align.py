@@ -21,7 +21,14 @@ from model.align import (
     similarity_transform,
     to_input_tensor,
 )
-from model.errors import FaceIndexError, ImageTooLargeError, InvalidImageError, MultipleFacesError, NoFaceError
+from model.errors import (
+    FaceIndexError,
+    ImageTooLargeError,
+    InvalidImageError,
+    MultipleFacesError,
+    NoFaceError,
+    UnsupportedImageFormatError,
+)
 from tests.conftest import encode
 
 # Landmarks of the astronaut's face (RetinaFace, this detector), in the 512x512 image.
@@ -34,17 +41,34 @@ class TestDecode:
         assert out.dtype == np.uint8 and out.shape == (512, 512, 3)
         assert np.array_equal(out, astronaut)
 
-    @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "I", "F"])
+    @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16"])
     def test_every_common_mode_becomes_rgb(self, astronaut: np.ndarray, mode: str) -> None:
         img = Image.fromarray(astronaut)
         if mode == "I;16":
             img = Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257)
         else:
             img = img.convert(mode)
-        fmt = {"CMYK": "JPEG", "F": "TIFF", "I": "TIFF"}.get(mode, "PNG")
+        fmt = {"CMYK": "JPEG"}.get(mode, "PNG")
         out = decode_image(encode(img, fmt))
         assert out.shape == (512, 512, 3) and out.dtype == np.uint8
         assert 40 < out.mean() < 220  # not blown out or black after conversion
+
+    @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP"])
+    def test_the_accepted_formats_decode(self, astronaut: np.ndarray, fmt: str) -> None:
+        assert decode_image(encode(astronaut, fmt)).shape == (512, 512, 3)
+
+    @pytest.mark.parametrize("fmt", ["GIF", "TIFF", "EPS", "ICO", "PPM", "JPEG2000"])
+    def test_other_formats_are_refused_before_their_parser_runs(
+        self, astronaut: np.ndarray, fmt: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        data = encode(Image.fromarray(astronaut[:64, :64]), fmt)
+        Image.init()
+        opened: list[str] = []
+        factory, accept = Image.OPEN[fmt]
+        monkeypatch.setitem(Image.OPEN, fmt, (lambda *a, **k: opened.append(fmt) or factory(*a, **k), accept))
+        with pytest.raises(UnsupportedImageFormatError, match=f"{fmt} images are not accepted") as refused:
+            decode_image(data)
+        assert refused.value.code == "UNSUPPORTED_MEDIA" and opened == []
 
     def test_transparent_pixels_are_composited_on_white(self) -> None:
         rgba = np.zeros((8, 8, 4), dtype=np.uint8)

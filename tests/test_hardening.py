@@ -234,6 +234,30 @@ class TestInputs:
             body = problem_of(r, 400, "INVALID_IMAGE")
             assert body["field"] == "image_a" and "0x" not in body["detail"] and "<" not in body["detail"]
 
+    def test_formats_outside_the_allow_list_are_415_before_their_parser_runs(
+        self, client: TestClient, face_png: bytes, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from PIL import EpsImagePlugin, Image
+
+        parsed: list[str] = []
+        monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: parsed.append("EPS"))
+        eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 112 112\n"
+        gif = encode(Image.new("RGB", (64, 64)), "GIF")
+        for data, fmt in ((eps, "EPS"), (gif, "GIF")):
+            r = client.post(
+                "/verify",
+                files={"image_a": ("a.png", face_png, "image/png"), "image_b": ("b", data, "image/png")},
+                headers=MATCH,
+            )
+            body = problem_of(r, 415, "UNSUPPORTED_MEDIA")
+            assert body["field"] == "image_b" and fmt in body["detail"] and "PNG" in body["detail"]
+        enrol = client.post(
+            "/gallery", data={"subject": "eps"}, files=[("images", ("e.jpg", eps, "image/jpeg"))], headers=ADMIN
+        )
+        assert problem_of(enrol, 422, "NO_USABLE_FACE")["rejected"][0]["code"] == "UNSUPPORTED_MEDIA"
+        assert parsed == []
+        assert client.get("/info", headers=MATCH).json()["image_formats"] == ["JPEG", "PNG", "WEBP", "BMP"]
+
     def test_405_names_the_allowed_methods(self, client: TestClient) -> None:
         r = client.put("/verify", headers=MATCH)
         problem_of(r, 405, "METHOD_NOT_ALLOWED")

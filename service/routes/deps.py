@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request, UploadFile
 
-from model.align import FaceSelection
+from model.align import ACCEPTED_FORMATS_TEXT, FaceSelection
 from service.problems import ApiError
 from service.state import AppState
 from service.usecases import PairRequest, Photo
@@ -23,10 +23,13 @@ __all__ = [
     "pair_request",
     "parse_selection",
     "SUBJECT_PATTERN",
+    "PHOTO_FORMATS",
 ]
 
 SUBJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$"
 _ACCEPTED_TYPES = ("image/", "application/octet-stream")
+#: Said in every image field's description (OpenAPI): what is decoded, what is refused.
+PHOTO_FORMATS = f"{ACCEPTED_FORMATS_TEXT}; any other format is refused with 415 UNSUPPORTED_MEDIA before it is parsed"
 
 
 def get_state(request: Request) -> AppState:

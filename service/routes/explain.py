@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from service import usecases
 from service.problems import problem_responses
-from service.routes.deps import MatchRole, StateDep, pair_request
+from service.routes.deps import PHOTO_FORMATS, MatchRole, StateDep, pair_request
 from service.schemas import ExplainResponse
 
 __all__ = ["router"]
@@ -29,8 +29,8 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 @router.post("/explain", response_model=ExplainResponse, operation_id="explain", responses=RESPONSES)
 async def explain(
     state: StateDep,
-    image_a: Annotated[UploadFile, File(description="first photo")],
-    image_b: Annotated[UploadFile, File(description="second photo")],
+    image_a: Annotated[UploadFile, File(description=f"first photo ({PHOTO_FORMATS})")],
+    image_b: Annotated[UploadFile, File(description=f"second photo ({PHOTO_FORMATS})")],
     threshold: Annotated[str | None, Form(description="finite number (fused score), or preset")] = None,
     face_a: Annotated[str, Form(description="'largest', 'single' or a face index")] = "largest",
     face_b: Annotated[str, Form()] = "largest",

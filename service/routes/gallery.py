@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 
 from service import usecases
 from service.problems import ApiError, problem_responses
-from service.routes.deps import SUBJECT_PATTERN, AdminRole, StateDep, parse_selection, read_photo
+from service.routes.deps import PHOTO_FORMATS, SUBJECT_PATTERN, AdminRole, StateDep, parse_selection, read_photo
 from service.schemas import DeleteResponse, EnrolResponse, SubjectDetail, SubjectPage
 
 __all__ = ["router"]
@@ -65,7 +65,9 @@ def _metadata(raw: str | None) -> dict[str, Any] | None:
 async def enrol(
     state: StateDep,
     subject: Annotated[str, Form(pattern=SUBJECT_PATTERN, description="subject id: letters, digits, . _ @ : + -")],
-    images: Annotated[list[UploadFile], File(min_length=1, description="one or more photos of the subject")],
+    images: Annotated[
+        list[UploadFile], File(min_length=1, description=f"one or more photos of the subject ({PHOTO_FORMATS})")
+    ],
     name: Annotated[str | None, Form(max_length=256)] = None,
     metadata: Annotated[str | None, Form(description="JSON object stored with the subject")] = None,
     face: Annotated[

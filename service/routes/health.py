@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from model.align import ACCEPTED_FORMATS
 from model.calibration import PRESETS, PRIOR
 from model.embedder import precision_name
 from service.problems import ApiError
@@ -91,4 +92,5 @@ async def info(state: StateDep) -> InfoResponse:
             "max_image_pixels": settings.max_image_pixels,
             "max_images_per_request": settings.max_images_per_request,
         },
+        image_formats=list(ACCEPTED_FORMATS),
     )

@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 
 from service import usecases
 from service.problems import problem_responses
-from service.routes.deps import MatchRole, StateDep, parse_selection, read_photo
+from service.routes.deps import PHOTO_FORMATS, MatchRole, StateDep, parse_selection, read_photo
 from service.schemas import IdentifyResponse
 
 __all__ = ["router"]
@@ -21,7 +21,7 @@ router = APIRouter(tags=["match"], dependencies=[MatchRole])
 )
 async def identify(
     state: StateDep,
-    image: Annotated[UploadFile, File()],
+    image: Annotated[UploadFile, File(description=f"the probe photo ({PHOTO_FORMATS})")],
     top_k: Annotated[int, Form(ge=1, le=100)] = 5,
     threshold: Annotated[str | None, Form()] = None,
     face: Annotated[str, Form()] = "largest",

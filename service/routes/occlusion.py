@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from service import usecases
 from service.problems import problem_responses
-from service.routes.deps import AdminRole, MatchRole, StateDep, parse_selection, read_photo
+from service.routes.deps import PHOTO_FORMATS, AdminRole, MatchRole, StateDep, parse_selection, read_photo
 
 __all__ = ["router"]
 
@@ -50,7 +50,7 @@ async def occlusion_of_face(
 )
 async def occlusion_of_photo(
     state: StateDep,
-    image: Annotated[UploadFile, File()],
+    image: Annotated[UploadFile, File(description=f"a photo ({PHOTO_FORMATS})")],
     face: Annotated[str, Form()] = "largest",
     aligned: Annotated[bool, Form()] = False,
     scale: Annotated[int, Form(ge=1, le=8)] = 2,

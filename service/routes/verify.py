@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 
 from service import usecases
 from service.problems import problem_responses
-from service.routes.deps import MatchRole, StateDep, pair_request
+from service.routes.deps import PHOTO_FORMATS, MatchRole, StateDep, pair_request
 from service.schemas import VerifyResponse
 
 __all__ = ["router"]
@@ -21,8 +21,8 @@ router = APIRouter(tags=["match"], dependencies=[MatchRole])
 )
 async def verify(
     state: StateDep,
-    image_a: Annotated[UploadFile, File(description="first photo")],
-    image_b: Annotated[UploadFile, File(description="second photo")],
+    image_a: Annotated[UploadFile, File(description=f"first photo ({PHOTO_FORMATS})")],
+    image_b: Annotated[UploadFile, File(description=f"second photo ({PHOTO_FORMATS})")],
     threshold: Annotated[
         str | None, Form(description="finite number (fused score), or preset: lenient, balanced, strict")
     ] = None,
