@@ -1,6 +1,8 @@
 # OAML service image.
 #   CPU:  docker build -t oaml .
-#   GPU:  docker build --build-arg TORCH_INDEX= -t oaml:gpu .   then   docker run --gpus all -p 8000:8000 oaml:gpu
+#   GPU:  docker build --build-arg TORCH_INDEX= -t oaml:gpu .   then   docker run --gpus all -p 8000:8000 -e OAML_API_KEYS=key:admin oaml:gpu
+# The image listens on 0.0.0.0, so it refuses to start without OAML_API_KEYS (-e OAML_API_KEYS=key:admin)
+# unless OAML_ALLOW_UNAUTHENTICATED=true says that an open service is meant.
 # The GPU build takes PyPI's default torch wheel, which carries its own CUDA runtime libraries; the
 # host's NVIDIA driver reaches the container through the NVIDIA container toolkit (`--gpus all`), so
 # the same slim Python base serves both.

@@ -75,6 +75,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             state.follower.start()
         state.ready = True
         app.state.oaml = state
+        if not settings.authenticated:
+            logger.warning(
+                "authentication is off (OAML_API_KEYS is empty): whoever reaches %s:%d may enrol, delete and read "
+                "faces%s",
+                settings.host,
+                settings.port,
+                " (allowed by OAML_ALLOW_UNAUTHENTICATED)" if settings.allow_unauthenticated else "",
+            )
         logger.info(
             "OAML ready in %.1fs: model %s on %s, %d faces of %d subjects",
             time.perf_counter() - started,

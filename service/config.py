@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from functools import lru_cache
@@ -11,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings", "usable_cores", "DEFAULT_WEIGHTS"]
+__all__ = ["Settings", "get_settings", "usable_cores", "is_loopback", "DEFAULT_WEIGHTS"]
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "oaml_ir18.safetensors"
 
@@ -82,6 +83,13 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated; empty disables CORS"
     )
+    allow_unauthenticated: bool = Field(
+        False,
+        description=(
+            "serve without API keys on an address other than loopback: an explicit choice, since anyone who can "
+            "reach the port may then enrol, delete and read the gallery"
+        ),
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
@@ -151,11 +159,32 @@ class Settings(BaseSettings):
                 f"queue_size (OAML_QUEUE_SIZE={self.queue_size}) must hold the faces of one request ({largest}: "
                 "OAML_MAX_IMAGES_PER_REQUEST, and /verify's two faces); otherwise such requests are refused forever"
             )
+        if not self.api_keys and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise ValueError(
+                f"listening on {self.host} without API keys would let anyone who reaches the port enrol, delete "
+                "and read faces: set OAML_API_KEYS (key:admin,key2:match), or OAML_ALLOW_UNAUTHENTICATED=true to "
+                "serve without authentication on purpose"
+            )
         return self
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether requests need an API key."""
+        return bool(self.api_keys)
 
     def key_roles(self) -> dict[str, str]:
         """API key -> role (``admin`` unless the entry names ``match``)."""
         return {key: role or "admin" for key, _, role in (entry.partition(":") for entry in self.api_keys)}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (127.0.0.0/8, ::1, ``localhost``)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 def usable_cores() -> int:

@@ -178,6 +178,37 @@ def test_a_gallery_in_an_unwritable_place_stops_start_up_with_one_line(weights: 
     assert "cannot start" in lines[0] and str(blocker / "gallery") in lines[0]
 
 
+def test_listening_beyond_loopback_without_keys_is_an_explicit_choice(weights: Path, tmp_path: Path) -> None:
+    for host in ("0.0.0.0", "::", "192.168.1.20", "oaml.example.com"):
+        with pytest.raises(ValidationError, match="OAML_API_KEYS.*OAML_ALLOW_UNAUTHENTICATED"):
+            Settings(weights=weights, data_dir=tmp_path, host=host)
+        Settings(weights=weights, data_dir=tmp_path, host=host, api_keys="k:admin")  # type: ignore[arg-type]
+        Settings(weights=weights, data_dir=tmp_path, host=host, allow_unauthenticated=True)
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"):
+        Settings(weights=weights, data_dir=tmp_path, host=host)
+    proc = start_server(weights, tmp_path, free_port(), OAML_HOST="0.0.0.0")
+    out = proc.finish()
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in out, out
+    assert "cannot start" in lines[0] and "OAML_API_KEYS" in lines[0] and "OAML_ALLOW_UNAUTHENTICATED" in lines[0]
+
+
+def test_the_log_warns_whenever_authentication_is_off(
+    weights: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level("WARNING", logger="service.app"),
+        TestClient(create_app(Settings(weights=weights, data_dir=tmp_path))),
+    ):
+        pass
+    assert any("authentication is off" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    keyed = Settings(weights=weights, data_dir=tmp_path, api_keys="k:admin")  # type: ignore[arg-type]
+    with caplog.at_level("WARNING", logger="service.app"), TestClient(create_app(keyed)):
+        pass
+    assert not any("authentication is off" in r.getMessage() for r in caplog.records)
+
+
 def test_settings_that_contradict_each_other_stop_start_up(weights: Path, tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="queue_size"):
         Settings(weights=weights, data_dir=tmp_path, queue_size=1)
