@@ -70,6 +70,11 @@ class TestDecode:
             decode_image(data)
         assert refused.value.code == "UNSUPPORTED_MEDIA" and opened == []
 
+    @pytest.mark.parametrize("junk", [b"Z", b"\xff", b"Z\xc2\x90", b"\x00\x01", b"plain text"])
+    def test_short_or_unknown_bytes_are_an_invalid_image(self, junk: bytes) -> None:
+        with pytest.raises(InvalidImageError, match="not a recognised image"):
+            decode_image(junk)
+
     def test_transparent_pixels_are_composited_on_white(self) -> None:
         rgba = np.zeros((8, 8, 4), dtype=np.uint8)
         out = decode_image(encode(Image.fromarray(rgba, "RGBA")))
