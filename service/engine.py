@@ -4,15 +4,16 @@ What runs where:
 
 - The event loop parses requests and awaits; it never runs model code or tensor ops.
 - ``cpu_pool`` threads decode photos, prepare them for the detector, decode its output and align
-  faces (OpenCV, Pillow and onnxruntime release the GIL), render heatmaps and talk to the SQLite
-  store. On a CPU-only host they also run the detector network (onnxruntime, faster there).
+  faces (OpenCV, Pillow and onnxruntime release the GIL) and render heatmaps. On a CPU-only host
+  they also run the detector network (onnxruntime, faster there). The gallery's store has threads
+  of its own (:mod:`service.gallery`), so a slow database never takes these.
 - The worker thread runs everything that touches the model's device: embedding batches, the
   detector network when it runs in torch on the model's device (``OAML_DETECTOR_BACKEND``; the
   default on a GPU), pair scoring (QAConv), and gallery-index search, insertion and removal
   (:meth:`Engine.run_device`, :meth:`Engine.call_device`). One owner means no two threads race
   for the device or its threads, and a GPU sees one ordered stream of work.
 
-Batching: ``await engine.embed(crops)`` queues the crops (``await engine.detect(image)`` its
+Batching: ``await engine.embed(crops)`` queues the crops (``await engine.detect_one(photo)`` its
 prepared photo); the worker takes the first waiting job, keeps collecting until ``max_batch``
 faces (or photos) or ``max_wait_ms`` after that first job, runs one forward pass per kind
 (detector, then embedder) and resolves each request's future. Device calls (scoring, index updates:
@@ -80,7 +81,7 @@ class FaceFeatures:
 
 @dataclass
 class _Job:
-    """Faces to embed."""
+    """Faces to embed; each holds a place in the queue until its batch has run."""
 
     crops: np.ndarray  # [n, 112, 112, 3]
     future: Future[list[FaceFeatures]]
@@ -88,6 +89,11 @@ class _Job:
     @property
     def size(self) -> int:
         return len(self.crops)
+
+    @property
+    def places(self) -> int:
+        """Places in the queue this job releases when it is done."""
+        return self.size
 
 
 @dataclass
@@ -100,6 +106,10 @@ class _DetectJob:
     @property
     def size(self) -> int:
         return len(self.inputs)
+
+    @property
+    def places(self) -> int:
+        return 0  # the photo's place is held by detect_one, from admission to its aligned face
 
 
 @dataclass
@@ -216,17 +226,26 @@ class Engine:
         return self.detector.backend == "torch"
 
     async def detect_one(self, data: bytes, select: FaceSelection) -> AlignedFace:
-        """Decode a photo, find its faces and align the one ``select`` picks (see :class:`FacePipeline`)."""
-        if not self.batched_detection:
-            return await self.run_cpu(self._align_one, data, select)
-        image = await self.run_cpu(self.decode, data)
-        faces = await self.detect(image)
-        return await self.run_cpu(self.pipeline.align_selected, image, faces, select)
+        """Decode a photo, find its faces and align the one ``select`` picks (see :class:`FacePipeline`).
+
+        The photo takes a place in the queue before any of that starts, whichever backend detects it, and
+        holds it until its face is aligned: a full queue answers 503 at once instead of piling photos up
+        behind the detection workers.
+        """
+        self._admit(1)
+        try:
+            if not self.batched_detection:
+                return await self.run_cpu(self._align_one, data, select)
+            image = await self.run_cpu(self.decode, data)
+            faces = await self._detect(image)
+            return await self.run_cpu(self.pipeline.align_selected, image, faces, select)
+        finally:
+            self._release(1)
 
     def _align_one(self, data: bytes, select: FaceSelection) -> AlignedFace:
         return self.pipeline.align_one(self.decode(data), select)
 
-    async def detect(self, image: np.ndarray) -> list[DetectedFace]:
+    async def _detect(self, image: np.ndarray) -> list[DetectedFace]:
         """:meth:`FaceDetector.detect` with the network pass batched on the worker thread."""
         faces = await self._detect_pass(image, pad=False)
         if not faces and self.detector.retry_padded(image):
@@ -235,7 +254,6 @@ class Engine:
 
     async def _detect_pass(self, image: np.ndarray, pad: bool) -> list[DetectedFace]:
         inp = await self.run_cpu(self.detector.prepare, image, pad)
-        self._admit(1)
         future: Future[list[DetectorOutput]] = Future()
         self._queue.put(_DetectJob([inp], future))
         (out,) = await asyncio.wrap_future(future)
@@ -330,7 +348,7 @@ class Engine:
             if job.future.set_running_or_notify_cancel():
                 live.append(job)
             else:  # its request went away
-                self._release(job.size)
+                self._release(job.places)
         return live
 
     def _execute(self, jobs: list[Any], run: Callable[[list[Any]], list[Any]], stats: BatchStats, what: str) -> None:
@@ -349,7 +367,7 @@ class Engine:
         stats.record(size, time.perf_counter() - started)
         offset = 0
         for job in live:
-            self._release(job.size)
+            self._release(job.places)
             if error is not None:
                 job.future.set_exception(error)
             else:
