@@ -37,7 +37,7 @@ from bench.bench_model import cpu_name, emit  # noqa: E402
 from model.checkpoint import read_metadata  # noqa: E402
 from service.config import DEFAULT_WEIGHTS  # noqa: E402
 from service.index import GalleryIndex  # noqa: E402
-from service.store import FaceRecord, SQLiteGalleryStore  # noqa: E402
+from service.store import Enrolment, FaceRecord, SQLiteGalleryStore  # noqa: E402
 
 SECTION = "## Service (bench/bench_service.py)"
 
@@ -84,24 +84,23 @@ def fill_store(data_dir: Path, model_version: str, count: int, channels: int) ->
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         maps = rng.normal(size=(n, channels, 7, 7)).astype(np.float16)
         occ = rng.uniform(0.6, 1.0, size=(n, 7, 7)).astype(np.float32)
-        for j in range(0, n, 2):  # two faces per synthetic subject
-            store.upsert_subject(f"synthetic{(start + j) // 2:06d}", None, None)
-        store.add_faces(
-            [
-                FaceRecord(
-                    f"syn{start + j:07d}",
-                    f"synthetic{(start + j) // 2:06d}",
-                    emb[j],
-                    maps[j],
-                    occ[j],
-                    20.0,
-                    0.0,
-                    0.99,
-                    None,
-                    now,
-                )
-                for j in range(n)
-            ]
+        faces = [
+            FaceRecord(
+                f"syn{start + j:07d}",
+                f"synthetic{(start + j) // 2:06d}",
+                emb[j],
+                maps[j],
+                occ[j],
+                20.0,
+                0.0,
+                0.99,
+                None,
+                now,
+            )
+            for j in range(n)
+        ]
+        store.enrol_many(  # two faces per synthetic subject, a thousand faces per transaction
+            [Enrolment(f.subject, None, None, faces[j : j + 2]) for j, f in enumerate(faces) if j % 2 == 0]
         )
     store.close()
 

@@ -19,14 +19,25 @@ __all__ = [
 
 
 class OAMLError(Exception):
-    """Base class: ``code`` is stable across releases, the message is for people."""
+    """Base class: ``code`` is stable across releases, the message is for people.
+
+    ``message`` and ``details`` may reach a client (an HTTP error body); ``internal`` never does: it
+    holds what only the operator should read (a database path or address, a driver's own words) and
+    goes to the log, or into the one line a failed start-up prints (:attr:`full`).
+    """
 
     code = "OAML_ERROR"
 
-    def __init__(self, message: str, **details: object) -> None:
+    def __init__(self, message: str, *, internal: str | None = None, **details: object) -> None:
         super().__init__(message)
         self.message = message
+        self.internal = internal
         self.details = details
+
+    @property
+    def full(self) -> str:
+        """The message with the operator's detail, for logs and start-up failures."""
+        return f"{self.message} ({self.internal})" if self.internal else self.message
 
 
 class InvalidImageError(OAMLError, ValueError):

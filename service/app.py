@@ -19,11 +19,13 @@ from fastapi.openapi.utils import get_openapi
 
 from service.config import Settings, get_settings
 from service.engine import Engine
+from service.errors import GalleryStoreError
+from service.gallery import Gallery
 from service.guard import RequestGuard
 from service.index import GalleryIndex
 from service.problems import Problem, install_handlers, problem_responses
 from service.routes import protected, public
-from service.state import AppState, Metrics, apply_changes, load_index, open_store
+from service.state import AppState, Metrics, open_store
 from service.store_pg import ChangeFollower, PostgresGalleryStore
 
 __all__ = ["create_app"]
@@ -51,9 +53,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         await asyncio.to_thread(eng.warm_up)
         store = await asyncio.to_thread(open_store, settings, eng.model_version)
         store.check_version()  # a gallery from other weights stops start-up with a clear message
-        store.check_writable()  # so does a gallery that cannot record enrolments
-        # shared store: note where the change log stands before loading, and follow from there
-        since = store.last_seq() if isinstance(store, PostgresGalleryStore) else 0
         index = GalleryIndex(
             eng.model.qaconv,
             eng.device,
@@ -62,17 +61,29 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             ann_min_faces=settings.ann_min_faces,
             ann_probe=settings.ann_probe,
         )
-        faces = await asyncio.to_thread(load_index, store, index, eng)
+        gallery = Gallery(store, index, eng, timeout_s=settings.store_timeout_s)
+        try:
+            await asyncio.to_thread(store.check_writable)
+        except GalleryStoreError as exc:  # full disk, read-only mount: serve matching, refuse writes
+            gallery.mark_read_only(exc.full)
+        follower: ChangeFollower | None = None
+        if isinstance(store, PostgresGalleryStore):
+            # registered (at the change log's end) before loading: nothing after is pruned until it is applied
+            shared = store
+            follower = await asyncio.to_thread(
+                ChangeFollower,
+                shared,
+                lambda changes: gallery.apply_changes(shared, changes),
+                lambda: gallery.resync(shared),
+                settings.gallery_poll_s,
+                settings.replica_stale_s,
+            )
+        faces = await asyncio.to_thread(gallery.load)
         metrics = Metrics(settings.max_batch)
         eng.stats.hooks.append(metrics.on_batch)
-        subjects, _ = store.subjects(0, 10**9)
-        state = AppState(settings, eng, store, index, metrics, names={s.subject: s.name for s in subjects})
-        if isinstance(store, PostgresGalleryStore):
-            shared = store
-            state.follower = ChangeFollower(
-                shared, lambda changes: apply_changes(state, shared, changes), since, settings.gallery_poll_s
-            )
-            state.follower.start()
+        state = AppState(settings, eng, gallery, metrics, follower=follower)
+        if follower is not None:
+            follower.start()
         state.ready = True
         app.state.oaml = state
         if not settings.authenticated:
@@ -84,21 +95,22 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 " (allowed by OAML_ALLOW_UNAUTHENTICATED)" if settings.allow_unauthenticated else "",
             )
         logger.info(
-            "OAML ready in %.1fs: model %s on %s, %d faces of %d subjects",
+            "OAML ready in %.1fs: model %s on %s, %d faces of %d subjects%s",
             time.perf_counter() - started,
             eng.model_version,
             eng.device,
             faces,
-            len(subjects),
+            len(gallery.names),
+            "" if gallery.writable else " (read-only)",
         )
         try:
             yield
         finally:
             state.ready = False
-            if state.follower is not None:
-                state.follower.stop()
+            if follower is not None:
+                follower.stop()
             eng.stop()
-            store.close()
+            gallery.close()
 
     app = FastAPI(title="OAML", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings

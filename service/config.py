@@ -34,6 +34,20 @@ class Settings(BaseSettings):
     gallery_poll_s: float = Field(
         1.0, gt=0, le=60, description="with gallery_url: longest wait between catch-ups when no notification arrives"
     )
+    replica_stale_s: float = Field(
+        600.0,
+        ge=10,
+        description=(
+            "with gallery_url: how long a silent replica holds back the pruning of the change log (one that "
+            "comes back later reconciles its index with the database)"
+        ),
+    )
+    store_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=120,
+        description="longest wait of a gallery write (queue, write lock, connection) before 503 STORE_UNAVAILABLE",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: fp16 on CUDA, bf16 on CPUs with bf16 support, else fp32"

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from model.errors import OAMLError
 
-__all__ = ["Overloaded", "SubjectNotFound", "FaceNotFound", "GalleryVersionError", "GalleryStoreError"]
+__all__ = [
+    "Overloaded",
+    "SubjectNotFound",
+    "FaceNotFound",
+    "GalleryVersionError",
+    "GalleryStoreError",
+    "GalleryReadOnly",
+    "IdempotencyKeyReused",
+]
 
 
 class Overloaded(OAMLError):
@@ -39,3 +47,16 @@ class GalleryStoreError(OAMLError, RuntimeError):
     """The gallery's database cannot be opened or written (read-only folder, full disk, ...)."""
 
     code = "STORE_UNAVAILABLE"
+
+
+class GalleryReadOnly(OAMLError, RuntimeError):
+    """The gallery could not be written at start-up (full disk, read-only mount): matching is served,
+    enrolments and deletions are refused until a write succeeds again."""
+
+    code = "STORE_READ_ONLY"
+
+
+class IdempotencyKeyReused(OAMLError, ValueError):
+    """An ``Idempotency-Key`` already answered a different request."""
+
+    code = "IDEMPOTENCY_KEY_REUSED"

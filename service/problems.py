@@ -38,12 +38,14 @@ STATUS: dict[str, int] = {
     "MULTIPLE_FACES": 422,
     "FACE_INDEX_OUT_OF_RANGE": 422,
     "NO_USABLE_FACE": 422,
+    "IDEMPOTENCY_KEY_REUSED": 422,
     "VALIDATION_ERROR": 422,
     "GALLERY_EMPTY": 409,
     "OVERLOADED": 503,
     "NOT_READY": 503,
     "GALLERY_VERSION_MISMATCH": 503,
     "STORE_UNAVAILABLE": 503,
+    "STORE_READ_ONLY": 503,
     "INTERNAL_ERROR": 500,
 }
 
@@ -124,7 +126,9 @@ def install_handlers(app: FastAPI) -> None:
         return problem(exc.code, exc.detail, **exc.extra)
 
     @app.exception_handler(OAMLError)
-    async def _domain(_: Request, exc: OAMLError) -> JSONResponse:
+    async def _domain(request: Request, exc: OAMLError) -> JSONResponse:
+        if exc.internal:  # the operator's detail (paths, addresses, driver text) stays in the log
+            logger.warning("%s on %s %s: %s", exc.code, request.method, request.url.path, exc.internal)
         extra = {k: v for k, v in exc.details.items() if isinstance(v, (int, float, str)) and k != "status"}
         return problem(exc.code, exc.message, **extra)
 

@@ -229,6 +229,9 @@ class InfoResponse(BaseModel):
         ),
     )
     gallery_search: GallerySearchInfo
+    gallery_writable: bool = Field(
+        description="false while the gallery is read-only: enrolments and deletions answer 503 STORE_READ_ONLY"
+    )
     detector: str
     detector_backend: str = Field(
         description="`onnxruntime` (CPU, per photo in the detection workers) or `torch` (on `device`, batched)"
@@ -241,3 +244,12 @@ class InfoResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: str
     detail: str | None = None
+
+
+class ReadyResponse(HealthResponse):
+    gallery_writable: bool = Field(
+        description=(
+            "false while the gallery is read-only (its database could not be written at start-up): matching is "
+            "served, enrolments and deletions answer 503 STORE_READ_ONLY until a write succeeds"
+        ),
+    )

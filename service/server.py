@@ -81,8 +81,7 @@ def preflight(settings: Settings) -> None:
         raise OAMLError(f"cannot read the weights {settings.weights}: {exc.strerror or exc}") from exc
     store = open_store(settings, card.model_version)
     try:
-        store.check_version()
-        store.check_writable()
+        store.check_version()  # a store that cannot be written is served read-only (see service.gallery)
     finally:
         store.close()
 
@@ -92,7 +91,7 @@ def serve(settings: Settings) -> int:
     try:
         preflight(settings)
     except OAMLError as exc:
-        logging.getLogger("oaml").error("cannot start: %s", exc.message)
+        logging.getLogger("oaml").error("cannot start: %s", exc.full)
         return 2
     protocol = type("OAMLH11Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout": settings.header_timeout})
     config = uvicorn.Config(

@@ -1,21 +1,20 @@
-"""Application state owned by the lifespan: engine, store, index, metrics. No module-level globals."""
+"""Application state owned by the lifespan: engine, gallery (store, index, names), metrics. No module-level globals."""
 
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.config import Settings
 from service.engine import Engine
-from service.errors import SubjectNotFound
+from service.gallery import Gallery
 from service.index import GalleryIndex
-from service.store import FaceRecord, GalleryStore, SQLiteGalleryStore
-from service.store_pg import Change, ChangeFollower, PostgresGalleryStore
+from service.store import SQLiteGalleryStore
+from service.store_pg import ChangeFollower, PostgresGalleryStore
 
-__all__ = ["Metrics", "AppState", "open_store", "load_index", "apply_changes"]
+__all__ = ["Metrics", "AppState", "open_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,51 +58,22 @@ class Metrics:
 class AppState:
     settings: Settings
     engine: Engine
-    store: GalleryStore
-    index: GalleryIndex
+    gallery: Gallery
     metrics: Metrics
-    names: dict[str, str | None] = field(default_factory=dict)  # subject -> display name
-    enrol_lock: threading.Lock = field(default_factory=threading.Lock)
     ready: bool = False
     follower: ChangeFollower | None = None  # with a shared (PostgreSQL) store: applies other replicas' changes
+
+    @property
+    def index(self) -> GalleryIndex:
+        return self.gallery.index
+
+    @property
+    def names(self) -> dict[str, str | None]:
+        return self.gallery.names
 
 
 def open_store(settings: Settings, model_version: str) -> SQLiteGalleryStore | PostgresGalleryStore:
     """The configured store of record: PostgreSQL when ``gallery_url`` is set, else SQLite in ``data_dir``."""
     if settings.gallery_url:
-        return PostgresGalleryStore(settings.gallery_url, model_version)
-    return SQLiteGalleryStore(settings.data_dir / "gallery.sqlite3", model_version)
-
-
-def load_index(store: GalleryStore, index: GalleryIndex, engine: Engine, chunk: int = 2048) -> int:
-    """Fill the in-memory index from the store, ``chunk`` faces at a time so memory stays bounded; the
-    inverted file of a large gallery is trained once, on all of it, at the end."""
-    batch: list[FaceRecord] = []
-    engine.call_device(index.begin_loading)
-    for face in store.iter_faces():
-        batch.append(face)
-        if len(batch) >= chunk:
-            engine.call_device(index.add_records, batch)
-            batch = []
-    engine.call_device(index.add_records, batch)
-    engine.call_device(index.finish_loading)
-    return len(index)
-
-
-def apply_changes(state: AppState, store: PostgresGalleryStore, changes: list[Change]) -> None:
-    """Bring this replica's index and subject names up to ``changes`` (other replicas' and its own).
-
-    Idempotent: a face this replica already indexed is not added twice, a face it already removed
-    is not removed twice. Faces are read from the store when their ``add`` is applied; one deleted
-    since is no longer there, so catching up never resurrects a deletion.
-    """
-    removed = {c.face_id for c in changes if c.op == "delete" and c.face_id}
-    wanted = [c.face_id for c in changes if c.op == "add" and c.face_id and c.face_id not in removed]
-    records = store.faces_by_id([fid for fid in wanted if fid not in state.index])
-    state.engine.call_device(state.index.remove, sorted(removed))
-    state.engine.call_device(state.index.add_records, records)
-    for subject in sorted({c.subject for c in changes}):
-        try:
-            state.names[subject] = store.subject(subject).name
-        except SubjectNotFound:
-            state.names.pop(subject, None)
+        return PostgresGalleryStore(settings.gallery_url, model_version, timeout_s=settings.store_timeout_s)
+    return SQLiteGalleryStore(settings.data_dir / "gallery.sqlite3", model_version, timeout_s=settings.store_timeout_s)

@@ -7,17 +7,24 @@ changes the others make through a change log:
   (``seq``, ``op``, ``subject``, ``face_id``) and sends ``NOTIFY oaml_gallery`` (delivered at
   commit). The lock makes ``seq`` order equal commit order, so a follower that has applied every
   change up to ``seq`` never skips a later-committed lower number. Enrolments are few next to
-  reads; one writer at a time is what SQLite does too.
+  reads; one writer at a time is what SQLite does too. A writer waits at most ``timeout_s`` for
+  the lock (``lock_timeout``) and for a connection, then fails (503 ``STORE_UNAVAILABLE``): one
+  stuck writer cannot freeze the others for longer than that.
 - :class:`ChangeFollower` holds a ``LISTEN`` connection and, on each notification (or every
   ``poll_s`` seconds, in case one was lost), reads the changes after the last it applied: an
   indexed range scan of the log, never a scan of the gallery. After a dropped connection or a
   restart it reconnects and catches up from the same place.
 - Changes are applied in order and a face is read from ``oaml_faces`` when its ``add`` is
   applied: a face deleted since is not there, so a replica catching up never resurrects it.
+- The log holds subject and face ids, so it is pruned: each replica records in
+  ``oaml_replicas`` the last change it applied, and entries every live replica has applied are
+  deleted (within a second or two of the last replica applying them). A replica silent for
+  ``stale_after_s`` stops holding the log back; should it come back, it finds the log pruned past
+  its position (``oaml_meta.pruned_through``) and reconciles its index with the faces table.
 
-An enrolment is acknowledged after its transaction commits (``synchronous_commit`` as the server
-is configured: on by default), so it survives ``kill -9`` of any replica. Schema changes are
-versioned migrations (``oaml_migrations``) applied at start-up under an advisory lock, so
+An enrolment is one transaction, acknowledged after it commits (``synchronous_commit`` as the
+server is configured: on by default), so it survives ``kill -9`` of any replica. Schema changes
+are versioned migrations (``oaml_migrations``) applied at start-up under an advisory lock, so
 replicas starting together apply each once.
 """
 
@@ -25,17 +32,33 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from service.errors import FaceNotFound, GalleryStoreError, GalleryVersionError, SubjectNotFound
-from service.store import FACE_COLUMNS, FaceRecord, SubjectRecord, face_from_row, face_row
+from service.store import (
+    BUSY,
+    FACE_COLUMNS,
+    IDEMPOTENCY_TTL_S,
+    READ_FAILED,
+    WRITE_FAILED,
+    EnrolCommit,
+    Enrolment,
+    FaceRecord,
+    Render,
+    StoredAnswer,
+    SubjectRecord,
+    face_from_row,
+    face_row,
+)
 
-__all__ = ["PostgresGalleryStore", "Change", "ChangeFollower", "MIGRATIONS", "CHANNEL"]
+__all__ = ["PostgresGalleryStore", "Change", "ChangeLogGap", "ChangeFollower", "MIGRATIONS", "CHANNEL", "redacted"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +92,20 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    (
+        2,
+        """
+        CREATE TABLE oaml_idempotency (
+            key text PRIMARY KEY, request_hash text NOT NULL, subject text NOT NULL, response text NOT NULL,
+            created_at double precision NOT NULL
+        );
+        CREATE INDEX oaml_idempotency_created ON oaml_idempotency(created_at);
+        CREATE INDEX oaml_idempotency_subject ON oaml_idempotency(subject);
+        CREATE TABLE oaml_replicas (
+            replica text PRIMARY KEY, seq bigint NOT NULL, seen_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 )
 
 
@@ -82,37 +119,49 @@ class Change:
     face_id: str | None
 
 
+class ChangeLogGap(Exception):
+    """The log no longer reaches back to a follower's position (pruned while it was away)."""
+
+    def __init__(self, seq: int, pruned_through: int) -> None:
+        super().__init__(f"change log pruned through {pruned_through}, follower at {seq}")
+        self.seq, self.pruned_through = seq, pruned_through
+
+
 class PostgresGalleryStore:
     """The :class:`service.store.GalleryStore` on a PostgreSQL server (psycopg 3, a connection pool).
 
     Args:
         url: ``postgresql://user:password@host:port/database`` (libpq URL or key-value string).
         model_version: the served weights' version; faces of other versions are refused.
-        pool_size: most connections this replica holds (reads run in the service's CPU threads).
+        pool_size: most connections this replica holds (reads, writes and the follower's catch-ups).
+        timeout_s: the longest a write waits for the gallery's write lock, and any call for a connection.
     """
 
-    def __init__(self, url: str, model_version: str, pool_size: int = 4) -> None:
+    def __init__(self, url: str, model_version: str, pool_size: int = 8, timeout_s: float = 5.0) -> None:
+        self.url = url
+        self.model_version = model_version
+        self.timeout_s = timeout_s
+        self.path = redacted(url)  # named in logs and start-up failures, without a password
         try:
             import psycopg
             from psycopg_pool import ConnectionPool, PoolTimeout
         except ImportError as exc:
             raise GalleryStoreError(
-                "OAML_GALLERY_URL needs the PostgreSQL driver: pip install -e '.[postgres]'", path=_redacted(url)
+                "OAML_GALLERY_URL needs the PostgreSQL driver: pip install -e '.[postgres]'", internal=self.path
             ) from exc
 
-        self.url = url
-        self.model_version = model_version
-        self.path = _redacted(url)  # named in errors and logs, without a password
         self._errors: tuple[type[BaseException], ...] = (psycopg.Error, PoolTimeout, OSError)
+        self._lock_errors: tuple[type[BaseException], ...] = (psycopg.errors.LockNotAvailable, PoolTimeout)
         try:
             with psycopg.connect(url, connect_timeout=5):  # fail fast, in one line, when the server is not there
                 pass
-            self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, timeout=10)
+            self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, timeout=timeout_s)
             self._pool.open(wait=True, timeout=10)
             self.migrate()
         except self._errors as exc:
-            reason = " ".join(str(exc).split())  # libpq's messages span lines
-            raise GalleryStoreError(f"cannot open the gallery {self.path}: {reason}", path=self.path) from exc
+            raise GalleryStoreError(
+                "cannot open the gallery database", internal=f"{self.path}: {_one_line(exc)}"
+            ) from exc
 
     # -- schema ------------------------------------------------------------------------------
 
@@ -137,20 +186,26 @@ class PostgresGalleryStore:
     @contextmanager
     def _read(self) -> Iterator[Any]:
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection(timeout=self.timeout_s) as conn:
                 yield conn
         except self._errors as exc:
-            raise GalleryStoreError(f"cannot read the gallery {self.path}: {exc}", path=self.path) from exc
+            raise GalleryStoreError(READ_FAILED, internal=f"reading {self.path}: {_one_line(exc)}") from exc
 
     @contextmanager
     def _write(self) -> Iterator[Any]:
-        """A transaction holding the gallery's write lock; it notifies followers when it logged changes."""
+        """A transaction holding the gallery's write lock, waited for at most ``timeout_s``; it notifies
+        followers when it logged changes."""
         try:
-            with self._pool.connection() as conn, conn.transaction():
+            with self._pool.connection(timeout=self.timeout_s) as conn, conn.transaction():
+                ms = str(int(self.timeout_s * 1000))
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (ms,))
+                conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(int(ms) * 6),))
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
                 yield conn
+        except self._lock_errors as exc:
+            raise GalleryStoreError(BUSY, internal=f"writing {self.path}: {_one_line(exc)}") from exc
         except self._errors as exc:
-            raise GalleryStoreError(f"cannot write the gallery {self.path}: {exc}", path=self.path) from exc
+            raise GalleryStoreError(WRITE_FAILED, internal=f"writing {self.path}: {_one_line(exc)}") from exc
 
     @staticmethod
     def _log(conn: Any, changes: list[tuple[str, str, str | None]]) -> None:
@@ -163,7 +218,7 @@ class PostgresGalleryStore:
     # -- GalleryStore ------------------------------------------------------------------------
 
     def check_writable(self) -> None:
-        """Write and commit one row, so a read-only role fails start-up instead of every enrolment."""
+        """Write and commit one row, so a read-only role or a full disk is known at start-up."""
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO oaml_meta(key, value) VALUES ('last_opened', %s) "
@@ -176,30 +231,67 @@ class PostgresGalleryStore:
             versions = {r[0] for r in conn.execute("SELECT DISTINCT model_version FROM oaml_faces").fetchall()}
         if versions - {self.model_version}:
             raise GalleryVersionError(
-                f"gallery {self.path} holds faces embedded by model version(s) {sorted(versions)}, "
-                f"but the service runs {self.model_version}; use a new database, or serve the matching weights"
+                f"the gallery holds faces embedded by model version(s) {sorted(versions)}, but the service runs "
+                f"{self.model_version}; use a new database, or serve the matching weights",
+                internal=self.path,
             )
 
-    def upsert_subject(self, subject: str, name: str | None, metadata: dict[str, Any] | None) -> None:
+    def enrol(
+        self, enrolment: Enrolment, key: str | None = None, request_hash: str = "", render: Render | None = None
+    ) -> EnrolCommit:
+        """The subject and its faces in one transaction; with ``key``, also the answer (``render(total)``),
+        unless the key has answered before: then that answer, and nothing is written."""
         with self._write() as conn:
-            conn.execute(
-                "INSERT INTO oaml_subjects(subject, name, metadata, created_at) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (subject) DO UPDATE SET name = COALESCE(excluded.name, oaml_subjects.name), "
-                "metadata = CASE WHEN %s THEN excluded.metadata ELSE oaml_subjects.metadata END",
-                (subject, name, json.dumps(metadata or {}), time.time(), metadata is not None),
-            )
-            self._log(conn, [("subject", subject, None)])
+            if key is not None:
+                row = conn.execute(
+                    "SELECT request_hash, response FROM oaml_idempotency WHERE key = %s", (key,)
+                ).fetchone()
+                if row is not None:
+                    return EnrolCommit(replayed=StoredAnswer(row[0], row[1]))
+            self._write_enrolment(conn, enrolment)
+            total = conn.execute("SELECT COUNT(*) FROM oaml_faces WHERE subject = %s", (enrolment.subject,)).fetchone()[
+                0
+            ]
+            body = render(total) if render is not None else None
+            if key is not None and body is not None:
+                now = time.time()
+                conn.execute("DELETE FROM oaml_idempotency WHERE created_at < %s", (now - IDEMPOTENCY_TTL_S,))
+                conn.execute(
+                    "INSERT INTO oaml_idempotency(key, request_hash, subject, response, created_at) "
+                    "VALUES (%s, %s, %s, %s, %s)",
+                    (key, request_hash, enrolment.subject, body, now),
+                )
+        return EnrolCommit(total_faces=int(total), body=body)
 
-    def add_faces(self, faces: list[FaceRecord]) -> None:
-        if not faces:
-            return
+    def enrol_many(self, enrolments: Sequence[Enrolment]) -> None:
+        """Several enrolments in one transaction (bulk imports, benchmarks)."""
         with self._write() as conn:
+            for enrolment in enrolments:
+                self._write_enrolment(conn, enrolment)
+
+    def _write_enrolment(self, conn: Any, e: Enrolment) -> None:
+        conn.execute(
+            "INSERT INTO oaml_subjects(subject, name, metadata, created_at) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (subject) DO UPDATE SET name = COALESCE(excluded.name, oaml_subjects.name), "
+            "metadata = CASE WHEN %s THEN excluded.metadata ELSE oaml_subjects.metadata END",
+            (e.subject, e.name, json.dumps(e.metadata or {}), time.time(), e.metadata is not None),
+        )
+        if e.faces:
             with conn.cursor() as cur:
                 cur.executemany(
                     f"INSERT INTO oaml_faces({FACE_COLUMNS}) VALUES ({', '.join(['%s'] * 13)})",
-                    [face_row(f, self.model_version) for f in faces],
+                    [face_row(f, self.model_version) for f in e.faces],
                 )
-            self._log(conn, [("add", f.subject, f.face_id) for f in faces])
+        self._log(conn, [("subject", e.subject, None)] + [("add", e.subject, f.face_id) for f in e.faces])
+
+    def answer_for(self, key: str) -> StoredAnswer | None:
+        """The answer recorded under ``key`` (within :data:`~service.store.IDEMPOTENCY_TTL_S`), if any."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT request_hash, response FROM oaml_idempotency WHERE key = %s AND created_at >= %s",
+                (key, time.time() - IDEMPOTENCY_TTL_S),
+            ).fetchone()
+        return StoredAnswer(row[0], row[1]) if row is not None else None
 
     def delete_subject(self, subject: str) -> list[str]:
         with self._write() as conn:
@@ -207,6 +299,7 @@ class PostgresGalleryStore:
                 raise SubjectNotFound(f"subject {subject!r} is not enrolled")
             deleted = conn.execute("DELETE FROM oaml_faces WHERE subject = %s RETURNING face_id", (subject,))
             ids = [r[0] for r in deleted]
+            conn.execute("DELETE FROM oaml_idempotency WHERE subject = %s", (subject,))
             conn.execute("DELETE FROM oaml_subjects WHERE subject = %s", (subject,))
             self._log(conn, [("delete", subject, fid) for fid in ids] + [("subject", subject, None)])
         return ids
@@ -266,6 +359,11 @@ class PostgresGalleryStore:
             ).fetchall()
         return [face_from_row(r) for r in rows]
 
+    def face_ids(self) -> set[str]:
+        """Every enrolled face's id (a replica reconciling its index after a gap in the change log)."""
+        with self._read() as conn:
+            return {r[0] for r in conn.execute("SELECT face_id FROM oaml_faces").fetchall()}
+
     def iter_faces(self) -> Iterator[FaceRecord]:
         """Every face in enrolment order, streamed through a server-side cursor (bounded memory)."""
         with self._read() as conn, conn.transaction(), conn.cursor(name="oaml_faces_scan") as cur:
@@ -274,13 +372,70 @@ class PostgresGalleryStore:
             for row in cur:
                 yield face_from_row(row)
 
+    # -- the change log ----------------------------------------------------------------------
+
+    #: the newest committed change's number, also when pruning has emptied the log (0 for none)
+    _LAST_SEQ = (
+        "SELECT GREATEST(COALESCE((SELECT MAX(seq) FROM oaml_changes), 0), "
+        "COALESCE((SELECT value::bigint FROM oaml_meta WHERE key = 'pruned_through'), 0))"
+    )
+
     def last_seq(self) -> int:
         """The newest change's number (0 for none): a follower started from it misses nothing after."""
         with self._read() as conn:
-            return int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM oaml_changes").fetchone()[0])
+            return int(conn.execute(self._LAST_SEQ).fetchone()[0])
+
+    def register(self, replica: str) -> int:
+        """Enter ``replica`` in ``oaml_replicas`` at the newest change and return that change's number: the
+        log is not pruned past it until this replica reports having applied more (:meth:`heartbeat`)."""
+        with self._write() as conn:
+            row = conn.execute(
+                f"INSERT INTO oaml_replicas(replica, seq, seen_at) SELECT %s, ({self._LAST_SEQ}), now() "
+                "ON CONFLICT (replica) DO UPDATE SET seq = excluded.seq, seen_at = now() RETURNING seq",
+                (replica,),
+            ).fetchone()
+        return int(row[0])
+
+    def heartbeat(self, replica: str, seq: int, stale_after_s: float) -> int:
+        """Record that ``replica`` has applied every change through ``seq``; forget replicas silent for
+        ``stale_after_s``; delete the entries every remaining replica has applied. Returns how many."""
+        with self._read() as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO oaml_replicas(replica, seq, seen_at) VALUES (%s, %s, now()) "
+                "ON CONFLICT (replica) DO UPDATE SET seq = excluded.seq, seen_at = now()",
+                (replica, seq),
+            )
+            conn.execute(
+                "DELETE FROM oaml_replicas WHERE seen_at < now() - make_interval(secs => %s)", (stale_after_s,)
+            )
+            horizon = conn.execute("SELECT MIN(seq) FROM oaml_replicas").fetchone()[0]
+            if horizon is None:
+                return 0
+            pruned = conn.execute("DELETE FROM oaml_changes WHERE seq <= %s", (horizon,)).rowcount
+            if pruned:
+                conn.execute(
+                    "INSERT INTO oaml_meta(key, value) VALUES ('pruned_through', %s) ON CONFLICT (key) DO UPDATE "
+                    "SET value = GREATEST(oaml_meta.value::bigint, excluded.value::bigint)::text",
+                    (str(horizon),),
+                )
+        return int(pruned)
+
+    def notify(self) -> None:
+        """Wake every follower (each reads the log once)."""
+        with self._read() as conn:
+            conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+
+    def deregister(self, replica: str) -> None:
+        """``replica`` stops (a clean shutdown): it no longer holds the log back."""
+        with self._read() as conn:
+            conn.execute("DELETE FROM oaml_replicas WHERE replica = %s", (replica,))
 
     def changes_since(self, seq: int, limit: int = 10_000) -> list[Change]:
+        """The changes after ``seq``, in order; :class:`ChangeLogGap` when the log was pruned past it."""
         with self._read() as conn:
+            row = conn.execute("SELECT value FROM oaml_meta WHERE key = 'pruned_through'").fetchone()
+            if row is not None and int(row[0]) > seq:
+                raise ChangeLogGap(seq, int(row[0]))
             rows = conn.execute(
                 "SELECT seq, op, subject, face_id FROM oaml_changes WHERE seq > %s ORDER BY seq LIMIT %s",
                 (seq, limit),
@@ -298,22 +453,44 @@ class ChangeFollower:
         store: the store to read changes and faces from.
         apply: called with each run of new changes, in ``seq`` order, from this follower's thread;
             it must be idempotent for changes this replica made itself.
-        since: the ``seq`` already reflected locally (:meth:`PostgresGalleryStore.last_seq` taken
-            before the index was loaded).
+        resync: called when the log was pruned past this replica's position (it was silent for
+            longer than ``stale_after_s``): bring the index in line with the faces table.
         poll_s: the longest wait between catch-ups when no notification arrives (a lost one, a
             dropped connection): the bound on how stale this replica can be while the database is up.
+        stale_after_s: how long a silent replica holds back the log's pruning.
+        replica: this replica's name in ``oaml_replicas`` (default: a fresh one).
     """
 
+    #: a replica reports its position at least this often, even when nothing changes
+    HEARTBEAT_S = 10.0
+
     def __init__(
-        self, store: PostgresGalleryStore, apply: Callable[[list[Change]], None], since: int, poll_s: float = 1.0
+        self,
+        store: PostgresGalleryStore,
+        apply: Callable[[list[Change]], None],
+        resync: Callable[[], None] | None = None,
+        poll_s: float = 1.0,
+        stale_after_s: float = 600.0,
+        replica: str | None = None,
     ) -> None:
         self.store = store
         self.apply = apply
-        self.seq = since
+        self.resync = resync
+        self.replica = replica or f"replica-{uuid.uuid4().hex[:12]}"
+        try:
+            self.seq = store.register(self.replica)
+        except GalleryStoreError as exc:  # a read-only database: follow from the end, prune nothing
+            logger.warning(
+                "replica %s not registered (%s): the change log is not pruned for it", self.replica, exc.full
+            )
+            self.seq = store.last_seq()
         self.poll_s = poll_s
+        self.stale_after_s = stale_after_s
         self.connected = False
         self.listener_pid: int | None = None
         self.reconnects = 0
+        self.resyncs = 0
+        self._reported = (self.seq, time.monotonic())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="oaml-gallery-follower", daemon=True)
 
@@ -322,18 +499,50 @@ class ChangeFollower:
 
     def stop(self) -> None:
         self._stop.set()
+        try:  # wake the listener now rather than at its next poll (the other replicas just read the log once more)
+            self.store.notify()
+        except GalleryStoreError:
+            pass
         self._thread.join(timeout=5 + self.poll_s)
+        try:
+            self.store.deregister(self.replica)
+        except GalleryStoreError as exc:
+            logger.warning("could not deregister replica %s: %s", self.replica, exc.full)
 
     def catch_up(self) -> int:
         """Apply every change after :attr:`seq`; returns how many."""
         applied = 0
         while True:
-            changes = self.store.changes_since(self.seq)
+            try:
+                changes = self.store.changes_since(self.seq)
+            except ChangeLogGap as gap:
+                logger.warning("gallery change log pruned past this replica (%s): reconciling the index", gap)
+                position = self.store.last_seq()
+                if self.resync is not None:
+                    self.resync()
+                self.seq, self.resyncs = max(position, gap.pruned_through), self.resyncs + 1
+                continue
             if not changes:
+                self._report()
                 return applied
             self.apply(changes)
             self.seq = changes[-1].seq
             applied += len(changes)
+
+    def _report(self) -> None:
+        """Tell the store how far this replica is (when it moved, or every :attr:`HEARTBEAT_S`), which lets
+        it prune what every replica has applied."""
+        seq, at = self._reported
+        if seq == self.seq and time.monotonic() - at < self.HEARTBEAT_S:
+            return
+        try:
+            pruned = self.store.heartbeat(self.replica, self.seq, self.stale_after_s)
+        except GalleryStoreError as exc:  # e.g. a read-only database: following matters more than pruning
+            logger.warning("replica %s could not report its position: %s", self.replica, exc.full)
+            pruned = 0
+        self._reported = (self.seq, time.monotonic())
+        if pruned:
+            logger.debug("pruned %d change log entries every replica has applied", pruned)
 
     def _run(self) -> None:
         import psycopg
@@ -354,7 +563,8 @@ class ChangeFollower:
                     break
                 self.connected = False
                 self.reconnects += 1
-                logger.warning("gallery follower lost %s (%s); reconnecting in %.1fs", self.store.path, exc, backoff)
+                reason = exc.full if isinstance(exc, GalleryStoreError) else _one_line(exc)
+                logger.warning("gallery follower lost %s (%s); reconnecting in %.1fs", self.store.path, reason, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             except Exception:  # a bug in apply: log it and keep following rather than go silently stale
@@ -363,15 +573,17 @@ class ChangeFollower:
         self.connected = False
 
 
-def _redacted(url: str) -> str:
-    """The URL without its password, for messages."""
-    from urllib.parse import urlsplit, urlunsplit
+def _one_line(exc: BaseException) -> str:
+    """A driver's message on one line (libpq's span several), without any password it might quote."""
+    return redacted(" ".join(str(exc).split())) or type(exc).__name__
 
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<PostgreSQL URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
+
+_KEY_VALUE_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
+
+
+def redacted(text: str) -> str:
+    """``text`` (a libpq URL, a key-value connection string, or a message quoting one) without passwords:
+    in a URL's user part (``user:secret@``), as a query parameter (``?password=secret``) or as a key-value
+    pair (``password=secret``)."""
+    text = re.sub(r"(postgres(?:ql)?://[^:/?#@\s]*:)[^@/?#\s]*@", r"\1***@", text)
+    return _KEY_VALUE_PASSWORD.sub(r"\1***", text)

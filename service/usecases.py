@@ -2,16 +2,19 @@
 
 Routes own HTTP (form fields, uploads, status codes); these functions own the decisions: which
 face to use, how scores are fused and thresholded, how candidates are ranked, which faces are
-good enough to enrol, and the order in which an enrolment becomes durable and searchable. Device
-work goes through the engine's worker (:meth:`service.engine.Engine.run_device`); blocking work
-(decoding, detection, the SQLite store, rendering) through its CPU pool.
+good enough to enrol, and what an enrolment answers. Device work goes through the engine's worker
+(:meth:`service.engine.Engine.run_device`); decoding, detection and rendering through its CPU pool;
+the store through the gallery's own threads (:class:`service.gallery.Gallery`), which keep the
+store, the index and the names in step and bound every wait.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +23,17 @@ import numpy as np
 from PIL import Image
 
 from model.align import FaceSelection
-from model.errors import OAMLError
+from model.errors import (
+    FaceIndexError,
+    ImageTooLargeError,
+    InvalidImageError,
+    MultipleFacesError,
+    NoFaceError,
+    OAMLError,
+    UnsupportedImageFormatError,
+)
 from service.engine import FaceFeatures
+from service.errors import IdempotencyKeyReused
 from service.problems import ApiError
 from service.render import explanation_png, heatmap_png
 from service.schemas import (
@@ -44,12 +56,14 @@ from service.schemas import (
     VerifyResponse,
 )
 from service.state import AppState
-from service.store import FaceRecord, new_face_id
+from service.store import Enrolment, FaceRecord, StoredAnswer, new_face_id
 
 __all__ = [
     "Photo",
     "PairRequest",
     "Heatmap",
+    "Enrolled",
+    "PER_PHOTO_ERRORS",
     "verify",
     "explain",
     "enrol",
@@ -272,6 +286,50 @@ def _evidence(
 # -- gallery ---------------------------------------------------------------------------------
 
 
+#: Errors that make one photo unusable (enrolment lists it among the rejected and goes on); any other error
+#: (an overloaded queue, an unavailable store) fails the whole request.
+PER_PHOTO_ERRORS: tuple[type[OAMLError], ...] = (
+    InvalidImageError,
+    UnsupportedImageFormatError,
+    ImageTooLargeError,
+    NoFaceError,
+    MultipleFacesError,
+    FaceIndexError,
+)
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    """An enrolment's answer; ``replayed`` when it is the stored answer to an earlier request with its key."""
+
+    response: EnrolResponse
+    replayed: bool = False
+
+
+def _fingerprint(
+    subject: str,
+    photos: list[Photo],
+    name: str | None,
+    metadata: dict[str, Any] | None,
+    select: FaceSelection,
+    aligned: bool,
+) -> str:
+    """What makes two enrolment requests the same request (an ``Idempotency-Key`` must not answer another)."""
+    digest = hashlib.sha256(json.dumps([subject, name, metadata, select, aligned], sort_keys=True).encode())
+    for photo in photos:
+        digest.update(hashlib.sha256(photo.data).digest())
+        digest.update((photo.error.code if photo.error is not None else "").encode())
+    return digest.hexdigest()
+
+
+def _replay(answer: StoredAnswer, request_hash: str) -> Enrolled:
+    if answer.request_hash != request_hash:
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key already answered a different enrolment request; use a new key for a new request"
+        )
+    return Enrolled(EnrolResponse.model_validate_json(answer.body), replayed=True)
+
+
 async def enrol(
     state: AppState,
     subject: str,
@@ -280,15 +338,24 @@ async def enrol(
     metadata: dict[str, Any] | None,
     select: FaceSelection,
     aligned: bool,
-) -> EnrolResponse:
+    idempotency_key: str | None = None,
+) -> Enrolled:
     """Enrol every usable face of ``photos``; list the others in ``rejected`` with a code.
 
     A face is usable when one was found as ``select`` asks, it is at least ``min_face_size``
-    wide and its quality reaches ``min_quality``. The enrolment is durable (committed to the
-    store) before it is searchable (added to the index), and both happen before it is
-    acknowledged.
+    wide and its quality reaches ``min_quality``. The subject and its faces are one transaction,
+    durable (committed to the store) before they are searchable (added to the index), and both
+    happen before the answer, which is built from what was committed. With an ``idempotency_key``
+    the answer is stored in the same transaction, and a request repeating the key gets that answer
+    again instead of a second enrolment.
     """
-    settings = state.settings
+    settings, gallery = state.settings, state.gallery
+    request_hash = ""
+    if idempotency_key is not None:
+        request_hash = _fingerprint(subject, photos, name, metadata, select, aligned)
+        earlier = await gallery.read(gallery.store.answer_for, idempotency_key)
+        if earlier is not None:
+            return _replay(earlier, request_hash)
     rejected: list[RejectedImage] = []
 
     def reject(i: int, code: str, reason: str) -> None:
@@ -297,10 +364,10 @@ async def enrol(
     async def one(i: int) -> tuple[int, _Face] | None:
         try:
             face = await _find_face(state, photos[i], select, aligned)
-        except ApiError as exc:
+        except ApiError as exc:  # the upload itself (type, size, empty)
             reject(i, exc.code, exc.detail)
             return None
-        except OAMLError as exc:
+        except PER_PHOTO_ERRORS as exc:
             reject(i, exc.code, exc.message)
             return None
         box = face.detection["box"]
@@ -349,29 +416,31 @@ async def enrol(
     if not records:
         raise ApiError("NO_USABLE_FACE", "no image held a usable face", rejected=[r.model_dump() for r in rejected])
 
-    def commit() -> int:
-        with state.enrol_lock:  # store first (durable), then the index: an acknowledged face is on disk
-            state.store.upsert_subject(subject, name, metadata)
-            state.store.add_faces(records)
-            state.engine.call_device(state.index.add_records, records)
-            if name is not None or subject not in state.names:
-                state.names[subject] = name if name is not None else state.names.get(subject)
-            return state.store.subject(subject).faces
+    def answer(total: int) -> str:
+        """The answer, from what the transaction wrote (runs inside it, holding the gallery's writer lock)."""
+        stored_name = name if name is not None else gallery.names.get(subject)
+        return EnrolResponse(
+            subject=subject, name=stored_name, faces=enrolled, rejected=rejected, total_faces=total
+        ).model_dump_json()
 
-    total = await state.engine.run_cpu(commit)
-    return EnrolResponse(
-        subject=subject, name=state.names.get(subject), faces=enrolled, rejected=rejected, total_faces=total
+    done = await gallery.write(
+        gallery.commit, Enrolment(subject, name, metadata, records), idempotency_key, request_hash, answer
     )
+    if done.replayed is not None:  # a concurrent request with the same key committed first
+        return _replay(done.replayed, request_hash)
+    assert done.body is not None
+    return Enrolled(EnrolResponse.model_validate_json(done.body))
 
 
 async def list_subjects(state: AppState, offset: int, limit: int) -> SubjectPage:
-    rows, total = await state.engine.run_cpu(state.store.subjects, offset, limit)
+    rows, total = await state.gallery.read(state.gallery.store.subjects, offset, limit)
     return SubjectPage(subjects=[SubjectSummary(**vars(r)) for r in rows], total=total, offset=offset, limit=limit)
 
 
 async def get_subject(state: AppState, subject: str) -> SubjectDetail:
-    record = await state.engine.run_cpu(state.store.subject, subject)
-    faces = await state.engine.run_cpu(state.store.faces_of, subject)
+    gallery = state.gallery
+    record = await gallery.read(gallery.store.subject, subject)
+    faces = await gallery.read(gallery.store.faces_of, subject)
     return SubjectDetail(
         **vars(record),
         face_list=[
@@ -389,23 +458,12 @@ async def get_subject(state: AppState, subject: str) -> SubjectDetail:
 
 
 async def delete_subject(state: AppState, subject: str) -> DeleteResponse:
-    def run() -> list[str]:
-        with state.enrol_lock:
-            ids = state.store.delete_subject(subject)
-            state.engine.call_device(state.index.remove, ids)
-            state.names.pop(subject, None)
-            return ids
-
-    return DeleteResponse(subject=subject, deleted_faces=await state.engine.run_cpu(run))
+    ids = await state.gallery.write(state.gallery.delete_subject, subject)
+    return DeleteResponse(subject=subject, deleted_faces=ids)
 
 
 async def delete_face(state: AppState, subject: str, face_id: str) -> DeleteResponse:
-    def run() -> None:
-        with state.enrol_lock:
-            state.store.delete_face(subject, face_id)
-            state.engine.call_device(state.index.remove, [face_id])
-
-    await state.engine.run_cpu(run)
+    await state.gallery.write(state.gallery.delete_face, subject, face_id)
     return DeleteResponse(subject=subject, deleted_faces=[face_id])
 
 
@@ -467,7 +525,7 @@ async def identify(
 
 async def heatmap_of_face(state: AppState, face_id: str, scale: int) -> Heatmap:
     """An enrolled face's visibility map (over its crop when crops are stored, else over grey)."""
-    record = await state.engine.run_cpu(state.store.face, face_id)
+    record = await state.gallery.read(state.gallery.store.face, face_id)
     crop = np.asarray(Image.open(io.BytesIO(record.crop), formats=["JPEG"]).convert("RGB")) if record.crop else None
     png = await state.engine.run_cpu(heatmap_png, crop, record.occlusion, scale)
     return Heatmap(png, float(record.occlusion.mean()))

@@ -11,8 +11,10 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +40,32 @@ class PostgresServer:
     def __init__(self, bindir: Path, root: Path, port: int, as_user: list[str]) -> None:
         self.bindir, self.root, self.port, self.as_user = bindir, root, port, as_user
         self.admin_url = f"postgresql://oaml@127.0.0.1:{port}/postgres"
+        self.data = root / "data"
+
+    def start(self, timeout: float = 60) -> None:
+        """Start the server on its folder and port (again, after :meth:`kill`: it recovers from its WAL)."""
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        command = [
+            *self.as_user,
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "server.log"),
+        ]
+        deadline = time.time() + timeout
+        while True:  # after a kill, the old backends may hold shared memory for a moment
+            done = subprocess.run([*command, "-w", "-o", options, "start"], capture_output=True)
+            if done.returncode == 0:
+                return
+            if time.time() > deadline:
+                raise RuntimeError(f"cannot start PostgreSQL: {done.stderr.decode(errors='replace').strip()}")
+            time.sleep(0.5)
+
+    def kill(self) -> None:
+        """``kill -9`` of the postmaster, as a crash of the database host would do; its backends follow."""
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
 
     def new_database(self) -> str:
         import psycopg
@@ -66,14 +94,15 @@ def running_postgres() -> Iterator[PostgresServer]:
     if os.geteuid() == 0:
         as_user = ["runuser", "-u", "postgres", "--"]
         shutil.chown(root, "postgres", "postgres")
-    data, port = root / "data", free_port()
+    port = free_port()
+    server = PostgresServer(bindir, root, port, as_user)
     try:
         subprocess.run(
             [
                 *as_user,
                 str(bindir / "initdb"),
                 "-D",
-                str(data),
+                str(server.data),
                 "-U",
                 "oaml",
                 "--auth=trust",
@@ -84,30 +113,17 @@ def running_postgres() -> Iterator[PostgresServer]:
             check=True,
             capture_output=True,
         )
-        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200"
-        subprocess.run(
-            [
-                *as_user,
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(data),
-                "-l",
-                str(root / "server.log"),
-                "-w",
-                "-o",
-                options,
-                "start",
-            ],
-            check=True,
-            capture_output=True,
-        )
+        server.start(timeout=0)
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"cannot start PostgreSQL: {exc.stderr.decode(errors='replace').strip()}") from exc
+    except RuntimeError:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     try:
-        yield PostgresServer(bindir, root, port, as_user)
+        yield server
     finally:
         subprocess.run(
-            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(server.data), "-m", "immediate", "stop"], capture_output=True
         )
         shutil.rmtree(root, ignore_errors=True)

@@ -301,20 +301,27 @@ class TestInputs:
         assert r.headers["retry-after"] == "1"
 
     def test_a_read_only_gallery_answers_writes_with_a_stable_code(
-        self, weights: Path, tmp_path: Path, face_png: bytes, monkeypatch: pytest.MonkeyPatch
+        self, weights: Path, tmp_path: Path, face_png: bytes, caplog: pytest.LogCaptureFixture
     ) -> None:
-        """A database that turns read-only while serving (remount, full disk): 503 STORE_UNAVAILABLE, reads go on."""
+        """A database that turns read-only while serving (remount, full disk): 503 STORE_UNAVAILABLE, reads go on;
+        the answer names neither the file nor SQLite's words, the log does."""
         with TestClient(create_app(Settings(weights=weights, data_dir=tmp_path))) as c:
-            state = c.app.state.oaml  # type: ignore[attr-defined]
-            state.store._db.close()
-            state.store._db = sqlite3.connect(
-                f"file:{state.store.path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+            store = c.app.state.oaml.gallery.store  # type: ignore[attr-defined]
+            store._db.close()
+            store._db = sqlite3.connect(
+                f"file:{store.path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
             )
-            r = c.post("/gallery", data={"subject": "ro"}, files=[("images", ("a.png", face_png, "image/png"))])
+            with caplog.at_level("WARNING", logger="service.problems"):
+                r = c.post("/gallery", data={"subject": "ro"}, files=[("images", ("a.png", face_png, "image/png"))])
             body = problem_of(r, 503, "STORE_UNAVAILABLE")
-            assert str(tmp_path) in body["detail"] and r.headers["retry-after"] == "1"
+            assert r.headers["retry-after"] == "1"
+            assert str(tmp_path) not in r.text and "sqlite" not in r.text.lower() and "readonly" not in r.text
+            logged = " ".join(rec.getMessage() for rec in caplog.records)
+            assert str(store.path) in logged and "readonly" in logged
+            assert body["detail"].startswith("the gallery database cannot be written")
             assert c.get("/gallery").status_code == 200
-            assert len(state.index) == 0  # nothing half-enrolled
+            assert len(c.app.state.oaml.index) == 0  # type: ignore[attr-defined]  # nothing half-enrolled
+            assert c.get("/gallery").json()["total"] == 0  # no subject left behind either
 
     def test_openapi_declares_problem_responses_and_at_least_one_image(self, client: TestClient) -> None:
         spec = client.get("/openapi.json").json()

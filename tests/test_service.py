@@ -29,7 +29,7 @@ from service.config import Settings
 from service.engine import BatchStats
 from service.index import GalleryIndex
 from service.render import BAR_WIDTH
-from service.store import FaceRecord, GalleryVersionError, SQLiteGalleryStore
+from service.store import Enrolment, FaceRecord, GalleryVersionError, SQLiteGalleryStore
 from tests.servers import free_port, start_server, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -482,8 +482,7 @@ class TestGalleryStore:
 
     def test_other_model_versions_are_refused(self, tmp_path: Path) -> None:
         store = SQLiteGalleryStore(tmp_path / "g.sqlite3", "ir_18-aaaa")
-        store.upsert_subject("s", None, None)
-        store.add_faces([self.record("f1", "s", 0)])
+        store.enrol(Enrolment("s", None, None, [self.record("f1", "s", 0)]))
         store.close()
         with pytest.raises(GalleryVersionError, match="ir_18-aaaa"):
             SQLiteGalleryStore(tmp_path / "g.sqlite3", "ir_18-bbbb").check_version()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 
 from service import usecases
 from service.problems import ApiError, problem_responses
@@ -20,6 +21,8 @@ router = APIRouter(tags=["gallery"], dependencies=[AdminRole])
 #: Subject metadata: at most this many bytes of JSON, nested at most this deep.
 MAX_METADATA_BYTES = 16 * 1024
 MAX_METADATA_DEPTH = 16
+#: An Idempotency-Key: visible ASCII, as the IETF draft on the header suggests, bounded in length.
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 #: Largest page offset: far beyond any gallery, far below SQLite's 64-bit integer limit.
 MAX_OFFSET = 2**31 - 1
 
@@ -64,6 +67,7 @@ def _metadata(raw: str | None) -> dict[str, Any] | None:
 )
 async def enrol(
     state: StateDep,
+    response: Response,
     subject: Annotated[str, Form(pattern=SUBJECT_PATTERN, description="subject id: letters, digits, . _ @ : + -")],
     images: Annotated[
         list[UploadFile], File(min_length=1, description=f"one or more photos of the subject ({PHOTO_FORMATS})")
@@ -74,16 +78,36 @@ async def enrol(
         str, Form(description="'single' (reject photos with several faces), 'largest' or an index")
     ] = "single",
     aligned: Annotated[bool, Form()] = False,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description=(
+                "any unique string (e.g. a UUID) of at most 255 visible characters: a request repeated with the same "
+                "key within 24 hours (a retry after a timeout or a 503) gets the first answer again, with "
+                "`Idempotent-Replayed: true`, instead of enrolling the faces twice; the same key on a different "
+                "request is 422 IDEMPOTENCY_KEY_REUSED"
+            ),
+        ),
+    ] = None,
 ) -> EnrolResponse:
-    """Enrol every usable face; unusable photos are listed in `rejected` with a reason."""
+    """Enrol every usable face; unusable photos are listed in `rejected` with a reason. The subject and its faces
+    are written in one transaction: an error answer means nothing was written."""
     meta = _metadata(metadata)
+    if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+        raise ApiError(
+            "VALIDATION_ERROR", "Idempotency-Key must be 1 to 255 visible ASCII characters", field="Idempotency-Key"
+        )
     if len(images) > state.settings.max_images_per_request:
         raise ApiError(
             "VALIDATION_ERROR", f"at most {state.settings.max_images_per_request} images per request", field="images"
         )
     select = parse_selection(face, "face")
     photos = [await read_photo(state, upload, f"images[{i}]", collect=True) for i, upload in enumerate(images)]
-    return await usecases.enrol(state, subject, photos, name, meta, select, aligned)
+    done = await usecases.enrol(state, subject, photos, name, meta, select, aligned, idempotency_key)
+    if done.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return done.response
 
 
 @router.get("/gallery", response_model=SubjectPage, operation_id="list_subjects")

@@ -11,7 +11,7 @@ from model.calibration import PRESETS, PRIOR
 from model.embedder import precision_name
 from service.problems import ApiError
 from service.routes.deps import MatchRole, StateDep
-from service.schemas import GallerySearchInfo, HealthResponse, InfoResponse, PresetInfo
+from service.schemas import GallerySearchInfo, HealthResponse, InfoResponse, PresetInfo, ReadyResponse
 from service.state import AppState
 
 __all__ = ["public", "protected"]
@@ -27,14 +27,20 @@ async def health() -> HealthResponse:
 
 
 @public.get(
-    "/ready", response_model=HealthResponse, operation_id="ready", responses={503: {"description": "still loading"}}
+    "/ready", response_model=ReadyResponse, operation_id="ready", responses={503: {"description": "still loading"}}
 )
 async def ready(request: Request) -> Any:
-    """Readiness: model loaded and warmed, gallery loaded."""
+    """Readiness: model loaded and warmed, gallery loaded (`gallery_writable` false: served read-only)."""
     state: AppState | None = getattr(request.app.state, "oaml", None)
     if state is None or not state.ready:
         raise ApiError("NOT_READY", "loading model and gallery")
-    return HealthResponse(status="ready")
+    if not state.gallery.writable:
+        return ReadyResponse(
+            status="ready",
+            gallery_writable=False,
+            detail="read-only: the gallery database cannot be written; enrolments and deletions are refused",
+        )
+    return ReadyResponse(status="ready", gallery_writable=True)
 
 
 @public.get("/metrics", operation_id="metrics", response_class=Response)
@@ -84,6 +90,7 @@ async def info(state: StateDep) -> InfoResponse:
             else None
         ),
         gallery_search=GallerySearchInfo(shortlist=settings.shortlist, **state.index.describe()),
+        gallery_writable=state.gallery.writable,
         detector="retinaface_mnet025",
         detector_backend=engine.detector.backend,
         max_batch=settings.max_batch,
