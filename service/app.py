@@ -50,35 +50,44 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         started = time.perf_counter()
         eng: Engine = given if given is not None else await asyncio.to_thread(Engine, settings)
         eng.start()
-        await asyncio.to_thread(eng.warm_up)
-        store = await asyncio.to_thread(open_store, settings, eng.model_version)
-        store.check_version()  # a gallery from other weights stops start-up with a clear message
-        index = GalleryIndex(
-            eng.model.qaconv,
-            eng.device,
-            eng.gallery_dtype,
-            eng.model.embedding_size,
-            ann_min_faces=settings.ann_min_faces,
-            ann_probe=settings.ann_probe,
-        )
-        gallery = Gallery(store, index, eng, timeout_s=settings.store_timeout_s)
-        try:
-            await asyncio.to_thread(store.check_writable)
-        except GalleryStoreError as exc:  # full disk, read-only mount: serve matching, refuse writes
-            gallery.mark_read_only(exc.full)
+        gallery: Gallery | None = None
         follower: ChangeFollower | None = None
-        if isinstance(store, PostgresGalleryStore):
-            # registered (at the change log's end) before loading: nothing after is pruned until it is applied
-            shared = store
-            follower = await asyncio.to_thread(
-                ChangeFollower,
-                shared,
-                lambda changes: gallery.apply_changes(shared, changes),
-                lambda: gallery.resync(shared),
-                settings.gallery_poll_s,
-                settings.replica_stale_s,
+        try:
+            await asyncio.to_thread(eng.warm_up)
+            store = await asyncio.to_thread(open_store, settings, eng.model_version)
+            index = GalleryIndex(
+                eng.model.qaconv,
+                eng.device,
+                eng.gallery_dtype,
+                eng.model.embedding_size,
+                ann_min_faces=settings.ann_min_faces,
+                ann_probe=settings.ann_probe,
             )
-        faces = await asyncio.to_thread(gallery.load)
+            gallery = Gallery(store, index, eng, timeout_s=settings.store_timeout_s)
+            store.check_version()  # a gallery from other weights stops start-up with a clear message
+            try:
+                await asyncio.to_thread(store.check_writable)
+            except GalleryStoreError as exc:  # full disk, read-only mount: serve matching, refuse writes
+                gallery.mark_read_only(exc.full)
+            if isinstance(store, PostgresGalleryStore):
+                # registered (at the change log's end) before loading: nothing after is pruned until it is applied
+                shared, loaded = store, gallery
+                follower = await asyncio.to_thread(
+                    ChangeFollower,
+                    shared,
+                    lambda changes: loaded.apply_changes(shared, changes),
+                    loaded.resync,
+                    settings.gallery_poll_s,
+                    settings.replica_stale_s,
+                )
+            faces = await asyncio.to_thread(gallery.load)
+        except BaseException:  # a failed start-up leaves no worker running and no replica registered
+            if follower is not None:
+                follower.stop()
+            if gallery is not None:
+                gallery.close()
+            eng.stop()
+            raise
         metrics = Metrics(settings.max_batch)
         eng.stats.hooks.append(metrics.on_batch)
         state = AppState(settings, eng, gallery, metrics, follower=follower)
@@ -109,8 +118,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             state.ready = False
             if follower is not None:
                 follower.stop()
+            gallery.close()  # the writes in flight finish first: they still need the engine's worker
             eng.stop()
-            gallery.close()
 
     app = FastAPI(title="OAML", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings

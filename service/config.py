@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     )
     replica_stale_s: float = Field(
         600.0,
-        ge=10,
+        ge=60,  # well beyond a live replica's heartbeat (10 s) and poll
         description=(
             "with gallery_url: how long a silent replica holds back the pruning of the change log (one that "
             "comes back later reconciles its index with the database)"

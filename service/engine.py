@@ -54,7 +54,7 @@ from model.embedder import Embedder, Features, score_pairs
 from model.net import OAMLNet
 from model.qaconv import PairExplanation
 from service.config import Settings
-from service.errors import Overloaded
+from service.errors import Overloaded, Stopping
 
 __all__ = ["FaceFeatures", "Engine", "BatchStats"]
 
@@ -207,6 +207,17 @@ class Engine:
         self._queue.put(None)
         self._worker.join(timeout=10)
         self.cpu_pool.shutdown(wait=False, cancel_futures=True)
+        self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        """Answer whatever is still queued after the worker stopped: nobody will run it."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item.future.set_running_or_notify_cancel():
+                item.future.set_exception(Stopping("the service is shutting down"))
 
     @property
     def queue_depth(self) -> int:
@@ -259,6 +270,15 @@ class Engine:
         (out,) = await asyncio.wrap_future(future)
         return await self.run_cpu(self.detector.decode, inp, out)
 
+    async def aligned_one(self, data: bytes) -> np.ndarray:
+        """:meth:`aligned_crop` in the CPU pool, holding a place in the queue as a photo to detect does."""
+        self._admit(1)
+        try:
+            crop: np.ndarray = await self.run_cpu(self.aligned_crop, data)
+            return crop
+        finally:
+            self._release(1)
+
     def aligned_crop(self, data: bytes) -> np.ndarray:
         """An already aligned face: resized to 112x112 if needed (no detection)."""
         import cv2
@@ -298,7 +318,14 @@ class Engine:
             return fn(*args)
         future: Future[Any] = Future()
         self._queue.put(_Call(fn, args, future))
-        return future.result()
+        while True:  # never wait on a worker that has stopped (shutdown): its queue is not read any more
+            try:
+                return future.result(timeout=1.0)
+            except TimeoutError:
+                if not self._worker.is_alive():
+                    self._fail_pending()
+                    if not future.done():
+                        raise Stopping("the service is shutting down") from None
 
     def _run(self) -> None:
         carry: _Job | _DetectJob | _Call | None = None

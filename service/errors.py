@@ -16,6 +16,7 @@ __all__ = [
     "GalleryStoreError",
     "GalleryReadOnly",
     "IdempotencyKeyReused",
+    "Stopping",
 ]
 
 
@@ -60,3 +61,9 @@ class IdempotencyKeyReused(OAMLError, ValueError):
     """An ``Idempotency-Key`` already answered a different request."""
 
     code = "IDEMPOTENCY_KEY_REUSED"
+
+
+class Stopping(OAMLError, RuntimeError):
+    """The service is shutting down: work handed to it now is not done (retry on another replica)."""
+
+    code = "NOT_READY"

@@ -138,7 +138,7 @@ class Gallery:
         """Store the enrolment (one transaction), then index its faces and note the subject's name."""
         done = self.store.enrol(enrolment, key, request_hash, render)
         if done.replayed is None:
-            self.engine.call_device(self.index.add_records, enrolment.faces)
+            self._after_commit(self.index.add_records, enrolment.faces)
             if enrolment.name is not None or enrolment.subject not in self.names:
                 self.names[enrolment.subject] = (
                     enrolment.name if enrolment.name is not None else self.names.get(enrolment.subject)
@@ -147,13 +147,29 @@ class Gallery:
 
     def delete_subject(self, subject: str) -> list[str]:
         ids = self.store.delete_subject(subject)
-        self.engine.call_device(self.index.remove, ids)
+        self._after_commit(self.index.remove, ids)
         self.names.pop(subject, None)
         return ids
 
     def delete_face(self, subject: str, face_id: str) -> None:
         self.store.delete_face(subject, face_id)
-        self.engine.call_device(self.index.remove, [face_id])
+        self._after_commit(self.index.remove, [face_id])
+
+    def _after_commit(self, change: Callable[..., None], *args: Any) -> None:
+        """Bring the index up to a committed change; if that fails (a device out of memory, a bug), rebuild
+        its difference from the store, so it never stays out of step with what was acknowledged. Should that
+        fail too, the answer is 503 (a retry with the same Idempotency-Key gets the stored answer)."""
+        try:
+            self.engine.call_device(change, *args)
+        except Exception as first:
+            logger.exception("a committed change did not reach the index: reconciling it with the store")
+            try:
+                self.reconcile()
+            except Exception as exc:
+                raise GalleryStoreError(
+                    "the change is stored, but the in-memory index could not take it yet; retry later",
+                    internal=f"index update failed ({first!r}), then reconciling failed ({exc!r})",
+                ) from exc
 
     # -- loading and following ---------------------------------------------------------------
 
@@ -194,19 +210,24 @@ class Gallery:
                 except SubjectNotFound:
                     self.names.pop(subject, None)
 
-    def resync(self, store: PostgresGalleryStore, chunk: int = 1024) -> None:
-        """Make the index hold exactly the faces in the store, and reload the names (after a gap in the
-        change log: this replica was silent for so long that the log was pruned past its position)."""
+    def resync(self) -> None:
+        """After a gap in the change log (this replica was silent so long that the log was pruned past its
+        position): :meth:`reconcile`, holding the writer's lock."""
         with self._lock:
-            stored = store.face_ids()
-            indexed = set(self.index.face_ids)
-            self.engine.call_device(self.index.remove, sorted(indexed - stored))
-            missing = sorted(stored - indexed)
-            for start in range(0, len(missing), chunk):
-                self.engine.call_device(self.index.add_records, store.faces_by_id(missing[start : start + chunk]))
-            subjects, _ = store.subjects(0, 2**31 - 1)
-            self.names = {s.subject: s.name for s in subjects}
-            logger.info("index reconciled with the store: %d removed, %d added", len(indexed - stored), len(missing))
+            self.reconcile()
+
+    def reconcile(self, chunk: int = 1024) -> None:
+        """Make the index hold exactly the faces in the store, and reload the names (the caller holds the
+        writer's lock)."""
+        stored = self.store.face_ids()
+        indexed = set(self.index.face_ids)
+        self.engine.call_device(self.index.remove, sorted(indexed - stored))
+        missing = sorted(stored - indexed)
+        for start in range(0, len(missing), chunk):
+            self.engine.call_device(self.index.add_records, self.store.faces_by_id(missing[start : start + chunk]))
+        subjects, _ = self.store.subjects(0, 2**31 - 1)
+        self.names = {s.subject: s.name for s in subjects}
+        logger.info("index reconciled with the store: %d removed, %d added", len(indexed - stored), len(missing))
 
     def close(self) -> None:
         self.reads.shutdown(wait=False, cancel_futures=True)

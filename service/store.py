@@ -140,6 +140,10 @@ class GalleryStore(Protocol):
 
     def delete_face(self, subject: str, face_id: str) -> None: ...
 
+    def face_ids(self) -> set[str]: ...
+
+    def faces_by_id(self, face_ids: list[str]) -> list[FaceRecord]: ...
+
     def subject(self, subject: str) -> SubjectRecord: ...
 
     def subjects(self, offset: int, limit: int) -> tuple[list[SubjectRecord], int]: ...
@@ -183,6 +187,10 @@ _SUBJECTS = (
     "SELECT s.subject, s.name, s.metadata, s.created_at, COUNT(f.face_id) FROM subjects s "
     "LEFT JOIN faces f ON f.subject = s.subject"
 )
+
+#: A deleted subject's keys keep only the request's fingerprint: a late retry of its enrolment is refused
+#: (422) instead of enrolling the deleted subject again, and no answer (face ids, boxes, file names) remains.
+_FORGET_ANSWERS = "UPDATE idempotency SET response = '', subject = '' WHERE subject = ?"
 
 #: What a client is told when the store fails: no path, no driver text (those go to the log).
 WRITE_FAILED = "the gallery database cannot be written right now; retry later"
@@ -296,10 +304,13 @@ class SQLiteGalleryStore:
         are in neither file. A reader in the middle of a statement can hold it back: then it is retried
         after the next write and at close."""
         try:
+            self._db.execute("PRAGMA busy_timeout = 100")  # a reader holding the log back: try again later
             busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         except sqlite3.Error as exc:
             logger.warning("gallery %s: could not truncate the write-ahead log (%s); retrying later", self.path, exc)
             return
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
         self._wal_dirty = bool(busy)
 
     def check_writable(self) -> None:
@@ -324,7 +335,9 @@ class SQLiteGalleryStore:
         """The subject and its faces in one transaction; with ``key``, also the answer (``render(total)``),
         unless the key has answered before: then that answer, and nothing is written."""
         with self._tx() as db:
+            now = time.time()
             if key is not None:
+                db.execute("DELETE FROM idempotency WHERE created_at < ?", (now - IDEMPOTENCY_TTL_S,))
                 row = db.execute("SELECT request_hash, response FROM idempotency WHERE key = ?", (key,)).fetchone()
                 if row is not None:
                     return EnrolCommit(replayed=StoredAnswer(row[0], row[1]))
@@ -332,8 +345,6 @@ class SQLiteGalleryStore:
             total = db.execute("SELECT COUNT(*) FROM faces WHERE subject = ?", (enrolment.subject,)).fetchone()[0]
             body = render(total) if render is not None else None
             if key is not None and body is not None:
-                now = time.time()
-                db.execute("DELETE FROM idempotency WHERE created_at < ?", (now - IDEMPOTENCY_TTL_S,))
                 db.execute(
                     "INSERT INTO idempotency(key, request_hash, subject, response, created_at) VALUES (?, ?, ?, ?, ?)",
                     (key, request_hash, enrolment.subject, body, now),
@@ -370,7 +381,7 @@ class SQLiteGalleryStore:
                 raise SubjectNotFound(f"subject {subject!r} is not enrolled")
             ids = [r[0] for r in db.execute("SELECT face_id FROM faces WHERE subject = ?", (subject,))]
             db.execute("DELETE FROM faces WHERE subject = ?", (subject,))
-            db.execute("DELETE FROM idempotency WHERE subject = ?", (subject,))
+            db.execute(_FORGET_ANSWERS, (subject,))
             db.execute("DELETE FROM subjects WHERE subject = ?", (subject,))
             self._wal_dirty = True
         return ids
@@ -414,6 +425,22 @@ class SQLiteGalleryStore:
         if row is None:
             raise FaceNotFound(f"face {face_id!r} is not enrolled")
         return face_from_row(row)
+
+    def face_ids(self) -> set[str]:
+        """Every enrolled face's id (reconciling the index with the store)."""
+        with self._read() as db:
+            return {r[0] for r in db.execute("SELECT face_id FROM faces")}
+
+    def faces_by_id(self, face_ids: list[str]) -> list[FaceRecord]:
+        """The faces among ``face_ids`` that are still enrolled, in enrolment order."""
+        found: list[tuple[Any, ...]] = []
+        with self._read() as db:
+            for start in range(0, len(face_ids), 500):
+                part = face_ids[start : start + 500]
+                found += db.execute(
+                    f"SELECT rowid, {FACE_COLUMNS} FROM faces WHERE face_id IN ({', '.join('?' * len(part))})", part
+                ).fetchall()
+        return [face_from_row(r[1:]) for r in sorted(found, key=lambda r: r[0])]
 
     def iter_faces(self) -> Iterator[FaceRecord]:
         """Every face in enrolment order, a page at a time (no read transaction held across pages)."""

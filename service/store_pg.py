@@ -155,13 +155,27 @@ class PostgresGalleryStore:
         try:
             with psycopg.connect(url, connect_timeout=5):  # fail fast, in one line, when the server is not there
                 pass
-            self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, timeout=timeout_s)
+            self._pool = ConnectionPool(
+                url, min_size=1, max_size=pool_size, open=False, timeout=timeout_s, kwargs=self.connection_options()
+            )
             self._pool.open(wait=True, timeout=10)
             self.migrate()
         except self._errors as exc:
             raise GalleryStoreError(
                 "cannot open the gallery database", internal=f"{self.path}: {_one_line(exc)}"
             ) from exc
+
+    def connection_options(self) -> dict[str, Any]:
+        """libpq settings for every connection: a dead peer is noticed in seconds (TCP keepalives and
+        ``tcp_user_timeout``), not after the kernel's minutes, and no statement runs unbounded."""
+        return {
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+            "tcp_user_timeout": int(self.timeout_s * 2000),
+            "options": f"-c statement_timeout={int(self.timeout_s * 6000)}",
+        }
 
     # -- schema ------------------------------------------------------------------------------
 
@@ -242,7 +256,9 @@ class PostgresGalleryStore:
         """The subject and its faces in one transaction; with ``key``, also the answer (``render(total)``),
         unless the key has answered before: then that answer, and nothing is written."""
         with self._write() as conn:
+            now = time.time()
             if key is not None:
+                conn.execute("DELETE FROM oaml_idempotency WHERE created_at < %s", (now - IDEMPOTENCY_TTL_S,))
                 row = conn.execute(
                     "SELECT request_hash, response FROM oaml_idempotency WHERE key = %s", (key,)
                 ).fetchone()
@@ -254,8 +270,6 @@ class PostgresGalleryStore:
             ]
             body = render(total) if render is not None else None
             if key is not None and body is not None:
-                now = time.time()
-                conn.execute("DELETE FROM oaml_idempotency WHERE created_at < %s", (now - IDEMPOTENCY_TTL_S,))
                 conn.execute(
                     "INSERT INTO oaml_idempotency(key, request_hash, subject, response, created_at) "
                     "VALUES (%s, %s, %s, %s, %s)",
@@ -299,7 +313,7 @@ class PostgresGalleryStore:
                 raise SubjectNotFound(f"subject {subject!r} is not enrolled")
             deleted = conn.execute("DELETE FROM oaml_faces WHERE subject = %s RETURNING face_id", (subject,))
             ids = [r[0] for r in deleted]
-            conn.execute("DELETE FROM oaml_idempotency WHERE subject = %s", (subject,))
+            conn.execute("UPDATE oaml_idempotency SET response = '', subject = '' WHERE subject = %s", (subject,))
             conn.execute("DELETE FROM oaml_subjects WHERE subject = %s", (subject,))
             self._log(conn, [("delete", subject, fid) for fid in ids] + [("subject", subject, None)])
         return ids
@@ -433,13 +447,14 @@ class PostgresGalleryStore:
     def changes_since(self, seq: int, limit: int = 10_000) -> list[Change]:
         """The changes after ``seq``, in order; :class:`ChangeLogGap` when the log was pruned past it."""
         with self._read() as conn:
-            row = conn.execute("SELECT value FROM oaml_meta WHERE key = 'pruned_through'").fetchone()
-            if row is not None and int(row[0]) > seq:
-                raise ChangeLogGap(seq, int(row[0]))
             rows = conn.execute(
                 "SELECT seq, op, subject, face_id FROM oaml_changes WHERE seq > %s ORDER BY seq LIMIT %s",
                 (seq, limit),
             ).fetchall()
+            # read after the rows: a pruning that removed some of them has recorded its horizon by then
+            row = conn.execute("SELECT value FROM oaml_meta WHERE key = 'pruned_through'").fetchone()
+            if row is not None and int(row[0]) > seq:
+                raise ChangeLogGap(seq, int(row[0]))
         return [Change(int(r[0]), r[1], r[2], r[3]) for r in rows]
 
     def close(self) -> None:
@@ -550,7 +565,8 @@ class ChangeFollower:
         backoff = 0.2
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.store.url, autocommit=True, connect_timeout=5) as conn:
+                options = self.store.connection_options()
+                with psycopg.connect(self.store.url, autocommit=True, connect_timeout=5, **options) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.connected, self.listener_pid, backoff = True, conn.info.backend_pid, 0.2
                     self.catch_up()  # what happened while not listening
@@ -585,5 +601,5 @@ def redacted(text: str) -> str:
     """``text`` (a libpq URL, a key-value connection string, or a message quoting one) without passwords:
     in a URL's user part (``user:secret@``), as a query parameter (``?password=secret``) or as a key-value
     pair (``password=secret``)."""
-    text = re.sub(r"(postgres(?:ql)?://[^:/?#@\s]*:)[^@/?#\s]*@", r"\1***@", text)
+    text = re.sub(r"(postgres(?:ql)?://[^:/?#@\s]*:)[^@/\s]*@", r"\1***@", text)  # libpq: only @ and / end it
     return _KEY_VALUE_PASSWORD.sub(r"\1***", text)

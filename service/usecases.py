@@ -118,7 +118,7 @@ async def _find_face(state: AppState, photo: Photo, select: FaceSelection, align
     engine = state.engine
     try:
         if aligned:
-            crop = await engine.run_cpu(engine.aligned_crop, photo.data)
+            crop = await engine.aligned_one(photo.data)
             return _Face(crop, {"box": None, "landmarks": None, "detection_score": None})
         found = await engine.detect_one(photo.data, select)
     except OAMLError as exc:
@@ -326,6 +326,10 @@ def _replay(answer: StoredAnswer, request_hash: str) -> Enrolled:
     if answer.request_hash != request_hash:
         raise IdempotencyKeyReused(
             "this Idempotency-Key already answered a different enrolment request; use a new key for a new request"
+        )
+    if not answer.body:  # the subject was deleted since: a late retry must not enrol it again
+        raise IdempotencyKeyReused(
+            "the enrolment made with this Idempotency-Key has been deleted since; use a new key to enrol again"
         )
     return Enrolled(EnrolResponse.model_validate_json(answer.body), replayed=True)
 

@@ -176,6 +176,18 @@ class TestAdaFaceImport:
         with pytest.raises(CheckpointError, match="tar archive"):
             import_adaface_ckpt(archive)
 
+    def test_with_a_torch_whose_safe_reader_has_known_escapes_only_oaml_reads(
+        self, model: OAMLNet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        zipped, legacy = tmp_path / "zip.ckpt", tmp_path / "legacy.ckpt"
+        write_lightning_ckpt(model, zipped, {"arch": "ir_18"})
+        torch.save({"state_dict": {}}, legacy, _use_new_zipfile_serialization=False)
+        monkeypatch.setattr(torch, "__version__", "2.5.1")
+        monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load must not be used"))
+        assert import_adaface_ckpt(zipped)[1].architecture == "ir_18"
+        with pytest.raises(CheckpointError, match="needs 2.10"):
+            import_adaface_ckpt(legacy)
+
     def test_wrong_architecture_is_a_clear_error(self, model: OAMLNet, tmp_path: Path) -> None:
         path = tmp_path / "ir18.ckpt"
         write_lightning_ckpt(model, path, {"arch": "ir_18"})

@@ -183,6 +183,39 @@ class TestOneTransaction:
         assert r.status_code == 201, r.text
         assert r.json()["total_faces"] == 1 and len(r.json()["faces"]) == 1
 
+    def test_an_index_that_fails_after_the_commit_is_reconciled_with_the_store(
+        self, client: TestClient, photo: bytes, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        index = client.app.state.oaml.gallery.index  # type: ignore[attr-defined]
+        add, failed = index.add_records, []
+
+        def once(records: list[FaceRecord]) -> None:
+            if not failed:
+                failed.append(1)
+                raise RuntimeError("device out of memory")
+            add(records)
+
+        monkeypatch.setattr(index, "add_records", once)
+        r = enrol(client, "reconciled", photo)
+        assert r.status_code == 201 and failed == [1], r.text
+        assert r.json()["faces"][0]["face_id"] in index  # searchable: the reconcile added what was committed
+
+    def test_an_expired_key_is_a_new_key(self, tmp_path: Path) -> None:
+        store = SQLiteGalleryStore(tmp_path / "g.sqlite3", "v1")
+        face = FaceRecord(
+            "f1", "s", np.ones(512, np.float32), np.zeros((512, 7, 7), np.float16), np.ones((7, 7), np.float32),
+            20.0, 0.0, 0.9, None, time.time(),
+        )  # fmt: skip
+        assert store.enrol(Enrolment("s", None, None, [face]), "k", "h", lambda n: "first").body == "first"
+        db = sqlite3.connect(tmp_path / "g.sqlite3", isolation_level=None)
+        db.execute("UPDATE idempotency SET created_at = created_at - 86401")
+        db.close()
+        assert store.answer_for("k") is None
+        face.face_id = "f2"
+        again = store.enrol(Enrolment("s", None, None, [face]), "k", "h", lambda n: "second")
+        assert again.replayed is None and again.body == "second" and again.total_faces == 2
+        store.close()
+
 
 # -- idempotent retries ------------------------------------------------------------------------
 
@@ -204,10 +237,11 @@ class TestIdempotency:
             assert (
                 problem(enrol(client, "retry", photo, key=bad), 422, "VALIDATION_ERROR")["field"] == "Idempotency-Key"
             )
-        assert client.delete("/gallery/retry").status_code == 200  # deleting the subject forgets its keys
-        fresh = enrol(client, "retry", photo, key=key)
-        assert fresh.status_code == 201 and "idempotent-replayed" not in fresh.headers
-        assert fresh.json()["faces"][0]["face_id"] != first.json()["faces"][0]["face_id"]
+        assert client.delete("/gallery/retry").status_code == 200  # the answer goes with the subject ...
+        late = problem(enrol(client, "retry", photo, key=key), 422, "IDEMPOTENCY_KEY_REUSED")
+        assert "deleted" in late["detail"]  # ... and a late retry does not enrol the deleted subject again
+        problem(client.get("/gallery/retry"), 404, "SUBJECT_NOT_FOUND")
+        assert enrol(client, "retry", photo, key=str(uuid.uuid4())).status_code == 201  # a new key does
 
     def test_concurrent_requests_with_one_key_enrol_once(self, client: TestClient, photo: bytes) -> None:
         key = str(uuid.uuid4())
@@ -265,6 +299,8 @@ def test_overload_during_enrolment_is_503_not_a_rejected_photo(
         monkeypatch.setattr(engine, "_admit", full)
         problem(enrol(c, "busy", photo, photo), 503, "OVERLOADED")
         problem(c.post("/identify", files={"image": ("a.png", photo, "image/png")}), 503, "OVERLOADED")
+        aligned = {"image": ("a.png", png(np.zeros((112, 112, 3), np.uint8)), "image/png")}
+        problem(c.post("/identify", files=aligned, data={"aligned": "true"}), 503, "OVERLOADED")
         monkeypatch.undo()
         problem(c.get("/gallery/busy"), 404, "SUBJECT_NOT_FOUND")
 
@@ -442,3 +478,17 @@ def test_a_slow_client_holding_many_connections_costs_no_enrolment(weights: Path
             s.close()
         proc.kill()
         proc.wait()
+
+
+def test_work_handed_to_a_stopped_engine_fails_instead_of_waiting_forever(weights: Path, tmp_path: Path) -> None:
+    from service.engine import Engine
+    from service.errors import Stopping
+
+    engine = Engine(Settings(weights=weights, data_dir=tmp_path, torch_threads=1))
+    engine.start()
+    assert engine.call_device(lambda: 42) == 42
+    engine.stop()
+    with ThreadPoolExecutor(1) as pool:  # a store thread reaching the index after shutdown began
+        late = pool.submit(engine.call_device, lambda: 43)
+        with pytest.raises(Stopping):
+            late.result(timeout=30)

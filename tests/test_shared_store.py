@@ -249,6 +249,7 @@ def test_the_password_is_redacted_from_urls_and_messages() -> None:
     assert redacted("host=db user=oaml password='a b\\'c' dbname=oaml") == "host=db user=oaml password=*** dbname=oaml"
     assert redacted("host=db PASSWORD = s3cret port=5432") == "host=db PASSWORD = *** port=5432"
     assert redacted("postgresql://db/oaml") == "postgresql://db/oaml"
+    assert redacted("postgresql://oaml:a?b#c@db/oaml") == "postgresql://oaml:***@db/oaml"  # libpq takes these as is
 
 
 # -- in process: a stuck writer, a delete racing the follower ------------------------------------

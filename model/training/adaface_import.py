@@ -91,6 +91,11 @@ _STORAGE_TYPES = {
     "BoolStorage": torch.bool,
 }
 
+#: The largest record (one tensor's storage) and pickle read from an archive: far beyond any face model,
+#: far below what a crafted, highly compressed record could make the reader allocate.
+MAX_RECORD_BYTES = 8 * 2**30
+MAX_PICKLE_BYTES = 256 * 2**20
+
 #: Callables the fallback reader may call: each builds a tensor or a plain container and nothing else.
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
@@ -144,6 +149,9 @@ def _archive_prefix(path: Path, records: zipfile.ZipFile) -> str:
     if len(pickles) != 1:
         raise CheckpointError(f"{path} is a zip file but not a torch checkpoint (no single data.pkl)")
     prefix = pickles[0][: -len("data.pkl")]
+    oversized = [i.filename for i in records.infolist() if i.file_size > MAX_RECORD_BYTES]
+    if oversized or records.getinfo(pickles[0]).file_size > MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{path} holds records too large to read ({(oversized or pickles)[0]}): refused")
     if f"{prefix}byteorder" in names and records.read(f"{prefix}byteorder").strip() != b"little":
         raise CheckpointError(f"{path} was written on a big-endian machine: refused")
     return prefix
@@ -175,10 +183,13 @@ def read_checkpoint(path: str | Path) -> Any:
             raise CheckpointError(f"{path} is not a PyTorch checkpoint (zip or pickle)")
     except (OSError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch's safe reader refused or failed: say why in one line
-        refused = " ".join(str(exc).split())[:200]
+    if _torch_reader_is_safe():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch's safe reader refused or failed: say why in one line
+            refused = " ".join(str(exc).split())[:200]
+    else:
+        refused = f"torch {torch.__version__}'s weights_only reader has known escapes; needs 2.10"
     if not is_zip:
         raise CheckpointError(f"{path}: a legacy pickle that torch's safe reader refuses ({refused}): not loaded")
     logger.info("weights_only load of %s refused (%s); reading it with the restricted unpickler", path, refused)
@@ -286,6 +297,15 @@ def import_adaface_ckpt(path: str | Path, arch: str | None = None) -> tuple[OAML
         hyper_parameters={k: v for k, v in hparams.items() if isinstance(v, (str, int, float, bool))},
     )
     return model.eval(), report
+
+
+#: torch versions whose ``weights_only`` reader had known ways to run code or corrupt memory were fixed by 2.10
+SAFE_TORCH = (2, 10)
+
+
+def _torch_reader_is_safe() -> bool:
+    numbers = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return numbers is not None and (int(numbers[1]), int(numbers[2])) >= SAFE_TORCH
 
 
 def _is_legacy_pickle(path: Path) -> bool:
