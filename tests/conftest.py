@@ -61,6 +61,12 @@ def ir18() -> OAMLNet:
     return build_model("ir_18").eval()
 
 
+@pytest.fixture(scope="session")
+def photo(astronaut: np.ndarray) -> bytes:
+    """The astronaut as a PNG upload."""
+    return encode(astronaut)
+
+
 def encode(image: Image.Image | np.ndarray, fmt: str = "PNG", **kwargs: object) -> bytes:
     """Encode a PIL image or an RGB array to bytes."""
     if isinstance(image, np.ndarray):

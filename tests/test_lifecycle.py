@@ -9,7 +9,6 @@ PostgreSQL counterparts are in tests/test_shared_store.py.
 
 from __future__ import annotations
 
-import io
 import signal
 import socket
 import sqlite3
@@ -26,31 +25,20 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from service.app import create_app
 from service.config import Settings
 from service.errors import GalleryStoreError, Overloaded
 from service.store import Enrolment, FaceRecord, SQLiteGalleryStore
+from tests.conftest import encode
 from tests.servers import Server, free_port, start_server, wait_ready
 
 Client = TestClient | httpx.Client
 
 
-def png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def photo(astronaut: np.ndarray) -> bytes:
-    return png(astronaut)
-
-
 @pytest.fixture(scope="module")
 def mirrored(astronaut: np.ndarray) -> bytes:
-    return png(np.ascontiguousarray(astronaut[:, ::-1]))
+    return encode(np.ascontiguousarray(astronaut[:, ::-1]))
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +287,7 @@ def test_overload_during_enrolment_is_503_not_a_rejected_photo(
         monkeypatch.setattr(engine, "_admit", full)
         problem(enrol(c, "busy", photo, photo), 503, "OVERLOADED")
         problem(c.post("/identify", files={"image": ("a.png", photo, "image/png")}), 503, "OVERLOADED")
-        aligned = {"image": ("a.png", png(np.zeros((112, 112, 3), np.uint8)), "image/png")}
+        aligned = {"image": ("a.png", encode(np.zeros((112, 112, 3), np.uint8)), "image/png")}
         problem(c.post("/identify", files=aligned, data={"aligned": "true"}), 503, "OVERLOADED")
         monkeypatch.undo()
         problem(c.get("/gallery/busy"), 404, "SUBJECT_NOT_FOUND")

@@ -6,7 +6,6 @@ psycopg is not installed.
 
 from __future__ import annotations
 
-import io
 import signal
 import threading
 import time
@@ -19,7 +18,6 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from service.app import create_app
 from service.config import Settings
@@ -323,17 +321,6 @@ def test_a_local_delete_racing_the_follower_is_not_undone(
 
 
 # -- replicas: real service processes on one database -------------------------------------------
-
-
-def png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def photo(astronaut: np.ndarray) -> bytes:
-    return png(astronaut)
 
 
 class Replica:
