@@ -1,10 +1,15 @@
-"""Gallery size: what one enrolled face costs in memory, and what exact search costs at a million faces.
+"""Gallery size: what one face costs in memory, at its peak too, and what exact search costs at 1M faces.
 
 Run: ``python bench/bench_gallery.py --out bench/RESULTS.md`` (or ``make bench-gallery``).
 
 - Bytes per face of the in-memory index (:class:`service.index.GalleryIndex`), measured as the
   process's resident memory growth over a few thousand synthetic faces, at each map precision,
   and the largest gallery that fits a machine's memory at that rate.
+- Peak resident memory while the index grows past a size (enrolments, 1,000 faces at a time) and
+  while a stored gallery is loaded at start-up (:meth:`service.gallery.Gallery.load`'s path), each
+  in a fresh process, against the bytes the faces themselves hold: what a machine must have, not
+  what the index settles at. ``--compare-with DIR`` runs the same children on another checkout's
+  ``service/`` (e.g. a ``git worktree`` of an earlier commit) for a before/after row.
 - The cosine stage of ``/identify`` (one probe against every enrolled embedding, then top-k) at
   100k and 1M synthetic embeddings: the stage that grows with the gallery (QAConv then re-ranks a
   fixed shortlist, measured in the service benchmark).
@@ -18,11 +23,13 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# OAML_BENCH_CODE: measure another checkout's code (--compare-with); this one's by default
+sys.path.insert(0, os.environ.get("OAML_BENCH_CODE") or str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_model import cpu_name, emit, timeit  # noqa: E402
 from model.net import build_model  # noqa: E402
@@ -59,31 +66,166 @@ def synthetic(n: int, start: int, rng: np.random.Generator) -> list[FaceRecord]:
     ]
 
 
-def bytes_per_face(dtype: torch.dtype, faces: int) -> float:
+def bytes_per_face(dtype: torch.dtype, faces: int) -> tuple[float, float]:
+    """Resident memory a face adds once enrolled (maps, embedding, ids and dicts), and at the peak while
+    ``faces`` are enrolled 1,000 at a time, in a fresh process."""
+    name = next(k for k, v in DTYPES.items() if v == dtype)
+    grown = run_child(["--child", "grow", "--faces", str(faces), "--dtype", name])
+    n = grown["faces"]
+    return (grown["final"] - grown["baseline"]) / n, (grown["peak"] - grown["baseline"]) / n
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def face_bytes(dtype: torch.dtype, channels: int = 512, hw: int = 49) -> int:
+    """What one face's data holds in the index: maps, embedding, visibility and key."""
+    return channels * hw * dtype.itemsize + 512 * 4 + 4 + 8
+
+
+def _child_grow(faces: int, dtype: torch.dtype) -> dict[str, float]:
+    """In a fresh process: enrol ``faces`` synthetic faces 1,000 at a time (maps drawn from one block of
+    1,000, as only their bytes matter), then report the baseline, peak and final resident memory."""
     qaconv = build_model("ir_18").qaconv.eval()
     index = GalleryIndex(qaconv, torch.device("cpu"), dtype)
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(1000, 512, generator=g), dim=1)
+    maps, occ = torch.randn(1000, qaconv.num_features, 7, 7, generator=g), torch.rand(1000, 1, 7, 7, generator=g)
+    index.add([f"warm{i}" for i in range(8)], ["w"] * 8, emb[:8], maps[:8], occ[:8])
+    index.remove([f"warm{i}" for i in range(8)])
+    baseline = rss_bytes()
+    for start in range(0, faces, 1000):
+        n = min(1000, faces - start)
+        index.add([f"{i:032x}" for i in range(start, start + n)], [f"s{i // 2}" for i in range(start, start + n)],
+                  emb[:n], maps[:n], occ[:n])  # fmt: skip
+    return {"baseline": baseline, "peak": peak_rss_bytes(), "final": rss_bytes(), "faces": len(index)}
+
+
+def _child_load(store_path: Path, model_version: str, dtype: torch.dtype) -> dict[str, float]:
+    """In a fresh process: load a stored gallery into the index as start-up does (:meth:`Gallery.load`)."""
+    from service.store import SQLiteGalleryStore
+
+    qaconv = build_model("ir_18").qaconv.eval()
+    index = GalleryIndex(qaconv, torch.device("cpu"), dtype)
+    store = SQLiteGalleryStore(store_path, model_version)
+
+    class Inline:  # the engine's worker, for the index calls: here, this thread
+        def call_device(self, fn: Any, *args: Any) -> Any:
+            return fn(*args)
+
+    baseline = rss_bytes()
+    try:
+        from service.gallery import Gallery
+    except ImportError:  # a checkout from before service.gallery (--compare-with)
+        from service.state import load_index  # type: ignore[attr-defined]
+
+        load_index(store, index, Inline())
+    else:
+        Gallery(store, index, Inline()).load()  # type: ignore[arg-type]
+    return {"baseline": baseline, "peak": peak_rss_bytes(), "final": rss_bytes(), "faces": len(index)}
+
+
+def run_child(args: list[str], checkout: Path | None = None) -> dict[str, float]:
+    """This script's ``--child`` mode in a fresh process (its own peak), on ``checkout``'s code if given."""
+    import json
+    import subprocess
+
+    env = dict(os.environ)
+    if checkout is not None:
+        env["OAML_BENCH_CODE"] = str(checkout)
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True, env=env, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"child {args} failed: {done.stderr.strip()[-2000:]}")
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def fill_store(path: Path, model_version: str, faces: int) -> None:
+    """A SQLite gallery of ``faces`` synthetic faces (two per subject), a thousand per transaction."""
+    from service.store import Enrolment, SQLiteGalleryStore
+
+    store = SQLiteGalleryStore(path, model_version)
     rng = np.random.default_rng(0)
-    index.add_records(synthetic(64, 0, rng))  # allocator and first-growth noise before the baseline
-    before = rss_bytes()
-    for start in range(64, faces + 64, 1000):
-        index.add_records(synthetic(1000, start, rng))
-    # the index grows by doubling: count what the faces use, not the spare capacity
-    spare = (index._capacity - index.count) * (
-        index.embedding_size * 4 + 8 + index.channels * index.hw * dtype.itemsize + 4
-    )  # noqa: SLF001
-    return (rss_bytes() - before - spare) / faces
+    block = synthetic(1000, 0, rng)
+    for start in range(0, faces, 1000):
+        n = min(1000, faces - start)
+        records = []
+        for i in range(n):
+            b = block[i]
+            records.append(
+                FaceRecord(
+                    f"{start + i:032x}",
+                    f"subject-{(start + i) // 2:08d}",
+                    b.embedding,
+                    b.feature_map,
+                    b.occlusion,
+                    b.norm,
+                    b.quality,
+                    b.detection_score,
+                    None,
+                    0.0,
+                )  # fmt: skip
+            )
+        store.enrol_many(
+            [Enrolment(r.subject, None, None, records[j : j + 2]) for j, r in enumerate(records) if j % 2 == 0]
+        )
+    store.close()
 
 
-def cosine_stage_ms(n: int, dtype: torch.dtype, shortlist: int, seconds: float) -> float:
+def peak_rows(faces: int, load_faces: int, checkout: Path | None, label: str) -> list[str]:
+    """Rows of the peak-memory table: growing past ``faces`` and loading ``load_faces``, bf16 maps."""
+    rows = []
+    data = face_bytes(torch.bfloat16)
+    grown = run_child(["--child", "grow", "--faces", str(faces)], checkout)
+    rows.append(_peak_row(label, f"enrolling {faces:,} faces, 1,000 at a time", grown, data))
+    if load_faces:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="oaml-bench-gallery-") as tmp:
+            store = Path(tmp) / "gallery.sqlite3"
+            fill_store(store, "bench", load_faces)
+            loaded = run_child(["--child", "load", "--store", str(store)], checkout)
+        rows.append(_peak_row(label, f"loading {load_faces:,} stored faces at start-up", loaded, data))
+    return rows
+
+
+def _peak_row(label: str, what: str, m: dict[str, float], per_face: int) -> str:
+    data = m["faces"] * per_face
+    peak, final = m["peak"] - m["baseline"], m["final"] - m["baseline"]
+    return f"| {label} | {what} | {data / 2**30:.2f} | {peak / 2**30:.2f} | {final / 2**30:.2f} | {peak / data:.2f}x |"
+
+
+def cosine_stage_ms(n: int, chunked: bool, shortlist: int, seconds: float) -> float:
+    """One probe against ``n`` fp32 embeddings, top ``shortlist``: the service's :class:`CosineStage` (chunks
+    of :data:`~service.index.CHUNK_ROWS`), or one matrix as the index kept them before."""
+    from service.index import CosineStage
+
     rng = np.random.default_rng(1)
-    gallery = torch.empty(n, 512, dtype=dtype)
+    stage = CosineStage(torch.device("cpu"))
+    if chunked:
+        stage.reserve(n)
+    matrix = torch.empty(0 if chunked else n, 512)
     for s in range(0, n, 100_000):
         block = torch.from_numpy(rng.normal(size=(min(100_000, n - s), 512)).astype(np.float32))
-        gallery[s : s + len(block)] = torch.nn.functional.normalize(block, dim=1).to(dtype)
-    probe = gallery[12345].clone()
+        block = torch.nn.functional.normalize(block, dim=1)
+        if chunked:
+            stage.append(block)
+        else:
+            matrix[s : s + len(block)] = block
+    probe = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=512).astype(np.float32)), dim=0)
 
     def search() -> object:
-        return torch.topk(gallery @ probe, shortlist).indices
+        return stage.top(probe, shortlist)[0] if chunked else torch.topk(matrix @ probe, shortlist).indices
 
     with torch.inference_mode():
         return timeit(search, seconds) * 1000
@@ -92,23 +234,71 @@ def cosine_stage_ms(n: int, dtype: torch.dtype, shortlist: int, seconds: float) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=None, help="Markdown file to update")
-    parser.add_argument("--faces", type=int, default=5000, help="synthetic faces for the bytes-per-face measurement")
+    parser.add_argument("--faces", type=int, default=20_000, help="synthetic faces for the bytes-per-face measurement")
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--grow-faces", type=int, default=140_000, help="faces enrolled for the peak while growing (past 131,072)"
+    )
+    parser.add_argument("--load-faces", type=int, default=140_000, help="stored faces loaded for the peak at start-up")
+    parser.add_argument("--compare-with", type=Path, default=None, help="another checkout: its peaks, for comparison")
+    parser.add_argument(
+        "--compare-faces", type=int, default=40_000, help="faces for the comparison's rows (past 32,768)"
+    )
+    parser.add_argument("--child", choices=["grow", "load"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--store", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.child is not None:  # a measurement in this fresh process: one JSON line
+        import json
+
+        with torch.inference_mode():
+            if args.child == "grow":
+                result = _child_grow(args.faces, DTYPES[args.dtype])
+            else:
+                result = _child_load(args.store, "bench", torch.bfloat16)
+        print(json.dumps(result))  # noqa: T201
+        return
     rows = [
         SECTION,
         "",
         f"- {machine_line(args.threads)}",
         f"- Command: `python bench/bench_gallery.py --out bench/RESULTS.md --faces {args.faces} "
-        f"--seconds {args.seconds:g} --threads {args.threads}` (or `make bench-gallery`).",
+        f"--seconds {args.seconds:g} --threads {args.threads} --grow-faces {args.grow_faces} "
+        f"--load-faces {args.load_faces}"
+        + (f" --compare-with <checkout> --compare-faces {args.compare_faces}" if args.compare_with else "")
+        + "` (or `make bench-gallery`).",
+        "",
+        "### Peak memory while the gallery grows and while it is loaded (bf16 maps)",
+        "",
+        "Each in a fresh process: resident memory above the process's baseline, at its peak and at the end, "
+        "against what the faces' data holds (maps, embedding, visibility, key: "
+        f"{face_bytes(torch.bfloat16):,} bytes a face; the rest is Python's per-face ids and dicts).",
+        "",
+        "| code | what | faces' data GiB | peak GiB | after GiB | peak / data |",
+        "|---|---|---|---|---|---|",
+    ]
+    if args.compare_with is not None:
+        for row in peak_rows(args.compare_faces, args.compare_faces, args.compare_with, "before (doubling)"):
+            rows.append(row)
+            print(row, flush=True)  # noqa: T201
+        for row in peak_rows(args.compare_faces, args.compare_faces, None, "this checkout (chunks)"):
+            rows.append(row)
+            print(row, flush=True)  # noqa: T201
+    for row in peak_rows(args.grow_faces, args.load_faces, None, "this checkout (chunks)"):
+        rows.append(row)
+        print(row, flush=True)  # noqa: T201
+    rows += [
         "",
         "### Memory per enrolled face (in-memory index)",
         "",
-        "| QAConv map precision | bytes per face (measured) | of which QAConv maps | faces per 16 GiB "
-        "| faces per 128 GiB |",
-        "|---|---|---|---|---|",
+        f"Enrolling {args.faces:,} synthetic faces 1,000 at a time in a fresh process; the capacities divide by the "
+        "peak bytes per face (the index alone: the service itself needs its own memory on top).",
+        "",
+        "| QAConv map precision | bytes per face once enrolled | peak bytes per face | of which QAConv maps "
+        "| faces per 16 GiB | faces per 128 GiB |",
+        "|---|---|---|---|---|---|",
     ]
     qaconv = build_model("ir_18").qaconv
     maps = qaconv.num_features * qaconv.hw
@@ -117,22 +307,22 @@ def main() -> None:
         ("fp16 (CUDA default)", torch.float16),
         ("fp32", torch.float32),
     ):
-        per_face = bytes_per_face(dtype, args.faces)
+        per_face, peak = bytes_per_face(dtype, args.faces)
         rows.append(
-            f"| {name} | {per_face:,.0f} | {maps * dtype.itemsize:,} | {16 * 2**30 / per_face:,.0f} | "
-            f"{128 * 2**30 / per_face:,.0f} |"
+            f"| {name} | {per_face:,.0f} | {peak:,.0f} | {maps * dtype.itemsize:,} | {16 * 2**30 / peak:,.0f} | "
+            f"{128 * 2**30 / peak:,.0f} |"
         )
         print(rows[-1], flush=True)  # noqa: T201
     rows += [
         "",
         "### Cosine stage of /identify (one probe, exact, top 100)",
         "",
-        "| gallery embeddings | precision | ms per probe |",
+        "| gallery embeddings | layout | ms per probe |",
         "|---|---|---|",
     ]
     for n in (100_000, 1_000_000):
-        for name, dtype in (("fp32 (as indexed)", torch.float32), ("bf16", torch.bfloat16)):
-            ms = cosine_stage_ms(n, dtype, 100, args.seconds)
+        for name, chunked in (("CosineStage: fp32 in chunks of 8,192 (the service)", True), ("one fp32 matrix", False)):
+            ms = cosine_stage_ms(n, chunked, 100, args.seconds)
             rows.append(f"| {n:,} | {name} | {ms:.1f} |")
             print(rows[-1], flush=True)  # noqa: T201
     emit("\n".join(rows) + "\n", args.out)

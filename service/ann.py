@@ -20,13 +20,12 @@ import logging
 import math
 
 import numpy as np
-import torch
 
 # faiss' loader logs each CPU-specific build it tries, failures included, at INFO on import
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 import faiss  # noqa: E402
 
-__all__ = ["InvertedFile", "lists_for", "training_sample"]
+__all__ = ["InvertedFile", "lists_for", "training_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +41,9 @@ def lists_for(count: int) -> int:
     return max(16, int(round(math.sqrt(count))))
 
 
-def training_sample(embeddings: np.ndarray | torch.Tensor, seed: int = 0) -> np.ndarray:
-    """A copy of up to ``TRAIN_PER_LIST`` rows per list of a gallery's embeddings, in gallery order."""
-    n = len(embeddings)
-    rows = np.sort(np.random.default_rng(seed).permutation(n)[: TRAIN_PER_LIST * lists_for(n)])
-    if isinstance(embeddings, torch.Tensor):
-        return embeddings[torch.from_numpy(rows).to(embeddings.device)].float().cpu().numpy()
-    return np.ascontiguousarray(embeddings[rows], dtype=np.float32)
+def training_rows(count: int, seed: int = 0) -> np.ndarray:
+    """Which of a gallery's ``count`` rows train its file: up to ``TRAIN_PER_LIST`` per list, sorted."""
+    return np.sort(np.random.default_rng(seed).permutation(count)[: TRAIN_PER_LIST * lists_for(count)])
 
 
 class InvertedFile:
@@ -65,7 +60,7 @@ class InvertedFile:
     @classmethod
     def train(cls, sample: np.ndarray, count: int, seed: int = 0) -> InvertedFile:
         """An empty file for a gallery of ``count`` faces, its centroids and 8-bit ranges fitted to
-        ``sample`` (unit rows; :func:`training_sample` draws one). The costly part of a build, and
+        ``sample`` (unit rows; :func:`training_rows` says which). The costly part of a build, and
         independent of the gallery's later changes, so it can run beside the service."""
         lists = min(lists_for(count), max(1, len(sample) // 39))  # faiss needs ~39 points per centroid
         index = faiss.IndexIVFScalarQuantizer(
@@ -84,7 +79,8 @@ class InvertedFile:
     @classmethod
     def build(cls, embeddings: np.ndarray, keys: np.ndarray, seed: int = 0) -> InvertedFile:
         """Train on a sample of ``embeddings`` (``[N, D]`` unit rows) and add them all under ``keys``."""
-        ivf = cls.train(training_sample(embeddings, seed), len(embeddings), seed)
+        sample = np.ascontiguousarray(embeddings[training_rows(len(embeddings), seed)], dtype=np.float32)
+        ivf = cls.train(sample, len(embeddings), seed)
         ivf.add(embeddings, keys)
         return ivf
 

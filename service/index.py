@@ -1,16 +1,19 @@
 """The in-memory index over every enrolled face, for 1:N search.
 
-Embeddings ``[N, 512]`` fp32 for the exact cosine stage, and QAConv maps laid out as
-``[C, capacity * 49]`` in bf16 (fp16 on CUDA) with visibility folded in, grown by doubling and
-compacted by moving the last face into a deleted slot, so enrolment and deletion cost O(1)
-copies. The cosine stage (:class:`CosineStage`) is exact below ``ann_min_faces`` faces and takes
-its candidates from an inverted file (:mod:`service.ann`) from there on. The index lives on the
-model's device; :class:`service.engine.Engine` calls it from its worker thread, the one thread
-that runs device work.
+Embeddings ``[N, 512]`` fp32 for the exact cosine stage, and QAConv maps ``[N, C, 49]`` in bf16
+(fp16 on CUDA) with visibility folded in, each kept by slot in :class:`SlotRows`: chunks that are
+never reallocated (the first small, then :data:`CHUNK_ROWS` faces each), so the gallery grows
+without copying what it holds and without a second copy alive while it grows; deletion moves the
+last face into the freed slot, so enrolment and deletion cost O(1) copies. The cosine stage
+(:class:`CosineStage`) is exact below ``ann_min_faces`` faces and takes its candidates from an
+inverted file (:mod:`service.ann`) from there on. The index lives on the model's device;
+:class:`service.engine.Engine` calls it from its worker thread, the one thread that runs device
+work.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -21,10 +24,10 @@ import numpy as np
 import torch
 
 from model.qaconv import PreparedGallery, QAConv
-from service.ann import InvertedFile, training_sample
+from service.ann import InvertedFile, training_rows
 from service.store import FaceRecord
 
-__all__ = ["ANN_REGROWTH", "CosineStage", "GalleryIndex"]
+__all__ = ["ANN_REGROWTH", "CHUNK_ROWS", "SlotRows", "CosineStage", "GalleryIndex"]
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +35,113 @@ log = logging.getLogger(__name__)
 #: trained on, so its lists keep ~sqrt(N) faces each.
 ANN_REGROWTH = 4
 
+#: Faces per chunk once the gallery is large (411 MB of bf16 maps, 16 MB of embeddings): the most
+#: memory a gallery holds beyond its faces, and the unit in which it grows.
+CHUNK_ROWS = 8192
+#: The first chunk; each next one doubles the capacity until chunks reach CHUNK_ROWS.
+FIRST_CHUNK_ROWS = 64
+#: Faces are prepared and added this many at a time, whatever the batch: the fp32 working copies of
+#: their maps are what a growing gallery holds beyond its faces.
+ADD_SLICE = 256
+
+
+class SlotRows:
+    """Rows of one shape, by slot, in chunks that are allocated once and never copied.
+
+    Growing adds a chunk (the capacity doubles until chunks reach :data:`CHUNK_ROWS` rows, then grows
+    by that much), so what the rows hold is never copied and never held twice; a chunk is allocated
+    uninitialised, so on a CPU its untouched pages cost no resident memory until rows are written.
+    Chunks left wholly beyond the rows in use are freed (:meth:`trim`). Not locked: the owner
+    serialises calls.
+    """
+
+    def __init__(
+        self, row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, chunk_rows: int | None = None
+    ) -> None:
+        self.row_shape, self.dtype, self.device = row_shape, dtype, device
+        self.chunk_rows = chunk_rows or CHUNK_ROWS
+        self.chunks: list[torch.Tensor] = []
+        self._starts: list[int] = []
+        self.capacity = 0
+
+    def ensure(self, rows: int) -> None:
+        """Room for ``rows`` rows in all."""
+        while self.capacity < rows:
+            size = min(max(FIRST_CHUNK_ROWS, self.capacity), self.chunk_rows)
+            self.chunks.append(torch.empty((size, *self.row_shape), dtype=self.dtype, device=self.device))
+            self._starts.append(self.capacity)
+            self.capacity += size
+
+    def trim(self, rows: int) -> None:
+        """Free the chunks that hold no row below ``rows``, but one: a gallery hovering at a chunk's edge
+        (delete one, enrol one) does not free and allocate a chunk each time."""
+        while len(self.chunks) > 1 and self._starts[-2] >= max(rows, 1):
+            self.chunks.pop()
+            self.capacity = self._starts.pop()
+
+    def _check(self, stop: int) -> None:
+        if stop > self.capacity:  # a caller that skipped ensure(): fail loudly, never loop or read garbage
+            raise IndexError(f"slot {stop - 1} is beyond the capacity of {self.capacity} rows")
+
+    def _locate(self, slot: int) -> tuple[torch.Tensor, int]:
+        c = bisect.bisect_right(self._starts, slot) - 1
+        return self.chunks[c], slot - self._starts[c]
+
+    def write(self, start: int, values: torch.Tensor) -> None:
+        """``values[i]`` into slot ``start + i`` (capacity ensured by the caller)."""
+        self._check(start + len(values))
+        done = 0
+        while done < len(values):
+            chunk, offset = self._locate(start + done)
+            n = min(len(values) - done, len(chunk) - offset)
+            chunk[offset : offset + n] = values[done : done + n].to(device=self.device, dtype=self.dtype)
+            done += n
+
+    def move(self, dst: int, src: int) -> None:
+        """Copy slot ``src``'s row into slot ``dst``."""
+        self._check(max(dst, src) + 1)
+        (a, i), (b, j) = self._locate(dst), self._locate(src)
+        a[i] = b[j]
+
+    def gather(self, slots: torch.Tensor, rows: int, layout: str = "rows") -> torch.Tensor:
+        """Rows ``slots`` (a 1-d index tensor, every slot below ``rows``: the rows in use), in that order:
+        ``[k, *row_shape]``, or with ``layout="columns"`` ``[row_shape[0], k, *row_shape[1:]]`` (what
+        QAConv matches against, without a second copy)."""
+        flat = slots.to("cpu", torch.int64).numpy()
+        if len(flat) and (flat.min() < 0 or flat.max() >= rows):
+            raise IndexError(f"slots {flat.min()}..{flat.max()} outside the {rows} rows in use")
+        shape = (len(flat), *self.row_shape)
+        if layout == "columns":
+            shape = (self.row_shape[0], len(flat), *self.row_shape[1:])
+        out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        which = np.searchsorted(np.asarray(self._starts), flat, side="right") - 1
+        for c in np.unique(which):
+            positions = np.flatnonzero(which == c)
+            local = torch.from_numpy(flat[positions] - self._starts[c]).to(self.device)
+            where = torch.from_numpy(positions).to(self.device)
+            if layout == "columns":
+                out[:, where] = self.chunks[c][local].transpose(0, 1)
+            else:
+                out[where] = self.chunks[c][local]
+        return out
+
+    def views(self, rows: int) -> list[torch.Tensor]:
+        """The first ``rows`` rows, as views of consecutive chunks (no copy)."""
+        self._check(rows)
+        parts = []
+        for start, chunk in zip(self._starts, self.chunks, strict=True):
+            if start >= rows:
+                break
+            parts.append(chunk[: rows - start])
+        return parts
+
+    def nbytes(self) -> int:
+        """Bytes allocated (rows in use and the spare room of the last chunk)."""
+        return sum(c.numel() * c.element_size() for c in self.chunks)
+
 
 class CosineStage:
-    """Every face's embedding by slot (``[capacity, D]`` fp32) and the search for the ``k`` nearest.
+    """Every face's embedding by slot (fp32 :class:`SlotRows`) and the search for the ``k`` nearest.
 
     Exact below ``ann_min_faces`` faces (0: always); from there on an inverted file proposes ``k``
     candidates from its ``ann_probe`` nearest lists, re-scored exactly here. The file is trained
@@ -50,7 +157,7 @@ class CosineStage:
         self.ann_min_faces = ann_min_faces
         self.ann_probe = ann_probe
         self.count = 0
-        self.emb = torch.zeros(0, dim, device=device)
+        self.emb = SlotRows((dim,), torch.float32, device)
         self._keys = np.zeros(0, dtype=np.int64)
         self._slot_of_key: dict[int, int] = {}
         self._next_key = 0
@@ -75,26 +182,25 @@ class CosineStage:
         }
 
     def reserve(self, capacity: int) -> None:
-        if capacity <= len(self._keys):
-            return
-        emb = torch.zeros(capacity, self.dim, device=self.device)
-        emb[: self.count] = self.emb[: self.count]
-        keys = np.zeros(capacity, dtype=np.int64)
-        keys[: self.count] = self._keys[: self.count]
-        self.emb, self._keys = emb, keys
+        """Room for ``capacity`` faces (the keys, 8 bytes a face, grow by doubling: the embeddings in chunks)."""
+        self.emb.ensure(capacity)
+        if capacity > len(self._keys):
+            keys = np.zeros(max(capacity, 2 * len(self._keys)), dtype=np.int64)
+            keys[: self.count] = self._keys[: self.count]
+            self._keys = keys
 
     def append(self, embeddings: torch.Tensor) -> None:
         """Faces in the next ``n`` slots (capacity reserved by the caller)."""
         self._adopt()
         n, start = len(embeddings), self.count
-        self.emb[start : start + n] = embeddings.to(self.device).float()
+        self.emb.write(start, embeddings.float())
         keys = np.arange(self._next_key, self._next_key + n, dtype=np.int64)
         self._next_key += n
         self._keys[start : start + n] = keys
         self._slot_of_key.update(zip(keys.tolist(), range(start, start + n), strict=True))
         self.count += n
         if self.ivf is not None:
-            self.ivf.add(self.emb[start : start + n].cpu().numpy(), keys)
+            self.ivf.add(embeddings.float().cpu().numpy(), keys)
         self.train_if_due()
 
     def remove(self, slot: int) -> None:
@@ -106,10 +212,11 @@ class CosineStage:
             self.ivf.remove(np.array([key], dtype=np.int64))
         last = self.count - 1
         if slot != last:
-            self.emb[slot] = self.emb[last]
+            self.emb.move(slot, last)
             self._keys[slot] = self._keys[last]
             self._slot_of_key[int(self._keys[slot])] = slot
         self.count -= 1
+        self.emb.trim(self.count)
 
     def train_if_due(self, wait: bool = False) -> None:
         """(Re-)train the inverted file if the gallery has reached the threshold or outgrown the file.
@@ -127,7 +234,8 @@ class CosineStage:
                 return
             self._training.join()
         else:
-            sample, count = training_sample(self.emb[: self.count]), self.count
+            count = self.count
+            sample = self.emb.gather(torch.from_numpy(training_rows(count)), count).float().cpu().numpy()
 
             def work() -> None:
                 t0 = time.perf_counter()
@@ -152,7 +260,10 @@ class CosineStage:
         if trained is None:
             return
         t0 = time.perf_counter()
-        trained.add(self.emb[: self.count].cpu().numpy(), self._keys[: self.count])
+        offset = 0
+        for view in self.emb.views(self.count):  # chunk by chunk: bounded copies
+            trained.add(view.float().cpu().numpy(), self._keys[offset : offset + len(view)])
+            offset += len(view)
         self.ivf = trained
         log.info(
             "inverted file in use: %d faces in %d lists, %d read per probe (filled in %.1f s)",
@@ -173,9 +284,12 @@ class CosineStage:
             keys = self.ivf.search(probe.cpu().numpy(), k, self.ann_probe)
             if len(keys) >= k:
                 slots = torch.tensor([self._slot_of_key[key] for key in keys.tolist()], device=self.device)
-                cos, order = torch.sort(self.emb[slots] @ probe, descending=True)
+                cos, order = torch.sort(self.emb.gather(slots, self.count) @ probe, descending=True)
                 return slots[order], cos
-        best = torch.topk(self.emb[: self.count] @ probe, k)
+        if self.count == 0:
+            return torch.zeros(0, dtype=torch.long, device=self.device), torch.zeros(0, device=self.device)
+        scores = torch.cat([part @ probe for part in self.emb.views(self.count)])
+        best = torch.topk(scores, k)
         return best.indices, best.values
 
 
@@ -204,9 +318,8 @@ class GalleryIndex:
         self.channels = qaconv.num_features
         self.embedding_size = embedding_size
         self._lock = threading.RLock()
-        self._capacity = 0
         self.cosine = CosineStage(device, embedding_size, ann_min_faces, ann_probe)
-        self._maps = torch.zeros(self.channels, 0, dtype=map_dtype, device=device)
+        self._maps = SlotRows((self.channels, self.hw), map_dtype, device)  # [face, C, hw], visibility folded in
         self._vis = torch.zeros(0, device=device)
         self.face_ids: list[str] = []
         self.subjects: list[str] = []
@@ -239,16 +352,19 @@ class GalleryIndex:
             self.cosine.defer_training = False
             self.cosine.train_if_due(wait=True)
 
-    def _grow(self, needed: int) -> None:
-        if needed <= self._capacity:
-            return
-        capacity = max(needed, 2 * self._capacity, 64)
-        maps = torch.zeros(self.channels, capacity * self.hw, dtype=self.map_dtype, device=self.device)
-        vis = torch.zeros(capacity, device=self.device)
-        self.cosine.reserve(capacity)
-        maps[:, : self.count * self.hw] = self._maps[:, : self.count * self.hw]
-        vis[: self.count] = self._vis[: self.count]
-        self._maps, self._vis, self._capacity = maps, vis, capacity
+    def reserve(self, faces: int) -> None:
+        """Room for ``faces`` faces in all (a load of known size allocates its chunks once)."""
+        with self._lock:
+            self._maps.ensure(faces)
+            self.cosine.reserve(faces)
+            if faces > len(self._vis):  # 4 bytes a face: doubling is cheap
+                vis = torch.zeros(max(faces, 2 * len(self._vis)), device=self.device)
+                vis[: self.count] = self._vis[: self.count]
+                self._vis = vis
+
+    def memory_bytes(self) -> int:
+        """Bytes the index's tensors hold (maps, embeddings, visibility; not the id lists)."""
+        return self._maps.nbytes() + self.cosine.emb.nbytes() + self._vis.numel() * 4
 
     def add(
         self,
@@ -262,15 +378,18 @@ class GalleryIndex:
         n = len(face_ids)
         if n == 0:
             return
-        prepared = self.qaconv.prepare_gallery(
-            feature_maps.to(self.device).float(), occlusion.to(self.device).float(), dtype=self.map_dtype
-        )
         if len(subjects) != n:
             raise ValueError(f"{n} face ids but {len(subjects)} subjects")
         with self._lock:
-            self._grow(self.count + n)
+            self.reserve(self.count + n)
             start = self.count
-            self._maps[:, start * self.hw : (start + n) * self.hw] = prepared.maps
+            for s in range(0, n, ADD_SLICE):  # prepared a slice at a time: bounded working copies
+                part = slice(s, min(s + ADD_SLICE, n))
+                prepared = self.qaconv.prepare_gallery(
+                    feature_maps[part].to(self.device).float(), occlusion[part].to(self.device).float(), self.map_dtype
+                )
+                rows = prepared.maps.reshape(self.channels, prepared.count, self.hw).permute(1, 0, 2)
+                self._maps.write(start + s, rows)
             self._vis[start : start + n] = occlusion.reshape(n, -1).float().mean(1).to(self.device)
             self.cosine.append(embeddings)
             for i, fid in enumerate(face_ids):
@@ -285,15 +404,15 @@ class GalleryIndex:
         """Append stored faces (numpy arrays, as the store keeps them); faces already indexed are skipped,
         so the enrolment path and a gallery follower (shared stores) may both add the same face."""
         records = [r for r in records if r.face_id not in self._slot]
-        if not records:
-            return
-        self.add(
-            [r.face_id for r in records],
-            [r.subject for r in records],
-            torch.from_numpy(np.stack([r.embedding for r in records])),
-            torch.from_numpy(np.stack([r.feature_map for r in records]).astype(np.float32)),
-            torch.from_numpy(np.stack([r.occlusion for r in records]))[:, None],
-        )
+        for start in range(0, len(records), ADD_SLICE):  # the fp32 working copies stay ~100 MB, whatever the batch
+            part = records[start : start + ADD_SLICE]
+            self.add(
+                [r.face_id for r in part],
+                [r.subject for r in part],
+                torch.from_numpy(np.stack([r.embedding for r in part])),
+                torch.from_numpy(np.stack([r.feature_map for r in part]).astype(np.float32)),
+                torch.from_numpy(np.stack([r.occlusion for r in part]))[:, None],
+            )
 
     def remove(self, face_ids: list[str]) -> None:
         with self._lock:
@@ -304,15 +423,14 @@ class GalleryIndex:
                 last = self.count - 1
                 self.cosine.remove(slot)
                 if slot != last:  # move the last face into the hole
-                    self._maps[:, slot * self.hw : (slot + 1) * self.hw] = self._maps[
-                        :, last * self.hw : (last + 1) * self.hw
-                    ]
+                    self._maps.move(slot, last)
                     self._vis[slot] = self._vis[last]
                     moved = self.face_ids[last]
                     self.face_ids[slot], self.subjects[slot] = moved, self.subjects[last]
                     self._slot[moved] = slot
                 self.face_ids.pop()
                 self.subjects.pop()
+            self._maps.trim(self.count)
 
     def search(
         self, embedding: torch.Tensor, feature_map: torch.Tensor, occlusion: torch.Tensor, shortlist: int
@@ -335,12 +453,12 @@ class GalleryIndex:
             t0 = time.perf_counter()
             top, cos = self.cosine.top(embedding, min(shortlist, self.count))
             t1 = time.perf_counter()
-            gallery = PreparedGallery(self._maps[:, : self.count * self.hw], self.count, self.hw)
+            shortlisted = self._maps.gather(top, self.count, layout="columns")  # [C, k, hw]: QAConv's layout
+            gallery = PreparedGallery(shortlisted.reshape(self.channels, -1), len(top), self.hw)
             qa = self.qaconv.match(
                 feature_map[None].to(self.device).float(),
                 gallery,
                 probe_occ=occlusion.reshape(1, 1, 7, 7).to(self.device),
-                indices=top,
             )[0]
             t2 = time.perf_counter()
             slots = top.cpu().numpy()

@@ -448,7 +448,7 @@ class SQLiteGalleryStore:
         while True:
             with self._read() as db:
                 rows = db.execute(
-                    f"SELECT rowid, {FACE_COLUMNS} FROM faces WHERE rowid > ? ORDER BY rowid LIMIT 1024", (last,)
+                    f"SELECT rowid, {FACE_COLUMNS} FROM faces WHERE rowid > ? ORDER BY rowid LIMIT 256", (last,)
                 ).fetchall()
             if not rows:
                 return

@@ -381,7 +381,7 @@ class PostgresGalleryStore:
     def iter_faces(self) -> Iterator[FaceRecord]:
         """Every face in enrolment order, streamed through a server-side cursor (bounded memory)."""
         with self._read() as conn, conn.transaction(), conn.cursor(name="oaml_faces_scan") as cur:
-            cur.itersize = 1024
+            cur.itersize = 256
             cur.execute(f"SELECT {FACE_COLUMNS} FROM oaml_faces ORDER BY position")
             for row in cur:
                 yield face_from_row(row)

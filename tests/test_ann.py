@@ -165,7 +165,7 @@ def test_too_few_candidates_fall_back_to_exact(qaconv: torch.nn.Module) -> None:
 def test_a_gallery_loaded_at_start_up_is_trained_once_on_all_of_it(qaconv: torch.nn.Module) -> None:
     x, _ = clustered(20, 50)
     index = GalleryIndex(qaconv, torch.device("cpu"), torch.bfloat16, ann_min_faces=100, ann_probe=8)
-    index.begin_loading()  # what service.state.load_index does
+    index.begin_loading()  # what service.gallery.Gallery.load does
     fill(index, x)  # crosses 100 and 4 x 100 without training
     assert index.cosine.ivf is None and index.describe()["method"] == "exact"
     index.finish_loading()
@@ -185,3 +185,72 @@ def test_training_runs_beside_the_service_and_the_next_call_switches_to_it(qacon
     fill(index, x[500:], start=500)  # that call adopts the file: every face, old and new, is in it
     assert stage.ivf is not None and len(stage.ivf) == len(x) and stage.ivf.trained_on == 500
     assert index.approximate and search(index, x[777], 1)["face_ids"] == ["f777"]
+
+
+# -- chunked slot storage ------------------------------------------------------------------------
+
+
+def test_slot_rows_grow_by_chunks_without_copying_what_they_hold() -> None:
+    from service.index import SlotRows
+
+    rows = SlotRows((3,), torch.float32, torch.device("cpu"), chunk_rows=128)
+    values = torch.arange(1000 * 3, dtype=torch.float32).reshape(1000, 3)
+    rows.ensure(10)
+    rows.write(0, values[:10])
+    first = rows.chunks[0].data_ptr()
+    for start in range(10, 1000, 37):  # writes that straddle chunk boundaries
+        rows.ensure(min(start + 37, 1000))
+        rows.write(start, values[start : start + 37])
+    assert rows.chunks[0].data_ptr() == first  # never reallocated
+    assert [len(c) for c in rows.chunks][:4] == [64, 64, 128, 128] and max(len(c) for c in rows.chunks) == 128
+    assert torch.equal(torch.cat(rows.views(1000)), values)
+    slots = torch.tensor([999, 0, 64, 500, 63, 128])
+    assert torch.equal(rows.gather(slots, 1000), values[slots])
+    columns = rows.gather(slots, 1000, layout="columns")  # [3, k]: QAConv's layout, one copy
+    assert torch.equal(columns, values[slots].T)
+    rows.move(5, 999)
+    assert torch.equal(rows.gather(torch.tensor([5]), 1000), values[999:1000])
+    with pytest.raises(IndexError):
+        rows.gather(torch.tensor([1000]), 1000)  # never a row nobody wrote
+    with pytest.raises(IndexError):
+        rows.write(rows.capacity - 1, values[:2])  # past the capacity: an error, not a loop
+    rows.trim(200)
+    assert rows.capacity == 384 and len(rows.chunks) == 4  # wholly unused chunks are freed, but one spare
+    rows.trim(0)
+    assert rows.capacity == 128 and len(rows.chunks) == 2
+
+
+def test_the_index_searches_and_deletes_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.index.CHUNK_ROWS", 100)
+    qa = build_model("ir_18").qaconv.eval()
+    small = GalleryIndex(qa, torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr("service.index.CHUNK_ROWS", 1 << 20)
+    whole = GalleryIndex(qa, torch.device("cpu"), torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    n = 530
+    emb = torch.nn.functional.normalize(torch.randn(n, 512, generator=g), dim=1)
+    maps, occ = torch.randn(n, 512, 7, 7, generator=g), torch.rand(n, 1, 7, 7, generator=g)
+    ids = [f"f{i}" for i in range(n)]
+    for index in (small, whole):
+        for s in range(0, n, 77):
+            index.add(
+                ids[s : s + 77],
+                [f"s{i}" for i in range(s, min(s + 77, n))],
+                emb[s : s + 77],
+                maps[s : s + 77],
+                occ[s : s + 77],
+            )
+        index.remove(["f3", "f250", "f529", "f100"])
+    assert max(len(c) for c in small._maps.chunks) == 100 and max(len(c) for c in whole._maps.chunks) > 100
+    for i in (7, 260, 400):
+        a = small.search(emb[i], maps[i], occ[i, 0], 50)
+        b = whole.search(emb[i], maps[i], occ[i, 0], 50)
+        assert a["face_ids"] == b["face_ids"] and a["face_ids"][0] == f"f{i}"
+        np.testing.assert_allclose(a["qaconv"], b["qaconv"], rtol=1e-5, atol=1e-5)
+
+
+def test_an_empty_cosine_stage_answers_nothing() -> None:
+    from service.index import CosineStage
+
+    slots, cosines = CosineStage(torch.device("cpu")).top(torch.ones(512) / 512**0.5, 5)
+    assert slots.numel() == 0 and cosines.numel() == 0
