@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,9 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp), metadata={"oaml": json.dumps(meta, sort_keys=True)})
+    # safetensors creates its files 0600 whatever the umask: a weights file is data that a service running as
+    # another user (the Docker image's) must read
+    os.chmod(tmp, 0o644)
     tmp.replace(path)
     return meta
 

@@ -46,6 +46,7 @@ class TestOurFormat:
         assert meta2 == meta == read_metadata(path)
         assert meta["architecture"] == "ir_18" and meta["input"]["channel_order"] == "BGR"
         assert meta["model_version"].startswith("ir_18-") and meta["calibration"] == {"threshold": 0.3}
+        assert path.stat().st_mode & 0o777 == 0o644  # readable by a service running as another user
         x = torch.randn(2, 3, 112, 112)
         with torch.no_grad():
             for a, b in zip(model(x), loaded(x), strict=True):
