@@ -99,10 +99,13 @@ train-default: prepare-data
 	$(BIN)/oaml train --config configs/oaml_ir18_heads.toml --data-root $(DATA) --out $(RUN)_heads --init-from $(RUN)_distill/best.safetensors
 	$(BIN)/oaml calibrate $(RUN)_heads/best.safetensors --data-root $(DATA) --holdout $(SHARED)/train/aligned/celeba_extra \
 		--dtype float16 --out $(WEIGHTS) --plot weights/reliability.png
+	$(BIN)/oaml calibrate-identify $(WEIGHTS) --data-root $(DATA) --holdout $(SHARED)/train/aligned/celeba_extra
 
 eval: prepare-data
 	$(BIN)/oaml eval $(WEIGHTS) --lfw-cache $(DATA)/lfw --pairs $(SHARED)/eval/lfw/pairs.txt \
 		--occluders $(SHARED)/occluders --peer sface --out $(RUN)/eval
+	$(BIN)/oaml eval-identify $(WEIGHTS) --lfw-cache $(DATA)/lfw --occluders $(SHARED)/occluders \
+		--peer sface --out $(RUN)/eval
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from model.openset import OpenSetModel
+
 __all__ = ["PRESETS", "PRIOR", "Calibration", "DEFAULT_CALIBRATION", "sigmoid"]
 
 #: Named operating points: preset -> false-accept rate.
@@ -59,6 +61,22 @@ class Calibration:
     thresholds: dict[str, float] = field(default_factory=dict)  # preset -> fused-score threshold
     fitted: bool = False
     pairs: int = 0
+    open_set: dict[str, Any] | None = None  # the stranger population for /identify (model.openset)
+
+    def __post_init__(self) -> None:
+        self._open_set: OpenSetModel | None = None
+
+    @property
+    def identify_model(self) -> OpenSetModel:
+        """The open-set model behind /identify's thresholds: fitted (``oaml calibrate-identify``), or else the
+        independent-impostor model implied by the 1:1 presets."""
+        if self._open_set is None:
+            self._open_set = (
+                OpenSetModel.from_dict(self.open_set)
+                if self.open_set
+                else OpenSetModel.from_pairwise(self.thresholds, PRESETS)
+            )
+        return self._open_set
 
     def features(self, cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray) -> np.ndarray:
         zc = (np.asarray(cos, dtype=np.float64) - self.cos_mean) / self.cos_std
@@ -84,7 +102,10 @@ class Calibration:
         return {"adaface": self.coef[0] + self.coef[2] * occ, "qaconv": self.coef[1] + self.coef[3] * occ}
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        raw = asdict(self)
+        if raw.get("open_set") is None:
+            raw.pop("open_set", None)
+        return raw
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Calibration:

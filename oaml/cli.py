@@ -195,6 +195,50 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate_identify(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.card import WeightsCard
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.embedder import Embedder
+    from model.training.calibrate import fit_open_set, open_set_check
+    from model.training.evaluate import held_out_faces, open_set_scores
+
+    model, meta = load_checkpoint(args.weights)
+    card = WeightsCard.from_metadata(meta)
+    if not card.calibration.fitted:
+        raise SystemExit(f"{args.weights} has no fitted calibration: run `oaml calibrate` first")
+    root = Path(args.data_root)
+    try:
+        images, labels, landmarks = held_out_faces(meta["training"]["config"], root, args.holdout)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    occluders = args.occluders or (str(root / "occluders") if (root / "occluders").exists() else None)
+    served = Embedder(model, device=args.device, precision=args.precision)  # the file as the service runs it
+    seed = int(meta["training"]["config"].get("seed", 0))
+    rows = open_set_scores(served, card.calibration, images, labels, landmarks, occluders, seed, args.probes)
+    fitted = fit_open_set(rows, seed)
+    fitted.validation = open_set_check(rows, seed)  # on halves: fitted on one, measured on the other
+    fitted.validation["source"] = (
+        f"{len(set(labels.tolist()))} identities never trained on (the weights' validation split"
+        + (f" and {', '.join(Path(h).name for h in args.holdout)})" if args.holdout else ")")
+        + ": one clean face each in the gallery, other faces (half occluded) as strangers to it"
+    )
+    fitted.validation["embedding"] = served.describe()
+    meta["calibration"]["open_set"] = fitted.to_dict()
+    out = args.out or args.weights
+    written = save_checkpoint(
+        model,
+        out,
+        {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")},
+        dtype=getattr(torch, str(meta.get("dtype", "float32"))),  # the file keeps its precision
+    )
+    summary = {"weights": str(out), "model_version": written["model_version"], "open_set": fitted.validation}
+    json.dump(summary, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -225,7 +269,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from model.checkpoint import save_checkpoint
 
         # the claims the model card makes, kept with the weights (the tensors, and so model_version, do not change)
-        meta["metrics"] = {"lfw": public, "command": "oaml " + " ".join(sys.argv[1:]) if sys.argv[1:] else "oaml eval"}
+        metrics = dict(meta.get("metrics") or {})  # other recorded metrics (the open-set table) stay
+        metrics.update(lfw=public, command="oaml " + " ".join(sys.argv[1:]) if sys.argv[1:] else "oaml eval")
+        meta["metrics"] = metrics
         keep = {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")}
         written = save_checkpoint(model, args.weights, keep, dtype=getattr(torch, meta.get("dtype", "float32")))
         if written["model_version"] != meta["model_version"]:
@@ -234,6 +280,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 f"{meta['model_version']} -> {written['model_version']}"
             )
     sys.stdout.write(markdown_report(report) + "\n")
+    return 0
+
+
+def _cmd_eval_identify(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from oaml.openset_eval import evaluate_open_set, markdown_open_set
+
+    peer = None
+    if args.peer == "sface":
+        from model.training.teacher import SFaceTeacher
+
+        peer = SFaceTeacher(threads=2)
+    sizes = tuple(None if s == "all" else int(s) for s in args.sizes.split(","))
+    report = evaluate_open_set(
+        args.weights, args.lfw_cache, args.occluders, sizes=sizes, strangers=args.strangers, peer=peer
+    )
+    table = markdown_open_set(report)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "open_set.json").write_text(json.dumps(report, indent=2))
+        (args.out / "open_set.md").write_text(table + "\n")
+    if args.record:
+        model, meta = load_checkpoint(args.weights)
+        metrics = dict(meta.get("metrics") or {})
+        metrics["open_set"] = {**report, "command": "oaml " + " ".join(sys.argv[1:]) if sys.argv[1:] else "oaml"}
+        meta["metrics"] = metrics
+        keep = {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")}
+        written = save_checkpoint(model, args.weights, keep, dtype=getattr(torch, meta.get("dtype", "float32")))
+        if written["model_version"] != meta["model_version"]:
+            raise SystemExit(f"recording metrics changed the tensors of {args.weights}")
+    sys.stdout.write(table + "\n")
     return 0
 
 
@@ -351,6 +430,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_calibrate)
 
+    p = sub.add_parser(
+        "calibrate-identify",
+        help="fit /identify's open-set model (the stranger population behind its FPIR presets) on held-out identities",
+    )
+    p.add_argument("weights", type=Path)
+    p.add_argument("--data-root", type=Path, required=True, help="folder holding the aligned training caches")
+    p.add_argument("--holdout", action="append", default=[], help="another aligned cache of unseen identities")
+    p.add_argument("--occluders", default=None, help="occluder templates (default: <data-root>/occluders when present)")
+    p.add_argument("--out", type=Path, default=None, help="output weights file (default: update in place)")
+    p.add_argument("--probes", type=int, default=3000, help="stranger probes scored against the gallery")
+    _add_embedding_options(p)
+    p.set_defaults(func=_cmd_calibrate_identify)
+
     p = sub.add_parser("eval", help="LFW 6000 pairs, clean and synthetically occluded, with an optional SFace peer row")
     p.add_argument("weights", type=Path)
     p.add_argument("--lfw-cache", type=Path, required=True, help="aligned LFW cache made by `oaml prepare`")
@@ -373,6 +465,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="also store the report in the weights' metadata (`metrics`; tensors unchanged)",
     )
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "eval-identify",
+        help="open-set identification on LFW through the service: FPIR and DIR per preset, DIR@FPIR against SFace",
+    )
+    p.add_argument("weights", type=Path)
+    p.add_argument("--lfw-cache", type=Path, required=True, help="LFW aligned cache (oaml prepare)")
+    p.add_argument("--occluders", type=Path, default=None, help="occluder templates: also probe with occluded faces")
+    p.add_argument("--sizes", default="100,1000,all", help="gallery sizes in people (all: as many as the data allow)")
+    p.add_argument("--strangers", type=int, default=1000, help="people never enrolled whose photos probe")
+    p.add_argument("--peer", choices=["none", "sface"], default="none")
+    p.add_argument("--out", type=Path, default=None, help="folder for open_set.json and open_set.md")
+    p.add_argument("--record", action="store_true", help="store the report in the weights' metadata (model card)")
+    p.set_defaults(func=_cmd_eval_identify)
 
     p = sub.add_parser("info", help="print the metadata of an OAML weights file")
     p.add_argument("weights", type=Path)

@@ -52,6 +52,7 @@ from model.card import WeightsCard
 from model.checkpoint import load_checkpoint
 from model.embedder import Embedder, Features, score_pairs
 from model.net import OAMLNet
+from model.openset import IDENTIFY_PRESETS
 from model.qaconv import PairExplanation
 from service.config import Settings
 from service.errors import Overloaded, Stopping
@@ -451,6 +452,18 @@ class Engine:
         return self.model.qaconv.explain_pair(
             a.feature_map.to(dev), b.feature_map.to(dev), a.occlusion.to(dev), b.occlusion.to(dev)
         )
+
+    def resolve_identify_threshold(self, value: str | float | None, faces: int) -> tuple[float, str | None, float]:
+        """(fused-score threshold, preset name or None, modelled FPIR) of a 1:N decision over ``faces`` enrolled
+        faces: a preset is an FPIR target (:data:`model.openset.IDENTIFY_PRESETS`) turned into the threshold
+        for this gallery size; a number stays in score units and gets the FPIR it implies."""
+        model = self.calibration.identify_model
+        value = self.settings.default_threshold if value is None or value == "" else value
+        if isinstance(value, str) and value in IDENTIFY_PRESETS:
+            target = IDENTIFY_PRESETS[value]
+            return model.threshold(target, faces), value, target
+        number, _ = self.resolve_threshold(value)
+        return number, None, model.fpir(number, faces)
 
     def resolve_threshold(self, value: str | float | None) -> tuple[float, str | None]:
         """(fused-score threshold, preset name or None) for a preset name or a finite number."""

@@ -448,6 +448,7 @@ class GalleryIndex:
                     "cosine": np.zeros(0),
                     "qaconv": np.zeros(0),
                     "visibility": np.zeros(0),
+                    "gallery_faces": 0,
                     "ms": {},
                 }
             t0 = time.perf_counter()
@@ -468,5 +469,6 @@ class GalleryIndex:
                 "cosine": cos.float().cpu().numpy(),
                 "qaconv": qa.float().cpu().numpy(),
                 "visibility": self._vis[top].float().cpu().numpy(),
+                "gallery_faces": self.count,  # what the decision's threshold is set for (read under the lock)
                 "ms": {"cosine": 1000 * (t1 - t0), "qaconv": 1000 * (t2 - t1)},
             }

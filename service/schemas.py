@@ -157,25 +157,51 @@ class DeleteResponse(BaseModel):
     deleted_faces: list[str]
 
 
+IDENTIFY_PROBABILITY_DOC = (
+    "P(the probe is this subject | the candidates' scores), for a probe that is an enrolled person with prior "
+    "`probability_prior` (else a stranger), uniformly among the `gallery_subjects` enrolled subjects, each "
+    "candidate's fused score read as a log likelihood ratio; summed over the candidates scored. It accounts for "
+    "how many people the candidate was picked from: the same score is less convincing in a larger gallery."
+)
+
+
 class Candidate(BaseModel):
     subject: str
     name: str | None
     face_id: str = Field(description="the subject's best-matching enrolled face")
-    score: float = Field(description="fused score (log-odds under the 1:1 prior)")
-    probability: float = Field(description=PROBABILITY_DOC)
+    score: float = Field(description="fused score (log-odds that this pair is one person, under a 1:1 prior)")
+    probability: float = Field(description=IDENTIFY_PROBABILITY_DOC)
     adaface: float
     qaconv: float
     match: bool = Field(description="score > threshold")
 
 
 class IdentifyResponse(BaseModel):
-    match: Candidate | None = Field(description="best subject above the threshold, or null (unknown person)")
+    match: Candidate | None = Field(
+        description="the best candidate if its score passes the threshold, else null (an unknown person)"
+    )
     candidates: list[Candidate]
-    threshold: float
-    threshold_probability: float = Field(description=THRESHOLD_PROBABILITY_DOC)
-    threshold_preset: str | None
+    threshold: float = Field(description="fused-score threshold of this decision, for this gallery's size")
+    threshold_preset: str | None = Field(
+        description="the preset used: an FPIR target (lenient 1e-2, balanced 1e-3, strict 1e-4); null for a number"
+    )
+    fpir: float = Field(
+        description=(
+            "false-positive identification rate of this decision: the modelled share of people who are not "
+            "enrolled that this threshold matches to someone, at the gallery's current size (the preset's target; "
+            "for a numeric threshold, what it implies)"
+        )
+    )
+    threshold_probability: float = Field(
+        description="the probability a lone candidate scoring exactly the threshold would get (as `probability`)"
+    )
+    probability_unknown: float = Field(
+        description="P(the probe is nobody enrolled | the candidates' scores), under the same prior"
+    )
+    probability_prior: float = Field(description="P(the probe is an enrolled person) assumed by the probabilities")
     face: FaceInfo
     gallery_faces: int
+    gallery_subjects: int
     timings_ms: dict[str, float]
     model_version: str
 
@@ -193,6 +219,11 @@ class PresetInfo(BaseModel):
         description="false-accept rate at this preset on the 3,000 impostor LFW pairs "
         "(oaml eval; null if not recorded)",
     )
+
+
+class IdentifyPresetInfo(BaseModel):
+    fpir: float = Field(description="false-positive identification rate the preset promises")
+    threshold: float = Field(description="fused-score threshold that keeps it at the gallery's current size")
 
 
 class GallerySearchInfo(BaseModel):
@@ -214,6 +245,16 @@ class InfoResponse(BaseModel):
     calibration: str
     presets: dict[str, PresetInfo]
     probability_prior: float = Field(description="P(same person) under which `probability` is calibrated")
+    identify_presets: dict[str, IdentifyPresetInfo] = Field(
+        description="/identify's presets: their FPIR and, for the current number of enrolled faces, their threshold"
+    )
+    identify_model: str = Field(
+        description=(
+            "what turns FPIR into thresholds: `fitted` (the stranger population measured on held-out identities, "
+            "oaml calibrate-identify) or `from_pairwise` (independent impostors, from the 1:1 presets)"
+        )
+    )
+    identify_prior: float = Field(description="P(the probe is enrolled) assumed by /identify's probabilities")
     flip_test: bool = Field(description="whether each face is embedded with its mirror image as well")
     default_threshold: str
     gallery_subjects: int

@@ -32,6 +32,7 @@ from model.errors import (
     OAMLError,
     UnsupportedImageFormatError,
 )
+from model.openset import IDENTIFY_PRIOR, posterior
 from service.engine import FaceFeatures
 from service.errors import IdempotencyKeyReused
 from service.problems import ApiError
@@ -477,37 +478,43 @@ async def delete_face(state: AppState, subject: str, face_id: str) -> DeleteResp
 async def identify(
     state: AppState, photo: Photo, top_k: int, threshold: str | None, select: FaceSelection, aligned: bool
 ) -> IdentifyResponse:
-    """1:N: cosine shortlist (exact, or an inverted file above OAML_ANN_MIN_FACES), QAConv re-ranking of it,
-    fusion, one row per subject."""
-    thr, preset = _threshold(state, threshold)
-    face = await _find_face(state, photo, select, aligned)
+    """1:N, open-set: cosine shortlist (exact, or an inverted file above OAML_ANN_MIN_FACES), QAConv re-ranking
+    of it, fusion, one row per subject; the best passes if it clears a threshold set for a stated false-positive
+    identification rate at the gallery's current size (:mod:`model.openset`)."""
     engine = state.engine
+    try:  # a bad threshold is refused before any work; the decision uses the size the search saw
+        engine.resolve_identify_threshold(threshold, len(state.index))
+    except ValueError as exc:
+        raise ApiError("VALIDATION_ERROR", str(exc), field="threshold") from exc
+    face = await _find_face(state, photo, select, aligned)
     (feats,) = await engine.embed(face.crop[None])
     factor = OCCLUDED_SHORTLIST_FACTOR if feats.visibility < OCCLUDED_VISIBILITY else 1
     t0 = time.perf_counter()
     found = await engine.run_device(
         state.index.search, feats.embedding, feats.feature_map, feats.occlusion, state.settings.shortlist * factor
     )
+    faces, subjects = found["gallery_faces"], max(len(state.names), 1)
+    thr, preset, fpir = engine.resolve_identify_threshold(threshold, faces)
     cal = engine.calibration
     fused = cal.score(found["cosine"], found["qaconv"], np.minimum(found["visibility"], feats.visibility))
     best: dict[str, int] = {}
     for i, subject in enumerate(found["subjects"]):
         if subject not in best or fused[i] > fused[best[subject]]:
             best[subject] = i
-    order = sorted(best.items(), key=lambda kv: -fused[kv[1]])[:top_k]
-    probs = cal.probability(fused)
+    ranked = sorted(best.items(), key=lambda kv: -fused[kv[1]])
+    probs, unknown = posterior(np.array([fused[i] for _, i in ranked]), subjects)
     candidates = [
         Candidate(
             subject=s,
             name=state.names.get(s),
             face_id=found["face_ids"][i],
             score=round(float(fused[i]), 5),
-            probability=round(float(probs[i]), 5),
+            probability=round(float(p), 5),
             adaface=round(float(found["cosine"][i]), 5),
             qaconv=round(float(found["qaconv"][i]), 5),
             match=bool(fused[i] > thr),
         )
-        for s, i in order
+        for (s, i), p in zip(ranked[:top_k], probs[:top_k], strict=True)
     ]
     timings = {k: round(v, 3) for k, v in found["ms"].items()}
     timings["matching"] = round(1000 * (time.perf_counter() - t0), 3)
@@ -515,10 +522,14 @@ async def identify(
         match=candidates[0] if candidates and candidates[0].match else None,
         candidates=candidates,
         threshold=round(thr, 5),
-        threshold_probability=round(cal.probability_at(thr), 5),
         threshold_preset=preset,
+        fpir=float(f"{fpir:.4g}"),
+        threshold_probability=round(float(posterior(np.array([thr]), subjects)[0][0]), 5),
+        probability_unknown=round(unknown, 5),
+        probability_prior=IDENTIFY_PRIOR,
         face=_face_info(state, feats, face.detection),
-        gallery_faces=len(state.index),
+        gallery_faces=faces,
+        gallery_subjects=len(state.names),
         timings_ms=timings,
         model_version=engine.model_version,
     )

@@ -189,7 +189,7 @@ def test_enrol_list_identify_and_delete(page: tuple[Browser, str], photo_files: 
     browser.type("#identify-image", str(photo_files["b"]))
     browser.click("#identify-form button[type=submit]")
     found = browser.wait("const r = document.querySelector('#identify-result'); return !r.hidden && r.innerText")
-    assert "eileen" in found
+    assert "eileen" in found and "strangers matched to someone" in found  # the decision's FPIR, stated
     browser.click("nav button[data-tab=gallery]")
     listed = browser.wait("const t = document.querySelector('#gallery-list'); return t.rows.length > 1 && t.innerText")
     assert "Eileen Collins" in listed

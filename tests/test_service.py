@@ -286,6 +286,29 @@ class TestGalleryAndIdentify:
         after = client.post("/identify", files=files(image=("a.png", photos["astronaut"]))).json()
         assert after["candidates"] == [] and after["match"] is None
 
+    def test_identify_presets_are_fpir_targets_set_for_the_gallerys_size(
+        self, weights: Path, tmp_path: Path, photos: dict[str, bytes]
+    ) -> None:
+        with TestClient(create_app(make_settings(weights, tmp_path))) as c:
+            probe = files(image=("a.png", photos["astronaut"]))
+            thresholds = []
+            for i, photo in enumerate((photos["astronaut"], photos["camera"], photos["tight"])):
+                r = c.post("/gallery", data={"subject": f"s{i}"}, files=[("images", ("p.png", photo, "image/png"))])
+                assert r.status_code == 201, r.text
+                found = c.post("/identify", files=probe).json()
+                assert found["threshold_preset"] == "balanced" and found["fpir"] == 1e-3
+                assert found["gallery_faces"] == i + 1 and found["gallery_subjects"] == i + 1
+                info = c.get("/info").json()["identify_presets"]
+                assert info["balanced"] == {"fpir": 1e-3, "threshold": found["threshold"]}
+                assert info["lenient"]["threshold"] < info["balanced"]["threshold"] < info["strict"]["threshold"]
+                thresholds.append(found["threshold"])
+                total = sum(x["probability"] for x in found["candidates"]) + found["probability_unknown"]
+                assert total == pytest.approx(1.0, abs=1e-4) and found["probability_prior"] == 0.5
+            assert thresholds[0] < thresholds[1] < thresholds[2]  # more faces, more evidence for the same FPIR
+            numeric = c.post("/identify", files=probe, data={"threshold": str(thresholds[2])}).json()
+            assert numeric["threshold_preset"] is None and numeric["fpir"] == pytest.approx(1e-3, rel=1e-2)
+            assert c.get("/info").json()["identify_model"] == "from_pairwise"  # the test weights have no open-set fit
+
     def test_identify_through_the_inverted_file(self, weights: Path, tmp_path: Path, photos: dict[str, bytes]) -> None:
         # tests/test_ann.py covers the search itself; here: settings reach the index, /info says so, answers hold
         settings = make_settings(weights, tmp_path, ann_min_faces=2, ann_probe=1, shortlist=1)

@@ -19,6 +19,7 @@ from PIL import Image
 from model.calibration import PRESETS
 from model.checkpoint import load_checkpoint, read_metadata
 from model.embedder import FLIP_TEST, Features
+from model.openset import IDENTIFY_PRESETS
 from service.app import create_app
 from service.config import DEFAULT_WEIGHTS, Settings
 from service.engine import Engine
@@ -48,6 +49,14 @@ def test_shipped_weights_load_with_complete_metadata() -> None:
     # the card's LFW numbers travel with the weights, preset by preset
     clean = meta["metrics"]["lfw"]["protocols"]["clean"]
     assert set(clean["presets"]) == set(PRESETS) and clean["fused"]["accuracy"] > 0.85
+    # /identify's FPIR presets rest on a fitted stranger model, checked on strangers it was not fitted on
+    open_set = cal["open_set"]
+    assert open_set["source"] == "fitted" and open_set["validation"]["probes_checked"] >= 1000
+    for row in open_set["validation"]["fpir"]:
+        if row["fpir_target"] * row["strangers"] >= 10:
+            sigma = math.sqrt(row["fpir_target"] * (1 - row["fpir_target"]) / row["strangers"])
+            assert abs(row["fpir_measured"] - row["fpir_target"]) <= 4 * sigma, row
+    assert set(meta["metrics"]["open_set"]["sizes"][0]["clean"]["presets"]) == set(IDENTIFY_PRESETS)
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +178,23 @@ def test_each_preset_far_through_the_served_path_is_the_published_far() -> None:
         assert abs(measured - far) <= 4 * sigma, (
             f"{name}: FAR {measured:.2e} on {n} impostor pairs, published {far:.0e}"
         )
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+@pytest.mark.skipif(
+    not (PREPARED_DATA / "lfw" / "manifest.jsonl").is_file() or not SHARED_DATA.is_dir(),
+    reason="needs ../shared/data and the LFW cache of `make prepare-data` (../oaml_data/lfw)",
+)
+def test_identify_presets_keep_their_fpir_on_lfw_at_every_gallery_size() -> None:
+    """Open set through the running service on LFW (a domain the stranger model never saw): at 100 and 1,000
+    people enrolled, the strangers each preset matches to someone are its FPIR target within binomial
+    sampling error."""
+    from oaml.openset_eval import evaluate_open_set
+
+    report = evaluate_open_set(DEFAULT_WEIGHTS, PREPARED_DATA / "lfw", sizes=(100, 1000), strangers=1000)
+    for row in report["sizes"]:
+        for name, preset in row["clean"]["presets"].items():
+            n, target = row["strangers"], preset["fpir_target"]
+            slack = 4 * math.sqrt(target * (1 - target) * n) + 1
+            assert abs(preset["false_positives"] - target * n) <= slack, (row["gallery_people"], name, preset)

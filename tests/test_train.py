@@ -264,6 +264,15 @@ class TestTrainer:
         assert 0 < check["max_abs_fused_diff"] < 0.5  # rounding moves scores a little, not much
         assert set(check) >= {"lenient", "balanced", "strict"}
         assert 0 <= check["balanced"]["far_served"] <= 1
+        # /identify's stranger model, on the shipped file (more unseen identities: a gallery needs ten or more)
+        extra = write_fake_cache(tmp_path / "extra", astronaut, identities=14, per_identity=2)
+        args = ["calibrate-identify", str(out), "--data-root", str(tmp_path), "--holdout", str(extra)]
+        assert main([*args, "--precision", "fp32", "--probes", "40"]) == 0
+        _, identified = load_checkpoint(out)
+        open_set = identified["calibration"]["open_set"]
+        assert identified["model_version"] == shipped["model_version"] and identified["dtype"] == "float16"
+        assert len(open_set["mu"]) == len(open_set["sigma"]) > 0 and open_set["residual"]["rate"] > 0
+        assert open_set["validation"]["fpir"] and identified["calibration"]["thresholds"] == cal["thresholds"]
 
     def test_init_from_a_collapsed_qaconv_tail_resets_it(self, tmp_path: Path, astronaut: np.ndarray) -> None:
         """Checkpoints made before the logit scale was fixed carry a scale near 0: training on from one

@@ -14,10 +14,13 @@ from typing import Any
 import numpy as np
 
 from model.calibration import PRESETS, PRIOR, Calibration, sigmoid
+from model.openset import IDENTIFY_PRESETS, MAX_PROBES, OpenSetModel
 from model.training.metrics import threshold_at_far
 
 __all__ = [
     "fit_calibration",
+    "fit_open_set",
+    "open_set_check",
     "preset_rates",
     "reliability",
     "cross_validated_reliability",
@@ -221,3 +224,71 @@ def export_check(
             "far_served": float((b[~same] > t).mean()),
         }
     return report
+
+
+def fit_open_set(rows: list[np.ndarray], seed: int = 0, tail_fraction: float = 1e-3) -> OpenSetModel:
+    """The stranger population from each probe's impostor fused scores.
+
+    Each probe is standardised by its own mean and spread (probe effects: some strangers score high
+    against everybody); the standardised scores of all probes, pooled, give the shared residual
+    distribution: empirical down to the ``tail_fraction`` of them that lie highest, an exponential tail
+    fitted to those beyond (its maximum-likelihood rate). Up to :data:`~model.openset.MAX_PROBES`
+    probes' (mean, spread) are kept.
+    """
+    rows = [np.asarray(r, dtype=np.float64) for r in rows if len(r) >= 10]
+    if not rows:
+        raise ValueError("an open-set fit needs probes with at least 10 impostor scores each")
+    mu = np.array([r.mean() for r in rows])
+    sigma = np.array([max(r.std(ddof=1), 1e-6) for r in rows])
+    z = np.sort(np.concatenate([(r - m) / s for r, m, s in zip(rows, mu, sigma, strict=True)]))
+    n = len(z)
+    exceed = max(int(round(n * tail_fraction)), 50)
+    z0 = float(z[n - exceed - 1])
+    rate = 1.0 / max(float(np.mean(z[n - exceed :] - z0)), 1e-6)
+    # the body: P(Z > z) at ~120 points from the tail's start (exceed of n above) down to the lowest score
+    levels = np.unique(np.round(np.geomspace(exceed, n, 120)).astype(int))
+    grid_z = z[n - levels][::-1]  # ascending z
+    grid_log_sf = np.log(levels / n)[::-1]  # descending survival
+    residual = {
+        "z": [round(float(v), 5) for v in grid_z],
+        "log_sf": [round(float(v), 6) for v in grid_log_sf],
+        "z0": round(z0, 5),
+        "log_s0": round(float(np.log(exceed / n)), 6),
+        "rate": round(rate, 5),
+        "scores": int(n),
+    }
+    keep = np.sort(np.random.default_rng([seed, 31]).permutation(len(rows))[:MAX_PROBES])
+    return OpenSetModel([float(mu[i]) for i in keep], [float(sigma[i]) for i in keep], residual)
+
+
+def open_set_check(rows: list[np.ndarray], seed: int = 0) -> dict[str, Any]:
+    """How the model's FPIR compares with the measured one on strangers it was not fitted on.
+
+    The probes are split in two: a model fitted on one half sets, for gallery sizes up to what the rows
+    allow and FPIR targets from 0.2 down to the presets, its thresholds; on the other half, the share of
+    probes whose best of ``n`` impostor scores (a random ``n`` of their row) exceeds them is counted.
+    Also the pooled standardised tail against a Gaussian's, which shows why the tail is modelled.
+    """
+    rng = np.random.default_rng([seed, 37])
+    order = rng.permutation(len(rows))
+    fit_half, check_half = [rows[i] for i in order[::2]], [rows[i] for i in order[1::2]]
+    model = fit_open_set(fit_half, seed)
+    width = min(len(r) for r in check_half)
+    sizes = sorted({n for n in (1, 10, 50, 100, width) if n <= width})
+    targets = [0.2, 0.1, 0.05, *IDENTIFY_PRESETS.values()]
+    table = []
+    for n in sizes:
+        best = np.array([np.max(r[rng.permutation(len(r))[:n]]) for r in check_half])
+        for target in targets:
+            t = model.threshold(target, n)
+            hits = int((best > t).sum())
+            table.append({"n": n, "fpir_target": target, "threshold": round(t, 4), "strangers": len(best),
+                          "false_positives": hits, "fpir_measured": hits / len(best)})  # fmt: skip
+    z = np.concatenate([(r - r.mean()) / max(r.std(ddof=1), 1e-6) for r in rows])
+    from math import erfc, sqrt
+
+    tail = [
+        {"z": k, "measured": float((z > k).mean()), "gaussian": 0.5 * erfc(k / sqrt(2.0))} for k in (2.0, 3.0, 4.0, 5.0)
+    ]
+    return {"probes_fitted": len(fit_half), "probes_checked": len(check_half), "gallery_per_probe": width,
+            "fpir": table, "tail": tail}  # fmt: skip

@@ -102,7 +102,8 @@ def _lfw_crops(cache_root: Path, keys: list[str]) -> tuple[np.ndarray, np.ndarra
     return crops, found, landmarks
 
 
-def _occluders(root: Path) -> dict[str, Occluder]:
+def evaluation_occluders(root: Path) -> dict[str, Occluder]:
+    """The mask and sunglasses occluders reserved for evaluation (never used in training)."""
     return {
         "mask": MaskOccluder(load_mask_templates(root / "masks", EVAL_MASKS)),
         "sunglasses": SunglassesOccluder(load_sunglasses_templates(root / "sunglasses", EVAL_SUNGLASSES)),
@@ -168,7 +169,7 @@ def evaluate_lfw(
     scores = {"clean": clean_rows["_scores"]}
 
     if occluder_root is not None:
-        for name, occluder in _occluders(Path(occluder_root)).items():
+        for name, occluder in evaluation_occluders(Path(occluder_root)).items():
             occluded = np.zeros((len(pairs), 112, 112, 3), dtype=np.uint8)
             grids = np.zeros((len(pairs), 7, 7), dtype=np.float32)
             for n, b in enumerate(ib):
@@ -347,6 +348,58 @@ def validation_scores(
         "identity_a": pairs.identity_a,
         "identity_b": pairs.identity_b,
     }
+
+
+def open_set_scores(
+    embedder: Embedder,
+    calibration: Calibration,
+    images: np.ndarray,
+    labels: np.ndarray,
+    landmarks: np.ndarray,
+    occluder_root: str | Path | None,
+    seed: int = 0,
+    max_probes: int = 3000,
+) -> list[np.ndarray]:
+    """Each stranger probe's fused scores against a gallery of other people, for the open-set model.
+
+    The gallery holds one clean face per identity; each probe is another face (half of them occluded,
+    as in :func:`sample_pairs`), scored against every gallery face *not* of its own identity: from its
+    gallery's point of view, a stranger. Returns one array of impostor fused scores per probe.
+    """
+    rng = np.random.default_rng([seed, 29])
+    order = rng.permutation(len(labels))
+    gallery: dict[int, int] = {}
+    for i in order.tolist():
+        gallery.setdefault(int(labels[i]), i)
+    g_idx = np.array(sorted(gallery.values()))
+    rest = np.array([i for i in order.tolist() if i not in set(g_idx.tolist())])[:max_probes]
+    views = embedder(held_out_views(images, landmarks, occluder_root, seed))
+    occluded = rng.random(len(rest)) < 0.5
+    probes = torch.from_numpy(rest + len(labels) * occluded)  # the occluded copy sits n places on
+    gallery_at = torch.from_numpy(g_idx)
+    qaconv = embedder.model.qaconv.eval()
+    device = next(qaconv.parameters()).device
+    # the gallery laid out once, as the service's index does; each probe then scores against it in one GEMM
+    prepared = qaconv.prepare_gallery(
+        views.feature_map[gallery_at].to(device), views.occlusion[gallery_at][:, None].to(device)
+    )
+    cos = (views.embedding[probes] @ views.embedding[gallery_at].T).double().numpy()
+    vis = torch.minimum(views.visibility[probes][:, None], views.visibility[gallery_at][None]).double().numpy()
+    qa = np.concatenate(
+        [
+            qaconv.match(
+                views.feature_map[probes[s : s + 64]].to(device),
+                prepared,
+                probe_occ=views.occlusion[probes[s : s + 64]][:, None].to(device),
+            )
+            .double()
+            .cpu()
+            .numpy()
+            for s in range(0, len(probes), 64)
+        ]
+    )
+    fused = calibration.score(cos, qa, vis)
+    return [fused[j][labels[g_idx] != labels[face]] for j, face in enumerate(rest.tolist())]
 
 
 def held_out_faces(

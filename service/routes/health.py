@@ -9,9 +9,17 @@ from fastapi import APIRouter, Request, Response
 from model.align import ACCEPTED_FORMATS
 from model.calibration import PRESETS, PRIOR
 from model.embedder import precision_name
+from model.openset import IDENTIFY_PRESETS, IDENTIFY_PRIOR
 from service.problems import ApiError
 from service.routes.deps import MatchRole, StateDep
-from service.schemas import GallerySearchInfo, HealthResponse, InfoResponse, PresetInfo, ReadyResponse
+from service.schemas import (
+    GallerySearchInfo,
+    HealthResponse,
+    IdentifyPresetInfo,
+    InfoResponse,
+    PresetInfo,
+    ReadyResponse,
+)
 from service.state import AppState
 
 __all__ = ["public", "protected"]
@@ -71,6 +79,11 @@ async def info(state: StateDep) -> InfoResponse:
             lfw_tar=lfw.get("tar"),
             lfw_far=lfw.get("far"),
         )
+    faces, model = len(state.index), cal.identify_model
+    identify = {
+        name: IdentifyPresetInfo(fpir=fpir, threshold=round(model.threshold(fpir, max(faces, 1)), 5))
+        for name, fpir in IDENTIFY_PRESETS.items()
+    }
     return InfoResponse(
         model_version=engine.model_version,
         architecture=engine.card.architecture,
@@ -79,6 +92,9 @@ async def info(state: StateDep) -> InfoResponse:
         calibration="fitted on held-out identities" if cal.fitted else "default (uncalibrated)",
         presets=presets,
         probability_prior=PRIOR,
+        identify_presets=identify,
+        identify_model=model.source,
+        identify_prior=IDENTIFY_PRIOR,
         flip_test=engine.embedder.flip,
         default_threshold=settings.default_threshold,
         gallery_subjects=len(state.names),

@@ -97,10 +97,15 @@ $("#identify-form").addEventListener("submit", async (event) => {
   const title = document.createElement("p");
   title.className = `decision ${r.match ? "match" : "nomatch"}`;
   title.textContent = r.match ? `${r.match.name || r.match.subject}` : "Unknown person: no enrolled subject passes the threshold";
+  const rule = document.createElement("p");
+  rule.className = "note";
+  rule.textContent = `threshold ${fixed(r.threshold, 2)} (${r.threshold_preset || "custom"}): strangers matched to someone `
+    + `${(100 * r.fpir).toPrecision(2)}% of the time among ${r.gallery_faces} enrolled faces; `
+    + `P(nobody enrolled) ${fixed(r.probability_unknown)}`;
   const table = document.createElement("table");
   table.append(row("subject", "name", "score", "probability", "match"));
   r.candidates.forEach((c) => table.append(row(c.subject, c.name || "", fixed(c.score, 2), fixed(c.probability), c.match ? "yes" : "no")));
-  box.replaceChildren(title, table);
+  box.replaceChildren(title, rule, table);
   box.hidden = false;
 });
 
