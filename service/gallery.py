@@ -175,6 +175,11 @@ class Gallery:
         self.store.delete_face(subject, face_id)
         self._after_commit(self.index.remove, [face_id])
 
+    def update_subject(self, subject: str, changes: dict[str, Any]) -> None:
+        self.store.update_subject(subject, changes)
+        if "name" in changes:
+            self.names[subject] = changes["name"]
+
     def _after_commit(self, change: Callable[..., None], *args: Any) -> None:
         """Bring the index up to a committed change; if that fails (a device out of memory, a bug), rebuild
         its difference from the store, so it never stays out of step with what was acknowledged. Should that

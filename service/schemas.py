@@ -119,16 +119,18 @@ class RejectedImage(BaseModel):
 class EnrolResponse(BaseModel):
     subject: str
     name: str | None
-    faces: list[EnrolledFace]
+    faces: list[EnrolledFace] = Field(description="the faces this request enrolled")
     rejected: list[RejectedImage]
-    total_faces: int
+    face_count: int = Field(description="faces the subject has now, these included")
+    total_faces: int = Field(description="deprecated: the same as face_count")
 
 
 class SubjectSummary(BaseModel):
     subject: str
     name: str | None
     metadata: dict[str, Any]
-    faces: int
+    face_count: int = Field(description="enrolled faces of the subject")
+    faces: int = Field(description="deprecated: the same as face_count (a count here, not a list)")
     created_at: float
 
 
@@ -143,6 +145,17 @@ class SubjectFace(BaseModel):
 
 class SubjectDetail(SubjectSummary):
     face_list: list[SubjectFace]
+
+
+class SubjectUpdate(BaseModel):
+    """``PATCH /gallery/{subject}``: the fields given are set, the others kept."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str | None = Field(None, max_length=256, description="the display name; null clears it")
+    metadata: dict[str, Any] | None = Field(
+        None, description="a JSON object that replaces the stored one (at most 16 KiB, nested at most 16 deep)"
+    )
 
 
 class SubjectPage(BaseModel):
@@ -171,8 +184,9 @@ class Candidate(BaseModel):
     face_id: str = Field(description="the subject's best-matching enrolled face")
     score: float = Field(description="fused score (log-odds that this pair is one person, under a 1:1 prior)")
     probability: float = Field(description=IDENTIFY_PROBABILITY_DOC)
-    adaface: float
-    qaconv: float
+    scores: ScoreBreakdown = Field(description="the component scores, as /verify reports them")
+    adaface: float = Field(description="deprecated: scores.adaface")
+    qaconv: float = Field(description="deprecated: scores.qaconv")
     match: bool = Field(description="score > threshold")
 
 

@@ -140,6 +140,8 @@ class GalleryStore(Protocol):
 
     def delete_face(self, subject: str, face_id: str) -> None: ...
 
+    def update_subject(self, subject: str, changes: dict[str, Any]) -> None: ...
+
     def face_ids(self) -> set[str]: ...
 
     def faces_by_id(self, face_ids: list[str]) -> list[FaceRecord]: ...
@@ -385,6 +387,18 @@ class SQLiteGalleryStore:
             db.execute("DELETE FROM subjects WHERE subject = ?", (subject,))
             self._wal_dirty = True
         return ids
+
+    def update_subject(self, subject: str, changes: dict[str, Any]) -> None:
+        """Set the subject's ``name`` (None clears it) and/or ``metadata`` (replaced whole), as ``changes`` has them."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM subjects WHERE subject = ?", (subject,)).fetchone() is None:
+                raise SubjectNotFound(f"subject {subject!r} is not enrolled")
+            if "name" in changes:
+                db.execute("UPDATE subjects SET name = ? WHERE subject = ?", (changes["name"], subject))
+            if "metadata" in changes:
+                db.execute(
+                    "UPDATE subjects SET metadata = ? WHERE subject = ?", (json.dumps(changes["metadata"]), subject)
+                )
 
     def delete_face(self, subject: str, face_id: str) -> None:
         with self._tx() as db:

@@ -318,6 +318,21 @@ class PostgresGalleryStore:
             self._log(conn, [("delete", subject, fid) for fid in ids] + [("subject", subject, None)])
         return ids
 
+    def update_subject(self, subject: str, changes: dict[str, Any]) -> None:
+        """Set the subject's ``name`` (None clears it) and/or ``metadata`` (replaced whole); other replicas
+        re-read the subject from the change log."""
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM oaml_subjects WHERE subject = %s", (subject,)).fetchone() is None:
+                raise SubjectNotFound(f"subject {subject!r} is not enrolled")
+            if "name" in changes:
+                conn.execute("UPDATE oaml_subjects SET name = %s WHERE subject = %s", (changes["name"], subject))
+            if "metadata" in changes:
+                conn.execute(
+                    "UPDATE oaml_subjects SET metadata = %s WHERE subject = %s",
+                    (json.dumps(changes["metadata"]), subject),
+                )
+            self._log(conn, [("subject", subject, None)])
+
     def delete_face(self, subject: str, face_id: str) -> None:
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM oaml_subjects WHERE subject = %s", (subject,)).fetchone() is None:

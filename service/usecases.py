@@ -57,7 +57,7 @@ from service.schemas import (
     VerifyResponse,
 )
 from service.state import AppState
-from service.store import Enrolment, FaceRecord, StoredAnswer, new_face_id
+from service.store import Enrolment, FaceRecord, StoredAnswer, SubjectRecord, new_face_id
 
 __all__ = [
     "Photo",
@@ -71,6 +71,7 @@ __all__ = [
     "identify",
     "list_subjects",
     "get_subject",
+    "update_subject",
     "delete_subject",
     "delete_face",
     "heatmap_of_face",
@@ -425,7 +426,7 @@ async def enrol(
         """The answer, from what the transaction wrote (runs inside it, holding the gallery's writer lock)."""
         stored_name = name if name is not None else gallery.names.get(subject)
         return EnrolResponse(
-            subject=subject, name=stored_name, faces=enrolled, rejected=rejected, total_faces=total
+            subject=subject, name=stored_name, faces=enrolled, rejected=rejected, face_count=total, total_faces=total
         ).model_dump_json()
 
     done = await gallery.write(
@@ -439,7 +440,7 @@ async def enrol(
 
 async def list_subjects(state: AppState, offset: int, limit: int) -> SubjectPage:
     rows, total = await state.gallery.read(state.gallery.store.subjects, offset, limit)
-    return SubjectPage(subjects=[SubjectSummary(**vars(r)) for r in rows], total=total, offset=offset, limit=limit)
+    return SubjectPage(subjects=[_summary(r) for r in rows], total=total, offset=offset, limit=limit)
 
 
 async def get_subject(state: AppState, subject: str) -> SubjectDetail:
@@ -447,7 +448,7 @@ async def get_subject(state: AppState, subject: str) -> SubjectDetail:
     record = await gallery.read(gallery.store.subject, subject)
     faces = await gallery.read(gallery.store.faces_of, subject)
     return SubjectDetail(
-        **vars(record),
+        **_summary(record).model_dump(),
         face_list=[
             SubjectFace(
                 face_id=f.face_id,
@@ -460,6 +461,23 @@ async def get_subject(state: AppState, subject: str) -> SubjectDetail:
             for f in faces
         ],
     )
+
+
+def _summary(record: SubjectRecord) -> SubjectSummary:
+    return SubjectSummary(
+        subject=record.subject,
+        name=record.name,
+        metadata=record.metadata,
+        face_count=record.faces,
+        faces=record.faces,
+        created_at=record.created_at,
+    )
+
+
+async def update_subject(state: AppState, subject: str, changes: dict[str, Any]) -> SubjectDetail:
+    """Set a subject's name (None clears it) or metadata; the faces are untouched."""
+    await state.gallery.write(state.gallery.update_subject, subject, changes)
+    return await get_subject(state, subject)
 
 
 async def delete_subject(state: AppState, subject: str) -> DeleteResponse:
@@ -510,6 +528,13 @@ async def identify(
             face_id=found["face_ids"][i],
             score=round(float(fused[i]), 5),
             probability=round(float(p), 5),
+            scores=ScoreBreakdown(
+                adaface=round(float(found["cosine"][i]), 5),
+                qaconv=round(float(found["qaconv"][i]), 5),
+                weights={
+                    k: round(v, 4) for k, v in cal.weights(min(float(found["visibility"][i]), feats.visibility)).items()
+                },
+            ),
             adaface=round(float(found["cosine"][i]), 5),
             qaconv=round(float(found["qaconv"][i]), 5),
             match=bool(fused[i] > thr),

@@ -248,8 +248,9 @@ class TestGalleryAndIdentify:
             ],
         )
         assert r.status_code == 201, r.text
+        assert r.headers["location"] == "/gallery/eileen"
         body = r.json()
-        assert len(body["faces"]) == 1 and body["total_faces"] == 1
+        assert len(body["faces"]) == 1 and body["face_count"] == body["total_faces"] == 1
         assert {(x["image_index"], x["code"]) for x in body["rejected"]} == {(1, "NO_FACE"), (2, "MULTIPLE_FACES")}
         face_id = body["faces"][0]["face_id"]
         r = client.post(
@@ -272,8 +273,25 @@ class TestGalleryAndIdentify:
 
         page = client.get("/gallery", params={"limit": 1}).json()
         assert page["total"] == 2 and [s["subject"] for s in page["subjects"]] == ["eileen"]
+        assert page["subjects"][0]["face_count"] == page["subjects"][0]["faces"] == 1  # `faces`: deprecated count
         detail = client.get("/gallery/eileen").json()
         assert detail["metadata"] == {"team": "STS-93"} and detail["face_list"][0]["face_id"] == face_id
+        candidate = found["candidates"][0]
+        assert candidate["scores"]["adaface"] == candidate["adaface"] and set(candidate["scores"]["weights"]) == {
+            "adaface",
+            "qaconv",
+        }  # the same naming as /verify's `scores`
+
+        renamed = client.patch("/gallery/eileen", json={"name": "E. Collins"}).json()
+        assert renamed["name"] == "E. Collins" and renamed["metadata"] == {"team": "STS-93"}
+        cleared = client.patch("/gallery/eileen", json={"name": None, "metadata": {"crew": 4}}).json()
+        assert cleared["name"] is None and cleared["metadata"] == {"crew": 4} and cleared["face_count"] == 1
+        again = client.post("/identify", files=files(image=("a.png", photos["astronaut"])), data={"threshold": "-1000"})
+        assert again.json()["candidates"][0]["name"] is None  # the index's names follow
+        assert_problem(client.patch("/gallery/nobody", json={"name": "x"}), 404, "SUBJECT_NOT_FOUND")
+        assert_problem(client.patch("/gallery/eileen", json={}), 422, "VALIDATION_ERROR")
+        assert_problem(client.patch("/gallery/eileen", json={"face": 1}), 422, "VALIDATION_ERROR")
+        assert_problem(client.patch("/gallery/eileen", json={"metadata": "text"}), 422, "VALIDATION_ERROR")
 
         png_resp = client.get("/occlusion", params={"face_id": face_id})
         assert png_resp.status_code == 200 and png_resp.headers["content-type"] == "image/png"

@@ -86,6 +86,12 @@ class TestStore:
         assert done.total_faces == 2
         bob = store.subject("bob")
         assert (bob.name, bob.metadata, bob.faces) == ("Bob", {"team": "a", "n": [1, 2]}, 2)
+        store.update_subject("bob", {"name": None})  # a name can be cleared; what is not sent is kept
+        assert (store.subject("bob").name, store.subject("bob").metadata) == (None, {"team": "a", "n": [1, 2]})
+        store.update_subject("bob", {"name": "Bob", "metadata": {"team": "b"}})
+        assert (store.subject("bob").name, store.subject("bob").metadata) == ("Bob", {"team": "b"})
+        with pytest.raises(SubjectNotFound):
+            store.update_subject("nobody", {"name": "x"})
         page, total = store.subjects(0, 1)
         assert total == 2 and [s.subject for s in page] == ["al"]
         got = store.face("f1")

@@ -11,7 +11,7 @@ from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 from service import usecases
 from service.problems import ApiError, problem_responses
 from service.routes.deps import PHOTO_FORMATS, SUBJECT_PATTERN, AdminRole, StateDep, parse_selection, read_photo
-from service.schemas import DeleteResponse, EnrolResponse, SubjectDetail, SubjectPage
+from service.schemas import DeleteResponse, EnrolResponse, SubjectDetail, SubjectPage, SubjectUpdate
 
 __all__ = ["router"]
 
@@ -107,6 +107,7 @@ async def enrol(
     done = await usecases.enrol(state, subject, photos, name, meta, select, aligned, idempotency_key)
     if done.replayed:
         response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/gallery/{subject}"
     return done.response
 
 
@@ -126,6 +127,23 @@ async def list_subjects(
 async def get_subject(state: StateDep, subject: str) -> SubjectDetail:
     """One subject and its enrolled faces."""
     return await usecases.get_subject(state, subject)
+
+
+@router.patch(
+    "/gallery/{subject}",
+    response_model=SubjectDetail,
+    operation_id="update_subject",
+    responses=problem_responses(404),
+)
+async def update_subject(state: StateDep, subject: str, update: SubjectUpdate) -> SubjectDetail:
+    """Change a subject's name or metadata, not its faces: the fields sent are set (`"name": null` clears the
+    name; `metadata` replaces the stored object), the others kept."""
+    changes = update.model_dump(include=update.model_fields_set)
+    if "metadata" in changes:  # null clears it; an object is held to the enrolment form's limits
+        changes["metadata"] = _metadata(json.dumps(changes["metadata"])) if changes["metadata"] is not None else {}
+    if not changes:
+        raise ApiError("VALIDATION_ERROR", "nothing to change: send name and/or metadata", field="body")
+    return await usecases.update_subject(state, subject, changes)
 
 
 @router.delete(
