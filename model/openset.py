@@ -27,10 +27,12 @@ effects make the best of N grow more slowly than independence would.
 
 The posterior. Each candidate's ``probability`` is P(the probe is this subject | the scores of the
 candidates) for a probe that is enrolled with prior :data:`IDENTIFY_PRIOR`, uniformly among the
-``S`` enrolled subjects, with each candidate's fused score read as a log likelihood ratio (what
-the calibrated logit is):
+``S`` enrolled subjects, with each fused score read as a log likelihood ratio (what the calibrated
+logit is) and a subject's likelihood ratio the mean over its ``k`` enrolled faces (faces not
+scored count as nothing: the best of ``k`` would make a subject with many photos look likelier):
 
-    P(i) = (prior / S) * LR_i / ((1 - prior) + (prior / S) * sum_j LR_j),   LR = exp(score)
+    P(i) = (prior / S) * LR_i / ((1 - prior) + (prior / S) * sum_j LR_j),
+    LR_i = (1 / k_i) * sum over i's scored faces of exp(score)
 
 summed over the subjects actually scored (the shortlist; the rest, far below it in cosine, add
 little). ``probability_unknown`` is the rest: P(the probe is nobody enrolled).
@@ -90,7 +92,23 @@ class OpenSetModel:
         if not self.mu or len(self.mu) != len(self.sigma):
             raise ValueError("an open-set model needs one (mu, sigma) per probe, at least one")
         self._mu = np.asarray(self.mu, dtype=np.float64)
-        self._sigma = np.maximum(np.asarray(self.sigma, dtype=np.float64), 1e-6)
+        self._sigma = np.asarray(self.sigma, dtype=np.float64)
+        if not (np.isfinite(self._mu).all() and np.isfinite(self._sigma).all() and (self._sigma > 0).all()):
+            raise ValueError("an open-set model needs finite means and positive spreads")
+        if self.residual is not None:
+            r = self.residual
+            z, log_sf = np.asarray(r["z"], dtype=np.float64), np.asarray(r["log_sf"], dtype=np.float64)
+            numbers = np.r_[z, log_sf, r["z0"], r["log_s0"], r["rate"]]
+            if (
+                not np.isfinite(numbers).all()
+                or len(z) != len(log_sf)
+                or len(z) < 2
+                or np.any(np.diff(z) < 0)
+                or np.any(np.diff(log_sf) > 0)
+                or log_sf.max() > 0
+                or not r["rate"] > 0
+            ):
+                raise ValueError("an open-set model's residual is malformed (grid, survival or tail rate)")
         self._cache: dict[tuple[float, int], float] = {}
 
     def log_sf(self, z: np.ndarray) -> np.ndarray:
@@ -117,22 +135,29 @@ class OpenSetModel:
         if not 0.0 < fpir < 1.0:
             raise ValueError(f"an FPIR target is in (0, 1), got {fpir}")
         key = (fpir, max(int(n), 1))
-        if key not in self._cache:
-            if len(self._cache) > 4096:
-                self._cache.clear()
-            lo, hi = float(np.min(self._mu) - 10 * np.max(self._sigma)), float(np.max(self._mu))
-            while self.fpir(hi, key[1]) > fpir:  # heavy tails: widen until the target is inside
-                hi += 10 * float(np.max(self._sigma))
-            for _ in range(100):  # FPIR falls as the threshold rises: bisect
-                mid = 0.5 * (lo + hi)
-                if self.fpir(mid, key[1]) > fpir:
-                    lo = mid
-                else:
-                    hi = mid
-                if hi - lo < 1e-6:
-                    break
-            self._cache[key] = hi
-        return self._cache[key]
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        lo, hi = float(np.min(self._mu) - 10 * np.max(self._sigma)), float(np.max(self._mu))
+        step = 10 * float(np.max(self._sigma))
+        for _ in range(60):  # heavy tails: widen until the target is inside (validated tails end it)
+            if not self.fpir(hi, key[1]) > fpir:
+                break
+            hi, step = hi + step, 2 * step
+        else:
+            raise ValueError(f"no threshold reaches FPIR {fpir} over {n} faces: the model's tail is malformed")
+        for _ in range(100):  # FPIR falls as the threshold rises: bisect
+            mid = 0.5 * (lo + hi)
+            if self.fpir(mid, key[1]) > fpir:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo < 1e-6:
+                break
+        self._cache[key] = hi
+        return hi
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -216,9 +216,9 @@ def _cmd_calibrate_identify(args: argparse.Namespace) -> int:
     occluders = args.occluders or (str(root / "occluders") if (root / "occluders").exists() else None)
     served = Embedder(model, device=args.device, precision=args.precision)  # the file as the service runs it
     seed = int(meta["training"]["config"].get("seed", 0))
-    rows = open_set_scores(served, card.calibration, images, labels, landmarks, occluders, seed, args.probes)
+    rows, who = open_set_scores(served, card.calibration, images, labels, landmarks, occluders, seed, args.probes)
     fitted = fit_open_set(rows, seed)
-    fitted.validation = open_set_check(rows, seed)  # on halves: fitted on one, measured on the other
+    fitted.validation = open_set_check(rows, who, seed)  # split by identity: fitted on one half, measured on the other
     fitted.validation["source"] = (
         f"{len(set(labels.tolist()))} identities never trained on (the weights' validation split"
         + (f" and {', '.join(Path(h).name for h in args.holdout)})" if args.holdout else ")")

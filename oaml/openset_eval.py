@@ -132,7 +132,9 @@ def evaluate_open_set(
                     done += 1
                 info = client.get("/info").json()
                 thresholds = {name: row["threshold"] for name, row in info["identify_presets"].items()}
-                mated = [p for p in gallery[:k] if len(p.photos) >= 2 and p.name in enrolled]
+                # every person with a second photo is a mated probe, also one whose enrolment failed (a miss, as
+                # NIST counts a failure to enrol); the occluder of a probe follows its gallery position
+                mated = [(p, i) for i, p in enumerate(gallery[:k]) if len(p.photos) >= 2]
                 row: dict[str, Any] = {
                     "gallery_people": k,
                     "enrolled_faces": info["gallery_faces"],
@@ -143,9 +145,9 @@ def evaluate_open_set(
                 }
                 for view in views:
                     s_best = np.array([_best(client, probe(p.photos[0], i, view))[1] for i, p in enumerate(outsiders)])
-                    m = [_best(client, probe(p.photos[1], i, view)) for i, p in enumerate(mated)]
+                    m = [_best(client, probe(p.photos[1], i, view)) for p, i in mated]
                     m_best = np.array([score for _, score in m])
-                    m_right = np.array([name == p.name for (name, _), p in zip(m, mated, strict=True)], dtype=bool)
+                    m_right = np.array([name == p.name for (name, _), (p, _) in zip(m, mated, strict=True)], dtype=bool)
                     presets = {
                         name: {
                             "fpir_target": target,
@@ -196,7 +198,7 @@ def _peer_rows(
         row: dict[str, Any] = {"gallery_people": k}
         mated = [(p, i) for p, i in multi if i < k]
         for v in views:
-            m_emb = embed([probe(p.photos[1], j, v) for j, (p, _) in enumerate(mated)])
+            m_emb = embed([probe(p.photos[1], i, v) for p, i in mated])
             s_best = (strangers[v] @ g[:k].T).max(1)
             sims = m_emb @ g[:k].T
             m_best, m_right = sims.max(1), sims.argmax(1) == np.array([i for _, i in mated])

@@ -17,6 +17,7 @@ import bisect
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -324,6 +325,7 @@ class GalleryIndex:
         self.face_ids: list[str] = []
         self.subjects: list[str] = []
         self._slot: dict[str, int] = {}
+        self.faces_per_subject: Counter[str] = Counter()
 
     @property
     def count(self) -> int:
@@ -396,6 +398,7 @@ class GalleryIndex:
                 self._slot[fid] = start + i
             self.face_ids += face_ids
             self.subjects += subjects
+            self.faces_per_subject.update(subjects)
 
     def __contains__(self, face_id: object) -> bool:
         return face_id in self._slot
@@ -421,6 +424,10 @@ class GalleryIndex:
                 if slot is None:
                     continue
                 last = self.count - 1
+                gone = self.subjects[slot]
+                self.faces_per_subject[gone] -= 1
+                if self.faces_per_subject[gone] <= 0:
+                    del self.faces_per_subject[gone]
                 self.cosine.remove(slot)
                 if slot != last:  # move the last face into the hole
                     self._maps.move(slot, last)
@@ -449,6 +456,7 @@ class GalleryIndex:
                     "qaconv": np.zeros(0),
                     "visibility": np.zeros(0),
                     "gallery_faces": 0,
+                    "subject_faces": {},
                     "ms": {},
                 }
             t0 = time.perf_counter()
@@ -470,5 +478,6 @@ class GalleryIndex:
                 "qaconv": qa.float().cpu().numpy(),
                 "visibility": self._vis[top].float().cpu().numpy(),
                 "gallery_faces": self.count,  # what the decision's threshold is set for (read under the lock)
+                "subject_faces": {self.subjects[s]: self.faces_per_subject[self.subjects[s]] for s in slots},
                 "ms": {"cosine": 1000 * (t1 - t0), "qaconv": 1000 * (t2 - t1)},
             }

@@ -173,8 +173,9 @@ class DeleteResponse(BaseModel):
 IDENTIFY_PROBABILITY_DOC = (
     "P(the probe is this subject | the candidates' scores), for a probe that is an enrolled person with prior "
     "`probability_prior` (else a stranger), uniformly among the `gallery_subjects` enrolled subjects, each "
-    "candidate's fused score read as a log likelihood ratio; summed over the candidates scored. It accounts for "
-    "how many people the candidate was picked from: the same score is less convincing in a larger gallery."
+    "fused score read as a log likelihood ratio and a subject's the mean over its enrolled faces; summed over the "
+    "candidates scored. It accounts for how many people the candidate was picked from: the same score is less "
+    "convincing in a larger gallery."
 )
 
 

@@ -520,7 +520,12 @@ async def identify(
         if subject not in best or fused[i] > fused[best[subject]]:
             best[subject] = i
     ranked = sorted(best.items(), key=lambda kv: -fused[kv[1]])
-    probs, unknown = posterior(np.array([fused[i] for _, i in ranked]), subjects)
+    # a subject's evidence for the posterior is the mean likelihood ratio over all its enrolled faces (those not
+    # shortlisted count as ~0): the best of k faces would make a stranger look k times likelier to be someone
+    # enrolled more often
+    evidence = {s: np.logaddexp.reduce(fused[[i for i, x in enumerate(found["subjects"]) if x == s]]) for s in best}
+    log_lr = np.array([evidence[s] - np.log(max(found["subject_faces"].get(s, 1), 1)) for s, _ in ranked])
+    probs, unknown = posterior(log_lr, subjects)
     candidates = [
         Candidate(
             subject=s,

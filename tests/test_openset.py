@@ -55,11 +55,12 @@ class TestModel:
 
     def test_the_fit_checks_itself_on_its_probes(self) -> None:
         rows, _, _ = strangers(1600, 200, seed=4)
-        report = open_set_check(rows)
+        report = open_set_check(rows, np.arange(len(rows)) // 4)
         loose = [r for r in report["fpir"] if r["fpir_target"] >= 0.05]
         for r in loose:  # enough strangers to measure these: within sampling error
             assert abs(r["fpir_measured"] - r["fpir_target"]) < 4 * np.sqrt(r["fpir_target"] / r["strangers"])
         assert report["tail"][1]["measured"] == pytest.approx(report["tail"][1]["gaussian"], abs=5e-4)
+        assert report["split"] == "by identity" and all(r["interval_95"][0] <= r["fpir_measured"] for r in loose)
 
     def test_heavy_tails_are_modelled_where_a_gaussian_would_fail(self) -> None:
         """Face-score tails are far heavier than a Gaussian's (measured: 16x at 4 sigma). With Laplace residuals
@@ -68,7 +69,7 @@ class TestModel:
         rng = np.random.default_rng(5)
         mu, spread = rng.normal(-6.0, 1.0, 4000), rng.uniform(0.5, 0.9, 4000)
         rows = [m + s * rng.laplace(0.0, 1.0, 300) for m, s in zip(mu, spread, strict=True)]
-        report = open_set_check(rows)
+        report = open_set_check(rows, np.arange(len(rows)) // 4)
         for r in report["fpir"]:
             if r["fpir_target"] * r["strangers"] >= 10:  # enough expected false positives to measure
                 err = np.sqrt(r["fpir_target"] * (1 - r["fpir_target"]) / r["strangers"])

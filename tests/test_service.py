@@ -327,6 +327,26 @@ class TestGalleryAndIdentify:
             assert numeric["threshold_preset"] is None and numeric["fpir"] == pytest.approx(1e-3, rel=1e-2)
             assert c.get("/info").json()["identify_model"] == "from_pairwise"  # the test weights have no open-set fit
 
+    def test_more_photos_of_a_subject_do_not_inflate_its_probability(
+        self, weights: Path, tmp_path: Path, photos: dict[str, bytes]
+    ) -> None:
+        """A subject's evidence is the mean likelihood ratio over its faces, not the best one's (the best of k
+        would make a stranger look likelier to be someone enrolled with more photos). One subject, two different
+        photos: P = m / (1 + m) with m the mean of exp(score) over the two, as /verify scores each pair."""
+        with TestClient(create_app(make_settings(weights, tmp_path))) as c:
+            enrolled = [photos["astronaut"], photos["tight"]]
+            images = [("images", (f"{i}.png", photo, "image/png")) for i, photo in enumerate(enrolled)]
+            assert c.post("/gallery", data={"subject": "x"}, files=images).json()["face_count"] == 2
+            probe = photos["camera"]
+            found = c.post("/identify", files=files(image=("p.png", probe))).json()["candidates"][0]
+            scores = [
+                c.post("/verify", files=files(image_a=("p.png", probe), image_b=("e.png", e))).json()["score"]
+                for e in enrolled
+            ]
+        lr = np.exp(scores)
+        mean, best = lr.mean() / (1 + lr.mean()), lr.max() / (1 + lr.max())
+        assert abs(found["probability"] - mean) < abs(found["probability"] - best) / 3, (found, scores)
+
     def test_identify_through_the_inverted_file(self, weights: Path, tmp_path: Path, photos: dict[str, bytes]) -> None:
         # tests/test_ann.py covers the search itself; here: settings reach the index, /info says so, answers hold
         settings = make_settings(weights, tmp_path, ann_min_faces=2, ann_probe=1, shortlist=1)

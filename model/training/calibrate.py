@@ -18,6 +18,7 @@ from model.openset import IDENTIFY_PRESETS, MAX_PROBES, OpenSetModel
 from model.training.metrics import threshold_at_far
 
 __all__ = [
+    "wilson_interval",
     "fit_calibration",
     "fit_open_set",
     "open_set_check",
@@ -254,24 +255,38 @@ def fit_open_set(rows: list[np.ndarray], seed: int = 0, tail_fraction: float = 1
         "log_sf": [round(float(v), 6) for v in grid_log_sf],
         "z0": round(z0, 5),
         "log_s0": round(float(np.log(exceed / n)), 6),
-        "rate": round(rate, 5),
+        "rate": float(f"{rate:.6g}"),  # significant figures: a small rate must not round to 0
         "scores": int(n),
     }
     keep = np.sort(np.random.default_rng([seed, 31]).permutation(len(rows))[:MAX_PROBES])
     return OpenSetModel([float(mu[i]) for i in keep], [float(sigma[i]) for i in keep], residual)
 
 
-def open_set_check(rows: list[np.ndarray], seed: int = 0) -> dict[str, Any]:
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial rate."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(centre - half, 0.0)), float(min(centre + half, 1.0))
+
+
+def open_set_check(rows: list[np.ndarray], identities: np.ndarray, seed: int = 0) -> dict[str, Any]:
     """How the model's FPIR compares with the measured one on strangers it was not fitted on.
 
-    The probes are split in two: a model fitted on one half sets, for gallery sizes up to what the rows
-    allow and FPIR targets from 0.2 down to the presets, its thresholds; on the other half, the share of
-    probes whose best of ``n`` impostor scores (a random ``n`` of their row) exceeds them is counted.
-    Also the pooled standardised tail against a Gaussian's, which shows why the tail is modelled.
+    The probes are split by identity (a person's photos all on one side): a model fitted on one half
+    sets, for gallery sizes up to what the rows allow and FPIR targets from 0.2 down to the presets,
+    its thresholds; on the other half, the share of probes whose best of ``n`` impostor scores (a random
+    ``n`` of their row) exceeds them is counted, with its 95% Wilson interval. A target is ``measurable``
+    when at least 10 false positives are expected; below that the count says little. Also the pooled
+    standardised tail against a Gaussian's, which shows why the tail is modelled.
     """
     rng = np.random.default_rng([seed, 37])
-    order = rng.permutation(len(rows))
-    fit_half, check_half = [rows[i] for i in order[::2]], [rows[i] for i in order[1::2]]
+    people = np.unique(identities)
+    fit_people = set(rng.permutation(people)[: len(people) // 2].tolist())
+    fit_half = [r for r, who in zip(rows, identities.tolist(), strict=True) if who in fit_people]
+    check_half = [r for r, who in zip(rows, identities.tolist(), strict=True) if who not in fit_people]
     model = fit_open_set(fit_half, seed)
     width = min(len(r) for r in check_half)
     sizes = sorted({n for n in (1, 10, 50, 100, width) if n <= width})
@@ -282,13 +297,16 @@ def open_set_check(rows: list[np.ndarray], seed: int = 0) -> dict[str, Any]:
         for target in targets:
             t = model.threshold(target, n)
             hits = int((best > t).sum())
+            low, high = wilson_interval(hits, len(best))
             table.append({"n": n, "fpir_target": target, "threshold": round(t, 4), "strangers": len(best),
-                          "false_positives": hits, "fpir_measured": hits / len(best)})  # fmt: skip
+                          "false_positives": hits, "fpir_measured": hits / len(best),
+                          "interval_95": [round(low, 6), round(high, 6)],
+                          "measurable": target * len(best) >= 10})  # fmt: skip
     z = np.concatenate([(r - r.mean()) / max(r.std(ddof=1), 1e-6) for r in rows])
     from math import erfc, sqrt
 
     tail = [
         {"z": k, "measured": float((z > k).mean()), "gaussian": 0.5 * erfc(k / sqrt(2.0))} for k in (2.0, 3.0, 4.0, 5.0)
     ]
-    return {"probes_fitted": len(fit_half), "probes_checked": len(check_half), "gallery_per_probe": width,
-            "fpir": table, "tail": tail}  # fmt: skip
+    return {"probes_fitted": len(fit_half), "probes_checked": len(check_half), "split": "by identity",
+            "gallery_per_probe": width, "fpir": table, "tail": tail}  # fmt: skip

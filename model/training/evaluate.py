@@ -359,12 +359,13 @@ def open_set_scores(
     occluder_root: str | Path | None,
     seed: int = 0,
     max_probes: int = 3000,
-) -> list[np.ndarray]:
+) -> tuple[list[np.ndarray], np.ndarray]:
     """Each stranger probe's fused scores against a gallery of other people, for the open-set model.
 
     The gallery holds one clean face per identity; each probe is another face (half of them occluded,
     as in :func:`sample_pairs`), scored against every gallery face *not* of its own identity: from its
-    gallery's point of view, a stranger. Returns one array of impostor fused scores per probe.
+    gallery's point of view, a stranger. Returns one array of impostor fused scores per probe, and each
+    probe's identity (so a check can keep a person's photos on one side of a split).
     """
     rng = np.random.default_rng([seed, 29])
     order = rng.permutation(len(labels))
@@ -372,7 +373,8 @@ def open_set_scores(
     for i in order.tolist():
         gallery.setdefault(int(labels[i]), i)
     g_idx = np.array(sorted(gallery.values()))
-    rest = np.array([i for i in order.tolist() if i not in set(g_idx.tolist())])[:max_probes]
+    in_gallery = set(g_idx.tolist())
+    rest = np.array([i for i in order.tolist() if i not in in_gallery])[:max_probes]
     views = embedder(held_out_views(images, landmarks, occluder_root, seed))
     occluded = rng.random(len(rest)) < 0.5
     probes = torch.from_numpy(rest + len(labels) * occluded)  # the occluded copy sits n places on
@@ -399,7 +401,8 @@ def open_set_scores(
         ]
     )
     fused = calibration.score(cos, qa, vis)
-    return [fused[j][labels[g_idx] != labels[face]] for j, face in enumerate(rest.tolist())]
+    rows = [fused[j][labels[g_idx] != labels[face]] for j, face in enumerate(rest.tolist())]
+    return rows, labels[rest]
 
 
 def held_out_faces(
