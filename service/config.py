@@ -76,6 +76,16 @@ class Settings(BaseSettings):
     min_quality: float = Field(
         -3.0, description="enrolment rejects faces whose standardised AdaFace norm is below this"
     )
+    probe_min_quality: float | None = Field(
+        None,
+        description=(
+            "matching (/verify, /identify, /gallery/{subject}/verify) refuses probe faces whose standardised quality "
+            "is below this (422 LOW_QUALITY) instead of matching them; unset: no gate"
+        ),
+    )
+    probe_min_face_size: int = Field(
+        0, ge=0, description="matching refuses probe faces narrower than this (pixels; 422 FACE_TOO_SMALL); 0: no gate"
+    )
     shortlist: int = Field(100, ge=1, description="faces re-ranked by QAConv in /identify")
     ann_min_faces: int = Field(
         200_000,

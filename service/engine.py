@@ -257,6 +257,21 @@ class Engine:
     def _align_one(self, data: bytes, select: FaceSelection) -> AlignedFace:
         return self.pipeline.align_one(self.decode(data), select)
 
+    async def detect_all(self, data: bytes) -> list[AlignedFace]:
+        """Every face of a photo, aligned, largest first (a group photo); admitted as :meth:`detect_one` is."""
+        self._admit(1)
+        try:
+            if not self.batched_detection:
+                return await self.run_cpu(self._align_all, data)
+            image = await self.run_cpu(self.decode, data)
+            faces = await self._detect(image)
+            return [await self.run_cpu(self.pipeline.align_selected, image, faces, i) for i in range(len(faces))]
+        finally:
+            self._release(1)
+
+    def _align_all(self, data: bytes) -> list[AlignedFace]:
+        return self.pipeline.align_all(self.decode(data))
+
     async def _detect(self, image: np.ndarray) -> list[DetectedFace]:
         """:meth:`FaceDetector.detect` with the network pass batched on the worker thread."""
         faces = await self._detect_pass(image, pad=False)

@@ -17,6 +17,7 @@ __all__ = [
     "GalleryReadOnly",
     "IdempotencyKeyReused",
     "Stopping",
+    "SubjectHasNoFaces",
 ]
 
 
@@ -67,3 +68,9 @@ class Stopping(OAMLError, RuntimeError):
     """The service is shutting down: work handed to it now is not done (retry on another replica)."""
 
     code = "NOT_READY"
+
+
+class SubjectHasNoFaces(OAMLError, LookupError):
+    """The subject exists but has no enrolled face (all were deleted): nothing to verify against."""
+
+    code = "SUBJECT_HAS_NO_FACES"

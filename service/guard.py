@@ -56,6 +56,8 @@ def body_limit(settings: Settings, method: str, path: str) -> int:
     """Most bytes a request to ``method path`` may carry."""
     images = {"/verify": 2, "/explain": 2, "/identify": 1, "/occlusion": 1, "/gallery": settings.max_images_per_request}
     count = images.get(path, 0) if method == "POST" else 0
+    if method == "POST" and path.startswith("/gallery/") and path.endswith("/verify"):  # /gallery/{subject}/verify
+        count = 1
     return count * settings.max_image_bytes + FORM_OVERHEAD
 
 

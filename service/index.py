@@ -439,6 +439,29 @@ class GalleryIndex:
                 self.subjects.pop()
             self._maps.trim(self.count)
 
+    def score_faces(
+        self, face_ids: list[str], embedding: torch.Tensor, feature_map: torch.Tensor, occlusion: torch.Tensor
+    ) -> dict[str, Any]:
+        """Cosine, QAConv and visibility of one probe against the given enrolled faces (those still indexed)."""
+        with self._lock:
+            ids = [f for f in face_ids if f in self._slot]
+            slots = torch.tensor([self._slot[f] for f in ids], dtype=torch.long)
+            if not ids:
+                return {"face_ids": [], "cosine": np.zeros(0), "qaconv": np.zeros(0), "visibility": np.zeros(0)}
+            cos = self.cosine.emb.gather(slots, self.count) @ embedding.to(self.device).float()
+            maps = self._maps.gather(slots, self.count, layout="columns")
+            qa = self.qaconv.match(
+                feature_map[None].to(self.device).float(),
+                PreparedGallery(maps.reshape(self.channels, -1), len(ids), self.hw),
+                probe_occ=occlusion.reshape(1, 1, 7, 7).to(self.device),
+            )[0]
+            return {
+                "face_ids": ids,
+                "cosine": cos.float().cpu().numpy(),
+                "qaconv": qa.float().cpu().numpy(),
+                "visibility": self._vis[slots.to(self.device)].float().cpu().numpy(),
+            }
+
     def search(
         self, embedding: torch.Tensor, feature_map: torch.Tensor, occlusion: torch.Tensor, shortlist: int
     ) -> dict[str, Any]:

@@ -221,6 +221,40 @@ class IdentifyResponse(BaseModel):
     model_version: str
 
 
+class SkippedFace(BaseModel):
+    box: list[float] | None
+    code: str = Field(description="FACE_TOO_SMALL or LOW_QUALITY (the probe quality gate)")
+    reason: str
+
+
+class IdentifyAllResponse(BaseModel):
+    """`/identify` with `face=all`: every face of a group photo, each identified as one face is."""
+
+    faces: list[IdentifyResponse] = Field(description="one result per face, largest first, each with its box")
+    skipped: list[SkippedFace] = Field(
+        default_factory=list, description="faces the probe quality gate kept from matching (OAML_PROBE_MIN_*)"
+    )
+    faces_found: int = Field(description="faces the detector found")
+    faces_identified: int = Field(description="faces identified: the largest 32 at most")
+    model_version: str
+
+
+class SubjectVerifyResponse(VerifyResponse):
+    """`POST /gallery/{subject}/verify`: /verify's answer, `face_b` being the subject's best-matching face."""
+
+    far: float = Field(
+        description=(
+            "false-accept rate of this decision for the subject as a whole: a stranger has one chance per enrolled "
+            "face, so a preset's threshold is set for `faces_compared` faces (the preset's FAR); for a number, what "
+            "it implies"
+        )
+    )
+    subject: str
+    name: str | None
+    face_id: str = Field(description="the subject's face that matched best (its box, quality and map are face_b)")
+    faces_compared: int
+
+
 class PresetInfo(BaseModel):
     far: float = Field(description="false-accept rate of the preset on the calibration impostor pairs")
     threshold: float = Field(description="fused-score threshold")

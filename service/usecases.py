@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from model.align import FaceSelection
+from model.calibration import PRESETS
 from model.errors import (
     FaceIndexError,
     ImageTooLargeError,
@@ -34,7 +35,7 @@ from model.errors import (
 )
 from model.openset import IDENTIFY_PRIOR, posterior
 from service.engine import FaceFeatures
-from service.errors import IdempotencyKeyReused
+from service.errors import IdempotencyKeyReused, SubjectHasNoFaces
 from service.problems import ApiError
 from service.render import explanation_png, heatmap_png
 from service.schemas import (
@@ -46,14 +47,17 @@ from service.schemas import (
     ExplainResponse,
     FaceEvidence,
     FaceInfo,
+    IdentifyAllResponse,
     IdentifyResponse,
     Quality,
     RejectedImage,
     ScoreBreakdown,
+    SkippedFace,
     SubjectDetail,
     SubjectFace,
     SubjectPage,
     SubjectSummary,
+    SubjectVerifyResponse,
     VerifyResponse,
 )
 from service.state import AppState
@@ -69,6 +73,8 @@ __all__ = [
     "explain",
     "enrol",
     "identify",
+    "identify_all",
+    "verify_subject",
     "list_subjects",
     "get_subject",
     "update_subject",
@@ -125,14 +131,29 @@ async def _find_face(state: AppState, photo: Photo, select: FaceSelection, align
         found = await engine.detect_one(photo.data, select)
     except OAMLError as exc:
         raise _with_field(exc, photo.field) from exc
-    return _Face(
-        found.crop,
-        {
-            "box": [round(v, 1) for v in found.face.box],
-            "landmarks": np.round(found.face.landmarks, 1).tolist(),
-            "detection_score": round(found.face.score, 4),
-        },
-    )
+    return _Face(found.crop, _detection_of(found))
+
+
+def _probe_gate(state: AppState, feats: FaceFeatures, detection: dict[str, Any], field: str) -> None:
+    """The optional quality gate for faces to match (OAML_PROBE_MIN_QUALITY, OAML_PROBE_MIN_FACE_SIZE): a face too
+    small or too poor says so instead of being matched."""
+    reason = _probe_failure(state, feats, detection)
+    if reason is not None:
+        raise ApiError(reason[0], f"{field}: {reason[1]}", field=field)
+
+
+def _probe_failure(state: AppState, feats: FaceFeatures, detection: dict[str, Any]) -> tuple[str, str] | None:
+    settings = state.settings
+    box = detection.get("box")
+    if box is not None and settings.probe_min_face_size:
+        width = min(box[2] - box[0], box[3] - box[1])
+        if width < settings.probe_min_face_size:
+            return "FACE_TOO_SMALL", f"face is {width:.0f} px wide, matching needs {settings.probe_min_face_size}"
+    if settings.probe_min_quality is not None:
+        quality = state.engine.quality(feats.norm)
+        if quality < settings.probe_min_quality:
+            return "LOW_QUALITY", f"standardised quality {quality:.2f} is below {settings.probe_min_quality}"
+    return None
 
 
 def _threshold(state: AppState, value: str | None) -> tuple[float, str | None]:
@@ -189,6 +210,8 @@ async def _verify_pair(state: AppState, request: PairRequest) -> _Pair:
     )
     engine = state.engine
     fa, fb = await engine.embed(np.stack([fa_face.crop, fb_face.crop]))
+    _probe_gate(state, fa, fa_face.detection, request.a.field)
+    _probe_gate(state, fb, fb_face.detection, request.b.field)
     s = await engine.run_device(engine.pair_scores, fa, fb)
     cal = engine.calibration
     response = VerifyResponse(
@@ -208,6 +231,70 @@ async def _verify_pair(state: AppState, request: PairRequest) -> _Pair:
         model_version=engine.model_version,
     )
     return _Pair(response, (fa_face, fb_face), (fa, fb))
+
+
+async def verify_subject(
+    state: AppState, subject: str, photo: Photo, threshold: str | None, select: FaceSelection, aligned: bool
+) -> SubjectVerifyResponse:
+    """1:1 against an enrolled subject ("is this Alice?"): the photo's face against each of the subject's faces,
+    the best one decides. A preset keeps its false-accept rate for the subject as a whole: against ``k`` faces
+    a stranger has ``k`` chances, so the 1:1 preset's threshold (what /verify uses, and this for one face) is
+    raised by what the open-set model says ``k`` chances take. A number stays in score units."""
+    engine, gallery = state.engine, state.gallery
+    try:
+        engine.resolve_threshold(threshold)
+    except ValueError as exc:
+        raise ApiError("VALIDATION_ERROR", str(exc), field="threshold") from exc
+    record = await gallery.read(gallery.store.subject, subject)  # 404 for an unknown subject
+    faces = await gallery.read(gallery.store.faces_of, subject)
+    face = await _find_face(state, photo, select, aligned)
+    (feats,) = await engine.embed(face.crop[None])
+    _probe_gate(state, feats, face.detection, photo.field)
+    s = await engine.run_device(
+        state.index.score_faces, [f.face_id for f in faces], feats.embedding, feats.feature_map, feats.occlusion
+    )
+    if not s["face_ids"]:
+        raise SubjectHasNoFaces(f"subject {subject!r} has no enrolled face to verify against")
+    k = len(s["face_ids"])
+    cal = engine.calibration
+    thr, preset = engine.resolve_threshold(threshold)
+    if preset is not None:  # the 1:1 preset's threshold, raised by what k chances instead of one take
+        model, far = cal.identify_model, PRESETS[preset]
+        thr += model.threshold(far, k) - model.threshold(far, 1)
+    else:
+        far = cal.identify_model.fpir(thr, k)
+    fused = cal.score(s["cosine"], s["qaconv"], np.minimum(s["visibility"], feats.visibility))
+    best = int(np.argmax(fused))
+    stored = next(f for f in faces if f.face_id == s["face_ids"][best])
+    visibility = min(float(s["visibility"][best]), feats.visibility)
+    return SubjectVerifyResponse(
+        match=bool(fused[best] > thr),
+        score=round(float(fused[best]), 5),
+        probability=round(float(cal.probability(fused[best])), 5),
+        threshold=round(thr, 5),
+        threshold_probability=round(cal.probability_at(thr), 5),
+        threshold_preset=preset,
+        far=float(f"{far:.4g}"),
+        scores=ScoreBreakdown(
+            adaface=round(float(s["cosine"][best]), 5),
+            qaconv=round(float(s["qaconv"][best]), 5),
+            weights={key: round(v, 4) for key, v in cal.weights(visibility).items()},
+        ),
+        face_a=_face_info(state, feats, face.detection),
+        face_b=FaceInfo(
+            box=stored.box,
+            landmarks=None,
+            detection_score=stored.detection_score,
+            quality=Quality(norm=round(stored.norm, 4), standardised=round(stored.quality, 4)),
+            visibility=round(float(stored.occlusion.mean()), 4),
+            visibility_map=np.round(stored.occlusion, 4).tolist(),
+        ),
+        subject=subject,
+        name=record.name,
+        face_id=stored.face_id,
+        faces_compared=k,
+        model_version=engine.model_version,
+    )
 
 
 async def verify(state: AppState, request: PairRequest) -> VerifyResponse:
@@ -499,13 +586,69 @@ async def identify(
     """1:N, open-set: cosine shortlist (exact, or an inverted file above OAML_ANN_MIN_FACES), QAConv re-ranking
     of it, fusion, one row per subject; the best passes if it clears a threshold set for a stated false-positive
     identification rate at the gallery's current size (:mod:`model.openset`)."""
-    engine = state.engine
-    try:  # a bad threshold is refused before any work; the decision uses the size the search saw
-        engine.resolve_identify_threshold(threshold, len(state.index))
+    _check_identify_threshold(state, threshold)
+    face = await _find_face(state, photo, select, aligned)
+    (feats,) = await state.engine.embed(face.crop[None])
+    _probe_gate(state, feats, face.detection, photo.field)
+    return await _identify_face(state, feats, face.detection, top_k, threshold)
+
+
+#: The most faces of one group photo that `/identify` with ``face=all`` identifies (the largest first).
+MAX_GROUP_FACES = 32
+
+
+async def identify_all(state: AppState, photo: Photo, top_k: int, threshold: str | None) -> IdentifyAllResponse:
+    """Every face of a group photo, each identified as :func:`identify` does one (largest first, at most
+    :data:`MAX_GROUP_FACES`), with its box."""
+    _check_identify_threshold(state, threshold)
+    if photo.error is not None:
+        raise photo.error
+    try:
+        faces = await state.engine.detect_all(photo.data)
+    except OAMLError as exc:
+        raise _with_field(exc, photo.field) from exc
+    if not faces:
+        raise _with_field(NoFaceError("no face found in the image"), photo.field)
+    used = faces[:MAX_GROUP_FACES]
+    feats = await state.engine.embed(np.stack([f.crop for f in used]))
+    results, skipped = [], []
+    for face, f in zip(used, feats, strict=True):
+        detection = _detection_of(face)
+        failure = _probe_failure(state, f, detection)
+        if failure is None:
+            results.append(await _identify_face(state, f, detection, top_k, threshold))
+        else:
+            skipped.append(SkippedFace(box=detection["box"], code=failure[0], reason=failure[1]))
+    return IdentifyAllResponse(
+        faces=results,
+        skipped=skipped,
+        faces_found=len(faces),
+        faces_identified=len(results),
+        model_version=state.engine.model_version,
+    )
+
+
+def _detection_of(found: Any) -> dict[str, Any]:
+    return {
+        "box": [round(v, 1) for v in found.face.box],
+        "landmarks": np.round(found.face.landmarks, 1).tolist(),
+        "detection_score": round(found.face.score, 4),
+    }
+
+
+def _check_identify_threshold(state: AppState, threshold: str | None) -> None:
+    """A bad threshold is refused before any work (the decision then uses the size the search saw)."""
+    try:
+        state.engine.resolve_identify_threshold(threshold, len(state.index))
     except ValueError as exc:
         raise ApiError("VALIDATION_ERROR", str(exc), field="threshold") from exc
-    face = await _find_face(state, photo, select, aligned)
-    (feats,) = await engine.embed(face.crop[None])
+
+
+async def _identify_face(
+    state: AppState, feats: FaceFeatures, detection: dict[str, Any], top_k: int, threshold: str | None
+) -> IdentifyResponse:
+    """Search the gallery for one embedded face and decide (see :func:`identify`)."""
+    engine = state.engine
     factor = OCCLUDED_SHORTLIST_FACTOR if feats.visibility < OCCLUDED_VISIBILITY else 1
     t0 = time.perf_counter()
     found = await engine.run_device(
@@ -557,7 +700,7 @@ async def identify(
         threshold_probability=round(float(posterior(np.array([thr]), subjects)[0][0]), 5),
         probability_unknown=round(unknown, 5),
         probability_prior=IDENTIFY_PRIOR,
-        face=_face_info(state, feats, face.detection),
+        face=_face_info(state, feats, detection),
         gallery_faces=faces,
         gallery_subjects=len(state.names),
         timings_ms=timings,

@@ -327,6 +327,88 @@ class TestGalleryAndIdentify:
             assert numeric["threshold_preset"] is None and numeric["fpir"] == pytest.approx(1e-3, rel=1e-2)
             assert c.get("/info").json()["identify_model"] == "from_pairwise"  # the test weights have no open-set fit
 
+    def test_every_face_of_a_group_photo_is_identified_with_its_box(
+        self, weights: Path, tmp_path: Path, photos: dict[str, bytes]
+    ) -> None:
+        with TestClient(create_app(make_settings(weights, tmp_path))) as c:
+            enrol = c.post(
+                "/gallery", data={"subject": "eileen"}, files=[("images", ("a.png", photos["astronaut"], "image/png"))]
+            )
+            assert enrol.status_code == 201
+            group = files(image=("g.png", photos["two_faces"]))
+            r = c.post("/identify", files=group, data={"face": "all", "threshold": "-1000"})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["faces_found"] == body["faces_identified"] == 2 == len(body["faces"])
+            boxes = [f["face"]["box"] for f in body["faces"]]
+            assert boxes[0][2] - boxes[0][0] > boxes[1][2] - boxes[1][0]  # largest first, each with its box
+            assert all(f["match"]["subject"] == "eileen" for f in body["faces"])  # both are the astronaut
+            single = c.post("/identify", files=group, data={"threshold": "-1000"}).json()
+            assert single["face"]["box"] == boxes[0]  # the default still answers for the largest face
+            assert_problem(
+                c.post("/identify", files=files(image=("c.jpg", photos["coffee"], "image/jpeg")), data={"face": "all"}),
+                422,
+                "NO_FACE",
+            )
+            assert_problem(
+                c.post("/identify", files=group, data={"face": "all", "aligned": "true"}), 422, "VALIDATION_ERROR"
+            )
+
+    def test_a_photo_is_verified_against_an_enrolled_subject(
+        self, weights: Path, tmp_path: Path, photos: dict[str, bytes]
+    ) -> None:
+        with TestClient(create_app(make_settings(weights, tmp_path))) as c:
+            images = [
+                ("images", (f"{i}.png", p, "image/png")) for i, p in enumerate((photos["astronaut"], photos["tight"]))
+            ]
+            assert c.post("/gallery", data={"subject": "eileen", "name": "Eileen"}, files=images).status_code == 201
+            probe = files(image=("p.jpg", photos["astronaut_jpeg"], "image/jpeg"))
+            r = c.post("/gallery/eileen/verify", files=probe)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["subject"] == "eileen" and body["name"] == "Eileen" and body["faces_compared"] == 2
+            assert body["threshold_preset"] == "balanced" and body["far"] == 1e-3
+            assert set(body) >= {"match", "score", "probability", "scores", "face_a", "face_b", "threshold"}
+            faces = {f["face_id"]: f for f in c.get("/gallery/eileen").json()["face_list"]}
+            assert body["face_b"]["box"] == faces[body["face_id"]]["box"]
+            one = c.post(
+                "/verify",
+                files=files(
+                    image_a=("p.jpg", photos["astronaut_jpeg"], "image/jpeg"), image_b=("a.png", photos["astronaut"])
+                ),
+            ).json()
+            assert body["threshold"] > one["threshold"]  # two faces, two chances for a stranger: more evidence asked
+            for face_id in list(faces)[1:]:
+                c.delete(f"/gallery/eileen/faces/{face_id}")
+            lone = c.post("/gallery/eileen/verify", files=probe).json()
+            assert lone["faces_compared"] == 1 and lone["threshold"] == one["threshold"]  # one face: /verify's
+            assert body["score"] >= one["score"] - 0.05  # the best of the subject's faces
+            assert_problem(c.post("/gallery/nobody/verify", files=probe), 404, "SUBJECT_NOT_FOUND")
+            c.delete(f"/gallery/eileen/faces/{list(faces)[0]}")
+            assert_problem(c.post("/gallery/eileen/verify", files=probe), 409, "SUBJECT_HAS_NO_FACES")
+
+    def test_an_optional_gate_refuses_probes_too_small_or_too_poor(
+        self, weights: Path, tmp_path: Path, photos: dict[str, bytes]
+    ) -> None:
+        pair = files(image_a=("a.png", photos["astronaut"]), image_b=("b.png", photos["astronaut"]))
+        with TestClient(create_app(make_settings(weights, tmp_path / "open"))) as c:
+            assert c.post("/verify", files=pair).status_code == 200  # no gate by default
+        with TestClient(create_app(make_settings(weights, tmp_path / "size", probe_min_face_size=400))) as c:
+            body = assert_problem(c.post("/verify", files=pair), 422, "FACE_TOO_SMALL")
+            assert body["field"] == "image_a" and "400" in body["detail"]
+            group = c.post("/identify", files=files(image=("g.png", photos["two_faces"])), data={"face": "all"}).json()
+            assert group["faces"] == [] and [x["code"] for x in group["skipped"]] == ["FACE_TOO_SMALL"] * 2
+        with TestClient(create_app(make_settings(weights, tmp_path / "quality", probe_min_quality=1e9))) as c:
+            probe = files(image=("a.png", photos["astronaut"]))
+            assert_problem(c.post("/identify", files=probe), 422, "LOW_QUALITY")
+            assert (
+                c.post(
+                    "/gallery", data={"subject": "e"}, files=[("images", ("a.png", photos["astronaut"], "image/png"))]
+                ).status_code
+                == 201
+            )  # enrolment has its own gate
+            assert_problem(c.post("/gallery/e/verify", files=probe), 422, "LOW_QUALITY")
+
     def test_more_photos_of_a_subject_do_not_inflate_its_probability(
         self, weights: Path, tmp_path: Path, photos: dict[str, bytes]
     ) -> None:
