@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.attributes import AttributeRules
 from model.calibration import DEFAULT_CALIBRATION, PRESETS, Calibration
 from model.errors import CheckpointError
 
@@ -45,6 +46,7 @@ class WeightsCard:
             ``flip``), or ``None`` for a file calibrated before that was recorded.
         quality: norm statistics for the quality score.
         lfw_presets: per preset, ``{"tar", "far"}`` on LFW clean pairs (``oaml eval --record``).
+        attributes: the thresholds of the occlusion attributes (``oaml calibrate-attributes``), or defaults.
         metadata: the raw document, for tools that show it whole.
     """
 
@@ -56,6 +58,7 @@ class WeightsCard:
     calibrated_on: dict[str, Any] | None
     quality: QualityStats
     lfw_presets: dict[str, dict[str, float]] = field(default_factory=dict)
+    attributes: AttributeRules = field(default_factory=AttributeRules)
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -107,5 +110,6 @@ class WeightsCard:
             calibrated_on=(raw_cal or {}).get("embedding"),
             quality=stats,
             lfw_presets=lfw,
+            attributes=AttributeRules.from_metadata(meta.get("attributes")),
             metadata=meta,
         )

@@ -239,6 +239,32 @@ def _cmd_calibrate_identify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate_attributes(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.align import FaceDetector, FacePipeline
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.embedder import Embedder
+    from model.training.attributes import calibrate_attributes
+
+    model, meta = load_checkpoint(args.weights)
+    served = Embedder(model, device=args.device, precision=args.precision)
+    pipeline = FacePipeline(FaceDetector(threads=2)) if args.mask_photos else None
+    rules = calibrate_attributes(served, args.masked, args.clean, args.mask_photos, pipeline, args.limit)
+    meta["attributes"] = {**rules.to_metadata(), "embedding": served.describe()}
+    out = args.out or args.weights
+    written = save_checkpoint(
+        model,
+        out,
+        {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")},
+        dtype=getattr(torch, str(meta.get("dtype", "float32"))),
+    )
+    json.dump({"weights": str(out), "model_version": written["model_version"], "attributes": meta["attributes"]},
+              sys.stdout, indent=2)  # fmt: skip
+    sys.stdout.write("\n")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -465,6 +491,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="also store the report in the weights' metadata (`metrics`; tensors unchanged)",
     )
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "calibrate-attributes",
+        help="fit the mask-like attribute's threshold on aligned caches and measure it on real masked photos",
+    )
+    p.add_argument("weights", type=Path)
+    p.add_argument("--masked", type=Path, required=True, help="aligned cache of real masked faces (training side)")
+    p.add_argument("--clean", type=Path, required=True, help="aligned cache of unmasked faces the weights never saw")
+    p.add_argument(
+        "--mask-photos", type=Path, default=None, help="evaluation photos: <dir>/mask/*.jpg and <dir>/no_mask/*.jpg"
+    )
+    p.add_argument("--limit", type=int, default=3000, help="most faces read from each cache")
+    p.add_argument("--out", type=Path, default=None, help="output weights file (default: update in place)")
+    _add_embedding_options(p)
+    p.set_defaults(func=_cmd_calibrate_attributes)
 
     p = sub.add_parser(
         "eval-identify",

@@ -35,6 +35,20 @@ class Quality(BaseModel):
     standardised: float = Field(description="(norm - training mean) / training std")
 
 
+class OcclusionAttributes(BaseModel):
+    regions: dict[str, float] = Field(
+        description="mean visibility of the forehead, eyes, nose and mouth regions of the 7x7 map (1 = visible)"
+    )
+    occluded: dict[str, bool] = Field(description="each region: more hidden than seen (visibility below 0.5)")
+    mask_like: bool = Field(
+        description="the lower face is hidden, as by a mask or a scarf (threshold fitted and measured on real masked "
+        "photos: see the model card)"
+    )
+    glasses_like: bool = Field(
+        description="the eyes are hidden, as by sunglasses (no real test set yet: see the model card)"
+    )
+
+
 class FaceInfo(BaseModel):
     box: list[float] | None = Field(None, description="[x1, y1, x2, y2] in the uploaded photo (null for aligned input)")
     landmarks: list[list[float]] | None = Field(None, description="5 points: eyes, nose, mouth corners")
@@ -42,6 +56,7 @@ class FaceInfo(BaseModel):
     quality: Quality
     visibility: float = Field(description="mean of the 7x7 occlusion map (1 = fully visible)")
     visibility_map: list[list[float]] = Field(description="7x7, row-major from the top-left, 1 = visible")
+    occlusion: OcclusionAttributes | None = Field(None, description="which regions are hidden, and what by")
 
 
 class ScoreBreakdown(BaseModel):

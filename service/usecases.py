@@ -49,6 +49,7 @@ from service.schemas import (
     FaceInfo,
     IdentifyAllResponse,
     IdentifyResponse,
+    OcclusionAttributes,
     Quality,
     RejectedImage,
     ScoreBreakdown,
@@ -169,6 +170,7 @@ def _face_info(state: AppState, feats: FaceFeatures, detection: dict[str, Any]) 
         quality=Quality(norm=round(feats.norm, 4), standardised=round(state.engine.quality(feats.norm), 4)),
         visibility=round(feats.visibility, 4),
         visibility_map=np.round(feats.occlusion.numpy(), 4).tolist(),
+        occlusion=OcclusionAttributes(**state.engine.card.attributes.describe(feats.occlusion.numpy())),
     )
 
 
@@ -288,6 +290,7 @@ async def verify_subject(
             quality=Quality(norm=round(stored.norm, 4), standardised=round(stored.quality, 4)),
             visibility=round(float(stored.occlusion.mean()), 4),
             visibility_map=np.round(stored.occlusion, 4).tolist(),
+            occlusion=OcclusionAttributes(**engine.card.attributes.describe(stored.occlusion)),
         ),
         subject=subject,
         name=record.name,

@@ -124,6 +124,9 @@ class TestVerify:
             face = body[side]
             assert len(face["landmarks"]) == 5 and len(face["box"]) == 4
             assert np.array(face["visibility_map"]).shape == (7, 7)
+            occlusion = face["occlusion"]  # the regions and summaries, read from the same map
+            assert set(occlusion["regions"]) == set(occlusion["occluded"]) == {"forehead", "eyes", "nose", "mouth"}
+            assert isinstance(occlusion["mask_like"], bool) and isinstance(occlusion["glasses_like"], bool)
             assert face["visibility"] == pytest.approx(np.mean(face["visibility_map"]), abs=1e-3)
             assert 0 <= body["probability"] <= 1
         # 640x480 resize of the same photo: the detector finds the face at the scaled place

@@ -273,6 +273,13 @@ class TestTrainer:
         assert identified["model_version"] == shipped["model_version"] and identified["dtype"] == "float16"
         assert len(open_set["mu"]) == len(open_set["sigma"]) > 0 and open_set["residual"]["rate"] > 0
         assert open_set["validation"]["fpir"] and identified["calibration"]["thresholds"] == cal["thresholds"]
+        # the occlusion attributes' mask threshold, fitted between two caches (here: fake faces, no real masks)
+        args = ["calibrate-attributes", str(out), "--masked", str(extra), "--clean", str(cache), "--precision", "fp32"]
+        assert main(args) == 0
+        _, attributed = load_checkpoint(out)
+        rules = attributed["attributes"]
+        assert 0.0 <= rules["mask_threshold"] <= 1.0 and set(rules["mask_fit"]) >= {"tpr", "fpr", "balanced_accuracy"}
+        assert attributed["calibration"]["open_set"] == open_set  # what the other tools wrote stays
 
     def test_init_from_a_collapsed_qaconv_tail_resets_it(self, tmp_path: Path, astronaut: np.ndarray) -> None:
         """Checkpoints made before the logit scale was fixed carry a scale near 0: training on from one
