@@ -129,7 +129,11 @@ def _child_load(store_path: Path, model_version: str, dtype: torch.dtype) -> dic
 
         load_index(store, index, Inline())
     else:
-        Gallery(store, index, Inline()).load()  # type: ignore[arg-type]
+        import inspect
+
+        # since collections the gallery makes an index per collection; before, it was handed the one index
+        made = (lambda: index) if "new_index" in inspect.signature(Gallery).parameters else index
+        Gallery(store, made, Inline()).load()  # type: ignore[arg-type]
     return {"baseline": baseline, "peak": peak_rss_bytes(), "final": rss_bytes(), "faces": len(index)}
 
 

@@ -55,15 +55,18 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         try:
             await asyncio.to_thread(eng.warm_up)
             store = await asyncio.to_thread(open_store, settings, eng.model_version)
-            index = GalleryIndex(
-                eng.model.qaconv,
-                eng.device,
-                eng.gallery_dtype,
-                eng.model.embedding_size,
-                ann_min_faces=settings.ann_min_faces,
-                ann_probe=settings.ann_probe,
-            )
-            gallery = Gallery(store, index, eng, timeout_s=settings.store_timeout_s)
+
+            def new_index(engine: Engine = eng) -> GalleryIndex:
+                return GalleryIndex(
+                    engine.model.qaconv,
+                    engine.device,
+                    engine.gallery_dtype,
+                    engine.model.embedding_size,
+                    ann_min_faces=settings.ann_min_faces,
+                    ann_probe=settings.ann_probe,
+                )
+
+            gallery = Gallery(store, new_index, eng, timeout_s=settings.store_timeout_s)
             store.check_version()  # a gallery from other weights stops start-up with a clear message
             try:
                 await asyncio.to_thread(store.check_writable)
@@ -104,12 +107,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 " (allowed by OAML_ALLOW_UNAUTHENTICATED)" if settings.allow_unauthenticated else "",
             )
         logger.info(
-            "OAML ready in %.1fs: model %s on %s, %d faces of %d subjects%s",
+            "OAML ready in %.1fs: model %s on %s, %d faces of %d subjects in %d collection(s)%s",
             time.perf_counter() - started,
             eng.model_version,
             eng.device,
             faces,
-            len(gallery.names),
+            gallery.subjects,
+            len(gallery.collections),
             "" if gallery.writable else " (read-only)",
         )
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -12,7 +14,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings", "usable_cores", "is_loopback", "DEFAULT_WEIGHTS"]
+from service.store import COLLECTION_PATTERN
+
+__all__ = ["Settings", "KeyGrant", "get_settings", "usable_cores", "is_loopback", "DEFAULT_WEIGHTS"]
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "oaml_ir18.safetensors"
 
@@ -102,7 +106,10 @@ class Settings(BaseSettings):
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="comma-separated `key` or `key:role` (role `admin`, the default, or `match`); empty disables auth",
+        description=(
+            "comma-separated `key`, `key:role` (role `admin`, the default, or `match`) or `key:role:collections` "
+            "(`+`-separated collection names the key is limited to); empty disables auth"
+        ),
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated; empty disables CORS"
@@ -132,9 +139,15 @@ class Settings(BaseSettings):
     @classmethod
     def _roles(cls, value: list[str]) -> list[str]:
         for entry in value:
-            key, _, role = entry.partition(":")
-            if not key or (role and role not in ("admin", "match")):
-                raise ValueError(f"API key entries are `key` or `key:role` with role admin or match, got {entry!r}")
+            key, role, collections = _key_entry(entry)
+            if not key or role not in ("admin", "match") or (collections is not None and not collections):
+                raise ValueError(
+                    "API key entries are `key`, `key:role` or `key:role:collection+collection` with role admin or "
+                    f"match, got {entry!r}"
+                )
+            bad = [c for c in collections or () if not re.fullmatch(COLLECTION_PATTERN, c)]
+            if bad:
+                raise ValueError(f"API key entry {entry!r}: {bad[0]!r} is not a collection name")
         return value
 
     @field_validator("gallery_url")
@@ -196,9 +209,33 @@ class Settings(BaseSettings):
         """Whether requests need an API key."""
         return bool(self.api_keys)
 
-    def key_roles(self) -> dict[str, str]:
-        """API key -> role (``admin`` unless the entry names ``match``)."""
-        return {key: role or "admin" for key, _, role in (entry.partition(":") for entry in self.api_keys)}
+    def key_grants(self) -> dict[str, KeyGrant]:
+        """API key -> what it may do: its role (``admin`` unless the entry names ``match``) and the collections
+        it is limited to (None: every collection)."""
+        grants = {}
+        for entry in self.api_keys:
+            key, role, collections = _key_entry(entry)
+            grants[key] = KeyGrant(role, collections)
+        return grants
+
+
+@dataclass(frozen=True)
+class KeyGrant:
+    """An API key's role and, for a key limited to some collections, their names (None: all of them)."""
+
+    role: str
+    collections: frozenset[str] | None = None
+
+    def may_use(self, collection: str) -> bool:
+        return self.collections is None or collection in self.collections
+
+
+def _key_entry(entry: str) -> tuple[str, str, frozenset[str] | None]:
+    """``key[:role[:collection+collection...]]`` -> (key, role, collections or None)."""
+    key, _, rest = entry.partition(":")
+    role, limited, names = rest.partition(":")
+    collections = frozenset(n for n in names.split("+") if n) if limited else None
+    return key, role or "admin", collections
 
 
 def is_loopback(host: str) -> bool:

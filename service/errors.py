@@ -18,6 +18,9 @@ __all__ = [
     "IdempotencyKeyReused",
     "Stopping",
     "SubjectHasNoFaces",
+    "CollectionNotFound",
+    "CollectionExists",
+    "CollectionProtected",
 ]
 
 
@@ -74,3 +77,21 @@ class SubjectHasNoFaces(OAMLError, LookupError):
     """The subject exists but has no enrolled face (all were deleted): nothing to verify against."""
 
     code = "SUBJECT_HAS_NO_FACES"
+
+
+class CollectionNotFound(OAMLError, LookupError):
+    """No collection (named gallery) of that name exists."""
+
+    code = "COLLECTION_NOT_FOUND"
+
+
+class CollectionExists(OAMLError, ValueError):
+    """A collection of that name exists already (creating it again would hide that it is in use)."""
+
+    code = "COLLECTION_EXISTS"
+
+
+class CollectionProtected(OAMLError, ValueError):
+    """The default collection cannot be deleted: clients that name no collection use it."""
+
+    code = "COLLECTION_PROTECTED"

@@ -18,6 +18,9 @@ A gallery that cannot be written at start-up (full disk, read-only mount) is ser
 matching and reads go on, writes answer 503 ``STORE_READ_ONLY`` with the reason, and each write
 asked for at least :data:`READ_ONLY_PROBE_S` after the last try probes the store again, so the
 service leaves that mode by itself once space returns.
+
+Collections (named, isolated galleries) each have an index and names of their own: a search in one
+never sees another's faces, and the open-set thresholds follow each one's size.
 """
 
 from __future__ import annotations
@@ -27,17 +30,34 @@ import ctypes
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from service.engine import Engine
-from service.errors import GalleryReadOnly, GalleryStoreError, SubjectNotFound
+from service.errors import (
+    CollectionNotFound,
+    CollectionProtected,
+    GalleryReadOnly,
+    GalleryStoreError,
+    SubjectNotFound,
+)
 from service.index import GalleryIndex
-from service.store import BUSY, EnrolCommit, Enrolment, FaceRecord, GalleryStore, Render
+from service.store import (
+    BUSY,
+    DEFAULT_COLLECTION,
+    CollectionRecord,
+    EnrolCommit,
+    Enrolment,
+    FaceRecord,
+    GalleryStore,
+    Render,
+)
 from service.store_pg import Change, PostgresGalleryStore
 
-__all__ = ["Gallery", "READ_ONLY_PROBE_S", "READ_ONLY_MESSAGE"]
+__all__ = ["Gallery", "Collection", "READ_ONLY_PROBE_S", "READ_ONLY_MESSAGE"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +90,30 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+@dataclass
+class Collection:
+    """One collection as the service searches it: its index and its subjects' display names."""
+
+    name: str
+    index: GalleryIndex
+    names: dict[str, str | None] = field(default_factory=dict)  # subject -> display name
+
+
+def _by_collection(records: Iterable[FaceRecord]) -> dict[str, list[FaceRecord]]:
+    grouped: dict[str, list[FaceRecord]] = defaultdict(list)
+    for record in records:
+        grouped[record.collection].append(record)
+    return grouped
+
+
 class Gallery:
-    """Store, index and names, changed together (see the module docstring).
+    """Store, indexes and names, changed together (see the module docstring).
 
     Args:
         store: the store of record.
-        index: the in-memory search structures (changed through the engine's worker).
-        engine: the inference engine, whose worker owns the index.
+        new_index: makes an empty index (in-memory search structures, changed through the engine's worker)
+            for a collection.
+        engine: the inference engine, whose worker owns the indexes.
         timeout_s: the longest a write may wait before it is refused (503).
         read_threads / write_threads: threads for store reads and writes.
     """
@@ -84,17 +121,18 @@ class Gallery:
     def __init__(
         self,
         store: GalleryStore,
-        index: GalleryIndex,
+        new_index: Callable[[], GalleryIndex],
         engine: Engine,
         timeout_s: float = 5.0,
         read_threads: int = 4,
         write_threads: int = 2,
     ) -> None:
         self.store = store
-        self.index = index
+        self.new_index = new_index
         self.engine = engine
         self.timeout_s = timeout_s
-        self.names: dict[str, str | None] = {}  # subject -> display name
+        #: name -> collection; a dict replaced or changed only under the writer's lock, read without it
+        self.collections: dict[str, Collection] = {DEFAULT_COLLECTION: Collection(DEFAULT_COLLECTION, new_index())}
         self.reads = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="oaml-gallery-read")
         self.writes = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="oaml-gallery-write")
         self._lock = threading.Lock()
@@ -150,35 +188,109 @@ class Gallery:
     def writable(self) -> bool:
         return self.read_only is None
 
+    # -- what the routes read ----------------------------------------------------------------
+
+    def collection(self, name: str) -> Collection:
+        """The collection called ``name`` (404 ``COLLECTION_NOT_FOUND`` when there is none)."""
+        found = self.collections.get(name)
+        if found is None:
+            raise CollectionNotFound(f"collection {name!r} does not exist")
+        return found
+
+    async def find(self, name: str) -> Collection:
+        """:meth:`collection`, and with a shared store, one another replica made a moment ago
+        (:meth:`refresh_collection`), so a client creating a collection on one replica and enrolling through
+        another is not told it does not exist."""
+        found = self.collections.get(name)
+        if found is not None:
+            return found
+        if not isinstance(self.store, PostgresGalleryStore):
+            return self.collection(name)
+        return await self.read(self.refresh_collection, name)
+
+    def refresh_collection(self, name: str) -> Collection:
+        """The collection called ``name``, looking in the store when this replica does not hold it yet (made by
+        another replica a moment ago, before this one's follower caught up): it is taken in now, empty, and its
+        faces come with the follower's next catch-up. 404 ``COLLECTION_NOT_FOUND`` when the store has none.
+        Waits for the writer's lock at most ``timeout_s`` (then 503)."""
+        found = self.collections.get(name)
+        if found is not None:
+            return found
+        self.store.collection(name)  # CollectionNotFound when no replica made it
+        if not self._lock.acquire(timeout=self.timeout_s):
+            raise GalleryStoreError(BUSY, internal=f"no write slot within {self.timeout_s}s to take in collection")
+        try:
+            self._sync_collections()
+        finally:
+            self._lock.release()
+        return self.collection(name)
+
+    @property
+    def index(self) -> GalleryIndex:
+        """The default collection's index (what a client that names no collection searches)."""
+        return self.collections[DEFAULT_COLLECTION].index
+
+    @property
+    def faces(self) -> int:
+        """Faces in every collection."""
+        return sum(len(c.index) for c in list(self.collections.values()))
+
+    @property
+    def subjects(self) -> int:
+        """Subjects in every collection."""
+        return sum(len(c.names) for c in list(self.collections.values()))
+
     # -- writes (call through write(); they run holding the lock) -----------------------------
 
     def commit(
         self, enrolment: Enrolment, key: str | None = None, request_hash: str = "", render: Render | None = None
     ) -> EnrolCommit:
         """Store the enrolment (one transaction), then index its faces and note the subject's name."""
+        target = self.collection(enrolment.collection)
         done = self.store.enrol(enrolment, key, request_hash, render)
         if done.replayed is None:
-            self._after_commit(self.index.add_records, enrolment.faces)
-            if enrolment.name is not None or enrolment.subject not in self.names:
-                self.names[enrolment.subject] = (
-                    enrolment.name if enrolment.name is not None else self.names.get(enrolment.subject)
+            self._after_commit(target.index.add_records, enrolment.faces)
+            if enrolment.name is not None or enrolment.subject not in target.names:
+                target.names[enrolment.subject] = (
+                    enrolment.name if enrolment.name is not None else target.names.get(enrolment.subject)
                 )
         return done
 
-    def delete_subject(self, subject: str) -> list[str]:
-        ids = self.store.delete_subject(subject)
-        self._after_commit(self.index.remove, ids)
-        self.names.pop(subject, None)
+    def delete_subject(self, subject: str, collection: str = DEFAULT_COLLECTION) -> list[str]:
+        target = self.collection(collection)
+        ids = self.store.delete_subject(subject, collection)
+        self._after_commit(target.index.remove, ids)
+        target.names.pop(subject, None)
         return ids
 
-    def delete_face(self, subject: str, face_id: str) -> None:
-        self.store.delete_face(subject, face_id)
-        self._after_commit(self.index.remove, [face_id])
+    def delete_face(self, subject: str, face_id: str, collection: str = DEFAULT_COLLECTION) -> None:
+        target = self.collection(collection)
+        self.store.delete_face(subject, face_id, collection)
+        self._after_commit(target.index.remove, [face_id])
 
-    def update_subject(self, subject: str, changes: dict[str, Any]) -> None:
-        self.store.update_subject(subject, changes)
+    def update_subject(self, subject: str, changes: dict[str, Any], collection: str = DEFAULT_COLLECTION) -> None:
+        target = self.collection(collection)
+        self.store.update_subject(subject, changes, collection)
         if "name" in changes:
-            self.names[subject] = changes["name"]
+            target.names[subject] = changes["name"]
+
+    def create_collection(self, name: str) -> CollectionRecord:
+        record = self.store.create_collection(name)
+        self.collections = {**self.collections, name: Collection(name, self.new_index())}
+        return record
+
+    def delete_collection(self, name: str) -> list[str]:
+        """Delete a collection, its subjects and faces; the default collection is refused (409)."""
+        if name == DEFAULT_COLLECTION:
+            raise CollectionProtected(
+                f"the {DEFAULT_COLLECTION!r} collection is where clients that name no collection enrol and search: "
+                "delete its subjects instead"
+            )
+        target = self.collection(name)
+        ids = self.store.delete_collection(name)
+        self.collections = {k: v for k, v in self.collections.items() if k != name}
+        self._after_commit(target.index.remove, ids)  # frees its memory now, not when the last search ends
+        return ids
 
     def _after_commit(self, change: Callable[..., None], *args: Any) -> None:
         """Bring the index up to a committed change; if that fails (a device out of memory, a bug), rebuild
@@ -199,44 +311,89 @@ class Gallery:
     # -- loading and following ---------------------------------------------------------------
 
     def load(self, chunk: int = 512) -> int:
-        """Fill the index from the store, ``chunk`` faces at a time so memory stays bounded (the inverted file
+        """Fill the indexes from the store, ``chunk`` faces at a time so memory stays bounded (the inverted file
         of a large gallery is trained once, on all of it, at the end), and the subject names. Memory the
-        reading borrows goes back to the system after each batch (the peak is measured in bench/bench_gallery.py)."""
+        reading borrows goes back to the system after each batch (the peak is measured in bench/bench_gallery.py).
+        Returns the faces loaded, in every collection."""
         with self._lock:
+            existing = self.collections
+            self.collections = {
+                r.name: existing.get(r.name) or Collection(r.name, self.new_index()) for r in self.store.collections()
+            }
+            for target in self.collections.values():
+                self.engine.call_device(target.index.begin_loading)
             batch: list[FaceRecord] = []
-            self.engine.call_device(self.index.begin_loading)
             for face in self.store.iter_faces():
                 batch.append(face)
                 if len(batch) >= chunk:
-                    self.engine.call_device(self.index.add_records, batch)
+                    self._index_records(batch)
                     batch = []
                     release_free_memory()  # else the heap keeps every batch's freed blocks, fragmented
-            self.engine.call_device(self.index.add_records, batch)
-            self.engine.call_device(self.index.finish_loading)
-            subjects, _ = self.store.subjects(0, 2**31 - 1)
-            self.names = {s.subject: s.name for s in subjects}
+            self._index_records(batch)
+            for target in self.collections.values():
+                self.engine.call_device(target.index.finish_loading)
+            self._load_names()
             release_free_memory()
-            return len(self.index)
+            return self.faces
+
+    def _index_records(self, records: Iterable[FaceRecord]) -> None:
+        """Add faces to their collections' indexes (faces of a collection not held here are skipped: it was
+        deleted, and its deletion is applied too)."""
+        for name, faces in _by_collection(records).items():
+            target = self.collections.get(name)
+            if target is not None:
+                self.engine.call_device(target.index.add_records, faces)
+
+    def _load_names(self) -> None:
+        subjects, _ = self.store.subjects(0, 2**31 - 1, None)
+        names: dict[str, dict[str, str | None]] = defaultdict(dict)
+        for s in subjects:
+            names[s.collection][s.subject] = s.name
+        for target in self.collections.values():
+            target.names = names.get(target.name, {})
+
+    def _sync_collections(self) -> None:
+        """Hold exactly the store's collections: new ones get an empty index, deleted ones are dropped."""
+        stored = {r.name for r in self.store.collections()}
+        kept = {k: v for k, v in self.collections.items() if k in stored}
+        for name in stored - kept.keys():
+            kept[name] = Collection(name, self.new_index())
+        self.collections = kept
+
+    def _indexed(self, face_id: str) -> bool:
+        return any(face_id in c.index for c in self.collections.values())
 
     def apply_changes(self, store: PostgresGalleryStore, changes: list[Change]) -> None:
-        """Bring the index and names up to ``changes`` (other replicas' and this one's), holding the writer's
+        """Bring the indexes and names up to ``changes`` (other replicas' and this one's), holding the writer's
         lock, so a local deletion cannot slip between reading a face and indexing it.
 
         Idempotent: a face already indexed is not added twice, one already removed not removed twice.
         Faces are read from the store when their ``add`` is applied; one deleted since is no longer there,
-        so catching up never resurrects a deletion.
+        so catching up never resurrects a deletion. Collections created or deleted are read from the store
+        too, so the replica holds the collections the store has now.
         """
         removed = {c.face_id for c in changes if c.op == "delete" and c.face_id}
         wanted = [c.face_id for c in changes if c.op == "add" and c.face_id and c.face_id not in removed]
+        renamed = sorted({c.collection for c in changes if c.op == "collection"})
         with self._lock:
-            records = store.faces_by_id([fid for fid in wanted if fid not in self.index])
-            self.engine.call_device(self.index.remove, sorted(removed))
-            self.engine.call_device(self.index.add_records, records)
-            for subject in sorted({c.subject for c in changes}):
+            if renamed:
+                self._sync_collections()
+            records = store.faces_by_id([fid for fid in wanted if not self._indexed(fid)])
+            for target in self.collections.values():
+                self.engine.call_device(target.index.remove, sorted(removed))
+            self._index_records(records)
+            for collection, subject in sorted({(c.collection, c.subject) for c in changes if c.op != "collection"}):
+                held = self.collections.get(collection)
+                if held is None or not subject:
+                    continue
                 try:
-                    self.names[subject] = store.subject(subject).name
+                    held.names[subject] = store.subject(subject, collection).name
                 except SubjectNotFound:
-                    self.names.pop(subject, None)
+                    held.names.pop(subject, None)
+            for collection in renamed:  # deleted and made again since the last catch-up: its old names are gone
+                held = self.collections.get(collection)
+                if held is not None:
+                    held.names = {s.subject: s.name for s in store.subjects(0, 2**31 - 1, collection)[0]}
 
     def resync(self) -> None:
         """After a gap in the change log (this replica was silent so long that the log was pruned past its
@@ -245,17 +402,20 @@ class Gallery:
             self.reconcile()
 
     def reconcile(self, chunk: int = 1024) -> None:
-        """Make the index hold exactly the faces in the store, and reload the names (the caller holds the
-        writer's lock)."""
+        """Make the indexes hold exactly the store's collections and faces, and reload the names (the caller
+        holds the writer's lock)."""
+        self._sync_collections()
         stored = self.store.face_ids()
-        indexed = set(self.index.face_ids)
-        self.engine.call_device(self.index.remove, sorted(indexed - stored))
-        missing = sorted(stored - indexed)
+        removed = 0
+        for target in self.collections.values():
+            extra = sorted(set(target.index.face_ids) - stored)
+            removed += len(extra)
+            self.engine.call_device(target.index.remove, extra)
+        missing = sorted(fid for fid in stored if not self._indexed(fid))
         for start in range(0, len(missing), chunk):
-            self.engine.call_device(self.index.add_records, self.store.faces_by_id(missing[start : start + chunk]))
-        subjects, _ = self.store.subjects(0, 2**31 - 1)
-        self.names = {s.subject: s.name for s in subjects}
-        logger.info("index reconciled with the store: %d removed, %d added", len(indexed - stored), len(missing))
+            self._index_records(self.store.faces_by_id(missing[start : start + chunk]))
+        self._load_names()
+        logger.info("index reconciled with the store: %d removed, %d added", removed, len(missing))
 
     def close(self) -> None:
         self.reads.shutdown(wait=False, cancel_futures=True)

@@ -6,8 +6,8 @@ make the server write gigabytes. :class:`RequestGuard` sits in front of the app:
 
 - **API keys** (``OAML_API_KEYS``): the key is taken from the headers (``X-API-Key`` or
   ``Authorization: Bearer``); an unknown or missing key gets 401 without one byte of the body
-  being read. The key's role (``admin`` or ``match``) is left in the request state for the
-  routes' role checks (403).
+  being read. The key's grant (its role, ``admin`` or ``match``, and the collections it is
+  limited to, if any) is left in the request state for the routes' checks (403).
 - **Body size**: each route has a limit from the settings (a ``/verify`` carries two images, an
   enrolment up to ``OAML_MAX_IMAGES_PER_REQUEST``). A declared ``Content-Length`` over it gets 413
   at once; a chunked body is counted as it arrives and refused with 413 just past the limit.
@@ -75,7 +75,7 @@ class RequestGuard:
     def __init__(self, app: ASGIApp, settings: Settings, on_body: Callable[[int], None] | None = None) -> None:
         self.app = app
         self.settings = settings
-        self.roles = settings.key_roles()
+        self.grants = settings.key_grants()
         self.on_body = on_body  # told how many body bytes each request had read (metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -85,12 +85,12 @@ class RequestGuard:
         send = _with_nosniff(send)
         headers = Headers(scope=scope)
         path, method = scope["path"], scope["method"]
-        if self.roles and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
-            role = self.roles.get(supplied_key(headers) or "")
-            if role is None:
+        if self.grants and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
+            grant = self.grants.get(supplied_key(headers) or "")
+            if grant is None:
                 await problem("UNAUTHORIZED", "missing or invalid API key (send X-API-Key)")(scope, receive, send)
                 return
-            scope.setdefault("state", {})["oaml_role"] = role
+            scope.setdefault("state", {})["oaml_grant"] = grant
         limit = body_limit(self.settings, method, path)
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

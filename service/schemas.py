@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.store import COLLECTION_PATTERN, DEFAULT_COLLECTION
+
 __all__ = [
     "FaceInfo",
     "Quality",
@@ -27,6 +29,10 @@ __all__ = [
     "PresetInfo",
     "InfoResponse",
     "HealthResponse",
+    "CollectionCreate",
+    "CollectionInfo",
+    "CollectionPage",
+    "CollectionDeleted",
 ]
 
 
@@ -133,6 +139,7 @@ class RejectedImage(BaseModel):
 
 class EnrolResponse(BaseModel):
     subject: str
+    collection: str = Field(DEFAULT_COLLECTION, description="the collection (named gallery) it is in")
     name: str | None
     faces: list[EnrolledFace] = Field(description="the faces this request enrolled")
     rejected: list[RejectedImage]
@@ -142,6 +149,7 @@ class EnrolResponse(BaseModel):
 
 class SubjectSummary(BaseModel):
     subject: str
+    collection: str = Field(DEFAULT_COLLECTION, description="the collection (named gallery) it is in")
     name: str | None
     metadata: dict[str, Any]
     face_count: int = Field(description="enrolled faces of the subject")
@@ -174,6 +182,7 @@ class SubjectUpdate(BaseModel):
 
 
 class SubjectPage(BaseModel):
+    collection: str = Field(DEFAULT_COLLECTION, description="the collection listed")
     subjects: list[SubjectSummary]
     total: int
     offset: int
@@ -182,6 +191,7 @@ class SubjectPage(BaseModel):
 
 class DeleteResponse(BaseModel):
     subject: str
+    collection: str = Field(DEFAULT_COLLECTION, description="the collection (named gallery) it is in")
     deleted_faces: list[str]
 
 
@@ -230,8 +240,9 @@ class IdentifyResponse(BaseModel):
     )
     probability_prior: float = Field(description="P(the probe is an enrolled person) assumed by the probabilities")
     face: FaceInfo
-    gallery_faces: int
-    gallery_subjects: int
+    collection: str = Field(DEFAULT_COLLECTION, description="the collection searched")
+    gallery_faces: int = Field(description="faces in the collection searched")
+    gallery_subjects: int = Field(description="subjects in the collection searched")
     timings_ms: dict[str, float]
     model_version: str
 
@@ -251,6 +262,7 @@ class IdentifyAllResponse(BaseModel):
     )
     faces_found: int = Field(description="faces the detector found")
     faces_identified: int = Field(description="faces identified: the largest 32 at most")
+    collection: str = Field(DEFAULT_COLLECTION, description="the collection searched")
     model_version: str
 
 
@@ -265,6 +277,7 @@ class SubjectVerifyResponse(VerifyResponse):
         )
     )
     subject: str
+    collection: str = Field(DEFAULT_COLLECTION, description="the collection (named gallery) it is in")
     name: str | None
     face_id: str = Field(description="the subject's face that matched best (its box, quality and map are face_b)")
     faces_compared: int
@@ -301,6 +314,38 @@ class GallerySearchInfo(BaseModel):
     ann_probe: int = Field(description="lists read per probe")
 
 
+class CollectionCreate(BaseModel):
+    """``POST /collections``."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(
+        pattern=COLLECTION_PATTERN,
+        description="1 to 64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit",
+    )
+
+
+class CollectionInfo(BaseModel):
+    name: str
+    created_at: float
+    subject_count: int
+    face_count: int
+    identify_presets: dict[str, IdentifyPresetInfo] | None = Field(
+        None, description="/identify's presets for this collection's current size (in `GET /collections/{name}`)"
+    )
+
+
+class CollectionPage(BaseModel):
+    collections: list[CollectionInfo] = Field(description="the collections this key may use, by name")
+    total: int
+
+
+class CollectionDeleted(BaseModel):
+    name: str
+    deleted_subjects: int
+    deleted_faces: int
+
+
 class InfoResponse(BaseModel):
     model_version: str
     architecture: str
@@ -309,8 +354,9 @@ class InfoResponse(BaseModel):
     calibration: str
     presets: dict[str, PresetInfo]
     probability_prior: float = Field(description="P(same person) under which `probability` is calibrated")
-    identify_presets: dict[str, IdentifyPresetInfo] = Field(
-        description="/identify's presets: their FPIR and, for the current number of enrolled faces, their threshold"
+    identify_presets: dict[str, IdentifyPresetInfo] | None = Field(
+        description="/identify's presets: their FPIR and, for the default collection's current number of faces, "
+        "their threshold (null for a key limited to other collections: see `GET /collections/{name}`)"
     )
     identify_model: str = Field(
         description=(
@@ -321,8 +367,16 @@ class InfoResponse(BaseModel):
     identify_prior: float = Field(description="P(the probe is enrolled) assumed by /identify's probabilities")
     flip_test: bool = Field(description="whether each face is embedded with its mirror image as well")
     default_threshold: str
-    gallery_subjects: int
-    gallery_faces: int
+    gallery_subjects: int | None = Field(
+        description="subjects in the default collection (null for a key limited to other collections)"
+    )
+    gallery_faces: int | None = Field(
+        description="faces in the default collection, whose size sets `identify_presets` (null for a key limited to "
+        "other collections)"
+    )
+    collections: int | None = Field(
+        description="collections (named galleries), the default one included (null for a key limited to some)"
+    )
     gallery_store: str = Field(
         description="`sqlite` (embedded, this process only) or `postgresql` (shared by replicas; see `gallery_sync`)"
     )

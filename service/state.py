@@ -10,7 +10,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from service.config import Settings
 from service.engine import Engine
 from service.gallery import Gallery
-from service.index import GalleryIndex
 from service.store import SQLiteGalleryStore
 from service.store_pg import ChangeFollower, PostgresGalleryStore
 
@@ -43,8 +42,10 @@ class Metrics:
         )
         self.batch_seconds = Histogram("oaml_batch_seconds", "model time per batch", registry=self.registry)
         self.queue_depth = Gauge("oaml_queue_depth", "faces waiting for the model", registry=self.registry)
-        self.gallery_faces = Gauge("oaml_gallery_faces", "enrolled faces", registry=self.registry)
-        self.gallery_subjects = Gauge("oaml_gallery_subjects", "enrolled subjects", registry=self.registry)
+        self.gallery_faces = Gauge("oaml_gallery_faces", "enrolled faces (every collection)", registry=self.registry)
+        self.gallery_subjects = Gauge(
+            "oaml_gallery_subjects", "enrolled subjects (every collection)", registry=self.registry
+        )
         self.body_bytes = Counter(
             "oaml_request_body_bytes", "request body bytes read (refused requests stop early)", registry=self.registry
         )
@@ -62,14 +63,6 @@ class AppState:
     metrics: Metrics
     ready: bool = False
     follower: ChangeFollower | None = None  # with a shared (PostgreSQL) store: applies other replicas' changes
-
-    @property
-    def index(self) -> GalleryIndex:
-        return self.gallery.index
-
-    @property
-    def names(self) -> dict[str, str | None]:
-        return self.gallery.names
 
 
 def open_store(settings: Settings, model_version: str) -> SQLiteGalleryStore | PostgresGalleryStore:

@@ -37,9 +37,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.errors import FaceNotFound, GalleryStoreError, GalleryVersionError, SubjectNotFound
+from service.errors import (
+    CollectionExists,
+    CollectionNotFound,
+    FaceNotFound,
+    GalleryStoreError,
+    GalleryVersionError,
+    SubjectNotFound,
+)
 
 __all__ = [
+    "DEFAULT_COLLECTION",
+    "COLLECTION_PATTERN",
+    "CollectionRecord",
     "FaceRecord",
     "SubjectRecord",
     "Enrolment",
@@ -55,9 +65,18 @@ __all__ = [
     "IDEMPOTENCY_TTL_S",
     "face_row",
     "face_from_row",
+    "subject_from_row",
+    "subject_missing",
+    "COLLECTION_COUNTS",
+    "FACE_COLUMN_COUNT",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The collection of clients that name none, and of every gallery made before collections existed.
+DEFAULT_COLLECTION = "default"
+#: A collection's name: short, URL- and key-list-safe (no ``:``, ``+`` or ``,``, which ``OAML_API_KEYS`` uses).
+COLLECTION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 #: How long an ``Idempotency-Key`` and the answer it got are kept (then the key may be used afresh).
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -76,6 +95,7 @@ class FaceRecord:
     box: list[float] | None
     created_at: float
     crop: bytes | None = None  # aligned crop (JPEG) when the service stores crops
+    collection: str = DEFAULT_COLLECTION
 
 
 @dataclass
@@ -84,6 +104,17 @@ class SubjectRecord:
     name: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
+    faces: int = 0
+    collection: str = DEFAULT_COLLECTION
+
+
+@dataclass(frozen=True)
+class CollectionRecord:
+    """A named, isolated gallery: its subjects and faces are searched, listed and deleted only through it."""
+
+    name: str
+    created_at: float
+    subjects: int = 0
     faces: int = 0
 
 
@@ -95,6 +126,7 @@ class Enrolment:
     name: str | None
     metadata: dict[str, Any] | None
     faces: list[FaceRecord]
+    collection: str = DEFAULT_COLLECTION
 
 
 @dataclass(frozen=True)
@@ -136,21 +168,31 @@ class GalleryStore(Protocol):
 
     def answer_for(self, key: str) -> StoredAnswer | None: ...
 
-    def delete_subject(self, subject: str) -> list[str]: ...
+    def delete_subject(self, subject: str, collection: str = DEFAULT_COLLECTION) -> list[str]: ...
 
-    def delete_face(self, subject: str, face_id: str) -> None: ...
+    def delete_face(self, subject: str, face_id: str, collection: str = DEFAULT_COLLECTION) -> None: ...
 
-    def update_subject(self, subject: str, changes: dict[str, Any]) -> None: ...
+    def update_subject(self, subject: str, changes: dict[str, Any], collection: str = DEFAULT_COLLECTION) -> None: ...
+
+    def create_collection(self, name: str) -> CollectionRecord: ...
+
+    def delete_collection(self, name: str) -> list[str]: ...
+
+    def collection(self, name: str) -> CollectionRecord: ...
+
+    def collections(self) -> list[CollectionRecord]: ...
 
     def face_ids(self) -> set[str]: ...
 
     def faces_by_id(self, face_ids: list[str]) -> list[FaceRecord]: ...
 
-    def subject(self, subject: str) -> SubjectRecord: ...
+    def subject(self, subject: str, collection: str = DEFAULT_COLLECTION) -> SubjectRecord: ...
 
-    def subjects(self, offset: int, limit: int) -> tuple[list[SubjectRecord], int]: ...
+    def subjects(
+        self, offset: int, limit: int, collection: str | None = DEFAULT_COLLECTION
+    ) -> tuple[list[SubjectRecord], int]: ...
 
-    def faces_of(self, subject: str) -> list[FaceRecord]: ...
+    def faces_of(self, subject: str, collection: str = DEFAULT_COLLECTION) -> list[FaceRecord]: ...
 
     def face(self, face_id: str) -> FaceRecord: ...
 
@@ -159,40 +201,94 @@ class GalleryStore(Protocol):
     def close(self) -> None: ...
 
 
+#: The schema's version (``meta.schema_version``): 1 had one gallery; 2 has collections.
+SCHEMA_VERSION = 2
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS collections (name TEXT PRIMARY KEY, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS subjects (
-    subject TEXT PRIMARY KEY, name TEXT, metadata TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL
+    collection TEXT NOT NULL REFERENCES collections(name), subject TEXT NOT NULL, name TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL, PRIMARY KEY (collection, subject)
 );
 CREATE TABLE IF NOT EXISTS faces (
     face_id TEXT PRIMARY KEY,
-    subject TEXT NOT NULL REFERENCES subjects(subject) ON DELETE CASCADE,
+    subject TEXT NOT NULL,
     model_version TEXT NOT NULL,
     embedding BLOB NOT NULL, feature_map BLOB NOT NULL, fmap_shape TEXT NOT NULL, occlusion BLOB NOT NULL,
-    norm REAL NOT NULL, quality REAL NOT NULL, detection_score REAL, box TEXT, crop BLOB, created_at REAL NOT NULL
+    norm REAL NOT NULL, quality REAL NOT NULL, detection_score REAL, box TEXT, crop BLOB, created_at REAL NOT NULL,
+    collection TEXT NOT NULL,
+    FOREIGN KEY (collection, subject) REFERENCES subjects(collection, subject) ON DELETE CASCADE
 );
-CREATE INDEX IF NOT EXISTS faces_subject ON faces(subject);
+CREATE INDEX IF NOT EXISTS faces_subject ON faces(collection, subject);
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY, request_hash TEXT NOT NULL, subject TEXT NOT NULL, response TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL, collection TEXT NOT NULL DEFAULT 'default'
 );
 CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency(created_at);
-CREATE INDEX IF NOT EXISTS idempotency_subject ON idempotency(subject);
+CREATE INDEX IF NOT EXISTS idempotency_subject ON idempotency(collection, subject);
 """
 
+#: Schema 1 (one gallery) to 2 (collections): the tables are rebuilt with the collection in their keys and every
+#: subject, face and stored answer goes into the default collection, rows in their order (SQLite cannot change a
+#: primary key in place). Run in one transaction with foreign keys off, checked before it commits.
+_MIGRATE_TO_2 = """
+CREATE TABLE collections (name TEXT PRIMARY KEY, created_at REAL NOT NULL);
+INSERT INTO collections(name, created_at) VALUES ('default', CAST(strftime('%s', 'now') AS REAL));
+CREATE TABLE subjects_v2 (
+    collection TEXT NOT NULL REFERENCES collections(name), subject TEXT NOT NULL, name TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL, PRIMARY KEY (collection, subject)
+);
+INSERT INTO subjects_v2(collection, subject, name, metadata, created_at)
+    SELECT 'default', subject, name, metadata, created_at FROM subjects ORDER BY rowid;
+CREATE TABLE faces_v2 (
+    face_id TEXT PRIMARY KEY,
+    subject TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    embedding BLOB NOT NULL, feature_map BLOB NOT NULL, fmap_shape TEXT NOT NULL, occlusion BLOB NOT NULL,
+    norm REAL NOT NULL, quality REAL NOT NULL, detection_score REAL, box TEXT, crop BLOB, created_at REAL NOT NULL,
+    collection TEXT NOT NULL,
+    FOREIGN KEY (collection, subject) REFERENCES subjects(collection, subject) ON DELETE CASCADE
+);
+INSERT INTO faces_v2(face_id, subject, model_version, embedding, feature_map, fmap_shape, occlusion, norm, quality,
+                     detection_score, box, crop, created_at, collection)
+    SELECT face_id, subject, model_version, embedding, feature_map, fmap_shape, occlusion, norm, quality,
+           detection_score, box, crop, created_at, 'default' FROM faces ORDER BY rowid;
+DROP TABLE faces;
+DROP TABLE subjects;
+ALTER TABLE subjects_v2 RENAME TO subjects;
+ALTER TABLE faces_v2 RENAME TO faces;
+CREATE INDEX faces_subject ON faces(collection, subject);
+DROP INDEX IF EXISTS idempotency_subject;
+ALTER TABLE idempotency ADD COLUMN collection TEXT NOT NULL DEFAULT 'default';
+CREATE INDEX idempotency_subject ON idempotency(collection, subject);
+"""
+
+#: The Idempotency-Key table as schema 1 had it (made before migrating a gallery older than it).
+_IDEMPOTENCY_1 = (
+    "CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, request_hash TEXT NOT NULL, "
+    "subject TEXT NOT NULL, response TEXT NOT NULL, created_at REAL NOT NULL)"
+)
+
 _UPSERT_SUBJECT = (
-    "INSERT INTO subjects(subject, name, metadata, created_at) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT(subject) DO UPDATE SET name = COALESCE(excluded.name, subjects.name), "
+    "INSERT INTO subjects(collection, subject, name, metadata, created_at) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT(collection, subject) DO UPDATE SET name = COALESCE(excluded.name, subjects.name), "
     "metadata = CASE WHEN ? THEN excluded.metadata ELSE subjects.metadata END"
 )
 _SUBJECTS = (
-    "SELECT s.subject, s.name, s.metadata, s.created_at, COUNT(f.face_id) FROM subjects s "
-    "LEFT JOIN faces f ON f.subject = s.subject"
+    "SELECT s.subject, s.name, s.metadata, s.created_at, COUNT(f.face_id), s.collection FROM subjects s "
+    "LEFT JOIN faces f ON f.collection = s.collection AND f.subject = s.subject"
+)
+#: A collection with its counts (both stores: their tables differ only by a prefix).
+COLLECTION_COUNTS = (
+    "SELECT c.name, c.created_at, "
+    "(SELECT COUNT(*) FROM {p}subjects s WHERE s.collection = c.name), "
+    "(SELECT COUNT(*) FROM {p}faces f WHERE f.collection = c.name) FROM {p}collections c"
 )
 
 #: A deleted subject's keys keep only the request's fingerprint: a late retry of its enrolment is refused
 #: (422) instead of enrolling the deleted subject again, and no answer (face ids, boxes, file names) remains.
-_FORGET_ANSWERS = "UPDATE idempotency SET response = '', subject = '' WHERE subject = ?"
+_FORGET_ANSWERS = "UPDATE idempotency SET response = '', subject = '' WHERE collection = ? AND subject = ?"
 
 #: What a client is told when the store fails: no path, no driver text (those go to the log).
 WRITE_FAILED = "the gallery database cannot be written right now; retry later"
@@ -229,14 +325,80 @@ class SQLiteGalleryStore:
             raise GalleryStoreError(
                 f"cannot open the gallery {self.path}: {exc}; set OAML_DATA_DIR to a writable folder"
             ) from exc
+        self._migrate()
         try:
             self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO collections(name, created_at) VALUES (?, ?)", (DEFAULT_COLLECTION, time.time())
+            )
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
         except sqlite3.Error as exc:
             if not self._has_faces_table():  # not even readable as a gallery
                 raise GalleryStoreError(
                     f"cannot create the gallery {self.path}: {exc}; set OAML_DATA_DIR to a writable folder"
                 ) from exc
             logger.warning("gallery %s: schema not brought up to date (%s); writes will fail", self.path, exc)
+
+    def _migrate(self) -> None:
+        """Bring a gallery of schema 1 (one gallery, no collections) to schema 2 in one transaction: its
+        subjects, faces and stored answers go into the default collection, nothing is lost or reordered. A
+        gallery of a newer schema than this code knows is refused (an older service would corrupt it)."""
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.Error:  # no meta table: a new file
+            row = None
+        if row is not None and int(row[0]) > SCHEMA_VERSION:
+            raise GalleryStoreError(
+                f"the gallery {self.path} has schema {row[0]}, newer than this service's {SCHEMA_VERSION}: "
+                "serve it with the release that wrote it (or a newer one)"
+            )
+        if self._schema_current():  # read first: a read-only gallery of the current schema is served as it is
+            return
+        self._db.execute("PRAGMA foreign_keys=OFF")  # the tables are rebuilt; the check below replaces it
+        try:
+            self._db.execute("BEGIN IMMEDIATE")  # checked again inside: of processes starting together, one migrates
+            try:
+                if self._schema_current():
+                    self._db.execute("COMMIT")
+                    return
+                subjects = self._db.execute("SELECT COUNT(*) FROM subjects").fetchone()[0]
+                faces = self._db.execute("SELECT COUNT(*) FROM faces").fetchone()[0]
+                self._db.execute(_IDEMPOTENCY_1)  # galleries older than the Idempotency-Key have no such table
+                for statement in _MIGRATE_TO_2.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                broken = self._db.execute("PRAGMA foreign_key_check").fetchall()
+                moved = self._db.execute("SELECT COUNT(*) FROM faces WHERE collection = 'default'").fetchone()[0]
+                if broken or moved != faces:
+                    raise sqlite3.IntegrityError(f"migration check: {len(broken)} dangling rows, {moved}/{faces} faces")
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # SQLite may have rolled back by itself (a full disk, an I/O error)
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise GalleryStoreError(
+                f"the gallery {self.path} is of schema 1 and could not be migrated to schema {SCHEMA_VERSION} "
+                f"(collections): {exc}. Migrating needs the file writable and free space about its size; nothing "
+                "was changed"
+            ) from exc
+        finally:
+            self._db.execute("PRAGMA foreign_keys=ON")
+        logger.info(
+            "gallery %s: migrated to schema %d (collections): %d subjects and %d faces are in collection %r",
+            self.path,
+            SCHEMA_VERSION,
+            subjects,
+            faces,
+            DEFAULT_COLLECTION,
+        )
+
+    def _schema_current(self) -> bool:
+        """A new file, or a gallery with collections already (schema 2)."""
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(subjects)").fetchall()}
+        return not columns or "collection" in columns
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=self.timeout_s)
@@ -344,12 +506,16 @@ class SQLiteGalleryStore:
                 if row is not None:
                     return EnrolCommit(replayed=StoredAnswer(row[0], row[1]))
             self._write_enrolment(db, enrolment)
-            total = db.execute("SELECT COUNT(*) FROM faces WHERE subject = ?", (enrolment.subject,)).fetchone()[0]
+            total = db.execute(
+                "SELECT COUNT(*) FROM faces WHERE collection = ? AND subject = ?",
+                (enrolment.collection, enrolment.subject),
+            ).fetchone()[0]
             body = render(total) if render is not None else None
             if key is not None and body is not None:
                 db.execute(
-                    "INSERT INTO idempotency(key, request_hash, subject, response, created_at) VALUES (?, ?, ?, ?, ?)",
-                    (key, request_hash, enrolment.subject, body, now),
+                    "INSERT INTO idempotency(key, request_hash, collection, subject, response, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (key, request_hash, enrolment.collection, enrolment.subject, body, now),
                 )
         return EnrolCommit(total_faces=int(total), body=body)
 
@@ -360,12 +526,15 @@ class SQLiteGalleryStore:
                 self._write_enrolment(db, enrolment)
 
     def _write_enrolment(self, db: sqlite3.Connection, e: Enrolment) -> None:
+        if db.execute("SELECT 1 FROM collections WHERE name = ?", (e.collection,)).fetchone() is None:
+            raise CollectionNotFound(f"collection {e.collection!r} does not exist")
         db.execute(
-            _UPSERT_SUBJECT, (e.subject, e.name, json.dumps(e.metadata or {}), time.time(), e.metadata is not None)
+            _UPSERT_SUBJECT,
+            (e.collection, e.subject, e.name, json.dumps(e.metadata or {}), time.time(), e.metadata is not None),
         )
         db.executemany(
-            f"INSERT INTO faces({FACE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [face_row(f, self.model_version) for f in e.faces],
+            f"INSERT INTO faces({FACE_COLUMNS}) VALUES ({', '.join('?' * FACE_COLUMN_COUNT)})",
+            [face_row(f, self.model_version, e.collection) for f in e.faces],
         )
 
     def answer_for(self, key: str) -> StoredAnswer | None:
@@ -377,59 +546,113 @@ class SQLiteGalleryStore:
             ).fetchone()
         return StoredAnswer(row[0], row[1]) if row is not None else None
 
-    def delete_subject(self, subject: str) -> list[str]:
+    @staticmethod
+    def _require_subject(db: sqlite3.Connection, collection: str, subject: str) -> None:
+        found = db.execute("SELECT 1 FROM subjects WHERE collection = ? AND subject = ?", (collection, subject))
+        if found.fetchone() is None:
+            raise SubjectNotFound(subject_missing(subject, collection))
+
+    def delete_subject(self, subject: str, collection: str = DEFAULT_COLLECTION) -> list[str]:
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM subjects WHERE subject = ?", (subject,)).fetchone() is None:
-                raise SubjectNotFound(f"subject {subject!r} is not enrolled")
-            ids = [r[0] for r in db.execute("SELECT face_id FROM faces WHERE subject = ?", (subject,))]
-            db.execute("DELETE FROM faces WHERE subject = ?", (subject,))
-            db.execute(_FORGET_ANSWERS, (subject,))
-            db.execute("DELETE FROM subjects WHERE subject = ?", (subject,))
+            self._require_subject(db, collection, subject)
+            where = "WHERE collection = ? AND subject = ?"
+            ids = [r[0] for r in db.execute(f"SELECT face_id FROM faces {where}", (collection, subject))]
+            db.execute(f"DELETE FROM faces {where}", (collection, subject))
+            db.execute(_FORGET_ANSWERS, (collection, subject))
+            db.execute(f"DELETE FROM subjects {where}", (collection, subject))
             self._wal_dirty = True
         return ids
 
-    def update_subject(self, subject: str, changes: dict[str, Any]) -> None:
+    def update_subject(self, subject: str, changes: dict[str, Any], collection: str = DEFAULT_COLLECTION) -> None:
         """Set the subject's ``name`` (None clears it) and/or ``metadata`` (replaced whole), as ``changes`` has them."""
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM subjects WHERE subject = ?", (subject,)).fetchone() is None:
-                raise SubjectNotFound(f"subject {subject!r} is not enrolled")
+            self._require_subject(db, collection, subject)
+            where = "WHERE collection = ? AND subject = ?"
             if "name" in changes:
-                db.execute("UPDATE subjects SET name = ? WHERE subject = ?", (changes["name"], subject))
+                db.execute(f"UPDATE subjects SET name = ? {where}", (changes["name"], collection, subject))
             if "metadata" in changes:
                 db.execute(
-                    "UPDATE subjects SET metadata = ? WHERE subject = ?", (json.dumps(changes["metadata"]), subject)
+                    f"UPDATE subjects SET metadata = ? {where}", (json.dumps(changes["metadata"]), collection, subject)
                 )
 
-    def delete_face(self, subject: str, face_id: str) -> None:
+    def delete_face(self, subject: str, face_id: str, collection: str = DEFAULT_COLLECTION) -> None:
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM subjects WHERE subject = ?", (subject,)).fetchone() is None:
-                raise SubjectNotFound(f"subject {subject!r} is not enrolled")
-            if db.execute("DELETE FROM faces WHERE face_id = ? AND subject = ?", (face_id, subject)).rowcount == 0:
+            self._require_subject(db, collection, subject)
+            gone = db.execute(
+                "DELETE FROM faces WHERE face_id = ? AND collection = ? AND subject = ?", (face_id, collection, subject)
+            )
+            if gone.rowcount == 0:
                 raise FaceNotFound(f"face {face_id!r} does not belong to subject {subject!r}")
             self._wal_dirty = True
 
+    # -- collections -----------------------------------------------------------------------------
+
+    def create_collection(self, name: str) -> CollectionRecord:
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM collections WHERE name = ?", (name,)).fetchone() is not None:
+                raise CollectionExists(f"collection {name!r} exists already")
+            created = time.time()
+            db.execute("INSERT INTO collections(name, created_at) VALUES (?, ?)", (name, created))
+        return CollectionRecord(name, created)
+
+    def delete_collection(self, name: str) -> list[str]:
+        """Delete the collection with every subject and face in it (erased from the files, as a subject's
+        deletion is) and forget its stored answers; returns the deleted faces' ids."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM collections WHERE name = ?", (name,)).fetchone() is None:
+                raise CollectionNotFound(f"collection {name!r} does not exist")
+            ids = [r[0] for r in db.execute("SELECT face_id FROM faces WHERE collection = ?", (name,))]
+            db.execute("DELETE FROM faces WHERE collection = ?", (name,))
+            db.execute("UPDATE idempotency SET response = '', subject = '' WHERE collection = ?", (name,))
+            db.execute("DELETE FROM subjects WHERE collection = ?", (name,))
+            db.execute("DELETE FROM collections WHERE name = ?", (name,))
+            self._wal_dirty = True
+        return ids
+
+    def collection(self, name: str) -> CollectionRecord:
+        with self._read() as db:
+            row = db.execute(f"{COLLECTION_COUNTS.format(p='')} WHERE c.name = ?", (name,)).fetchone()
+        if row is None:
+            raise CollectionNotFound(f"collection {name!r} does not exist")
+        return CollectionRecord(*row)
+
+    def collections(self) -> list[CollectionRecord]:
+        with self._read() as db:
+            rows = db.execute(f"{COLLECTION_COUNTS.format(p='')} ORDER BY c.name").fetchall()
+        return [CollectionRecord(*r) for r in rows]
+
     # -- reading ----------------------------------------------------------------------------------
 
-    def subject(self, subject: str) -> SubjectRecord:
+    def subject(self, subject: str, collection: str = DEFAULT_COLLECTION) -> SubjectRecord:
         with self._read() as db:
-            row = db.execute(f"{_SUBJECTS} WHERE s.subject = ? GROUP BY s.subject", (subject,)).fetchone()
+            row = db.execute(
+                f"{_SUBJECTS} WHERE s.collection = ? AND s.subject = ? GROUP BY s.collection, s.subject",
+                (collection, subject),
+            ).fetchone()
         if row is None:
-            raise SubjectNotFound(f"subject {subject!r} is not enrolled")
-        return SubjectRecord(row[0], row[1], json.loads(row[2]), row[3], row[4])
+            raise SubjectNotFound(subject_missing(subject, collection))
+        return subject_from_row(row)
 
-    def subjects(self, offset: int, limit: int) -> tuple[list[SubjectRecord], int]:
+    def subjects(
+        self, offset: int, limit: int, collection: str | None = DEFAULT_COLLECTION
+    ) -> tuple[list[SubjectRecord], int]:
+        """A page of the collection's subjects by id (of every collection's, by collection and id, for None)."""
+        where, args = ("WHERE s.collection = ?", (collection,)) if collection is not None else ("", ())
         with self._read() as db:
-            total = db.execute("SELECT COUNT(*) FROM subjects").fetchone()[0]
+            total = db.execute(f"SELECT COUNT(*) FROM subjects s {where}", args).fetchone()[0]
             rows = db.execute(
-                f"{_SUBJECTS} GROUP BY s.subject ORDER BY s.subject LIMIT ? OFFSET ?", (limit, offset)
+                f"{_SUBJECTS} {where} GROUP BY s.collection, s.subject ORDER BY s.collection, s.subject "
+                "LIMIT ? OFFSET ?",
+                (*args, limit, offset),
             ).fetchall()
-        return [SubjectRecord(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows], total
+        return [subject_from_row(r) for r in rows], total
 
-    def faces_of(self, subject: str) -> list[FaceRecord]:
-        self.subject(subject)
+    def faces_of(self, subject: str, collection: str = DEFAULT_COLLECTION) -> list[FaceRecord]:
+        self.subject(subject, collection)
         with self._read() as db:
             rows = db.execute(
-                f"SELECT {FACE_COLUMNS} FROM faces WHERE subject = ? ORDER BY created_at, rowid", (subject,)
+                f"SELECT {FACE_COLUMNS} FROM faces WHERE collection = ? AND subject = ? ORDER BY created_at, rowid",
+                (collection, subject),
             ).fetchall()
         return [face_from_row(r) for r in rows]
 
@@ -487,11 +710,23 @@ class SQLiteGalleryStore:
 #: the faces table's columns, in the order of :func:`face_row` and :func:`face_from_row` (both stores)
 FACE_COLUMNS = (
     "face_id, subject, model_version, embedding, feature_map, fmap_shape, occlusion, "
-    "norm, quality, detection_score, box, crop, created_at"
+    "norm, quality, detection_score, box, crop, created_at, collection"
 )
+FACE_COLUMN_COUNT = FACE_COLUMNS.count(",") + 1
 
 
-def face_row(f: FaceRecord, model_version: str) -> tuple[Any, ...]:
+def subject_missing(subject: str, collection: str) -> str:
+    """What a 404 for a subject says (the collection named when it is not the default one)."""
+    where = "" if collection == DEFAULT_COLLECTION else f" in collection {collection!r}"
+    return f"subject {subject!r} is not enrolled{where}"
+
+
+def subject_from_row(row: Sequence[Any]) -> SubjectRecord:
+    """A row of the subject queries (both stores): id, name, metadata, created, face count, collection."""
+    return SubjectRecord(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5])
+
+
+def face_row(f: FaceRecord, model_version: str, collection: str | None = None) -> tuple[Any, ...]:
     """A face as stored: arrays as raw little-endian bytes (maps in float16), shapes and boxes as JSON."""
     return (
         f.face_id,
@@ -507,6 +742,7 @@ def face_row(f: FaceRecord, model_version: str) -> tuple[Any, ...]:
         json.dumps(f.box) if f.box is not None else None,
         f.crop,
         f.created_at,
+        collection if collection is not None else f.collection,
     )
 
 
@@ -524,6 +760,7 @@ def face_from_row(row: Sequence[Any]) -> FaceRecord:
         box=json.loads(row[10]) if row[10] else None,
         crop=bytes(row[11]) if row[11] is not None else None,
         created_at=row[12],
+        collection=row[13],
     )
 
 

@@ -4,7 +4,7 @@ Each replica keeps the in-memory index it has with SQLite (loaded at start-up) a
 changes the others make through a change log:
 
 - Every write transaction takes one advisory lock, writes its rows and appends to ``oaml_changes``
-  (``seq``, ``op``, ``subject``, ``face_id``) and sends ``NOTIFY oaml_gallery`` (delivered at
+  (``seq``, ``op``, ``collection``, ``subject``, ``face_id``) and sends ``NOTIFY oaml_gallery`` (delivered at
   commit). The lock makes ``seq`` order equal commit order, so a follower that has applied every
   change up to ``seq`` never skips a later-committed lower number. Enrolments are few next to
   reads; one writer at a time is what SQLite does too. A writer waits at most ``timeout_s`` for
@@ -41,13 +41,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from service.errors import FaceNotFound, GalleryStoreError, GalleryVersionError, SubjectNotFound
+from service.errors import (
+    CollectionExists,
+    CollectionNotFound,
+    FaceNotFound,
+    GalleryStoreError,
+    GalleryVersionError,
+    SubjectNotFound,
+)
 from service.store import (
     BUSY,
+    COLLECTION_COUNTS,
+    DEFAULT_COLLECTION,
+    FACE_COLUMN_COUNT,
     FACE_COLUMNS,
     IDEMPOTENCY_TTL_S,
     READ_FAILED,
     WRITE_FAILED,
+    CollectionRecord,
     EnrolCommit,
     Enrolment,
     FaceRecord,
@@ -56,6 +67,8 @@ from service.store import (
     SubjectRecord,
     face_from_row,
     face_row,
+    subject_from_row,
+    subject_missing,
 )
 
 __all__ = ["PostgresGalleryStore", "Change", "ChangeLogGap", "ChangeFollower", "MIGRATIONS", "CHANNEL", "redacted"]
@@ -106,17 +119,42 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    (
+        3,
+        # Collections: every subject, face, stored answer and logged change of a one-gallery database goes into
+        # the default collection; a subject's key becomes (collection, subject).
+        """
+        CREATE TABLE oaml_collections (name text PRIMARY KEY, created_at double precision NOT NULL);
+        INSERT INTO oaml_collections(name, created_at) VALUES ('default', extract(epoch FROM now()));
+        ALTER TABLE oaml_faces DROP CONSTRAINT oaml_faces_subject_fkey;
+        ALTER TABLE oaml_subjects ADD COLUMN collection text NOT NULL DEFAULT 'default'
+            REFERENCES oaml_collections(name);
+        ALTER TABLE oaml_subjects DROP CONSTRAINT oaml_subjects_pkey;
+        ALTER TABLE oaml_subjects ADD PRIMARY KEY (collection, subject);
+        ALTER TABLE oaml_faces ADD COLUMN collection text NOT NULL DEFAULT 'default';
+        ALTER TABLE oaml_faces ADD FOREIGN KEY (collection, subject)
+            REFERENCES oaml_subjects(collection, subject) ON DELETE CASCADE;
+        DROP INDEX oaml_faces_subject;
+        CREATE INDEX oaml_faces_subject ON oaml_faces(collection, subject);
+        ALTER TABLE oaml_changes ADD COLUMN collection text NOT NULL DEFAULT 'default';
+        ALTER TABLE oaml_idempotency ADD COLUMN collection text NOT NULL DEFAULT 'default';
+        DROP INDEX oaml_idempotency_subject;
+        CREATE INDEX oaml_idempotency_subject ON oaml_idempotency(collection, subject);
+        """,
+    ),
 )
 
 
 @dataclass(frozen=True)
 class Change:
-    """One committed change: ``op`` is ``add`` or ``delete`` (a face) or ``subject`` (its record)."""
+    """One committed change: ``op`` is ``add`` or ``delete`` (a face), ``subject`` (its record) or
+    ``collection`` (created or deleted: ``subject`` is empty)."""
 
     seq: int
     op: str
     subject: str
     face_id: str | None
+    collection: str = DEFAULT_COLLECTION
 
 
 class ChangeLogGap(Exception):
@@ -183,11 +221,19 @@ class PostgresGalleryStore:
         """Apply the migrations this database lacks; returns the schema version."""
         with self._pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
+            conn.execute("SET LOCAL statement_timeout = 0")  # rebuilding keys of a large gallery takes its time
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS oaml_migrations (version integer PRIMARY KEY, "
                 "applied_at timestamptz NOT NULL DEFAULT now())"
             )
             done = {r[0] for r in conn.execute("SELECT version FROM oaml_migrations").fetchall()}
+            known = MIGRATIONS[-1][0]
+            if done and max(done) > known:
+                raise GalleryStoreError(
+                    f"the gallery database has schema {max(done)}, newer than this service's {known}: serve it with "
+                    "the release that wrote it (or a newer one)",
+                    internal=self.path,
+                )
             for version, sql in MIGRATIONS:
                 if version not in done:
                     conn.execute(sql)
@@ -222,11 +268,14 @@ class PostgresGalleryStore:
             raise GalleryStoreError(WRITE_FAILED, internal=f"writing {self.path}: {_one_line(exc)}") from exc
 
     @staticmethod
-    def _log(conn: Any, changes: list[tuple[str, str, str | None]]) -> None:
+    def _log(conn: Any, collection: str, changes: list[tuple[str, str, str | None]]) -> None:
         if not changes:
             return
         with conn.cursor() as cur:
-            cur.executemany("INSERT INTO oaml_changes(op, subject, face_id) VALUES (%s, %s, %s)", changes)
+            cur.executemany(
+                "INSERT INTO oaml_changes(collection, op, subject, face_id) VALUES (%s, %s, %s, %s)",
+                [(collection, *change) for change in changes],
+            )
         conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
 
     # -- GalleryStore ------------------------------------------------------------------------
@@ -265,15 +314,16 @@ class PostgresGalleryStore:
                 if row is not None:
                     return EnrolCommit(replayed=StoredAnswer(row[0], row[1]))
             self._write_enrolment(conn, enrolment)
-            total = conn.execute("SELECT COUNT(*) FROM oaml_faces WHERE subject = %s", (enrolment.subject,)).fetchone()[
-                0
-            ]
+            total = conn.execute(
+                "SELECT COUNT(*) FROM oaml_faces WHERE collection = %s AND subject = %s",
+                (enrolment.collection, enrolment.subject),
+            ).fetchone()[0]
             body = render(total) if render is not None else None
             if key is not None and body is not None:
                 conn.execute(
-                    "INSERT INTO oaml_idempotency(key, request_hash, subject, response, created_at) "
-                    "VALUES (%s, %s, %s, %s, %s)",
-                    (key, request_hash, enrolment.subject, body, now),
+                    "INSERT INTO oaml_idempotency(key, request_hash, collection, subject, response, created_at) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)",
+                    (key, request_hash, enrolment.collection, enrolment.subject, body, now),
                 )
         return EnrolCommit(total_faces=int(total), body=body)
 
@@ -284,19 +334,21 @@ class PostgresGalleryStore:
                 self._write_enrolment(conn, enrolment)
 
     def _write_enrolment(self, conn: Any, e: Enrolment) -> None:
+        if conn.execute("SELECT 1 FROM oaml_collections WHERE name = %s", (e.collection,)).fetchone() is None:
+            raise CollectionNotFound(f"collection {e.collection!r} does not exist")
         conn.execute(
-            "INSERT INTO oaml_subjects(subject, name, metadata, created_at) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT (subject) DO UPDATE SET name = COALESCE(excluded.name, oaml_subjects.name), "
+            "INSERT INTO oaml_subjects(collection, subject, name, metadata, created_at) VALUES (%s, %s, %s, %s, %s) "
+            "ON CONFLICT (collection, subject) DO UPDATE SET name = COALESCE(excluded.name, oaml_subjects.name), "
             "metadata = CASE WHEN %s THEN excluded.metadata ELSE oaml_subjects.metadata END",
-            (e.subject, e.name, json.dumps(e.metadata or {}), time.time(), e.metadata is not None),
+            (e.collection, e.subject, e.name, json.dumps(e.metadata or {}), time.time(), e.metadata is not None),
         )
         if e.faces:
             with conn.cursor() as cur:
                 cur.executemany(
-                    f"INSERT INTO oaml_faces({FACE_COLUMNS}) VALUES ({', '.join(['%s'] * 13)})",
-                    [face_row(f, self.model_version) for f in e.faces],
+                    f"INSERT INTO oaml_faces({FACE_COLUMNS}) VALUES ({', '.join(['%s'] * FACE_COLUMN_COUNT)})",
+                    [face_row(f, self.model_version, e.collection) for f in e.faces],
                 )
-        self._log(conn, [("subject", e.subject, None)] + [("add", e.subject, f.face_id) for f in e.faces])
+        self._log(conn, e.collection, [("subject", e.subject, None)] + [("add", e.subject, f.face_id) for f in e.faces])
 
     def answer_for(self, key: str) -> StoredAnswer | None:
         """The answer recorded under ``key`` (within :data:`~service.store.IDEMPOTENCY_TTL_S`), if any."""
@@ -307,67 +359,126 @@ class PostgresGalleryStore:
             ).fetchone()
         return StoredAnswer(row[0], row[1]) if row is not None else None
 
-    def delete_subject(self, subject: str) -> list[str]:
+    @staticmethod
+    def _require_subject(conn: Any, collection: str, subject: str) -> None:
+        found = conn.execute(
+            "SELECT 1 FROM oaml_subjects WHERE collection = %s AND subject = %s", (collection, subject)
+        ).fetchone()
+        if found is None:
+            raise SubjectNotFound(subject_missing(subject, collection))
+
+    def delete_subject(self, subject: str, collection: str = DEFAULT_COLLECTION) -> list[str]:
         with self._write() as conn:
-            if conn.execute("SELECT 1 FROM oaml_subjects WHERE subject = %s", (subject,)).fetchone() is None:
-                raise SubjectNotFound(f"subject {subject!r} is not enrolled")
-            deleted = conn.execute("DELETE FROM oaml_faces WHERE subject = %s RETURNING face_id", (subject,))
-            ids = [r[0] for r in deleted]
-            conn.execute("UPDATE oaml_idempotency SET response = '', subject = '' WHERE subject = %s", (subject,))
-            conn.execute("DELETE FROM oaml_subjects WHERE subject = %s", (subject,))
-            self._log(conn, [("delete", subject, fid) for fid in ids] + [("subject", subject, None)])
+            self._require_subject(conn, collection, subject)
+            where, args = "WHERE collection = %s AND subject = %s", (collection, subject)
+            ids = [r[0] for r in conn.execute(f"DELETE FROM oaml_faces {where} RETURNING face_id", args)]
+            conn.execute(f"UPDATE oaml_idempotency SET response = '', subject = '' {where}", args)
+            conn.execute(f"DELETE FROM oaml_subjects {where}", args)
+            self._log(conn, collection, [("delete", subject, fid) for fid in ids] + [("subject", subject, None)])
         return ids
 
-    def update_subject(self, subject: str, changes: dict[str, Any]) -> None:
+    def update_subject(self, subject: str, changes: dict[str, Any], collection: str = DEFAULT_COLLECTION) -> None:
         """Set the subject's ``name`` (None clears it) and/or ``metadata`` (replaced whole); other replicas
         re-read the subject from the change log."""
         with self._write() as conn:
-            if conn.execute("SELECT 1 FROM oaml_subjects WHERE subject = %s", (subject,)).fetchone() is None:
-                raise SubjectNotFound(f"subject {subject!r} is not enrolled")
+            self._require_subject(conn, collection, subject)
+            where = "WHERE collection = %s AND subject = %s"
             if "name" in changes:
-                conn.execute("UPDATE oaml_subjects SET name = %s WHERE subject = %s", (changes["name"], subject))
+                conn.execute(f"UPDATE oaml_subjects SET name = %s {where}", (changes["name"], collection, subject))
             if "metadata" in changes:
                 conn.execute(
-                    "UPDATE oaml_subjects SET metadata = %s WHERE subject = %s",
-                    (json.dumps(changes["metadata"]), subject),
+                    f"UPDATE oaml_subjects SET metadata = %s {where}",
+                    (json.dumps(changes["metadata"]), collection, subject),
                 )
-            self._log(conn, [("subject", subject, None)])
+            self._log(conn, collection, [("subject", subject, None)])
 
-    def delete_face(self, subject: str, face_id: str) -> None:
+    def delete_face(self, subject: str, face_id: str, collection: str = DEFAULT_COLLECTION) -> None:
         with self._write() as conn:
-            if conn.execute("SELECT 1 FROM oaml_subjects WHERE subject = %s", (subject,)).fetchone() is None:
-                raise SubjectNotFound(f"subject {subject!r} is not enrolled")
-            gone = conn.execute("DELETE FROM oaml_faces WHERE face_id = %s AND subject = %s", (face_id, subject))
+            self._require_subject(conn, collection, subject)
+            gone = conn.execute(
+                "DELETE FROM oaml_faces WHERE face_id = %s AND collection = %s AND subject = %s",
+                (face_id, collection, subject),
+            )
             if gone.rowcount == 0:
                 raise FaceNotFound(f"face {face_id!r} does not belong to subject {subject!r}")
-            self._log(conn, [("delete", subject, face_id)])
+            self._log(conn, collection, [("delete", subject, face_id)])
+
+    # -- collections -------------------------------------------------------------------------
+
+    def create_collection(self, name: str) -> CollectionRecord:
+        created = time.time()
+        with self._write() as conn:
+            row = conn.execute(
+                "INSERT INTO oaml_collections(name, created_at) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING "
+                "RETURNING name",
+                (name, created),
+            ).fetchone()
+            if row is None:
+                raise CollectionExists(f"collection {name!r} exists already")
+            self._log(conn, name, [("collection", "", None)])
+        return CollectionRecord(name, created)
+
+    def delete_collection(self, name: str) -> list[str]:
+        """Delete the collection with every subject and face in it and forget its stored answers; other
+        replicas drop its faces and its index through the change log. Returns the deleted faces' ids."""
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM oaml_collections WHERE name = %s", (name,)).fetchone() is None:
+                raise CollectionNotFound(f"collection {name!r} does not exist")
+            deleted = conn.execute("DELETE FROM oaml_faces WHERE collection = %s RETURNING face_id", (name,))
+            ids = [r[0] for r in deleted]
+            conn.execute("UPDATE oaml_idempotency SET response = '', subject = '' WHERE collection = %s", (name,))
+            conn.execute("DELETE FROM oaml_subjects WHERE collection = %s", (name,))
+            conn.execute("DELETE FROM oaml_collections WHERE name = %s", (name,))
+            self._log(conn, name, [("delete", "", fid) for fid in ids] + [("collection", "", None)])
+        return ids
+
+    def collection(self, name: str) -> CollectionRecord:
+        with self._read() as conn:
+            row = conn.execute(f"{COLLECTION_COUNTS.format(p='oaml_')} WHERE c.name = %s", (name,)).fetchone()
+        if row is None:
+            raise CollectionNotFound(f"collection {name!r} does not exist")
+        return CollectionRecord(*row)
+
+    def collections(self) -> list[CollectionRecord]:
+        with self._read() as conn:
+            rows = conn.execute(f'{COLLECTION_COUNTS.format(p="oaml_")} ORDER BY c.name COLLATE "C"').fetchall()
+        return [CollectionRecord(*r) for r in rows]
 
     _SUBJECTS = (
-        "SELECT s.subject, s.name, s.metadata, s.created_at, COUNT(f.face_id) FROM oaml_subjects s "
-        "LEFT JOIN oaml_faces f ON f.subject = s.subject"
+        "SELECT s.subject, s.name, s.metadata, s.created_at, COUNT(f.face_id), s.collection FROM oaml_subjects s "
+        "LEFT JOIN oaml_faces f ON f.collection = s.collection AND f.subject = s.subject"
     )
 
-    def subject(self, subject: str) -> SubjectRecord:
+    def subject(self, subject: str, collection: str = DEFAULT_COLLECTION) -> SubjectRecord:
         with self._read() as conn:
-            row = conn.execute(f"{self._SUBJECTS} WHERE s.subject = %s GROUP BY s.subject", (subject,)).fetchone()
+            row = conn.execute(
+                f"{self._SUBJECTS} WHERE s.collection = %s AND s.subject = %s GROUP BY s.collection, s.subject",
+                (collection, subject),
+            ).fetchone()
         if row is None:
-            raise SubjectNotFound(f"subject {subject!r} is not enrolled")
-        return SubjectRecord(row[0], row[1], json.loads(row[2]), row[3], row[4])
+            raise SubjectNotFound(subject_missing(subject, collection))
+        return subject_from_row(row)
 
-    def subjects(self, offset: int, limit: int) -> tuple[list[SubjectRecord], int]:
+    def subjects(
+        self, offset: int, limit: int, collection: str | None = DEFAULT_COLLECTION
+    ) -> tuple[list[SubjectRecord], int]:
+        """A page of the collection's subjects by id (of every collection's, by collection and id, for None)."""
+        where, args = ("WHERE s.collection = %s", (collection,)) if collection is not None else ("", ())
         with self._read() as conn:
-            total = conn.execute("SELECT COUNT(*) FROM oaml_subjects").fetchone()[0]
+            total = conn.execute(f"SELECT COUNT(*) FROM oaml_subjects s {where}", args).fetchone()[0]
             rows = conn.execute(
-                f'{self._SUBJECTS} GROUP BY s.subject ORDER BY s.subject COLLATE "C" LIMIT %s OFFSET %s',
-                (limit, offset),
+                f"{self._SUBJECTS} {where} GROUP BY s.collection, s.subject "
+                'ORDER BY s.collection COLLATE "C", s.subject COLLATE "C" LIMIT %s OFFSET %s',
+                (*args, limit, offset),
             ).fetchall()
-        return [SubjectRecord(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows], total
+        return [subject_from_row(r) for r in rows], total
 
-    def faces_of(self, subject: str) -> list[FaceRecord]:
-        self.subject(subject)
+    def faces_of(self, subject: str, collection: str = DEFAULT_COLLECTION) -> list[FaceRecord]:
+        self.subject(subject, collection)
         with self._read() as conn:
             rows = conn.execute(
-                f"SELECT {FACE_COLUMNS} FROM oaml_faces WHERE subject = %s ORDER BY position", (subject,)
+                f"SELECT {FACE_COLUMNS} FROM oaml_faces WHERE collection = %s AND subject = %s ORDER BY position",
+                (collection, subject),
             ).fetchall()
         return [face_from_row(r) for r in rows]
 
@@ -463,14 +574,14 @@ class PostgresGalleryStore:
         """The changes after ``seq``, in order; :class:`ChangeLogGap` when the log was pruned past it."""
         with self._read() as conn:
             rows = conn.execute(
-                "SELECT seq, op, subject, face_id FROM oaml_changes WHERE seq > %s ORDER BY seq LIMIT %s",
+                "SELECT seq, op, subject, face_id, collection FROM oaml_changes WHERE seq > %s ORDER BY seq LIMIT %s",
                 (seq, limit),
             ).fetchall()
             # read after the rows: a pruning that removed some of them has recorded its horizon by then
             row = conn.execute("SELECT value FROM oaml_meta WHERE key = 'pruned_through'").fetchone()
             if row is not None and int(row[0]) > seq:
                 raise ChangeLogGap(seq, int(row[0]))
-        return [Change(int(r[0]), r[1], r[2], r[3]) for r in rows]
+        return [Change(int(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
 
     def close(self) -> None:
         self._pool.close()

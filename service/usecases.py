@@ -33,13 +33,17 @@ from model.errors import (
     OAMLError,
     UnsupportedImageFormatError,
 )
-from model.openset import IDENTIFY_PRIOR, posterior
-from service.engine import FaceFeatures
-from service.errors import IdempotencyKeyReused, SubjectHasNoFaces
+from model.openset import IDENTIFY_PRESETS, IDENTIFY_PRIOR, posterior
+from service.engine import Engine, FaceFeatures
+from service.errors import FaceNotFound, IdempotencyKeyReused, SubjectHasNoFaces
+from service.gallery import Collection
 from service.problems import ApiError
 from service.render import explanation_png, heatmap_png
 from service.schemas import (
     Candidate,
+    CollectionDeleted,
+    CollectionInfo,
+    CollectionPage,
     Correspondence,
     DeleteResponse,
     EnrolledFace,
@@ -48,6 +52,7 @@ from service.schemas import (
     FaceEvidence,
     FaceInfo,
     IdentifyAllResponse,
+    IdentifyPresetInfo,
     IdentifyResponse,
     OcclusionAttributes,
     Quality,
@@ -62,7 +67,15 @@ from service.schemas import (
     VerifyResponse,
 )
 from service.state import AppState
-from service.store import Enrolment, FaceRecord, StoredAnswer, SubjectRecord, new_face_id
+from service.store import (
+    DEFAULT_COLLECTION,
+    CollectionRecord,
+    Enrolment,
+    FaceRecord,
+    StoredAnswer,
+    SubjectRecord,
+    new_face_id,
+)
 
 __all__ = [
     "Photo",
@@ -236,7 +249,13 @@ async def _verify_pair(state: AppState, request: PairRequest) -> _Pair:
 
 
 async def verify_subject(
-    state: AppState, subject: str, photo: Photo, threshold: str | None, select: FaceSelection, aligned: bool
+    state: AppState,
+    subject: str,
+    photo: Photo,
+    threshold: str | None,
+    select: FaceSelection,
+    aligned: bool,
+    collection: str = DEFAULT_COLLECTION,
 ) -> SubjectVerifyResponse:
     """1:1 against an enrolled subject ("is this Alice?"): the photo's face against each of the subject's faces,
     the best one decides. A preset keeps its false-accept rate for the subject as a whole: against ``k`` faces
@@ -247,13 +266,14 @@ async def verify_subject(
         engine.resolve_threshold(threshold)
     except ValueError as exc:
         raise ApiError("VALIDATION_ERROR", str(exc), field="threshold") from exc
-    record = await gallery.read(gallery.store.subject, subject)  # 404 for an unknown subject
-    faces = await gallery.read(gallery.store.faces_of, subject)
+    index = (await gallery.find(collection)).index
+    record = await gallery.read(gallery.store.subject, subject, collection)  # 404 for an unknown subject
+    faces = await gallery.read(gallery.store.faces_of, subject, collection)
     face = await _find_face(state, photo, select, aligned)
     (feats,) = await engine.embed(face.crop[None])
     _probe_gate(state, feats, face.detection, photo.field)
     s = await engine.run_device(
-        state.index.score_faces, [f.face_id for f in faces], feats.embedding, feats.feature_map, feats.occlusion
+        index.score_faces, [f.face_id for f in faces], feats.embedding, feats.feature_map, feats.occlusion
     )
     if not s["face_ids"]:
         raise SubjectHasNoFaces(f"subject {subject!r} has no enrolled face to verify against")
@@ -293,6 +313,7 @@ async def verify_subject(
             occlusion=OcclusionAttributes(**engine.card.attributes.describe(stored.occlusion)),
         ),
         subject=subject,
+        collection=collection,
         name=record.name,
         face_id=stored.face_id,
         faces_compared=k,
@@ -405,9 +426,13 @@ def _fingerprint(
     metadata: dict[str, Any] | None,
     select: FaceSelection,
     aligned: bool,
+    collection: str = DEFAULT_COLLECTION,
 ) -> str:
     """What makes two enrolment requests the same request (an ``Idempotency-Key`` must not answer another)."""
-    digest = hashlib.sha256(json.dumps([subject, name, metadata, select, aligned], sort_keys=True).encode())
+    fields: list[Any] = [subject, name, metadata, select, aligned]
+    if collection != DEFAULT_COLLECTION:  # the default's fingerprints stay those stored before collections existed
+        fields.append(collection)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     for photo in photos:
         digest.update(hashlib.sha256(photo.data).digest())
         digest.update((photo.error.code if photo.error is not None else "").encode())
@@ -435,6 +460,7 @@ async def enrol(
     select: FaceSelection,
     aligned: bool,
     idempotency_key: str | None = None,
+    collection: str = DEFAULT_COLLECTION,
 ) -> Enrolled:
     """Enrol every usable face of ``photos``; list the others in ``rejected`` with a code.
 
@@ -446,9 +472,13 @@ async def enrol(
     again instead of a second enrolment.
     """
     settings, gallery = state.settings, state.gallery
+    target = await gallery.find(collection)  # 404 before any detection for a collection that does not exist
     request_hash = ""
     if idempotency_key is not None:
-        request_hash = _fingerprint(subject, photos, name, metadata, select, aligned)
+        request_hash = _fingerprint(subject, photos, name, metadata, select, aligned, collection)
+        # keys are each collection's own (a key used in one collection says nothing in another); a space never
+        # occurs in a key, so no key of the default collection (stored as sent, as before collections) collides
+        idempotency_key = idempotency_key if collection == DEFAULT_COLLECTION else f"{collection} {idempotency_key}"
         earlier = await gallery.read(gallery.store.answer_for, idempotency_key)
         if earlier is not None:
             return _replay(earlier, request_hash)
@@ -495,6 +525,7 @@ async def enrol(
             box=det["box"],
             created_at=now,
             crop=_crop_jpeg(face.crop) if settings.store_crops else None,
+            collection=collection,
         )
         records.append(record)
         enrolled.append(
@@ -514,13 +545,23 @@ async def enrol(
 
     def answer(total: int) -> str:
         """The answer, from what the transaction wrote (runs inside it, holding the gallery's writer lock)."""
-        stored_name = name if name is not None else gallery.names.get(subject)
+        stored_name = name if name is not None else target.names.get(subject)
         return EnrolResponse(
-            subject=subject, name=stored_name, faces=enrolled, rejected=rejected, face_count=total, total_faces=total
+            subject=subject,
+            collection=collection,
+            name=stored_name,
+            faces=enrolled,
+            rejected=rejected,
+            face_count=total,
+            total_faces=total,
         ).model_dump_json()
 
     done = await gallery.write(
-        gallery.commit, Enrolment(subject, name, metadata, records), idempotency_key, request_hash, answer
+        gallery.commit,
+        Enrolment(subject, name, metadata, records, collection),
+        idempotency_key,
+        request_hash,
+        answer,
     )
     if done.replayed is not None:  # a concurrent request with the same key committed first
         return _replay(done.replayed, request_hash)
@@ -528,15 +569,19 @@ async def enrol(
     return Enrolled(EnrolResponse.model_validate_json(done.body))
 
 
-async def list_subjects(state: AppState, offset: int, limit: int) -> SubjectPage:
-    rows, total = await state.gallery.read(state.gallery.store.subjects, offset, limit)
-    return SubjectPage(subjects=[_summary(r) for r in rows], total=total, offset=offset, limit=limit)
+async def list_subjects(state: AppState, offset: int, limit: int, collection: str = DEFAULT_COLLECTION) -> SubjectPage:
+    await state.gallery.find(collection)
+    rows, total = await state.gallery.read(state.gallery.store.subjects, offset, limit, collection)
+    return SubjectPage(
+        collection=collection, subjects=[_summary(r) for r in rows], total=total, offset=offset, limit=limit
+    )
 
 
-async def get_subject(state: AppState, subject: str) -> SubjectDetail:
+async def get_subject(state: AppState, subject: str, collection: str = DEFAULT_COLLECTION) -> SubjectDetail:
     gallery = state.gallery
-    record = await gallery.read(gallery.store.subject, subject)
-    faces = await gallery.read(gallery.store.faces_of, subject)
+    await gallery.find(collection)
+    record = await gallery.read(gallery.store.subject, subject, collection)
+    faces = await gallery.read(gallery.store.faces_of, subject, collection)
     return SubjectDetail(
         **_summary(record).model_dump(),
         face_list=[
@@ -556,6 +601,7 @@ async def get_subject(state: AppState, subject: str) -> SubjectDetail:
 def _summary(record: SubjectRecord) -> SubjectSummary:
     return SubjectSummary(
         subject=record.subject,
+        collection=record.collection,
         name=record.name,
         metadata=record.metadata,
         face_count=record.faces,
@@ -564,46 +610,94 @@ def _summary(record: SubjectRecord) -> SubjectSummary:
     )
 
 
-async def update_subject(state: AppState, subject: str, changes: dict[str, Any]) -> SubjectDetail:
+async def update_subject(
+    state: AppState, subject: str, changes: dict[str, Any], collection: str = DEFAULT_COLLECTION
+) -> SubjectDetail:
     """Set a subject's name (None clears it) or metadata; the faces are untouched."""
-    await state.gallery.write(state.gallery.update_subject, subject, changes)
-    return await get_subject(state, subject)
+    await state.gallery.write(state.gallery.update_subject, subject, changes, collection)
+    return await get_subject(state, subject, collection)
 
 
-async def delete_subject(state: AppState, subject: str) -> DeleteResponse:
-    ids = await state.gallery.write(state.gallery.delete_subject, subject)
-    return DeleteResponse(subject=subject, deleted_faces=ids)
+async def delete_subject(state: AppState, subject: str, collection: str = DEFAULT_COLLECTION) -> DeleteResponse:
+    ids = await state.gallery.write(state.gallery.delete_subject, subject, collection)
+    return DeleteResponse(subject=subject, collection=collection, deleted_faces=ids)
 
 
-async def delete_face(state: AppState, subject: str, face_id: str) -> DeleteResponse:
-    await state.gallery.write(state.gallery.delete_face, subject, face_id)
-    return DeleteResponse(subject=subject, deleted_faces=[face_id])
+async def delete_face(
+    state: AppState, subject: str, face_id: str, collection: str = DEFAULT_COLLECTION
+) -> DeleteResponse:
+    await state.gallery.write(state.gallery.delete_face, subject, face_id, collection)
+    return DeleteResponse(subject=subject, collection=collection, deleted_faces=[face_id])
+
+
+# -- collections -----------------------------------------------------------------------------
+
+
+def _collection_info(state: AppState, record: CollectionRecord, presets: bool = False) -> CollectionInfo:
+    info = CollectionInfo(
+        name=record.name, created_at=record.created_at, subject_count=record.subjects, face_count=record.faces
+    )
+    if presets:
+        held = state.gallery.collections.get(record.name)
+        info.identify_presets = identify_presets(state.engine, len(held.index) if held is not None else record.faces)
+    return info
+
+
+async def create_collection(state: AppState, name: str) -> CollectionInfo:
+    record = await state.gallery.write(state.gallery.create_collection, name)
+    return _collection_info(state, record, presets=True)
+
+
+async def list_collections(state: AppState, allowed: frozenset[str] | None) -> CollectionPage:
+    """Every collection (those in ``allowed`` only, for a key limited to some)."""
+    records = await state.gallery.read(state.gallery.store.collections)
+    shown = [_collection_info(state, r) for r in records if allowed is None or r.name in allowed]
+    return CollectionPage(collections=shown, total=len(shown))
+
+
+async def get_collection(state: AppState, name: str) -> CollectionInfo:
+    record = await state.gallery.read(state.gallery.store.collection, name)
+    return _collection_info(state, record, presets=True)
+
+
+async def delete_collection(state: AppState, name: str) -> CollectionDeleted:
+    record = await state.gallery.read(state.gallery.store.collection, name)
+    ids = await state.gallery.write(state.gallery.delete_collection, name)
+    return CollectionDeleted(name=name, deleted_subjects=record.subjects, deleted_faces=len(ids))
 
 
 # -- identify --------------------------------------------------------------------------------
 
 
 async def identify(
-    state: AppState, photo: Photo, top_k: int, threshold: str | None, select: FaceSelection, aligned: bool
+    state: AppState,
+    photo: Photo,
+    top_k: int,
+    threshold: str | None,
+    select: FaceSelection,
+    aligned: bool,
+    collection: str = DEFAULT_COLLECTION,
 ) -> IdentifyResponse:
     """1:N, open-set: cosine shortlist (exact, or an inverted file above OAML_ANN_MIN_FACES), QAConv re-ranking
     of it, fusion, one row per subject; the best passes if it clears a threshold set for a stated false-positive
     identification rate at the gallery's current size (:mod:`model.openset`)."""
-    _check_identify_threshold(state, threshold)
+    _check_identify_threshold(state, threshold, await state.gallery.find(collection))
     face = await _find_face(state, photo, select, aligned)
     (feats,) = await state.engine.embed(face.crop[None])
     _probe_gate(state, feats, face.detection, photo.field)
-    return await _identify_face(state, feats, face.detection, top_k, threshold)
+    return await _identify_face(state, feats, face.detection, top_k, threshold, collection)
 
 
 #: The most faces of one group photo that `/identify` with ``face=all`` identifies (the largest first).
 MAX_GROUP_FACES = 32
 
 
-async def identify_all(state: AppState, photo: Photo, top_k: int, threshold: str | None) -> IdentifyAllResponse:
+async def identify_all(
+    state: AppState, photo: Photo, top_k: int, threshold: str | None, collection: str = DEFAULT_COLLECTION
+) -> IdentifyAllResponse:
     """Every face of a group photo, each identified as :func:`identify` does one (largest first, at most
     :data:`MAX_GROUP_FACES`), with its box."""
-    _check_identify_threshold(state, threshold)
+    _check_identify_threshold(state, threshold, await state.gallery.find(collection))
     if photo.error is not None:
         raise photo.error
     try:
@@ -619,7 +713,7 @@ async def identify_all(state: AppState, photo: Photo, top_k: int, threshold: str
         detection = _detection_of(face)
         failure = _probe_failure(state, f, detection)
         if failure is None:
-            results.append(await _identify_face(state, f, detection, top_k, threshold))
+            results.append(await _identify_face(state, f, detection, top_k, threshold, collection))
         else:
             skipped.append(SkippedFace(box=detection["box"], code=failure[0], reason=failure[1]))
     return IdentifyAllResponse(
@@ -627,6 +721,7 @@ async def identify_all(state: AppState, photo: Photo, top_k: int, threshold: str
         skipped=skipped,
         faces_found=len(faces),
         faces_identified=len(results),
+        collection=collection,
         model_version=state.engine.model_version,
     )
 
@@ -639,25 +734,40 @@ def _detection_of(found: Any) -> dict[str, Any]:
     }
 
 
-def _check_identify_threshold(state: AppState, threshold: str | None) -> None:
+def identify_presets(engine: Engine, faces: int) -> dict[str, IdentifyPresetInfo]:
+    """/identify's presets with their thresholds for a collection of ``faces`` faces."""
+    model = engine.calibration.identify_model
+    return {
+        name: IdentifyPresetInfo(fpir=fpir, threshold=round(model.threshold(fpir, max(faces, 1)), 5))
+        for name, fpir in IDENTIFY_PRESETS.items()
+    }
+
+
+def _check_identify_threshold(state: AppState, threshold: str | None, searched: Collection) -> None:
     """A bad threshold is refused before any work (the decision then uses the size the search saw)."""
     try:
-        state.engine.resolve_identify_threshold(threshold, len(state.index))
+        state.engine.resolve_identify_threshold(threshold, len(searched.index))
     except ValueError as exc:
         raise ApiError("VALIDATION_ERROR", str(exc), field="threshold") from exc
 
 
 async def _identify_face(
-    state: AppState, feats: FaceFeatures, detection: dict[str, Any], top_k: int, threshold: str | None
+    state: AppState,
+    feats: FaceFeatures,
+    detection: dict[str, Any],
+    top_k: int,
+    threshold: str | None,
+    collection: str,
 ) -> IdentifyResponse:
-    """Search the gallery for one embedded face and decide (see :func:`identify`)."""
+    """Search one collection for one embedded face and decide (see :func:`identify`)."""
     engine = state.engine
+    searched = await state.gallery.find(collection)
     factor = OCCLUDED_SHORTLIST_FACTOR if feats.visibility < OCCLUDED_VISIBILITY else 1
     t0 = time.perf_counter()
     found = await engine.run_device(
-        state.index.search, feats.embedding, feats.feature_map, feats.occlusion, state.settings.shortlist * factor
+        searched.index.search, feats.embedding, feats.feature_map, feats.occlusion, state.settings.shortlist * factor
     )
-    faces, subjects = found["gallery_faces"], max(len(state.names), 1)
+    faces, subjects = found["gallery_faces"], max(len(searched.names), 1)
     thr, preset, fpir = engine.resolve_identify_threshold(threshold, faces)
     cal = engine.calibration
     fused = cal.score(found["cosine"], found["qaconv"], np.minimum(found["visibility"], feats.visibility))
@@ -675,7 +785,7 @@ async def _identify_face(
     candidates = [
         Candidate(
             subject=s,
-            name=state.names.get(s),
+            name=searched.names.get(s),
             face_id=found["face_ids"][i],
             score=round(float(fused[i]), 5),
             probability=round(float(p), 5),
@@ -704,8 +814,9 @@ async def _identify_face(
         probability_unknown=round(unknown, 5),
         probability_prior=IDENTIFY_PRIOR,
         face=_face_info(state, feats, detection),
+        collection=collection,
         gallery_faces=faces,
-        gallery_subjects=len(state.names),
+        gallery_subjects=len(searched.names),
         timings_ms=timings,
         model_version=engine.model_version,
     )
@@ -714,9 +825,12 @@ async def _identify_face(
 # -- occlusion heatmaps ----------------------------------------------------------------------
 
 
-async def heatmap_of_face(state: AppState, face_id: str, scale: int) -> Heatmap:
-    """An enrolled face's visibility map (over its crop when crops are stored, else over grey)."""
+async def heatmap_of_face(state: AppState, face_id: str, scale: int, collection: str = DEFAULT_COLLECTION) -> Heatmap:
+    """An enrolled face's visibility map (over its crop when crops are stored, else over grey); a face of
+    another collection is not found (a key limited to one collection sees no other's faces)."""
     record = await state.gallery.read(state.gallery.store.face, face_id)
+    if record.collection != collection:
+        raise FaceNotFound(f"face {face_id!r} is not enrolled in collection {collection!r}")
     crop = np.asarray(Image.open(io.BytesIO(record.crop), formats=["JPEG"]).convert("RGB")) if record.crop else None
     png = await state.engine.run_cpu(heatmap_png, crop, record.occlusion, scale)
     return Heatmap(png, float(record.occlusion.mean()))

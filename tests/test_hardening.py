@@ -320,7 +320,7 @@ class TestInputs:
             assert str(store.path) in logged and "readonly" in logged
             assert body["detail"].startswith("the gallery database cannot be written")
             assert c.get("/gallery").status_code == 200
-            assert len(c.app.state.oaml.index) == 0  # type: ignore[attr-defined]  # nothing half-enrolled
+            assert len(c.app.state.oaml.gallery.index) == 0  # type: ignore[attr-defined]  # nothing half-enrolled
             assert c.get("/gallery").json()["total"] == 0  # no subject left behind either
 
     def test_openapi_declares_problem_responses_and_at_least_one_image(self, client: TestClient) -> None:

@@ -126,7 +126,7 @@ class TestOneTransaction:
             db.execute("DROP TRIGGER fail_half")
             db.close()
         problem(client.get("/gallery/half"), 404, "SUBJECT_NOT_FOUND")
-        assert "half" not in client.app.state.oaml.gallery.names  # type: ignore[attr-defined]
+        assert "half" not in client.app.state.oaml.gallery.collection("default").names  # type: ignore[attr-defined]
 
     def test_readers_see_committed_faces_only(self, tmp_path: Path) -> None:
         store = SQLiteGalleryStore(tmp_path / "g.sqlite3", "v1")

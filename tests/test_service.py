@@ -440,7 +440,7 @@ class TestGalleryAndIdentify:
             for subject, photo in (("eileen", photos["astronaut"]), ("photographer", photos["camera"])):
                 r = c.post("/gallery", data={"subject": subject}, files=[("images", ("p.png", photo, "image/png"))])
                 assert r.status_code == 201, r.text
-            training = c.app.state.oaml.index.cosine._training  # type: ignore[attr-defined]
+            training = c.app.state.oaml.gallery.index.cosine._training  # type: ignore[attr-defined]
             if training is not None:  # trained beside the service; the next search switches to it
                 training.join()
             found = c.post(

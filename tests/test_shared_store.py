@@ -116,7 +116,7 @@ class TestStore:
         with ThreadPoolExecutor(4) as pool:
             stores = list(pool.map(lambda _: PostgresGalleryStore(url, "v1"), range(4)))
         with psycopg.connect(url) as conn:
-            assert sorted(conn.execute("SELECT version FROM oaml_migrations").fetchall()) == [(1,), (2,)]
+            assert sorted(conn.execute("SELECT version FROM oaml_migrations").fetchall()) == [(1,), (2,), (3,)]
         for s in stores:
             s.close()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.routes import demo, explain, gallery, health, identify, occlusion, verify
+from service.routes import collections, demo, explain, gallery, health, identify, occlusion, verify
 
 __all__ = ["public", "protected"]
 
@@ -18,6 +18,7 @@ protected: list[APIRouter] = [
     verify.router,
     explain.router,
     gallery.router,
+    collections.router,
     identify.router,
     occlusion.router,
 ]

@@ -6,11 +6,13 @@ import re
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import Depends, Request, UploadFile
+from fastapi import Depends, Query, Request, UploadFile
 
 from model.align import ACCEPTED_FORMATS_TEXT, FaceSelection
+from service.config import KeyGrant
 from service.problems import ApiError
 from service.state import AppState
+from service.store import COLLECTION_PATTERN, DEFAULT_COLLECTION
 from service.usecases import PairRequest, Photo
 
 __all__ = [
@@ -19,6 +21,9 @@ __all__ = [
     "require_role",
     "MatchRole",
     "AdminRole",
+    "CollectionAdmin",
+    "CollectionDep",
+    "granted_collections",
     "read_photo",
     "pair_request",
     "parse_selection",
@@ -42,26 +47,65 @@ def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def require_role(role: str) -> Callable[[Request], None]:
-    """A dependency: the request's key (checked by :class:`service.guard.RequestGuard`) must hold ``role``.
+def _grant(request: Request) -> KeyGrant | None:
+    """The request's key's grant; None when the service runs without keys."""
+    if not request.app.state.settings.api_keys:
+        return None
+    grant: KeyGrant | None = getattr(request.state, "oaml_grant", None)
+    if grant is None:  # the guard did not run (an app mounted without it): refuse rather than assume
+        raise ApiError("UNAUTHORIZED", "missing or invalid API key (send X-API-Key)")
+    return grant
+
+
+def require_role(role: str, every_collection: bool = False) -> Callable[[Request], None]:
+    """A dependency: the request's key (checked by :class:`service.guard.RequestGuard`) must hold ``role``
+    (and, with ``every_collection``, not be limited to some collections: creating and deleting collections).
 
     ``admin`` holds every role. Without ``OAML_API_KEYS`` there are no keys and no roles to check.
     """
 
     def check(request: Request) -> None:
-        if not request.app.state.settings.api_keys:
+        grant = _grant(request)
+        if grant is None:
             return
-        held = getattr(request.state, "oaml_role", None)
-        if held is None:  # the guard did not run (an app mounted without it): refuse rather than assume
-            raise ApiError("UNAUTHORIZED", "missing or invalid API key (send X-API-Key)")
-        if held != role and held != "admin":
-            raise ApiError("FORBIDDEN", f"this API key has the {held!r} role; {request.url.path} needs {role!r}")
+        if grant.role != role and grant.role != "admin":
+            raise ApiError("FORBIDDEN", f"this API key has the {grant.role!r} role; {request.url.path} needs {role!r}")
+        if every_collection and grant.collections is not None:
+            raise ApiError("FORBIDDEN", "this API key is limited to some collections; it cannot create or delete them")
 
     return check
 
 
 MatchRole = Depends(require_role("match"))
 AdminRole = Depends(require_role("admin"))
+CollectionAdmin = Depends(require_role("admin", every_collection=True))
+
+
+def granted_collections(request: Request) -> frozenset[str] | None:
+    """The collections the request's key is limited to; None for every collection."""
+    grant = _grant(request)
+    return grant.collections if grant is not None else None
+
+
+def collection_param(
+    request: Request,
+    collection: Annotated[
+        str,
+        Query(
+            pattern=COLLECTION_PATTERN,
+            description=f"the collection (named gallery) to use; {DEFAULT_COLLECTION!r} when none is named",
+        ),
+    ] = DEFAULT_COLLECTION,
+) -> str:
+    """The collection a gallery route works in: one the key may use (else 403); whether it exists is the
+    gallery's answer (404 ``COLLECTION_NOT_FOUND``)."""
+    grant = _grant(request)
+    if grant is not None and not grant.may_use(collection):
+        raise ApiError("FORBIDDEN", f"this API key may not use collection {collection!r}", field="collection")
+    return collection
+
+
+CollectionDep = Annotated[str, Depends(collection_param)]
 
 
 def parse_selection(value: str, field: str) -> FaceSelection:

@@ -10,8 +10,17 @@ from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 
 from service import usecases
 from service.problems import ApiError, problem_responses
-from service.routes.deps import PHOTO_FORMATS, SUBJECT_PATTERN, AdminRole, StateDep, parse_selection, read_photo
+from service.routes.deps import (
+    PHOTO_FORMATS,
+    SUBJECT_PATTERN,
+    AdminRole,
+    CollectionDep,
+    StateDep,
+    parse_selection,
+    read_photo,
+)
 from service.schemas import DeleteResponse, EnrolResponse, SubjectDetail, SubjectPage, SubjectUpdate
+from service.store import DEFAULT_COLLECTION
 
 __all__ = ["router"]
 
@@ -63,11 +72,12 @@ def _metadata(raw: str | None) -> dict[str, Any] | None:
     response_model=EnrolResponse,
     status_code=201,
     operation_id="enrol",
-    responses=problem_responses(400, 413, 415),
+    responses=problem_responses(400, 404, 413, 415),
 )
 async def enrol(
     state: StateDep,
     response: Response,
+    collection: CollectionDep,
     subject: Annotated[str, Form(pattern=SUBJECT_PATTERN, description="subject id: letters, digits, . _ @ : + -")],
     images: Annotated[
         list[UploadFile], File(min_length=1, description=f"one or more photos of the subject ({PHOTO_FORMATS})")
@@ -104,29 +114,31 @@ async def enrol(
         )
     select = parse_selection(face, "face")
     photos = [await read_photo(state, upload, f"images[{i}]", collect=True) for i, upload in enumerate(images)]
-    done = await usecases.enrol(state, subject, photos, name, meta, select, aligned, idempotency_key)
+    done = await usecases.enrol(state, subject, photos, name, meta, select, aligned, idempotency_key, collection)
     if done.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/gallery/{subject}"
+    where = "" if collection == DEFAULT_COLLECTION else f"?collection={collection}"
+    response.headers["Location"] = f"/gallery/{subject}{where}"
     return done.response
 
 
-@router.get("/gallery", response_model=SubjectPage, operation_id="list_subjects")
+@router.get("/gallery", response_model=SubjectPage, operation_id="list_subjects", responses=problem_responses(404))
 async def list_subjects(
     state: StateDep,
+    collection: CollectionDep,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> SubjectPage:
     """Enrolled subjects, ordered by id, a page at a time."""
-    return await usecases.list_subjects(state, offset, limit)
+    return await usecases.list_subjects(state, offset, limit, collection)
 
 
 @router.get(
     "/gallery/{subject}", response_model=SubjectDetail, operation_id="get_subject", responses=problem_responses(404)
 )
-async def get_subject(state: StateDep, subject: str) -> SubjectDetail:
+async def get_subject(state: StateDep, subject: str, collection: CollectionDep) -> SubjectDetail:
     """One subject and its enrolled faces."""
-    return await usecases.get_subject(state, subject)
+    return await usecases.get_subject(state, subject, collection)
 
 
 @router.patch(
@@ -135,7 +147,9 @@ async def get_subject(state: StateDep, subject: str) -> SubjectDetail:
     operation_id="update_subject",
     responses=problem_responses(404),
 )
-async def update_subject(state: StateDep, subject: str, update: SubjectUpdate) -> SubjectDetail:
+async def update_subject(
+    state: StateDep, subject: str, update: SubjectUpdate, collection: CollectionDep
+) -> SubjectDetail:
     """Change a subject's name or metadata, not its faces: the fields sent are set (`"name": null` clears the
     name; `metadata` replaces the stored object), the others kept."""
     changes = update.model_dump(include=update.model_fields_set)
@@ -143,15 +157,15 @@ async def update_subject(state: StateDep, subject: str, update: SubjectUpdate) -
         changes["metadata"] = _metadata(json.dumps(changes["metadata"])) if changes["metadata"] is not None else {}
     if not changes:
         raise ApiError("VALIDATION_ERROR", "nothing to change: send name and/or metadata", field="body")
-    return await usecases.update_subject(state, subject, changes)
+    return await usecases.update_subject(state, subject, changes, collection)
 
 
 @router.delete(
     "/gallery/{subject}", response_model=DeleteResponse, operation_id="delete_subject", responses=problem_responses(404)
 )
-async def delete_subject(state: StateDep, subject: str) -> DeleteResponse:
+async def delete_subject(state: StateDep, subject: str, collection: CollectionDep) -> DeleteResponse:
     """Remove a subject and all of its faces."""
-    return await usecases.delete_subject(state, subject)
+    return await usecases.delete_subject(state, subject, collection)
 
 
 @router.delete(
@@ -160,6 +174,6 @@ async def delete_subject(state: StateDep, subject: str) -> DeleteResponse:
     operation_id="delete_face",
     responses=problem_responses(404),
 )
-async def delete_face(state: StateDep, subject: str, face_id: str) -> DeleteResponse:
+async def delete_face(state: StateDep, subject: str, face_id: str, collection: CollectionDep) -> DeleteResponse:
     """Remove one face of a subject (the subject stays, even with no faces left)."""
-    return await usecases.delete_face(state, subject, face_id)
+    return await usecases.delete_face(state, subject, face_id, collection)

@@ -9,18 +9,19 @@ from fastapi import APIRouter, Request, Response
 from model.align import ACCEPTED_FORMATS
 from model.calibration import PRESETS, PRIOR
 from model.embedder import precision_name
-from model.openset import IDENTIFY_PRESETS, IDENTIFY_PRIOR
+from model.openset import IDENTIFY_PRIOR
+from service import usecases
 from service.problems import ApiError
-from service.routes.deps import MatchRole, StateDep
+from service.routes.deps import MatchRole, StateDep, granted_collections
 from service.schemas import (
     GallerySearchInfo,
     HealthResponse,
-    IdentifyPresetInfo,
     InfoResponse,
     PresetInfo,
     ReadyResponse,
 )
 from service.state import AppState
+from service.store import DEFAULT_COLLECTION
 
 __all__ = ["public", "protected"]
 
@@ -60,13 +61,13 @@ async def metrics(request: Request) -> Response:
     if state is None:
         raise ApiError("NOT_READY", "loading")
     state.metrics.queue_depth.set(state.engine.queue_depth)
-    state.metrics.gallery_faces.set(len(state.index))
-    state.metrics.gallery_subjects.set(len(state.names))
+    state.metrics.gallery_faces.set(state.gallery.faces)
+    state.metrics.gallery_subjects.set(state.gallery.subjects)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @protected.get("/info", response_model=InfoResponse, operation_id="info")
-async def info(state: StateDep) -> InfoResponse:
+async def info(state: StateDep, request: Request) -> InfoResponse:
     """Model version, architecture, device, preset thresholds with their FAR and probability, gallery size."""
     engine, cal, settings = state.engine, state.engine.calibration, state.settings
     presets = {}
@@ -79,11 +80,9 @@ async def info(state: StateDep) -> InfoResponse:
             lfw_tar=lfw.get("tar"),
             lfw_far=lfw.get("far"),
         )
-    faces, model = len(state.index), cal.identify_model
-    identify = {
-        name: IdentifyPresetInfo(fpir=fpir, threshold=round(model.threshold(fpir, max(faces, 1)), 5))
-        for name, fpir in IDENTIFY_PRESETS.items()
-    }
+    default = state.gallery.collection(DEFAULT_COLLECTION)
+    allowed = granted_collections(request)
+    sees_default, sees_all = allowed is None or DEFAULT_COLLECTION in allowed, allowed is None
     return InfoResponse(
         model_version=engine.model_version,
         architecture=engine.card.architecture,
@@ -92,20 +91,21 @@ async def info(state: StateDep) -> InfoResponse:
         calibration="fitted on held-out identities" if cal.fitted else "default (uncalibrated)",
         presets=presets,
         probability_prior=PRIOR,
-        identify_presets=identify,
-        identify_model=model.source,
+        identify_presets=usecases.identify_presets(engine, len(default.index)) if sees_default else None,
+        identify_model=cal.identify_model.source,
         identify_prior=IDENTIFY_PRIOR,
         flip_test=engine.embedder.flip,
         default_threshold=settings.default_threshold,
-        gallery_subjects=len(state.names),
-        gallery_faces=len(state.index),
+        gallery_subjects=len(default.names) if sees_default else None,
+        gallery_faces=len(default.index) if sees_default else None,
+        collections=len(state.gallery.collections) if sees_all else None,
         gallery_store="postgresql" if state.follower is not None else "sqlite",
         gallery_sync=(
             {"seq": state.follower.seq, "connected": state.follower.connected, "reconnects": state.follower.reconnects}
             if state.follower is not None
             else None
         ),
-        gallery_search=GallerySearchInfo(shortlist=settings.shortlist, **state.index.describe()),
+        gallery_search=GallerySearchInfo(shortlist=settings.shortlist, **default.index.describe()),
         gallery_writable=state.gallery.writable,
         detector="retinaface_mnet025",
         detector_backend=engine.detector.backend,

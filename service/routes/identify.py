@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 
 from service import usecases
 from service.problems import ApiError, problem_responses
-from service.routes.deps import PHOTO_FORMATS, MatchRole, StateDep, parse_selection, read_photo
+from service.routes.deps import PHOTO_FORMATS, CollectionDep, MatchRole, StateDep, parse_selection, read_photo
 from service.schemas import IdentifyAllResponse, IdentifyResponse
 
 __all__ = ["router"]
@@ -20,10 +20,11 @@ router = APIRouter(tags=["match"], dependencies=[MatchRole])
     "/identify",
     response_model=IdentifyResponse | IdentifyAllResponse,
     operation_id="identify",
-    responses=problem_responses(400, 413, 415),
+    responses=problem_responses(400, 404, 413, 415),
 )
 async def identify(
     state: StateDep,
+    collection: CollectionDep,
     image: Annotated[UploadFile, File(description=f"the probe photo ({PHOTO_FORMATS})")],
     top_k: Annotated[int, Form(ge=1, le=100)] = 5,
     threshold: Annotated[
@@ -50,6 +51,6 @@ async def identify(
             raise ApiError(
                 "VALIDATION_ERROR", "face=all finds the faces of a photo: not with aligned=true", field="face"
             )
-        return await usecases.identify_all(state, photo, top_k, threshold)
+        return await usecases.identify_all(state, photo, top_k, threshold, collection)
     select = parse_selection(face, "face")
-    return await usecases.identify(state, photo, top_k, threshold, select, aligned)
+    return await usecases.identify(state, photo, top_k, threshold, select, aligned, collection)

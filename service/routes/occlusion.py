@@ -9,7 +9,15 @@ from fastapi.responses import Response
 
 from service import usecases
 from service.problems import problem_responses
-from service.routes.deps import PHOTO_FORMATS, AdminRole, MatchRole, StateDep, parse_selection, read_photo
+from service.routes.deps import (
+    PHOTO_FORMATS,
+    AdminRole,
+    CollectionDep,
+    MatchRole,
+    StateDep,
+    parse_selection,
+    read_photo,
+)
 
 __all__ = ["router"]
 
@@ -32,13 +40,16 @@ def _png(heatmap: usecases.Heatmap) -> Response:
     dependencies=[AdminRole],
 )
 async def occlusion_of_face(
-    state: StateDep, face_id: Annotated[str, Query(min_length=1)], scale: Annotated[int, Query(ge=1, le=8)] = 2
+    state: StateDep,
+    face_id: Annotated[str, Query(min_length=1)],
+    collection: CollectionDep,
+    scale: Annotated[int, Query(ge=1, le=8)] = 2,
 ) -> Response:
     """Heatmap of an enrolled face (1 = visible).
 
     Without stored crops (`OAML_STORE_CROPS`), the map is drawn on grey.
     """
-    return _png(await usecases.heatmap_of_face(state, face_id, scale))
+    return _png(await usecases.heatmap_of_face(state, face_id, scale, collection))
 
 
 @router.post(

@@ -8,7 +8,15 @@ from fastapi import APIRouter, File, Form, UploadFile
 
 from service import usecases
 from service.problems import problem_responses
-from service.routes.deps import PHOTO_FORMATS, MatchRole, StateDep, pair_request, parse_selection, read_photo
+from service.routes.deps import (
+    PHOTO_FORMATS,
+    CollectionDep,
+    MatchRole,
+    StateDep,
+    pair_request,
+    parse_selection,
+    read_photo,
+)
 from service.schemas import SubjectVerifyResponse, VerifyResponse
 
 __all__ = ["router"]
@@ -43,6 +51,7 @@ async def verify(
 async def verify_subject(
     state: StateDep,
     subject: str,
+    collection: CollectionDep,
     image: Annotated[UploadFile, File(description=f"the photo to check ({PHOTO_FORMATS})")],
     threshold: Annotated[
         str | None,
@@ -56,4 +65,4 @@ async def verify_subject(
     data stays behind the admin role."""
     select = parse_selection(face, "face")
     photo = await read_photo(state, image, "image")
-    return await usecases.verify_subject(state, subject, photo, threshold, select, aligned)
+    return await usecases.verify_subject(state, subject, photo, threshold, select, aligned, collection)
