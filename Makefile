@@ -91,6 +91,8 @@ prepare-data: install
 	$(BIN)/oaml prepare $(SHARED)/train/afdb $(DATA)/afdb
 	$(BIN)/oaml prepare $(SHARED)/eval/lfw $(DATA)/lfw
 	ln -sfn "$(abspath $(SHARED)/occluders)" $(DATA)/occluders
+	for cache in celeba_extra lag fgnet utkface mask_unlabeled aflw2000; do \
+		ln -sfn "$(abspath $(SHARED)/train/aligned)/$$cache" $(DATA)/$$cache; done
 
 # Reproduces the shipped weights: same recipe and seed (bits may differ across hardware).
 train-default: prepare-data
@@ -102,6 +104,7 @@ train-default: prepare-data
 	$(BIN)/oaml calibrate-identify $(WEIGHTS) --data-root $(DATA) --holdout $(SHARED)/train/aligned/celeba_extra
 
 eval: prepare-data
+	$(BIN)/oaml eval $(WEIGHTS) --suite public --data-root $(DATA) --shared $(SHARED) --peer sface --out $(RUN)/eval
 	$(BIN)/oaml eval $(WEIGHTS) --lfw-cache $(DATA)/lfw --pairs $(SHARED)/eval/lfw/pairs.txt \
 		--occluders $(SHARED)/occluders --peer sface --out $(RUN)/eval
 	$(BIN)/oaml eval-identify $(WEIGHTS) --lfw-cache $(DATA)/lfw --occluders $(SHARED)/occluders \

@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -265,14 +266,35 @@ def _cmd_calibrate_attributes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def _record_metrics(weights: Path, key: str, value: dict[str, Any]) -> None:
+    """Keep ``value`` as ``metrics[key]`` in the weights' metadata, with the command that made it (the claims the
+    model card makes travel with the weights; the tensors, and so model_version, do not change)."""
     import torch
 
+    from model.checkpoint import load_checkpoint, save_checkpoint
+
+    model, meta = load_checkpoint(weights)
+    metrics = dict(meta.get("metrics") or {})  # the other recorded metrics stay
+    command = "oaml " + " ".join(sys.argv[1:]) if sys.argv[1:] else "oaml"
+    if key == "lfw":  # the LFW report kept its command beside it, at the top level, before the suite existed
+        metrics.update(lfw=value, command=command)
+    else:
+        metrics[key] = {**value, "command": command}
+    meta["metrics"] = metrics
+    keep = {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")}
+    written = save_checkpoint(model, weights, keep, dtype=getattr(torch, meta.get("dtype", "float32")))
+    if written["model_version"] != meta["model_version"]:
+        raise SystemExit(
+            f"recording metrics changed the tensors of {weights}: {meta['model_version']} -> {written['model_version']}"
+        )
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
     from model.calibration import Calibration
     from model.checkpoint import load_checkpoint
     from model.embedder import FLIP_TEST, Embedder
-    from model.training.evaluate import draw_roc, evaluate_lfw, markdown_report
 
+    suite = args.suite or ("lfw" if args.pairs is not None else "public")
     model, meta = load_checkpoint(args.weights)
     cal = Calibration.from_dict(meta["calibration"]) if "calibration" in meta else None
     peer = None
@@ -284,35 +306,57 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     embedder = Embedder(
         model, device=args.device, precision=args.precision, flip=FLIP_TEST if args.flip is None else args.flip
     )
+    args.out.mkdir(parents=True, exist_ok=True)
+    if suite == "public":
+        return _eval_public(args, embedder, cal, peer, meta)
+    from model.training.evaluate import draw_roc, evaluate_lfw, markdown_report
+
+    if args.lfw_cache is None or args.pairs is None:
+        raise SystemExit("--suite lfw needs --lfw-cache and --pairs")
     report = evaluate_lfw(embedder, args.lfw_cache, args.pairs, args.occluders, cal, peer=peer)
     report["weights"] = {"file": str(args.weights), "model_version": meta["model_version"]}
-    args.out.mkdir(parents=True, exist_ok=True)
     draw_roc(report, args.out / "roc.png")
     (args.out / "report.md").write_text(markdown_report(report))
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     (args.out / "report.json").write_text(json.dumps(public, indent=2))
     if args.record:
-        from model.checkpoint import save_checkpoint
-
-        # the claims the model card makes, kept with the weights (the tensors, and so model_version, do not change)
-        metrics = dict(meta.get("metrics") or {})  # other recorded metrics (the open-set table) stay
-        metrics.update(lfw=public, command="oaml " + " ".join(sys.argv[1:]) if sys.argv[1:] else "oaml eval")
-        meta["metrics"] = metrics
-        keep = {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")}
-        written = save_checkpoint(model, args.weights, keep, dtype=getattr(torch, meta.get("dtype", "float32")))
-        if written["model_version"] != meta["model_version"]:
-            raise SystemExit(
-                f"recording metrics changed the tensors of {args.weights}: "
-                f"{meta['model_version']} -> {written['model_version']}"
-            )
+        _record_metrics(args.weights, "lfw", public)
     sys.stdout.write(markdown_report(report) + "\n")
     return 0
 
 
-def _cmd_eval_identify(args: argparse.Namespace) -> int:
-    import torch
+def _eval_public(args: argparse.Namespace, embedder: Any, cal: Any, peer: Any, meta: dict[str, Any]) -> int:
+    """``--suite public``: LFW, CFP-FP and CFP-FF, clean and occluded, one table (see model.training.suite)."""
+    from model.training.suite import public_sets, run_suite, suite_table, write_card_table
 
-    from model.checkpoint import load_checkpoint, save_checkpoint
+    shared = args.shared
+    sets = public_sets(
+        args.lfw_cache or args.data_root / "lfw",
+        args.pairs or shared / "eval/lfw/pairs.txt",
+        args.cfp or shared / "eval/cfp",
+    )
+    if not sets:
+        raise SystemExit("no evaluation set found: run `make prepare-data` (LFW) and check --shared (CFP)")
+    if args.folds:
+        if args.record:
+            raise SystemExit("--record takes the whole suite: not with --folds")
+        sets = [s.subset(int(f) for f in args.folds.split(",")) for s in sets]
+    occluders = Path(args.occluders) if args.occluders else shared / "occluders"
+    report = run_suite(sets, embedder, occluders, cal, peer=peer)
+    report["weights"] = {"file": str(args.weights), "model_version": meta["model_version"]}
+    table = suite_table(report)
+    (args.out / "suite.json").write_text(json.dumps(report, indent=2))
+    (args.out / "suite.md").write_text(table + "\n")
+    if args.record:
+        _record_metrics(args.weights, "suite", report)
+        if args.card is not None:
+            write_card_table(args.card, table)
+    sys.stdout.write(table + "\n")
+    return 0
+
+
+def _cmd_eval_identify(args: argparse.Namespace) -> int:
+
     from oaml.openset_eval import evaluate_open_set, markdown_open_set
 
     peer = None
@@ -330,14 +374,7 @@ def _cmd_eval_identify(args: argparse.Namespace) -> int:
         (args.out / "open_set.json").write_text(json.dumps(report, indent=2))
         (args.out / "open_set.md").write_text(table + "\n")
     if args.record:
-        model, meta = load_checkpoint(args.weights)
-        metrics = dict(meta.get("metrics") or {})
-        metrics["open_set"] = {**report, "command": "oaml " + " ".join(sys.argv[1:]) if sys.argv[1:] else "oaml"}
-        meta["metrics"] = metrics
-        keep = {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")}
-        written = save_checkpoint(model, args.weights, keep, dtype=getattr(torch, meta.get("dtype", "float32")))
-        if written["model_version"] != meta["model_version"]:
-            raise SystemExit(f"recording metrics changed the tensors of {args.weights}")
+        _record_metrics(args.weights, "open_set", report)
     sys.stdout.write(table + "\n")
     return 0
 
@@ -469,12 +506,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embedding_options(p)
     p.set_defaults(func=_cmd_calibrate_identify)
 
-    p = sub.add_parser("eval", help="LFW 6000 pairs, clean and synthetically occluded, with an optional SFace peer row")
+    p = sub.add_parser(
+        "eval",
+        help="the benchmark suite (public: LFW, CFP-FP, CFP-FF, clean and occluded; lfw: LFW's detailed protocols), "
+        "with an optional SFace peer column",
+    )
     p.add_argument("weights", type=Path)
-    p.add_argument("--lfw-cache", type=Path, required=True, help="aligned LFW cache made by `oaml prepare`")
-    p.add_argument("--pairs", type=Path, required=True, help="LFW pairs.txt")
     p.add_argument(
-        "--occluders", type=Path, default=None, help="occluder templates; adds the mask and sunglasses protocols"
+        "--suite",
+        choices=["public", "lfw"],
+        default=None,
+        help="public (the default without --pairs): LFW, CFP-FP, CFP-FF in one table; lfw: LFW clean, mask and "
+        "sunglasses with presets and ROC (the default with --pairs)",
+    )
+    p.add_argument("--data-root", type=Path, default=Path("../oaml_data"), help="prepared caches (make prepare-data)")
+    p.add_argument("--shared", type=Path, default=Path("../shared/data"), help="the shared data folder")
+    p.add_argument("--lfw-cache", type=Path, default=None, help="aligned LFW cache (default: <data-root>/lfw)")
+    p.add_argument("--pairs", type=Path, default=None, help="LFW pairs.txt (default: <shared>/eval/lfw/pairs.txt)")
+    p.add_argument(
+        "--cfp", type=Path, default=None, help="CFP's aligned cache and pair lists (default: <shared>/eval/cfp)"
+    )
+    p.add_argument(
+        "--occluders",
+        type=Path,
+        default=None,
+        help="occluder templates (public: default <shared>/occluders; lfw: adds the mask and sunglasses protocols)",
+    )
+    p.add_argument("--folds", default=None, help="public suite: only these folds of every set, e.g. 1 (a quick look)")
+    p.add_argument(
+        "--card",
+        type=Path,
+        default=Path("weights/README.md"),
+        help="with --record, the model card whose suite table is replaced (between its suite markers)",
     )
     p.add_argument("--peer", choices=["none", "sface"], default="none")
     _add_embedding_options(p)
@@ -484,7 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="flip-test fusion (default: as served; preset rows only hold on the served path)",
     )
-    p.add_argument("--out", type=Path, required=True, help="folder for report.json, report.md, roc.png")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for suite.json and suite.md (lfw: report.json, report.md, roc.png)",
+    )
     p.add_argument(
         "--record",
         action="store_true",

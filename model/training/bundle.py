@@ -25,7 +25,7 @@ from typing import Any
 from PIL import Image
 
 from model.align import load_image
-from model.training.face import AlignedCache
+from model.training.face import AlignedCache, refuse_evaluation_data
 from model.training.occlusion import EVAL_MASKS, EVAL_SUNGLASSES
 
 __all__ = ["make_bundle", "folder_bytes"]
@@ -39,6 +39,7 @@ def folder_bytes(folder: Path) -> int:
 
 def _copy_cache(src: Path, dst: Path, quality: int) -> int:
     cache = AlignedCache(src)
+    refuse_evaluation_data(src, cache.records)  # a bundle is training data: nothing from eval/ goes in
     dst.mkdir(parents=True, exist_ok=True)
     lines = []
     for record in cache.records:

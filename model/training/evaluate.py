@@ -44,6 +44,8 @@ from model.training.occlusion import (
 __all__ = [
     "LFWPair",
     "read_lfw_pairs",
+    "cached_crops",
+    "evaluation_occluders",
     "evaluate_lfw",
     "validation_scores",
     "draw_roc",
@@ -82,8 +84,9 @@ def read_lfw_pairs(path: str | Path) -> list[LFWPair]:
     return pairs
 
 
-def _lfw_crops(cache_root: Path, keys: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Aligned crops, found flags and aligned landmarks for LFW keys from an ``oaml prepare`` cache.
+def cached_crops(cache_root: Path, keys: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Aligned crops, found flags and aligned landmarks for ``identity/stem`` keys from an ``oaml prepare`` cache
+    (LFW's, CFP's).
 
     A photo without a detected face gets a black crop, the template landmarks and ``found=False``.
     """
@@ -129,7 +132,7 @@ def evaluate_lfw(
     keys = sorted({p.a for p in pairs} | {p.b for p in pairs})
     pos = {k: i for i, k in enumerate(keys)}
     started = time.perf_counter()
-    crops, found, landmarks = _lfw_crops(Path(lfw_cache), keys)
+    crops, found, landmarks = cached_crops(Path(lfw_cache), keys)
     logger.info("LFW: %d images, %d without a detected face", len(keys), int((~found).sum()))
     same = np.array([p.same for p in pairs])
     folds = np.array([p.fold for p in pairs])

@@ -9,6 +9,7 @@ Two identity rules:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Iterator
@@ -92,6 +93,23 @@ class AlignedRecord:
     score: float
 
 
+class EvaluationDataError(ValueError):
+    """A training input holds evaluation data (``eval/``): training on it would make every benchmark a lie."""
+
+
+def refuse_evaluation_data(root: str | Path, records: list[AlignedRecord]) -> None:
+    """Raise :class:`EvaluationDataError` when the cache at ``root`` is, or was made from, evaluation data: a
+    folder named ``eval`` on its resolved path (links followed) or on any of its crops' source paths."""
+    resolved = Path(root).resolve()
+    if "eval" in resolved.parts:
+        raise EvaluationDataError(f"{root} is evaluation data ({resolved}): never train on eval/")
+    for r in records:
+        if "eval" in Path(r.source).parts:
+            raise EvaluationDataError(
+                f"{root} was made from evaluation data ({r.source}, and maybe more): never train on eval/"
+            )
+
+
 class AlignedCache:
     """Reads a cache written by ``oaml prepare``: ``manifest.jsonl`` plus one crop per record."""
 
@@ -108,6 +126,15 @@ class AlignedCache:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def without(self, identities: set[str]) -> AlignedCache:
+        """The cache less the crops of ``identities`` (names as in the cache), relabelled."""
+        kept = copy.copy(self)
+        kept.records = [r for r in self.records if r.identity not in identities]
+        kept.classes = sorted({r.identity for r in kept.records})
+        index = {name: i for i, name in enumerate(kept.classes)}
+        kept.labels = np.array([index[r.identity] for r in kept.records], dtype=np.int64)
+        return kept
 
     def load_images(self) -> np.ndarray:
         """All crops as one ``uint8`` array ``[N, 112, 112, 3]`` (RGB); ~37 KB per face."""

@@ -52,7 +52,7 @@ from model.training.adaface_import import import_adaface_ckpt
 from model.training.augment import AugmentConfig, FaceAugmenter
 from model.training.batches import BatchSource, Prefetcher, PreparedBatch
 from model.training.class_memory import ClassMemory
-from model.training.face import AlignedCache
+from model.training.face import AlignedCache, refuse_evaluation_data
 from model.training.head import AdaFace, build_head
 from model.training.losses import (
     class_neighbor_loss,
@@ -122,6 +122,7 @@ class TrainConfig:
     teacher_view: str = "clean"
     teacher_weights: str | None = None  # the "matched" teacher: None = SFace's ONNX file, or an `oaml bundle` export
     unlabeled: list[str] = field(default_factory=list)  # aligned caches without usable labels: teacher losses only
+    exclude_identities: list[str] = field(default_factory=list)  # identity-overlap lists (cache/identity lines)
     unlabeled_per_batch: int = 0  # unlabeled faces added to each PK batch
     augment_workers: int = 0  # processes preparing the next batch during the step (0: in the training process)
     budget_minutes: float | None = None  # size the schedule from the measured step rate to end inside this time
@@ -194,14 +195,33 @@ class TrainingData:
     sources: list[str]  # cache names, one per dataset folder
 
 
-def load_training_data(caches: Sequence[str | Path]) -> TrainingData:
-    """Concatenate aligned caches; identities are namespaced by cache so two sets never merge."""
+def read_exclusions(files: Sequence[str | Path]) -> set[str]:
+    """``cache/identity`` lines of identity-overlap lists (``#`` starts a comment): identities that are, or may
+    be, people of an evaluation set under another spelling, left out of training."""
+    excluded: set[str] = set()
+    for path in files:
+        for line in Path(path).read_text().splitlines():
+            entry = line.split("#", 1)[0].strip()
+            if entry:
+                excluded.add(entry)
+    return excluded
+
+
+def load_training_data(caches: Sequence[str | Path], exclude: set[str] | None = None) -> TrainingData:
+    """Concatenate aligned caches; identities are namespaced by cache so two sets never merge. ``exclude``:
+    ``cache/identity`` names left out. A cache of evaluation data (``eval/``) is refused
+    (:class:`model.training.face.EvaluationDataError`)."""
     images, labels, landmarks = [], [], []
     identities: list[str] = []
     sources: list[str] = []
     for cache_path in caches:
-        cache = AlignedCache(cache_path)
         name = Path(cache_path).name
+        cache = AlignedCache(cache_path)
+        refuse_evaluation_data(cache_path, cache.records)
+        dropped = {i.split("/", 1)[1] for i in exclude or () if i.split("/", 1)[0] == name}
+        if dropped & set(cache.classes):
+            logger.info("%s: %d identities left out (identity-overlap lists)", name, len(dropped & set(cache.classes)))
+            cache = cache.without(dropped)
         offset = len(identities)
         identities += [f"{name}/{c}" for c in cache.classes]
         images.append(cache.load_images())
@@ -240,7 +260,8 @@ class Trainer:
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._setup_runtime()
-        self._split(data or load_training_data(cfg.train))
+        excluded = read_exclusions(cfg.exclude_identities)
+        self._split(data or load_training_data(cfg.train, excluded))
         self.w = self._loss_weights()
         distill = bool(self.w["distill_relation"] or self.w["distill_feature"])
         self.unlabeled = load_training_data(cfg.unlabeled) if cfg.unlabeled else None

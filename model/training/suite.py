@@ -1,0 +1,296 @@
+"""``oaml eval --suite public``: the verification benchmarks the field reports, side by side with the peer.
+
+Sets (each a list of pairs in 10 official folds, over an aligned cache made by ``oaml prepare``):
+
+- **LFW** (6,000 pairs): unconstrained web photos, mostly frontal; the field's baseline.
+- **CFP-FP** (frontal against profile, 7,000 pairs less those touching a missing photo): pose.
+- **CFP-FF** (frontal against frontal, the same people): the same photos without the pose gap, so
+  FP minus FF is what a profile costs.
+
+Each set is scored clean and **occluded**: the second photo of every pair wears an occluder reserved
+for evaluation (a mask on even-numbered photos of the cache, sunglasses on odd ones, seeded by the
+photo), so both sets see both kinds. Every face is embedded once per condition on the served path
+(:class:`model.embedder.Embedder`) and the SFace peer embeds exactly the same crops, occluded pixels
+included. A pair whose face was not found in the cache counts as a non-match (lowest score) and the
+count is reported per set: nothing is dropped silently.
+
+Metrics per matcher (AdaFace cosine, QAConv, fused, SFace): 10-fold accuracy (threshold chosen on
+the other nine folds), AUC, TAR at FAR 1e-2 and 1e-3. The report also carries the same metrics on a
+fixed subset (folds 1 and 2), which ``make test-slow`` recomputes from scratch to check the card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.calibration import DEFAULT_CALIBRATION, Calibration
+from model.embedder import Embedder, Features, score_pairs
+from model.training.evaluate import cached_crops, evaluation_occluders, read_lfw_pairs
+from model.training.metrics import verification_report
+from model.training.occlusion import Occluder
+
+__all__ = [
+    "PairSet",
+    "SUITE_SETS",
+    "SUBSET_FOLDS",
+    "lfw_set",
+    "cfp_set",
+    "public_sets",
+    "run_suite",
+    "suite_table",
+    "MATCHERS",
+    "CARD_BEGIN",
+    "CARD_END",
+    "card_table",
+    "write_card_table",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The matchers every set reports, in table order.
+MATCHERS = ("adaface", "qaconv", "fused", "sface_peer")
+#: The folds of the fixed subset the slow test recomputes.
+SUBSET_FOLDS = (1, 2)
+#: What each set measures (README and card).
+SUITE_SETS = {
+    "LFW": "unconstrained web photos, mostly frontal",
+    "CFP-FP": "frontal against profile: pose",
+    "CFP-FF": "frontal against frontal, the same people and photos: CFP without the pose gap",
+}
+
+
+@dataclass(frozen=True)
+class PairSet:
+    """One benchmark: pairs (indices into ``keys``) of an aligned cache, with labels and folds."""
+
+    name: str
+    cache: Path
+    keys: list[str]  # "identity/stem" of every photo the pairs use
+    a: np.ndarray
+    b: np.ndarray
+    same: np.ndarray
+    folds: np.ndarray
+    dropped: int = 0  # pairs the official list has and this copy cannot hold (photos missing from the source)
+
+    def subset(self, folds: Iterable[int]) -> PairSet:
+        """The pairs of ``folds`` only (the photos they use, re-indexed)."""
+        keep = np.isin(self.folds, list(folds))
+        used = sorted(set(self.a[keep].tolist()) | set(self.b[keep].tolist()))
+        where = {old: new for new, old in enumerate(used)}
+        remap = np.vectorize(where.__getitem__, otypes=[np.int64])
+        return PairSet(
+            self.name,
+            self.cache,
+            [self.keys[i] for i in used],
+            remap(self.a[keep]),
+            remap(self.b[keep]),
+            self.same[keep],
+            self.folds[keep],
+            self.dropped,
+        )
+
+
+def _pair_set(name: str, cache: Path, pairs: Sequence[tuple[str, str, bool, int]], dropped: int = 0) -> PairSet:
+    keys = sorted({p[0] for p in pairs} | {p[1] for p in pairs})
+    pos = {k: i for i, k in enumerate(keys)}
+    return PairSet(
+        name,
+        cache,
+        keys,
+        np.array([pos[p[0]] for p in pairs], dtype=np.int64),
+        np.array([pos[p[1]] for p in pairs], dtype=np.int64),
+        np.array([p[2] for p in pairs], dtype=bool),
+        np.array([p[3] for p in pairs], dtype=np.int64),
+        dropped,
+    )
+
+
+def lfw_set(cache: str | Path, pairs_file: str | Path) -> PairSet:
+    """LFW's View 2 (``pairs.txt``) over an ``oaml prepare`` cache of LFW."""
+    pairs = read_lfw_pairs(pairs_file)
+    return _pair_set("LFW", Path(cache), [(p.a, p.b, p.same, p.fold + 1) for p in pairs])
+
+
+def cfp_set(root: str | Path, protocol: str) -> PairSet:
+    """CFP's official ``pairs_fp.txt`` or ``pairs_ff.txt`` (``fold<TAB>a<TAB>b<TAB>same``) over its cache."""
+    root = Path(root)
+    pairs, official = [], 3500 * 2  # 10 folds of 350 same and 350 different pairs
+    for line in (root / f"pairs_{protocol}.txt").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        fold, a, b, same = line.split("\t")
+        pairs.append((str(Path(a).with_suffix("")), str(Path(b).with_suffix("")), same.strip() == "1", int(fold)))
+    return _pair_set(f"CFP-{protocol.upper()}", root, pairs, dropped=official - len(pairs))
+
+
+def public_sets(lfw_cache: Path, lfw_pairs: Path, cfp_root: Path) -> list[PairSet]:
+    """The public suite's sets, those whose data is there (a missing one is logged, not faked)."""
+    sets = []
+    if (lfw_cache / "manifest.jsonl").exists() and lfw_pairs.exists():
+        sets.append(lfw_set(lfw_cache, lfw_pairs))
+    else:
+        logger.warning("LFW left out: no cache at %s (make prepare-data) or no %s", lfw_cache, lfw_pairs)
+    for protocol in ("fp", "ff"):
+        if (cfp_root / f"pairs_{protocol}.txt").exists() and (cfp_root / "manifest.jsonl").exists():
+            sets.append(cfp_set(cfp_root, protocol))
+        else:
+            logger.warning(
+                "CFP-%s left out: no aligned cache with pairs_%s.txt at %s", protocol.upper(), protocol, cfp_root
+            )
+    return sets
+
+
+@dataclass
+class _Embedded:
+    """One cache's photos, embedded clean and occluded (each photo once per condition, shared by its sets)."""
+
+    keys: list[str]
+    found: np.ndarray
+    clean: Features
+    occluded: Features
+    peer_clean: np.ndarray | None = None
+    peer_occluded: np.ndarray | None = None
+    index: dict[str, int] = field(default_factory=dict)
+
+
+def _embed_cache(
+    cache: Path, keys: list[str], embedder: Embedder, occluders: dict[str, Occluder], peer: Any | None
+) -> _Embedded:
+    crops, found, landmarks = cached_crops(cache, keys)
+    kinds = list(occluders.values())
+    occluded = crops.copy()
+    for i in range(len(keys)):  # photo i's occluder: mask for even, sunglasses for odd, seeded by the photo
+        if found[i]:
+            occluded[i], _ = kinds[i % len(kinds)](crops[i], landmarks[i], np.random.default_rng([2026, 22, i]))
+    done = _Embedded(keys, found, embedder(crops), embedder(occluded), index={k: i for i, k in enumerate(keys)})
+    if peer is not None:
+        done.peer_clean, done.peer_occluded = peer.embed(crops), peer.embed(occluded)
+    return done
+
+
+def _rows(pairs: PairSet, emb: _Embedded, occluded: bool, embedder: Embedder, cal: Calibration) -> dict[str, Any]:
+    ia = np.array([emb.index[pairs.keys[i]] for i in pairs.a], dtype=np.int64)
+    ib = np.array([emb.index[pairs.keys[i]] for i in pairs.b], dtype=np.int64)
+    side_b = emb.occluded if occluded else emb.clean
+    s = score_pairs(embedder.model.qaconv, emb.clean, side_b, ia, ib)
+    fused = cal.score(s.cos, s.qa, s.visibility)
+    valid = emb.found[ia] & emb.found[ib]
+    scores = {"adaface": s.cos, "qaconv": s.qa, "fused": fused}
+    if emb.peer_clean is not None:
+        peer_b = emb.peer_occluded if occluded else emb.peer_clean
+        assert peer_b is not None
+        scores["sface_peer"] = (emb.peer_clean[ia] * peer_b[ib]).sum(1)
+    out: dict[str, Any] = {"pairs": int(len(ia)), "pairs_without_face": int((~valid).sum())}
+    for name, v in scores.items():  # a pair whose face was not found is a non-match: the lowest score
+        # one fold (a quick look with --folds 1) has no other folds to choose a threshold on: the best one
+        folds = pairs.folds if len(np.unique(pairs.folds)) > 1 else None
+        out[name] = verification_report(np.where(valid, v, -1e9), pairs.same, folds)
+    return out
+
+
+def run_suite(
+    sets: Sequence[PairSet],
+    embedder: Embedder,
+    occluder_root: Path,
+    calibration: Calibration | None = None,
+    peer: Any | None = None,
+) -> dict[str, Any]:
+    """Score every set clean and occluded; the report (JSON-ready) with the subset's metrics as well."""
+    cal = calibration or DEFAULT_CALIBRATION
+    occluders = evaluation_occluders(occluder_root)
+    started = time.perf_counter()
+    by_cache: dict[Path, list[str]] = {}
+    for s in sets:
+        by_cache.setdefault(s.cache, [])
+        by_cache[s.cache] = sorted(set(by_cache[s.cache]) | set(s.keys))
+    report: dict[str, Any] = {"embedding": embedder.describe(), "sets": {}, "subset": {"folds": list(SUBSET_FOLDS)}}
+    for cache, keys in by_cache.items():
+        t0 = time.perf_counter()
+        emb = _embed_cache(cache, keys, embedder, occluders, peer)
+        logger.info(
+            "embedded %d photos of %s (clean and occluded) in %.0fs", len(keys), cache, time.perf_counter() - t0
+        )
+        for s in (s for s in sets if s.cache == cache):
+            missing = sorted({s.keys[i] for i in np.concatenate([s.a, s.b]) if not emb.found[emb.index[s.keys[i]]]})
+            entry: dict[str, Any] = {
+                "measures": SUITE_SETS.get(s.name, ""),
+                "photos": len(s.keys),
+                "photos_without_face": len(missing),
+                "official_pairs_dropped": s.dropped,
+            }
+            sub = s.subset(SUBSET_FOLDS)
+            subset: dict[str, Any] = {}
+            for condition in ("clean", "occluded"):
+                entry[condition] = _rows(s, emb, condition == "occluded", embedder, cal)
+                subset[condition] = _rows(sub, emb, condition == "occluded", embedder, cal)
+            report["sets"][s.name] = entry
+            report["subset"][s.name] = subset
+            logger.info("%s: %s", s.name, json.dumps({c: entry[c]["fused"]["accuracy"] for c in ("clean", "occluded")}))
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    report["calibration"] = "fitted" if cal.fitted else "default"
+    report["occluded_protocol"] = (
+        "the second photo of every pair wears an evaluation-only occluder: a mask on even-numbered photos of the "
+        "cache, sunglasses on odd ones, seeded by the photo"
+    )
+    return report
+
+
+def suite_table(report: dict[str, Any]) -> str:
+    """The report as one Markdown table: a row per set and condition, a column per matcher; each cell 10-fold
+    accuracy and TAR at FAR 1e-3."""
+    present = [m for m in MATCHERS if any(m in e[c] for e in report["sets"].values() for c in ("clean", "occluded"))]
+    title = {"adaface": "AdaFace cosine", "qaconv": "QAConv", "fused": "fused (served)", "sface_peer": "SFace peer"}
+    lines = [
+        "| set | condition | pairs | without a face | " + " | ".join(title[m] for m in present) + " |",
+        "|---|---|---|---|" + "---|" * len(present),
+    ]
+    for name, entry in report["sets"].items():
+        for condition in ("clean", "occluded"):
+            rows = entry[condition]
+            cells = [
+                f"{100 * rows[m]['accuracy']:.2f}% / {rows[m]['tar_far_1e-3']:.3f}" if m in rows else "-"
+                for m in present
+            ]
+            lines.append(
+                f"| {name} | {condition} | {rows['pairs']} | {rows['pairs_without_face']} | " + " | ".join(cells) + " |"
+            )
+    emb = report.get("embedding", {})
+    lines += [
+        "",
+        "Cells: accuracy over the official folds (each fold's threshold chosen on the others) / TAR at FAR 1e-3. "
+        "Occluded: "
+        + report.get("occluded_protocol", "")
+        + f". Embedding path: {emb.get('device')}, {emb.get('precision')}, flip test "
+        + ("on" if emb.get("flip") else "off")
+        + f"; {report.get('seconds', 0) / 60:.0f} minutes.",
+    ]
+    return "\n".join(lines)
+
+
+#: The markers around the suite's table in the model card (``--record`` replaces what is between them).
+CARD_BEGIN = "<!-- suite:begin (written by oaml eval --suite public --record) -->"
+CARD_END = "<!-- suite:end -->"
+
+
+def card_table(card: str) -> str:
+    """The suite table the model card holds (what is between its markers)."""
+    start, end = card.find(CARD_BEGIN), card.find(CARD_END)
+    if start < 0 or end < start:
+        raise ValueError(f"the model card has no suite table between {CARD_BEGIN!r} and {CARD_END!r}")
+    return card[start + len(CARD_BEGIN) : end].strip()
+
+
+def write_card_table(path: Path, table: str) -> None:
+    """Replace the suite table in the model card at ``path``."""
+    card = path.read_text()
+    card_table(card)  # it has the markers
+    start, end = card.find(CARD_BEGIN) + len(CARD_BEGIN), card.find(CARD_END)
+    path.write_text(card[:start] + "\n" + table.strip() + "\n" + card[end:])

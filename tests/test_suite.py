@@ -1,0 +1,217 @@
+"""The evaluation suite (``oaml eval --suite public``) and the wall between evaluation and training data."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.align import ARCFACE_TEMPLATE
+from model.checkpoint import load_checkpoint
+from model.embedder import Embedder
+from model.training.bundle import make_bundle
+from model.training.face import EvaluationDataError
+from model.training.suite import (
+    CARD_BEGIN,
+    CARD_END,
+    card_table,
+    cfp_set,
+    run_suite,
+    suite_table,
+    write_card_table,
+)
+from model.training.train import TrainConfig, load_training_data, read_exclusions
+from tests.conftest import SHARED_DATA
+from tests.test_occlusion import write_templates
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_cache(
+    root: Path, photos: dict[str, np.ndarray], source_prefix: str = "train/x", missing: tuple[str, ...] = ()
+) -> Path:
+    """An ``oaml prepare``-style cache: crops plus manifest.jsonl (photos in ``missing`` had no face: no record)."""
+    lines = []
+    for key, crop in photos.items():
+        identity, stem = key.split("/")
+        (root / identity).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(crop).save(root / identity / f"{stem}.jpg", quality=95)
+        if key in missing:
+            continue
+        lm = ARCFACE_TEMPLATE.tolist()
+        record = {
+            "path": f"{identity}/{stem}.jpg",
+            "source": f"{source_prefix}/{identity}/{stem}.jpg",
+            "identity": identity,
+            "landmarks": lm,
+            "aligned_landmarks": lm,
+            "score": 0.99,
+        }
+        lines.append(json.dumps(record))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def faces(n_ids: int, per_id: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Crops where one identity's photos share a pattern (noise around a per-identity image)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n_ids):
+        base = rng.integers(0, 255, size=(112, 112, 3)).astype(np.int16)
+        for j in range(per_id):
+            noisy = np.clip(base + rng.integers(-20, 20, size=base.shape), 0, 255).astype(np.uint8)
+            out[f"{i + 1:03d}/{'f' if j < per_id - 1 else 'p'}{j + 1:02d}"] = noisy
+    return out
+
+
+# -- the suite -------------------------------------------------------------------------------------------
+
+
+def test_the_suite_scores_every_set_counts_missing_faces_and_keeps_a_subset(weights: Path, tmp_path: Path) -> None:
+    photos = faces(6, 3)
+    cache = write_cache(tmp_path / "cfp", photos, source_prefix="cfp", missing=("002/f01",))
+    keys = sorted(photos)
+    lines = ["# fold\tpath_a\tpath_b\tsame"]
+    for fold in (1, 2, 3):  # each fold: genuine and impostor pairs
+        for i in range(1, 7):
+            lines.append(f"{fold}\t{i:03d}/f01.jpg\t{i:03d}/p03.jpg\t1")
+            lines.append(f"{fold}\t{i:03d}/f02.jpg\t{(i % 6) + 1:03d}/p03.jpg\t0")
+    (cache / "pairs_fp.txt").write_text("\n".join(lines) + "\n")
+    pairs = cfp_set(cache, "fp")
+    assert pairs.keys == keys and len(pairs.same) == 36
+    assert pairs.subset([1]).keys == sorted(pairs.keys) and len(pairs.subset([1, 2]).same) == 24
+    model, _ = load_checkpoint(weights)
+    embedder = Embedder(model, device="cpu", precision="fp32", flip=False)
+    report = run_suite([pairs], embedder, write_templates(tmp_path / "occluders"))
+    entry = report["sets"]["CFP-FP"]
+    assert entry["photos_without_face"] == 1
+    for condition in ("clean", "occluded"):
+        rows = entry[condition]
+        assert rows["pairs"] == 36 and rows["pairs_without_face"] == 3  # 002/f01's genuine pair in each fold
+        for matcher in ("adaface", "qaconv", "fused"):
+            assert 0.0 <= rows[matcher]["accuracy"] <= 1.0 and 0.0 <= rows[matcher]["auc"] <= 1.0
+    assert report["subset"]["CFP-FP"]["clean"]["pairs"] == 24 and report["subset"]["folds"] == [1, 2]
+    # the occluded condition occludes every photo that has a face (and only those), the same way every time
+    from model.training.evaluate import evaluation_occluders
+    from model.training.suite import _embed_cache
+
+    occluders = evaluation_occluders(tmp_path / "occluders")
+    emb = _embed_cache(cache, keys, embedder, occluders, None)
+    moved = (emb.clean.embedding - emb.occluded.embedding).abs().amax(1).numpy() > 1e-4
+    assert (moved == emb.found).all()
+    again = _embed_cache(cache, keys, embedder, occluders, None)
+    assert (again.occluded.embedding == emb.occluded.embedding).all()
+    table = suite_table(report)
+    assert re.search(r"\| CFP-FP \| clean \| 36 \| 3 \| [\d.]+% / [\d.]+ \|", table), table
+    assert "| CFP-FP | occluded | 36 | 3 |" in table
+
+
+def test_a_pair_whose_face_is_missing_is_a_non_match(weights: Path, tmp_path: Path) -> None:
+    """Identical photos make a perfect genuine pair; once one of them has no face the pair must fail."""
+    photos = faces(4, 2, seed=3)
+    photos["001/p02"] = photos["001/f01"].copy()
+    lines = []
+    for fold in (1, 2):
+        for i in range(1, 5):
+            lines.append(f"{fold}\t{i:03d}/f01.jpg\t{i:03d}/p02.jpg\t1")
+            lines.append(f"{fold}\t{i:03d}/f01.jpg\t{(i % 4) + 1:03d}/p02.jpg\t0")
+    model, _ = load_checkpoint(weights)
+    embedder = Embedder(model, device="cpu", precision="fp32", flip=False)
+    occluders = write_templates(tmp_path / "occluders")
+    scores = {}
+    for missing in ((), ("001/p02",)):
+        cache = write_cache(tmp_path / f"c{len(missing)}", photos, "cfp", missing)
+        (cache / "pairs_ff.txt").write_text("\n".join(lines) + "\n")
+        report = run_suite([cfp_set(cache, "ff")], embedder, occluders)
+        scores[len(missing)] = report["sets"]["CFP-FF"]["clean"]
+    assert scores[0]["pairs_without_face"] == 0 and scores[1]["pairs_without_face"] == 4
+    assert scores[1]["adaface"]["auc"] < scores[0]["adaface"]["auc"]
+
+
+def test_the_card_table_is_replaced_between_its_markers(tmp_path: Path) -> None:
+    card = tmp_path / "README.md"
+    card.write_text(f"# Card\n\nbefore\n{CARD_BEGIN}\nold table\n{CARD_END}\nafter\n")
+    write_card_table(card, "| new | table |")
+    text = card.read_text()
+    assert card_table(text) == "| new | table |" and text.startswith("# Card\n\nbefore\n") and text.endswith("after\n")
+    with pytest.raises(ValueError):
+        card_table("no markers here")
+
+
+# -- evaluation data never trains -----------------------------------------------------------------------
+
+
+def test_evaluation_data_is_refused_as_training_data(tmp_path: Path) -> None:
+    photos = faces(2, 2)
+    inside = write_cache(tmp_path / "data" / "eval" / "cfp", photos)
+    with pytest.raises(EvaluationDataError):
+        load_training_data([inside])
+    link = tmp_path / "innocent"
+    link.symlink_to(inside)  # a link with a training-like name still leads into eval/
+    with pytest.raises(EvaluationDataError):
+        load_training_data([link])
+    made_from = write_cache(tmp_path / "prepared_lfw", photos, source_prefix="/x/shared/data/eval/lfw")
+    with pytest.raises(EvaluationDataError):  # a cache prepared from eval/ photos, wherever it lies
+        load_training_data([made_from])
+    with pytest.raises(EvaluationDataError):
+        make_bundle(tmp_path / "bundle", [made_from], None)
+    fine = write_cache(tmp_path / "train_cache", photos)
+    assert len(load_training_data([fine]).labels) == 4
+
+
+def test_identity_overlap_lists_leave_identities_out(tmp_path: Path) -> None:
+    cache = write_cache(tmp_path / "lag", faces(3, 2))
+    listed = tmp_path / "overlap.txt"
+    listed.write_text("# comment\nlag/002  # an evaluation person\nother/001\n")
+    excluded = read_exclusions([listed])
+    assert excluded == {"lag/002", "other/001"}
+    data = load_training_data([cache], excluded)
+    assert data.identities == ["lag/001", "lag/003"] and len(data.labels) == 4 and set(data.labels) == {0, 1}
+    for line in (ROOT / "configs/overlap/lag_eval.txt").read_text().splitlines():  # the shipped list parses
+        assert not line.strip() or line.startswith("#") or re.fullmatch(r"lag/\S+\s+#.*", line), line
+
+
+def _config_caches() -> list[tuple[str, str]]:
+    out = []
+    for path in sorted((ROOT / "configs").rglob("*.toml")):
+        raw = tomllib.loads(path.read_text())
+        out += [(path.name, name) for name in raw.get("train", []) + raw.get("unlabeled", [])]
+    return out
+
+
+@pytest.mark.parametrize(("config", "cache"), _config_caches())
+def test_no_config_trains_on_evaluation_data(config: str, cache: str) -> None:
+    assert cache not in {"lfw", "cfp", "mask_real", "eval"}, f"{config} trains on {cache}"
+    linked = ROOT.parent / "oaml_data" / cache  # what `make prepare-data` made, when it has been run here
+    if linked.exists():
+        from model.training.face import AlignedCache, refuse_evaluation_data
+
+        refuse_evaluation_data(linked, AlignedCache(linked).records)
+
+
+def test_the_diverse_config_names_every_training_set_make_prepare_data_links() -> None:
+    cfg = TrainConfig.from_toml(ROOT / "configs/oaml_ir18_diverse.toml")
+    makefile = (ROOT / "Makefile").read_text()
+    linked = set(re.search(r"for cache in ([^;]+); do", makefile).group(1).split())  # type: ignore[union-attr]
+    assert set(cfg.train) == {"celeba", "afdb", "lag", "fgnet"}
+    assert set(cfg.unlabeled) == {"utkface", "mask_unlabeled", "aflw2000"} <= linked
+    assert {"lag", "fgnet"} <= linked and cfg.exclude_identities == ["configs/overlap/lag_eval.txt"]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "train/aligned/lag").exists(), reason="../shared/data not present")
+def test_the_new_training_caches_load_with_their_exclusions() -> None:
+    aligned = SHARED_DATA / "train/aligned"
+    excluded = read_exclusions([ROOT / "configs/overlap/lag_eval.txt"])
+    for name in ("lag", "fgnet", "mask_unlabeled", "aflw2000"):
+        from model.training.face import AlignedCache, refuse_evaluation_data
+
+        cache = AlignedCache(aligned / name)
+        refuse_evaluation_data(aligned / name, cache.records)
+        if name == "lag":
+            kept = cache.without({e.split("/", 1)[1] for e in excluded})
+            assert len(kept.classes) == len(cache.classes) - len(excluded & {f"lag/{c}" for c in cache.classes})
