@@ -41,13 +41,18 @@ def timeit(fn: Callable[[], object], min_seconds: float, min_calls: int = 3, war
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    """The CPU's model and the features that decide the fast path, e.g. ``AMD EPYC (native bf16: yes,
+    AVX-512: yes)``: machines reporting the same model differ (an EPYC Milan has neither)."""
+    from model.embedder import cpu_flags, cpu_has_bf16
+
+    name = platform.processor() or "unknown"
+    for line in cpu_flags().splitlines():
+        if line.startswith("model name"):
+            name = line.split(":", 1)[1].strip()
+            break
+    flags = cpu_flags()
+    avx512 = "yes" if " avx512f" in flags else "no"
+    return f"{name} (native bf16: {'yes' if cpu_has_bf16(flags) else 'no'}, AVX-512: {avx512})"
 
 
 def bench_backbone(rows: list[str], seconds: float) -> None:

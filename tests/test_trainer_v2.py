@@ -186,6 +186,57 @@ class TestTimeBudget:
         assert len(state["history"]) >= 1 and (tmp_path / "run" / "best.safetensors").exists()
         assert Trainer(cfg).total_steps == state["total_steps"]
 
+    def test_a_budget_far_below_the_schedule_validates_exports_and_ends_inside_it(
+        self, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Steps of about 2 s (a CPU emulating bf16 is this slow) against a 12 s budget and a schedule of
+        thousands of steps: the run stops on time, with its validation and export done."""
+        import time as clock
+
+        slow = Trainer.train_step
+
+        def slow_step(self: Trainer, batch: object) -> dict[str, float]:
+            clock.sleep(2.0)
+            return slow(self, batch)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Trainer, "train_step", slow_step)
+        cfg = tiny_config(cache, tmp_path / "run", max_steps=None, epochs=1000, budget_minutes=0.2)
+        started = clock.perf_counter()
+        trainer = Trainer(cfg)
+        planned = trainer.total_steps
+        state = trainer.fit()
+        elapsed = clock.perf_counter() - started
+        assert elapsed <= 12.0 + 1.5, f"a 12 s budget took {elapsed:.1f} s"  # 1.5 s: a loaded test machine
+        assert 1 <= state["global_step"] == state["total_steps"] < planned
+        assert len(state["history"]) >= 1 and (tmp_path / "run" / "best.safetensors").exists()
+        assert (tmp_path / "run" / "last.pt").exists()
+
+
+class TestPrecision:
+    @pytest.mark.parametrize(
+        "flags",
+        [
+            "fpu sse avx2 avx512f avx512_bf16",  # e.g. AMD EPYC Genoa
+            "fpu sse avx2 avx512f amx_bf16 amx_tile",  # e.g. Intel Sapphire Rapids
+            "fpu sse avx2 fma",  # AMD EPYC Milan: no native bf16
+            "",  # /proc/cpuinfo unreadable
+        ],
+    )
+    def test_the_trainer_and_the_embedder_choose_alike_on_every_cpu(
+        self, flags: str, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from model.embedder import Embedder, cpu_has_bf16
+
+        monkeypatch.setattr("model.embedder.cpu_flags", lambda: flags)
+        trainer = Trainer.__new__(Trainer)
+        trainer.cfg = tiny_config(cache, tmp_path / "run", precision="auto")
+        trainer._setup_runtime()
+        embedder = Embedder(build_model("ir_18"), device="cpu")
+        assert trainer.autocast_dtype == embedder.autocast
+        native = cpu_has_bf16(flags) and torch.backends.mkldnn.is_available()
+        assert trainer.autocast_dtype == (torch.bfloat16 if native else None)
+        assert trainer.precision == ("bf16" if native else "fp32")
+
 
 class TestBundle:
     def test_a_bundle_is_a_data_root_the_trainer_reads(self, tmp_path: Path, cache: Path) -> None:

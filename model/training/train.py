@@ -15,8 +15,8 @@ One step, for a PK batch of aligned crops:
    - distillation from SFace: the teacher embeds the *clean* crop (same flip), the student sees
      the augmented, possibly occluded one; relation loss (batch cosine-similarity matrices) and a
      feature loss through a 512->128 projection.
-4. SGD (or AdamW), warm-up then cosine decay, gradient clipping; bf16 autocast on CPU, fp16 AMP
-   on CUDA.
+4. SGD (or AdamW), warm-up then cosine decay, gradient clipping; bf16 autocast on CPUs with native
+   bf16 (fp32 on others), fp16 AMP on CUDA.
 
 Reproducibility: batches are a function of (seed, epoch) and every step's augmentation and dropout
 are seeded from (seed, global step), so ``resume`` replays exactly. A checkpoint (``last.pt``) is
@@ -46,7 +46,7 @@ from torch import nn
 
 from model.align import to_input_tensor
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.embedder import Embedder, score_pairs, select_device
+from model.embedder import Embedder, precision_setting, score_pairs, select_device, select_precision
 from model.net import build_model
 from model.training.adaface_import import import_adaface_ckpt
 from model.training.augment import AugmentConfig, FaceAugmenter
@@ -111,7 +111,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda"
-    precision: str = "auto"  # "auto" (bf16 on CPU, fp16 on CUDA), "fp32", "bf16", "fp16"
+    precision: str = "auto"  # "auto" (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), "fp32", "bf16", "fp16"
     threads: int = 2
     deterministic: bool = True  # bit-exact resume; costs little on CPU, some speed on CUDA
     checkpoint_every: int = 100
@@ -256,6 +256,7 @@ class Trainer:
     """Builds data, model and optimiser from a :class:`TrainConfig`, trains, validates, checkpoints."""
 
     def __init__(self, cfg: TrainConfig, data: TrainingData | None = None) -> None:
+        self.created = time.perf_counter()  # a time budget counts from here: loading the data is part of the run
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -316,11 +317,10 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.device = select_device(cfg.device)
-        precision = cfg.precision
-        if precision == "auto":  # training autocast: fp16 with a grad scaler on CUDA, bf16 on the CPU
-            precision = "fp16" if self.device.type == "cuda" else "bf16"
-        self.precision = precision
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        # the service's rule (model.embedder.select_precision): fp16 with a grad scaler on CUDA, bf16 on CPUs that
+        # compute it natively, fp32 on the others (emulated bf16 trains many times slower than fp32)
+        self.autocast_dtype = select_precision(cfg.precision, self.device)
+        self.precision = precision_setting(self.autocast_dtype)
 
     def _split(self, data: TrainingData) -> None:
         """Identity-disjoint train/validation split; training labels renumbered from 0."""
@@ -583,7 +583,7 @@ class Trainer:
             return {"score": float("nan")}
         val = self._val_set()
         # the served path (precision, no flip): validation numbers are what the service would see
-        embed = Embedder(self.model, device=self.device, batch_size=64)
+        embed = Embedder(self.model, device=self.device, precision=self.precision, batch_size=64)
         clean = embed(self.data.images[self.val_idx])
         occl = embed(val["occluded"])
         a, b = val["pairs"][:, 0], val["pairs"][:, 1]
@@ -625,7 +625,7 @@ class Trainer:
         model is validated (and the best exported) by the clock instead of at epoch ends.
         """
         cfg = self.cfg
-        clock = _RunClock(cfg.budget_minutes, self.state["global_step"], cfg.validate_every_s)
+        clock = _RunClock(cfg.budget_minutes, self.state["global_step"], cfg.validate_every_s, self.created)
         progress = _progress(total=self.total_steps, initial=self.state["global_step"])
         log_jsonl = (self.out / "steps.jsonl").open("a")
         running: dict[str, list[float]] = {}
@@ -660,6 +660,17 @@ class Trainer:
                     if sized is not None:
                         self.total_steps = self.state["total_steps"] = sized
                         logger.info("time budget: schedule sized to %d steps", sized)
+                    if clock.out_of_time(self.state["global_step"], self._final_estimate(clock, len(batches[i]))):
+                        stop = self.state["global_step"]
+                        if stop < self.total_steps:
+                            logger.warning(
+                                "time budget: stopping at step %d of %d to validate and export inside %.1f minutes",
+                                stop,
+                                self.total_steps,
+                                cfg.budget_minutes,
+                            )
+                        self.total_steps = self.state["total_steps"] = stop
+                        break
                     if self.state["global_step"] % cfg.log_every == 0:
                         row = {
                             "step": self.state["global_step"],
@@ -704,6 +715,13 @@ class Trainer:
             progress.close()
             log_jsonl.close()
         return self.state
+
+    def _final_estimate(self, clock: _RunClock, batch: int) -> float:
+        """Seconds the end of a run takes before a validation has been timed: the validation's forward passes
+        (its faces clean and occluded, at half the training step's time per face: a forward without the
+        backward, augmentation or teacher) and the checkpoint and export."""
+        per_face = clock._last_step_s / max(batch, 1)
+        return 2 * len(self.val_idx) * per_face / 2 + 3.0
 
     def _next_epoch(self) -> None:
         self.state["epoch"] += 1
@@ -766,47 +784,86 @@ class Trainer:
 
 
 class _RunClock:
-    """Sizes a time-budgeted schedule from the measured step rate (twice: early, then refined).
+    """Keeps a time-budgeted run inside its budget: sizes the schedule from the measured step rate and stops it
+    when the time left would not hold one more step and the final validation and export.
 
-    Steps before timing starts are not counted (start-up, allocator and kernel warm-up). The time
-    the remaining validations will take is kept out of the budget, so that the run ends, with its
-    learning rate decayed, before the time is up.
+    The schedule is (re)sized at :data:`PROBES` steps into the run, or at :data:`PROBE_FRACTIONS` of the budget
+    when steps are too slow to reach them, so a slow machine gets a short, decayed schedule instead of a long
+    one cut off. The time the remaining validations will take is kept out of the schedule. Whatever the rate,
+    :meth:`out_of_time` ends the run early enough to validate and export inside the budget, measured from
+    ``started`` (the trainer's creation: loading the data counts too).
     """
 
     PROBES = (20, 200)  # steps into the run at which the schedule is (re)sized
+    PROBE_FRACTIONS = (0.05, 0.25)  # ... or these shares of the budget, whichever comes first
     MARGIN = 0.03  # of the budget, for the final checkpoint and export
 
-    def __init__(self, budget_minutes: float | None, first_step: int, validate_every_s: float | None = None) -> None:
+    def __init__(
+        self,
+        budget_minutes: float | None,
+        first_step: int,
+        validate_every_s: float | None = None,
+        started: float | None = None,
+    ) -> None:
         self.budget = budget_minutes * 60.0 if budget_minutes else None
         self.every = validate_every_s
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() if started is None else started
         self.first_step = first_step
         self.mark: tuple[float, int] | None = None
         self.validating = 0.0
         self.validations = 0
-        self._pending = list(self.PROBES)
+        self._pending = list(zip(self.PROBES, self.PROBE_FRACTIONS, strict=True))
+        self._last_step_s = 0.0
+        self._step_started = time.perf_counter()
 
     def spent_validating(self, seconds: float) -> None:
         self.validating += seconds
         self.validations += 1
 
+    @property
+    def deadline(self) -> float | None:
+        return self.started + self.budget * (1 - self.MARGIN) if self.budget is not None else None
+
+    def _rate(self, step: int, now: float) -> float | None:
+        """Steps a second since timing started (validations excluded)."""
+        if self.mark is None or step <= self.mark[1]:
+            return None
+        return (step - self.mark[1]) / max(now - self.mark[0] - self.validating, 1e-6)
+
     def resize(self, step: int) -> int | None:
         """The new total step count when ``step`` reaches a probe, else ``None``."""
+        now = time.perf_counter()
+        self._last_step_s, self._step_started = now - self._step_started, now
         if self.budget is None or not self._pending:
             return None
         done = step - self.first_step
-        if self.mark is None and done >= 3:  # start timing after a few warm-up steps
-            self.mark = (time.perf_counter(), step)
+        if self.mark is None:  # start timing after the first step (start-up, allocator and kernel warm-up)
+            if done >= 1:
+                self.mark = (now, step)
             return None
-        if self.mark is None or done < self._pending[0]:
+        steps, fraction = self._pending[0]
+        if done < steps and now - self.started < fraction * self.budget:
+            return None
+        rate = self._rate(step, now)
+        if rate is None:
             return None
         self._pending.pop(0)
-        now = time.perf_counter()
-        rate = (step - self.mark[1]) / max(now - self.mark[0] - self.validating, 1e-6)
-        wall = self.budget * (1 - self.MARGIN) - (now - self.started)
+        assert self.deadline is not None
+        wall = self.deadline - now
         per = self.validating / self.validations if self.validations else 0.0
         future = wall / (self.every + per) if self.every else 1.0  # validations still to come (+1: the last)
         return step + max(1, int(rate * (wall - (future + 1) * per)))
+
+    def out_of_time(self, step: int, final_s: float) -> bool:
+        """Whether the run must stop now: one more step and the final work (``final_s``: a validation and the
+        export, estimated by the trainer until one was timed) would pass the deadline."""
+        if self.deadline is None:
+            return False
+        now = time.perf_counter()
+        rate = self._rate(step, now)
+        per_step = 1.0 / rate if rate else self._last_step_s
+        final = max(final_s, self.validating / self.validations if self.validations else 0.0)
+        return now + per_step + final > self.deadline
 
 
 class _progress:
