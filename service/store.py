@@ -204,14 +204,12 @@ class GalleryStore(Protocol):
 #: The schema's version (``meta.schema_version``): 1 had one gallery; 2 has collections.
 SCHEMA_VERSION = 2
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS collections (name TEXT PRIMARY KEY, created_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS subjects (
+#: The subjects' and faces' columns (schema 2), as both the schema and the migration to it create them.
+_SUBJECT_COLUMNS = """(
     collection TEXT NOT NULL REFERENCES collections(name), subject TEXT NOT NULL, name TEXT,
     metadata TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL, PRIMARY KEY (collection, subject)
-);
-CREATE TABLE IF NOT EXISTS faces (
+)"""
+_FACE_TABLE_COLUMNS = """(
     face_id TEXT PRIMARY KEY,
     subject TEXT NOT NULL,
     model_version TEXT NOT NULL,
@@ -219,7 +217,13 @@ CREATE TABLE IF NOT EXISTS faces (
     norm REAL NOT NULL, quality REAL NOT NULL, detection_score REAL, box TEXT, crop BLOB, created_at REAL NOT NULL,
     collection TEXT NOT NULL,
     FOREIGN KEY (collection, subject) REFERENCES subjects(collection, subject) ON DELETE CASCADE
-);
+)"""
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS collections (name TEXT PRIMARY KEY, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS subjects {_SUBJECT_COLUMNS};
+CREATE TABLE IF NOT EXISTS faces {_FACE_TABLE_COLUMNS};
 CREATE INDEX IF NOT EXISTS faces_subject ON faces(collection, subject);
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY, request_hash TEXT NOT NULL, subject TEXT NOT NULL, response TEXT NOT NULL,
@@ -232,24 +236,13 @@ CREATE INDEX IF NOT EXISTS idempotency_subject ON idempotency(collection, subjec
 #: Schema 1 (one gallery) to 2 (collections): the tables are rebuilt with the collection in their keys and every
 #: subject, face and stored answer goes into the default collection, rows in their order (SQLite cannot change a
 #: primary key in place). Run in one transaction with foreign keys off, checked before it commits.
-_MIGRATE_TO_2 = """
+_MIGRATE_TO_2 = f"""
 CREATE TABLE collections (name TEXT PRIMARY KEY, created_at REAL NOT NULL);
 INSERT INTO collections(name, created_at) VALUES ('default', CAST(strftime('%s', 'now') AS REAL));
-CREATE TABLE subjects_v2 (
-    collection TEXT NOT NULL REFERENCES collections(name), subject TEXT NOT NULL, name TEXT,
-    metadata TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL, PRIMARY KEY (collection, subject)
-);
+CREATE TABLE subjects_v2 {_SUBJECT_COLUMNS};
 INSERT INTO subjects_v2(collection, subject, name, metadata, created_at)
     SELECT 'default', subject, name, metadata, created_at FROM subjects ORDER BY rowid;
-CREATE TABLE faces_v2 (
-    face_id TEXT PRIMARY KEY,
-    subject TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    embedding BLOB NOT NULL, feature_map BLOB NOT NULL, fmap_shape TEXT NOT NULL, occlusion BLOB NOT NULL,
-    norm REAL NOT NULL, quality REAL NOT NULL, detection_score REAL, box TEXT, crop BLOB, created_at REAL NOT NULL,
-    collection TEXT NOT NULL,
-    FOREIGN KEY (collection, subject) REFERENCES subjects(collection, subject) ON DELETE CASCADE
-);
+CREATE TABLE faces_v2 {_FACE_TABLE_COLUMNS};
 INSERT INTO faces_v2(face_id, subject, model_version, embedding, feature_map, fmap_shape, occlusion, norm, quality,
                      detection_score, box, crop, created_at, collection)
     SELECT face_id, subject, model_version, embedding, feature_map, fmap_shape, occlusion, norm, quality,

@@ -14,6 +14,7 @@ from skimage import data as skdata
 
 from model.align import FaceDetector, FacePipeline
 from model.net import OAMLNet, build_model
+from service.store import FaceRecord
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 #: Aligned caches made by `make prepare-data` (the Makefile's DATA folder).
@@ -87,3 +88,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def fake_face(face_id: str, subject: str, seed: int, channels: int = 512, collection: str = "default") -> FaceRecord:
+    """A stored face with seeded random arrays (stores and indexes need no model for these)."""
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=512).astype(np.float32)
+    return FaceRecord(
+        face_id=face_id,
+        subject=subject,
+        embedding=emb / np.linalg.norm(emb),
+        feature_map=rng.normal(size=(channels, 7, 7)).astype(np.float16),
+        occlusion=rng.uniform(size=(7, 7)).astype(np.float32),
+        norm=20.0,
+        quality=0.5,
+        detection_score=0.99,
+        box=[1.0, 2.0, 30.0, 40.0],
+        created_at=1000.0 + seed,
+        crop=b"jpeg" if seed % 2 else None,
+        collection=collection,
+    )

@@ -17,6 +17,7 @@ from service.app import create_app
 from service.config import Settings
 from service.errors import CollectionExists, CollectionNotFound, FaceNotFound, GalleryStoreError, SubjectNotFound
 from service.store import DEFAULT_COLLECTION, Enrolment, FaceRecord, SQLiteGalleryStore
+from tests.conftest import fake_face
 from tests.test_service import jpeg, make_settings, png
 
 
@@ -29,21 +30,7 @@ def people(astronaut: np.ndarray) -> dict[str, bytes]:
 
 
 def record(face_id: str, subject: str, seed: int, collection: str = DEFAULT_COLLECTION) -> FaceRecord:
-    rng = np.random.default_rng(seed)
-    emb = rng.normal(size=512).astype(np.float32)
-    return FaceRecord(
-        face_id=face_id,
-        subject=subject,
-        embedding=emb / np.linalg.norm(emb),
-        feature_map=rng.normal(size=(8, 7, 7)).astype(np.float16),
-        occlusion=rng.uniform(size=(7, 7)).astype(np.float32),
-        norm=20.0,
-        quality=0.5,
-        detection_score=0.99,
-        box=[1.0, 2.0, 30.0, 40.0],
-        created_at=1000.0 + seed,
-        collection=collection,
-    )
+    return fake_face(face_id, subject, seed, channels=8, collection=collection)
 
 
 def enrol(c: TestClient, subject: str, photo: bytes, collection: str | None = None, **headers: str) -> Any:

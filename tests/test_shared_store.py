@@ -23,6 +23,7 @@ from service.app import create_app
 from service.config import Settings
 from service.errors import FaceNotFound, GalleryStoreError, GalleryVersionError, SubjectNotFound
 from service.store import EnrolCommit, Enrolment, FaceRecord, SQLiteGalleryStore
+from tests.conftest import fake_face
 from tests.pg import PostgresServer, running_postgres
 from tests.servers import Server, free_port, start_server, wait_ready
 from tests.test_lifecycle import match_while_writes_wait
@@ -46,21 +47,7 @@ def url(pg: PostgresServer) -> str:
 
 
 def record(face_id: str, subject: str, seed: int) -> FaceRecord:
-    rng = np.random.default_rng(seed)
-    emb = rng.normal(size=512).astype(np.float32)
-    return FaceRecord(
-        face_id=face_id,
-        subject=subject,
-        embedding=emb / np.linalg.norm(emb),
-        feature_map=rng.normal(size=(512, 7, 7)).astype(np.float16),
-        occlusion=rng.uniform(size=(7, 7)).astype(np.float32),
-        norm=20.0,
-        quality=0.5,
-        detection_score=0.99,
-        box=[1.0, 2.0, 30.0, 40.0],
-        created_at=1000.0 + seed,
-        crop=b"jpeg" if seed % 2 else None,
-    )
+    return fake_face(face_id, subject, seed)
 
 
 def until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
