@@ -160,7 +160,13 @@ class Engine:
         self.card = WeightsCard.from_metadata(metadata or {"model_version": "unversioned", "architecture": model.arch})
         # the same embedding path as `oaml calibrate` and `oaml eval`: the thresholds hold for it
         self.embedder = Embedder(
-            model, device=settings.device, precision=settings.precision, batch_size=settings.max_batch
+            model,
+            device=settings.device,
+            precision=settings.precision,
+            batch_size=settings.max_batch,
+            engine=settings.engine,
+            version=self.card.model_version,
+            threads=settings.torch_threads,
         )
         self.model = self.embedder.model.eval()
         self.device = self.embedder.device

@@ -88,6 +88,7 @@ async def info(state: StateDep, request: Request) -> InfoResponse:
         architecture=engine.card.architecture,
         device=str(engine.device),
         precision=precision_name(engine.autocast),
+        engine=engine.embedder.engine,
         calibration="fitted on held-out identities" if cal.fitted else "default (uncalibrated)",
         presets=presets,
         probability_prior=PRIOR,

@@ -1,0 +1,121 @@
+"""Engines that run the backbone: PyTorch, or the same graph exported to ONNX and run by ONNX Runtime.
+
+On a CPU without native bf16 (an AMD EPYC Milan) the service runs fp32, and there ONNX Runtime runs the
+exported graph faster than PyTorch's fp32 path with the same numbers (bench/bench_engines.py: the
+embeddings agree to 1e-7). On a CPU with native bf16, PyTorch's bf16 autocast is the calibrated path and
+stays; on CUDA, PyTorch. :func:`select_engine` is that rule; ``OAML_ENGINE`` forces either.
+
+The exported graph is cached by model version (exporting takes seconds; a later start reads the file).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from model.net import OAMLNet, OAMLOutput
+
+__all__ = ["EngineName", "select_engine", "OnnxBackbone", "ENGINES"]
+
+logger = logging.getLogger(__name__)
+
+EngineName = Literal["torch", "onnxruntime"]
+ENGINES: tuple[str, ...] = ("auto", "torch", "onnxruntime")
+
+
+def select_engine(setting: str, device: torch.device, autocast: torch.dtype | None) -> EngineName:
+    """``auto``: ONNX Runtime for fp32 on a CPU (faster there, same numbers), else PyTorch (CUDA, and the
+    bf16 autocast of CPUs that compute bf16 natively). ONNX Runtime runs fp32 only."""
+    if setting not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {setting!r}")
+    if setting == "onnxruntime":
+        if device.type != "cpu" or autocast is not None:
+            raise ValueError("the onnxruntime engine runs fp32 on the CPU: set precision fp32 and device cpu")
+        return "onnxruntime"
+    if setting == "torch":
+        return "torch"
+    return "onnxruntime" if device.type == "cpu" and autocast is None else "torch"
+
+
+class _Outputs(torch.nn.Module):
+    """The backbone's four outputs as a tuple (what the ONNX graph returns)."""
+
+    def __init__(self, model: OAMLNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model.forward_all(x)
+        return out.embedding, out.norm, out.occlusion, out.feature_map
+
+
+def default_cache_dir() -> Path:
+    """Where exported graphs are kept: ``OAML_ENGINE_CACHE``, else ``~/.cache/oaml``."""
+    return Path(os.environ.get("OAML_ENGINE_CACHE") or Path.home() / ".cache" / "oaml")
+
+
+class OnnxBackbone:
+    """``forward_all`` of an :class:`OAMLNet`, run by ONNX Runtime on the CPU in fp32.
+
+    Args:
+        model: the network (exported once per ``version`` into ``cache_dir``).
+        version: names the export (the weights' ``model_version``; another version exports afresh).
+        threads: ONNX Runtime's intra-op threads.
+        cache_dir: where the graph is kept (default :func:`default_cache_dir`).
+    """
+
+    def __init__(self, model: OAMLNet, version: str, threads: int, cache_dir: Path | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = self._export(model, version, cache_dir or default_cache_dir())
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, threads)
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+
+    @staticmethod
+    def _export(model: OAMLNet, version: str, cache_dir: Path) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in version)
+        path = cache_dir / f"{safe}.fp32.onnx"
+        if path.is_file():
+            return path
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        wrapped = _Outputs(model).eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".onnx.tmp")
+        os.close(fd)
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                torch.onnx.export(
+                    wrapped,
+                    (torch.zeros(2, 3, 112, 112),),
+                    tmp,
+                    input_names=["x"],
+                    output_names=["embedding", "norm", "occlusion", "feature_map"],
+                    dynamic_axes={"x": {0: "n"}},
+                    opset_version=17,
+                    dynamo=False,
+                )
+            os.replace(tmp, path)  # whole or not at all, also with several processes starting at once
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        logger.info("exported the backbone to %s for ONNX Runtime", path)
+        return path
+
+    def forward_all(self, x: torch.Tensor) -> OAMLOutput:
+        """The same outputs as :meth:`OAMLNet.forward_all` (fp32 CPU tensors)."""
+        inputs: dict[str, Any] = {"x": np.ascontiguousarray(x.detach().float().cpu().numpy())}
+        embedding, norm, occlusion, feature_map = self.session.run(None, inputs)
+        return OAMLOutput(
+            torch.from_numpy(embedding),
+            torch.from_numpy(norm),
+            torch.from_numpy(occlusion),
+            torch.from_numpy(feature_map),
+        )

@@ -1,0 +1,63 @@
+"""Backbone engines: ONNX Runtime runs the exported graph with PyTorch's numbers, chosen by one rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from model.checkpoint import load_checkpoint
+from model.embedder import Embedder
+from model.engines import select_engine
+from service.app import create_app
+from tests.test_service import make_settings, png
+
+
+def test_the_engine_rule() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert select_engine("auto", cpu, None) == "onnxruntime"  # fp32 on a CPU (no native bf16)
+    assert select_engine("auto", cpu, torch.bfloat16) == "torch"  # the calibrated bf16 path
+    assert select_engine("auto", cuda, torch.float16) == "torch"
+    assert select_engine("torch", cpu, None) == "torch"
+    with pytest.raises(ValueError, match="fp32"):
+        select_engine("onnxruntime", cpu, torch.bfloat16)
+    with pytest.raises(ValueError):
+        select_engine("tensorrt", cpu, None)
+
+
+def test_onnxruntime_gives_torchs_fp32_features(weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OAML_ENGINE_CACHE", str(tmp_path / "cache"))
+    model, meta = load_checkpoint(weights)
+    crops = np.random.default_rng(0).integers(0, 255, size=(5, 112, 112, 3), dtype=np.uint8)
+    reference = Embedder(model, device="cpu", precision="fp32", engine="torch")(crops)
+    onnx = Embedder(model, device="cpu", precision="fp32", engine="onnxruntime", version=meta["model_version"])
+    got = onnx(crops)
+    assert onnx.engine == "onnxruntime" and onnx.describe()["engine"] == "onnxruntime"
+    for name in ("embedding", "norm", "occlusion", "feature_map"):
+        torch.testing.assert_close(getattr(got, name), getattr(reference, name), atol=5e-4, rtol=1e-3)
+    exported = list((tmp_path / "cache").glob("*.onnx"))
+    assert len(exported) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+    stamp = exported[0].stat().st_mtime_ns
+    Embedder(model, device="cpu", precision="fp32", engine="onnxruntime", version=meta["model_version"])
+    assert exported[0].stat().st_mtime_ns == stamp  # the next start reads the export, it does not redo it
+
+
+def test_the_service_says_which_engine_and_answers_alike(
+    weights: Path, tmp_path: Path, astronaut: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OAML_ENGINE_CACHE", str(tmp_path / "cache"))
+    mirrored = png(np.ascontiguousarray(astronaut[:, ::-1]))
+    files = {"image_a": ("a.png", png(astronaut), "image/png"), "image_b": ("b.png", mirrored, "image/png")}
+    answers = {}
+    for engine in ("torch", "onnxruntime"):
+        settings = make_settings(weights, tmp_path / engine, precision="fp32", engine=engine)
+        with TestClient(create_app(settings)) as c:
+            assert c.get("/info").json()["engine"] == engine
+            r = c.post("/verify", files=files)
+            assert r.status_code == 200, r.text
+            answers[engine] = r.json()
+    assert abs(answers["torch"]["score"] - answers["onnxruntime"]["score"]) < 1e-3
+    assert answers["torch"]["match"] == answers["onnxruntime"]["match"]
