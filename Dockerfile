@@ -18,7 +18,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     OMP_WAIT_POLICY=PASSIVE \
     OAML_HOST=0.0.0.0 \
     OAML_PORT=8000 \
-    OAML_DATA_DIR=/data
+    OAML_DATA_DIR=/data \
+    OAML_ENGINE_CACHE=/data/engines
 
 WORKDIR /app
 # torch first, from the CPU index unless TORCH_INDEX is emptied for a CUDA build

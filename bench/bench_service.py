@@ -106,10 +106,11 @@ def fill_store(data_dir: Path, model_version: str, count: int, channels: int) ->
 
 
 class Server:
-    def __init__(self, weights: Path, data_dir: Path, threads: int) -> None:
+    def __init__(self, weights: Path, data_dir: Path, threads: int, **settings: str) -> None:
         self.port = free_port()
         env = {
             **os.environ,
+            **{f"OAML_{k.upper()}": v for k, v in settings.items()},
             "OAML_WEIGHTS": str(weights),
             "OAML_DATA_DIR": str(data_dir),
             "OAML_PORT": str(self.port),
@@ -161,6 +162,77 @@ async def timed_requests(
     return latencies, statuses, wall
 
 
+def fp32_forward_ms(weights: Path, threads: int, seconds: float = 5.0) -> float:
+    """Median ms of one PyTorch fp32 forward of /verify's four crops (two faces, their mirrors): the yardstick
+    the CPU-speed issue states /verify's target in (at most 0.8 of it)."""
+    from model.checkpoint import load_checkpoint
+
+    torch.set_num_threads(threads)
+    model, _ = load_checkpoint(weights)
+    model = model.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    x = torch.randn(4, 3, 112, 112).contiguous(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            model.forward_all(x)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            model.forward_all(x)
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def engines_section(args: argparse.Namespace) -> None:
+    """/verify at c=1 and c=8 for each engine the service can run here, with the fp32 yardstick of this run."""
+    from model.embedder import cpu_has_bf16
+
+    a, b = photos()
+
+    def verify(client: httpx.AsyncClient, _: int) -> Awaitable[httpx.Response]:
+        return client.post(
+            "/verify", files={"image_a": ("a.jpg", a, "image/jpeg"), "image_b": ("b.jpg", b, "image/jpeg")}
+        )
+
+    configs = [("torch", "fp32"), ("onnxruntime", "fp32")]
+    if cpu_has_bf16():
+        configs.insert(0, ("torch", "bf16"))
+    yardstick = fp32_forward_ms(args.weights, args.threads)
+    rows = [
+        "## /verify by backbone engine (bench/bench_service.py --engines)",
+        "",
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()}, {os.cpu_count()} cores; torch "
+        f"{torch.__version__}; server with {args.threads} threads, OMP_WAIT_POLICY=PASSIVE, default batching; "
+        "client on the same machine.",
+        f"- Command: `python bench/bench_service.py --engines --requests {args.requests}`.",
+        f"- Yardstick, measured in this run: one PyTorch fp32 forward of /verify's four crops (two faces and "
+        f"their mirrors) takes {yardstick:.0f} ms. Target (issue #23): /verify p50 at most 0.8 of it, "
+        f"{0.8 * yardstick:.0f} ms.",
+        "",
+        "| engine | precision | c=1 p50 ms | c=1 p95 ms | p50 / fp32 forward | c=8 throughput | non-2xx |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine, precision in configs:
+            server = Server(
+                args.weights, Path(tmp) / f"{engine}-{precision}", args.threads, engine=engine, precision=precision
+            )
+            try:
+                asyncio.run(timed_requests(server.url, verify, 4, 1))  # warm
+                lat, st1, _ = asyncio.run(timed_requests(server.url, verify, args.requests, 1))
+                lat8, st8, wall8 = asyncio.run(timed_requests(server.url, verify, args.requests, 8))
+            finally:
+                server.stop()
+            bad = sum(v for k, v in {**st1}.items() if k >= 300) + sum(v for k, v in st8.items() if k >= 300)
+            p50 = 1000 * statistics.median(lat)
+            rows.append(
+                f"| {engine} | {precision} | {p50:.0f} | {1000 * pct(lat, 95):.0f} | {p50 / yardstick:.2f} "
+                f"| {len(lat8) / wall8:.1f} req/s | {bad} |"
+            )
+            print(rows[-1], flush=True)  # noqa: T201
+    emit("\n".join(rows), args.out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
@@ -169,7 +241,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=60, help="verify requests per concurrency level")
     parser.add_argument("--load-minutes", type=float, default=10.0)
     parser.add_argument("--skip-100k", action="store_true")
+    parser.add_argument(
+        "--engines",
+        action="store_true",
+        help="only /verify, once per backbone engine and precision, against the fp32 forward of its four crops",
+    )
     args = parser.parse_args()
+    if args.engines:
+        engines_section(args)
+        return
     meta = read_metadata(args.weights)
     version = meta["model_version"]
     channels = meta.get("heads", {}).get("qaconv", {}).get("num_features", 512)

@@ -73,7 +73,12 @@ class OnnxBackbone:
     def __init__(self, model: OAMLNet, version: str, threads: int, cache_dir: Path | None = None) -> None:
         import onnxruntime as ort
 
-        self.path = self._export(model, version, cache_dir or default_cache_dir())
+        try:
+            self.path = self._export(model, version, cache_dir or default_cache_dir())
+        except OSError as exc:  # an unwritable cache (a read-only home): export for this process only
+            fallback = Path(tempfile.gettempdir()) / f"oaml-engines-{os.getuid()}"
+            logger.warning("cannot keep the exported graph in %s (%s): using %s", cache_dir, exc, fallback)
+            self.path = self._export(model, version, fallback)
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
