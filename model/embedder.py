@@ -184,7 +184,7 @@ class Embedder:
         self.engine = select_engine(engine, self.device, self.autocast)
         self._onnx: OnnxBackbone | None = None
         if self.engine == "onnxruntime":
-            self._onnx = OnnxBackbone(model, version or f"{model.arch}-unversioned-{id(model)}", threads)
+            self._onnx = OnnxBackbone(model, version, threads)
         self.flip = flip
         self.batch_size = batch_size
         self.model = model.to(self.device)

@@ -55,6 +55,22 @@ class _Outputs(torch.nn.Module):
         return out.embedding, out.norm, out.occlusion, out.feature_map
 
 
+#: The opset the graph is exported at.
+OPSET = 17
+
+
+def export_fingerprint() -> str:
+    """What besides the weights decides the exported graph: the network's code, torch and the opset. In the
+    file name, so an upgraded service never runs a graph exported by an older one from a kept cache."""
+    import hashlib
+
+    import model.net
+
+    digest = hashlib.sha256(Path(model.net.__file__).read_bytes())
+    digest.update(f"{torch.__version__}|{OPSET}".encode())
+    return digest.hexdigest()[:12]
+
+
 def default_cache_dir() -> Path:
     """Where exported graphs are kept: ``OAML_ENGINE_CACHE``, else ``~/.cache/oaml``."""
     return Path(os.environ.get("OAML_ENGINE_CACHE") or Path.home() / ".cache" / "oaml")
@@ -70,9 +86,13 @@ class OnnxBackbone:
         cache_dir: where the graph is kept (default :func:`default_cache_dir`).
     """
 
-    def __init__(self, model: OAMLNet, version: str, threads: int, cache_dir: Path | None = None) -> None:
+    def __init__(self, model: OAMLNet, version: str | None, threads: int, cache_dir: Path | None = None) -> None:
         import onnxruntime as ort
 
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        if version is None:  # weights without a version: nothing to name a cached export by, so none is kept
+            self._scratch = tempfile.TemporaryDirectory(prefix="oaml-engine-")
+            cache_dir, version = Path(self._scratch.name), "unversioned"
         try:
             self.path = self._export(model, version, cache_dir or default_cache_dir())
         except OSError as exc:  # an unwritable cache (a read-only home): export for this process only
@@ -83,12 +103,14 @@ class OnnxBackbone:
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # idle threads sleep instead of spinning: the detector's threads share these cores (OMP_WAIT_POLICY=PASSIVE)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
 
     @staticmethod
     def _export(model: OAMLNet, version: str, cache_dir: Path) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in version)
-        path = cache_dir / f"{safe}.fp32.onnx"
+        path = cache_dir / f"{safe}.{export_fingerprint()}.fp32.onnx"
         if path.is_file():
             return path
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +126,7 @@ class OnnxBackbone:
                     input_names=["x"],
                     output_names=["embedding", "norm", "occlusion", "feature_map"],
                     dynamic_axes={"x": {0: "n"}},
-                    opset_version=17,
+                    opset_version=OPSET,
                     dynamo=False,
                 )
             os.replace(tmp, path)  # whole or not at all, also with several processes starting at once

@@ -327,7 +327,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_public(args: argparse.Namespace, embedder: Any, cal: Any, peer: Any, meta: dict[str, Any]) -> int:
     """``--suite public``: LFW, CFP-FP and CFP-FF, clean and occluded, one table (see model.training.suite)."""
-    from model.training.suite import public_sets, run_suite, suite_table, write_card_table
+    from model.training.suite import CARD_BEGIN, public_sets, run_suite, suite_table, write_card_table
 
     shared = args.shared
     sets = public_sets(
@@ -341,16 +341,23 @@ def _eval_public(args: argparse.Namespace, embedder: Any, cal: Any, peer: Any, m
         if args.record:
             raise SystemExit("--record takes the whole suite: not with --folds")
         sets = [s.subset(int(f) for f in args.folds.split(",")) for s in sets]
+    elif args.record and len(sets) < 3:
+        raise SystemExit("--record takes the whole suite: LFW, CFP-FP and CFP-FF must all be there")
     occluders = Path(args.occluders) if args.occluders else shared / "occluders"
-    report = run_suite(sets, embedder, occluders, cal, peer=peer)
+    report = run_suite(sets, embedder, occluders, cal, peer=peer, subset=not args.folds)
     report["weights"] = {"file": str(args.weights), "model_version": meta["model_version"]}
     table = suite_table(report)
     (args.out / "suite.json").write_text(json.dumps(report, indent=2))
     (args.out / "suite.md").write_text(table + "\n")
     if args.record:
         _record_metrics(args.weights, "suite", report)
-        if args.card is not None:
-            write_card_table(args.card, table)
+        card = args.card or args.weights.parent / "README.md"  # the model card beside the weights
+        if card.is_file() and CARD_BEGIN in card.read_text():
+            write_card_table(card, table)
+        else:
+            logging.getLogger(__name__).warning(
+                "no model card with a suite table at %s: only the weights record it", card
+            )
     sys.stdout.write(table + "\n")
     return 0
 
@@ -536,8 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--card",
         type=Path,
-        default=Path("weights/README.md"),
-        help="with --record, the model card whose suite table is replaced (between its suite markers)",
+        default=None,
+        help="with --record, the model card whose suite table is replaced (default: README.md beside the weights)",
     )
     p.add_argument("--peer", choices=["none", "sface"], default="none")
     _add_embedding_options(p)

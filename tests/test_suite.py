@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from model.align import ARCFACE_TEMPLATE
@@ -106,6 +107,8 @@ def test_the_suite_scores_every_set_counts_missing_faces_and_keeps_a_subset(weig
     assert (moved == emb.found).all()
     again = _embed_cache(cache, keys, embedder, occluders, None)
     assert (again.occluded.embedding == emb.occluded.embedding).all()
+    part = _embed_cache(cache, keys[3:9], embedder, occluders, None)  # a subset occludes each photo alike
+    torch.testing.assert_close(part.occluded.embedding, emb.occluded.embedding[3:9], atol=1e-5, rtol=1e-5)
     table = suite_table(report)
     assert re.search(r"\| CFP-FP \| clean \| 36 \| 3 \| [\d.]+% / [\d.]+ \|", table), table
     assert "| CFP-FP | occluded | 36 | 3 |" in table
@@ -131,6 +134,13 @@ def test_a_pair_whose_face_is_missing_is_a_non_match(weights: Path, tmp_path: Pa
         scores[len(missing)] = report["sets"]["CFP-FF"]["clean"]
     assert scores[0]["pairs_without_face"] == 0 and scores[1]["pairs_without_face"] == 4
     assert scores[1]["adaface"]["auc"] < scores[0]["adaface"]["auc"]
+
+
+def test_the_table_keeps_the_suites_order_whatever_the_reports() -> None:
+    rows = {"pairs": 1, "pairs_without_face": 0, "fused": {"accuracy": 0.5, "tar_far_1e-3": 0.1}}
+    report = {"sets": {name: {"clean": rows, "occluded": rows} for name in ("CFP-FF", "CFP-FP", "LFW")}}
+    names = [line.split("|")[1].strip() for line in suite_table(report).splitlines()[2:8]]
+    assert names == ["LFW", "LFW", "CFP-FP", "CFP-FP", "CFP-FF", "CFP-FF"]  # stored metadata sorts its keys
 
 
 def test_the_card_table_is_replaced_between_its_markers(tmp_path: Path) -> None:

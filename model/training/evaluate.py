@@ -417,11 +417,13 @@ def held_out_faces(
     ``data_root``) plus every ``holdout`` cache; a holdout cache the weights trained on is refused.
     Labels are distinct across sets.
     """
-    from model.training.train import TrainConfig, load_training_data, split_by_identity
+    from model.training.train import TrainConfig, load_training_data, read_exclusions, split_by_identity
 
     cfg = TrainConfig.from_dict(training_config)
     root = Path(data_root)
-    data = load_training_data([p if Path(p).is_absolute() else str(root / Path(p).name) for p in cfg.train])
+    # the identities training left out stay out here too, so the split rebuilt is the one training made
+    excluded = read_exclusions(cfg.exclude_identities)
+    data = load_training_data([p if Path(p).is_absolute() else str(root / Path(p).name) for p in cfg.train], excluded)
     _, val_idx = split_by_identity(data.labels, cfg.val_fraction, cfg.seed)
     images, labels, landmarks = data.images[val_idx], data.labels[val_idx], data.landmarks[val_idx]
     trained_on = {Path(p).name for p in cfg.train}

@@ -200,8 +200,10 @@ def read_exclusions(files: Sequence[str | Path]) -> set[str]:
     be, people of an evaluation set under another spelling, left out of training."""
     excluded: set[str] = set()
     for path in files:
-        for line in Path(path).read_text().splitlines():
+        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
             entry = line.split("#", 1)[0].strip()
+            if entry and "/" not in entry:
+                raise ValueError(f"{path}:{number}: {entry!r} is not `cache/identity`")
             if entry:
                 excluded.add(entry)
     return excluded
@@ -219,6 +221,10 @@ def load_training_data(caches: Sequence[str | Path], exclude: set[str] | None = 
         cache = AlignedCache(cache_path)
         refuse_evaluation_data(cache_path, cache.records)
         dropped = {i.split("/", 1)[1] for i in exclude or () if i.split("/", 1)[0] == name}
+        if dropped - set(cache.classes):
+            logger.warning(
+                "%s: identity-overlap entries match no identity: %s", name, sorted(dropped - set(cache.classes))
+            )
         if dropped & set(cache.classes):
             logger.info("%s: %d identities left out (identity-overlap lists)", name, len(dropped & set(cache.classes)))
             cache = cache.without(dropped)
@@ -660,7 +666,14 @@ class Trainer:
                     if sized is not None:
                         self.total_steps = self.state["total_steps"] = sized
                         logger.info("time budget: schedule sized to %d steps", sized)
-                    if clock.out_of_time(self.state["global_step"], self._final_estimate(clock, len(batches[i]))):
+                    step_s = clock.step_seconds(self.state["global_step"])
+                    due = (
+                        time.perf_counter() - last_validation + step_s >= cfg.validate_every_s
+                        if cfg.validate_every_s is not None
+                        else i == len(batches) - 1  # the epoch's end validates
+                    )
+                    validation_s = self._validation_estimate(step_s, len(batches[i]))
+                    if clock.out_of_time(self.state["global_step"], validation_s, self.EXPORT_S, due):
                         stop = self.state["global_step"]
                         if stop < self.total_steps:
                             logger.warning(
@@ -716,12 +729,13 @@ class Trainer:
             log_jsonl.close()
         return self.state
 
-    def _final_estimate(self, clock: _RunClock, batch: int) -> float:
-        """Seconds the end of a run takes before a validation has been timed: the validation's forward passes
-        (its faces clean and occluded, at half the training step's time per face: a forward without the
-        backward, augmentation or teacher) and the checkpoint and export."""
-        per_face = clock._last_step_s / max(batch, 1)
-        return 2 * len(self.val_idx) * per_face / 2 + 3.0
+    #: seconds kept for the last checkpoint and the export of a time-budgeted run
+    EXPORT_S = 3.0
+
+    def _validation_estimate(self, step_s: float, batch: int) -> float:
+        """Seconds a validation takes before one has been timed: its faces clean and occluded, each at half a
+        training step's time per face (a forward without the backward, augmentation or teacher)."""
+        return 2 * len(self.val_idx) * (step_s / max(batch, 1)) / 2
 
     def _next_epoch(self) -> None:
         self.state["epoch"] += 1
@@ -854,16 +868,20 @@ class _RunClock:
         future = wall / (self.every + per) if self.every else 1.0  # validations still to come (+1: the last)
         return step + max(1, int(rate * (wall - (future + 1) * per)))
 
-    def out_of_time(self, step: int, final_s: float) -> bool:
-        """Whether the run must stop now: one more step and the final work (``final_s``: a validation and the
-        export, estimated by the trainer until one was timed) would pass the deadline."""
+    def step_seconds(self, step: int) -> float:
+        """Seconds a training step takes: from the measured rate (validations excluded), else the last step's."""
+        rate = self._rate(step, time.perf_counter())
+        return 1.0 / rate if rate else self._last_step_s
+
+    def out_of_time(self, step: int, validation_s: float, export_s: float, validation_due: bool = False) -> bool:
+        """Whether the run must stop now: one more step, a validation already due (``validation_due``) and the
+        final validation and export would pass the deadline. A validation takes what the timed ones took, or
+        ``validation_s`` (the trainer's estimate) until one was timed."""
         if self.deadline is None:
             return False
-        now = time.perf_counter()
-        rate = self._rate(step, now)
-        per_step = 1.0 / rate if rate else self._last_step_s
-        final = max(final_s, self.validating / self.validations if self.validations else 0.0)
-        return now + per_step + final > self.deadline
+        validation = self.validating / self.validations if self.validations else validation_s
+        needed = self.step_seconds(step) + validation * (2 if validation_due else 1) + export_s
+        return time.perf_counter() + needed > self.deadline
 
 
 class _progress:
