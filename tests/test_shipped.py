@@ -198,3 +198,48 @@ def test_identify_presets_keep_their_fpir_on_lfw_at_every_gallery_size() -> None
             n, target = row["strangers"], preset["fpir_target"]
             slack = 4 * math.sqrt(target * (1 - target) * n) + 1
             assert abs(preset["false_positives"] - target * n) <= slack, (row["gallery_people"], name, preset)
+
+
+def test_the_cards_suite_table_is_the_recorded_report() -> None:
+    """The model card's benchmark table is what the weights' metadata recorded (``oaml eval --record``)."""
+    from model.training.suite import card_table, suite_table
+
+    meta = read_metadata(DEFAULT_WEIGHTS)
+    report = meta["metrics"]["suite"]
+    assert set(report["sets"]) == {"LFW", "CFP-FP", "CFP-FF"}
+    card = (DEFAULT_WEIGHTS.parent / "README.md").read_text()
+    assert card_table(card) == suite_table(report).strip()
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+@pytest.mark.skipif(
+    not (PREPARED_DATA / "lfw" / "manifest.jsonl").is_file() or not (SHARED_DATA / "eval" / "cfp").is_dir(),
+    reason="needs ../shared/data (CFP, occluders) and the LFW cache of `make prepare-data` (../oaml_data/lfw)",
+)
+def test_a_fresh_suite_run_on_the_fixed_subset_gives_the_recorded_numbers() -> None:
+    """Folds 1 and 2 of every set, embedded afresh on the served path with the SFace peer: the numbers the
+    card's run recorded for that subset, so the card's table is the model's and not a stale one."""
+    from model.calibration import Calibration
+    from model.embedder import Embedder
+    from model.training.suite import SUBSET_FOLDS, public_sets, run_suite
+    from model.training.teacher import SFaceTeacher
+
+    model, meta = load_checkpoint(DEFAULT_WEIGHTS)
+    recorded = meta["metrics"]["suite"]
+    sets = [
+        s.subset(SUBSET_FOLDS)
+        for s in public_sets(PREPARED_DATA / "lfw", SHARED_DATA / "eval/lfw/pairs.txt", SHARED_DATA / "eval/cfp")
+    ]
+    setting = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[recorded["embedding"]["precision"]]
+    embedder = Embedder(model, precision=setting, flip=recorded["embedding"]["flip"])
+    fresh = run_suite(
+        sets, embedder, SHARED_DATA / "occluders", Calibration.from_dict(meta["calibration"]), SFaceTeacher(threads=2)
+    )
+    for name, entry in fresh["sets"].items():
+        for condition in ("clean", "occluded"):
+            want, got = recorded["subset"][name][condition], entry[condition]
+            assert (got["pairs"], got["pairs_without_face"]) == (want["pairs"], want["pairs_without_face"])
+            for matcher in ("adaface", "qaconv", "fused", "sface_peer"):
+                for metric in ("accuracy", "auc", "tar_far_1e-2"):
+                    assert abs(got[matcher][metric] - want[matcher][metric]) <= 0.005, (name, condition, matcher)
