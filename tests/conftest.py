@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from skimage import data as skdata
 from model.align import FaceDetector, FacePipeline
 from model.net import OAMLNet, build_model
 from service.store import FaceRecord
+from tests.pg import PostgresServer, running_postgres
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 #: Aligned caches made by `make prepare-data` (the Makefile's DATA folder).
@@ -108,3 +110,19 @@ def fake_face(face_id: str, subject: str, seed: int, channels: int = 512, collec
         crop=b"jpeg" if seed % 2 else None,
         collection=collection,
     )
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the session (tests/pg.py); its tests are skipped, with the reason, without one."""
+    try:
+        with running_postgres() as server:
+            yield server
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture()
+def pg_url(pg: PostgresServer) -> str:
+    """A fresh, empty database on the session's server."""
+    return pg.new_database()

@@ -96,22 +96,6 @@ def test_collections_are_isolated_in_the_store(kind: str, tmp_path: Path, reques
     store.close()
 
 
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[Any]:
-    from tests.pg import running_postgres
-
-    try:
-        with running_postgres() as server:
-            yield server
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture()
-def pg_url(pg_server: Any) -> str:
-    return str(pg_server.new_database())
-
-
 #: A gallery as schema 1 (before collections) wrote it.
 SQLITE_SCHEMA_1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

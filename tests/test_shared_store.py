@@ -32,18 +32,9 @@ psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip i
 from service.store_pg import Change, ChangeFollower, PostgresGalleryStore  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def pg() -> Iterator[PostgresServer]:
-    try:
-        with running_postgres() as server:
-            yield server
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.fixture()
-def url(pg: PostgresServer) -> str:
-    return pg.new_database()
+def url(pg_url: str) -> str:
+    return pg_url
 
 
 def record(face_id: str, subject: str, seed: int) -> FaceRecord:
