@@ -253,7 +253,12 @@ class TestTrainer:
         )
         assert shipped["dtype"] == "float16" and shipped["training"] == meta["training"]
         # fitted on the path the service runs: its flip-test decision, the requested precision, the rounded weights
-        assert cal["embedding"] == {"device": cal["embedding"]["device"], "precision": "float32", "flip": FLIP_TEST}
+        assert cal["embedding"] == {
+            "device": cal["embedding"]["device"],
+            "precision": "float32",
+            "flip": FLIP_TEST,
+            "engine": "torch",
+        }
         assert cal["prior"] == 0.5 and 0 <= cal["reliability"]["ece_in_sample"] <= 1
         assert (
             set(cal["presets"]) == {"lenient", "balanced", "strict"}
