@@ -197,6 +197,12 @@ def engines_section(args: argparse.Namespace) -> None:
     configs = [("torch", "fp32"), ("onnxruntime", "fp32")]
     if cpu_has_bf16():
         configs.insert(0, ("torch", "bf16"))
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        pass
+    else:  # the opt-in engine, at each precision this CPU runs natively
+        configs += [("openvino", "fp32")] + ([("openvino", "bf16")] if cpu_has_bf16() else [])
     yardstick = fp32_forward_ms(args.weights, args.threads)
     rows = [
         "## /verify by backbone engine (bench/bench_service.py --engines)",

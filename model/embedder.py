@@ -177,14 +177,16 @@ class Embedder:
         version: str | None = None,
         threads: int = 1,
     ) -> None:
-        from model.engines import OnnxBackbone, select_engine
+        from model.engines import OnnxBackbone, OpenVinoBackbone, select_engine
 
         self.device = select_device(device)
         self.autocast = select_precision(precision, self.device)
         self.engine = select_engine(engine, self.device, self.autocast)
-        self._onnx: OnnxBackbone | None = None
+        self._onnx: OnnxBackbone | OpenVinoBackbone | None = None
         if self.engine == "onnxruntime":
             self._onnx = OnnxBackbone(model, version, threads)
+        elif self.engine == "openvino":
+            self._onnx = OpenVinoBackbone(model, version, threads, bf16=self.autocast is torch.bfloat16)
         self.flip = flip
         self.batch_size = batch_size
         self.model = model.to(self.device)

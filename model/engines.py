@@ -21,23 +21,29 @@ import torch
 
 from model.net import OAMLNet, OAMLOutput
 
-__all__ = ["EngineName", "select_engine", "OnnxBackbone", "ENGINES"]
+__all__ = ["EngineName", "select_engine", "OnnxBackbone", "OpenVinoBackbone", "ENGINES"]
 
 logger = logging.getLogger(__name__)
 
-EngineName = Literal["torch", "onnxruntime"]
-ENGINES: tuple[str, ...] = ("auto", "torch", "onnxruntime")
+EngineName = Literal["torch", "onnxruntime", "openvino"]
+ENGINES: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino")
 
 
 def select_engine(setting: str, device: torch.device, autocast: torch.dtype | None) -> EngineName:
     """``auto``: ONNX Runtime for fp32 on a CPU (faster there, same numbers), else PyTorch (CUDA, and the
-    bf16 autocast of CPUs that compute bf16 natively). ONNX Runtime runs fp32 only."""
+    bf16 autocast of CPUs that compute bf16 natively). ONNX Runtime runs fp32 only. OpenVINO (opt-in, the
+    ``openvino`` extra) runs on the CPU at the model's precision, fp32 or bf16: its bf16 is not PyTorch's
+    bf16 to the last bit, and its preset rates have not been checked against the calibration yet."""
     if setting not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {setting!r}")
     if setting == "onnxruntime":
         if device.type != "cpu" or autocast is not None:
             raise ValueError("the onnxruntime engine runs fp32 on the CPU: set precision fp32 and device cpu")
         return "onnxruntime"
+    if setting == "openvino":
+        if device.type != "cpu" or autocast not in (None, torch.bfloat16):
+            raise ValueError("the openvino engine runs on the CPU in fp32 or bf16")
+        return "openvino"
     if setting == "torch":
         return "torch"
     return "onnxruntime" if device.type == "cpu" and autocast is None else "torch"
@@ -146,3 +152,38 @@ class OnnxBackbone:
             torch.from_numpy(occlusion),
             torch.from_numpy(feature_map),
         )
+
+
+class OpenVinoBackbone:
+    """``forward_all`` of an :class:`OAMLNet`, run by OpenVINO on the CPU (the exported ONNX graph, compiled).
+
+    Args:
+        model: the network (exported as :class:`OnnxBackbone` exports it, and cached the same way).
+        version: names the export.
+        threads: OpenVINO's inference threads.
+        bf16: infer in bf16 (a CPU that computes it natively), else f32.
+    """
+
+    def __init__(self, model: OAMLNet, version: str | None, threads: int, bf16: bool = False) -> None:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise RuntimeError("OAML_ENGINE=openvino needs OpenVINO: pip install -e '.[openvino]'") from exc
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        if version is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="oaml-engine-")
+            path = OnnxBackbone._export(model, "unversioned", Path(self._scratch.name))
+        else:
+            try:
+                path = OnnxBackbone._export(model, version, default_cache_dir())
+            except OSError:
+                path = OnnxBackbone._export(model, version, Path(tempfile.gettempdir()) / f"oaml-engines-{os.getuid()}")
+        config = {"INFERENCE_NUM_THREADS": max(1, threads), "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.path = path
+
+    def forward_all(self, x: torch.Tensor) -> OAMLOutput:
+        """The same outputs as :meth:`OAMLNet.forward_all` (fp32 CPU tensors)."""
+        result = self.compiled(np.ascontiguousarray(x.detach().float().cpu().numpy()))
+        outputs = [torch.from_numpy(np.asarray(result[self.compiled.output(i)], dtype=np.float32)) for i in range(4)]
+        return OAMLOutput(*outputs)

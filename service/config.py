@@ -56,11 +56,12 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: fp16 on CUDA, bf16 on CPUs with bf16 support, else fp32"
     )
-    engine: Literal["auto", "torch", "onnxruntime"] = Field(
+    engine: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto",
         description=(
             "what runs the backbone. auto: ONNX Runtime where the model runs fp32 on a CPU (a CPU without native "
-            "bf16: the same numbers, faster), else PyTorch; onnxruntime needs fp32 on the CPU"
+            "bf16: the same numbers, faster), else PyTorch; onnxruntime needs fp32 on the CPU; openvino (opt-in, "
+            "the openvino extra) runs fp32 or bf16 on the CPU"
         ),
     )
     torch_threads: int | None = Field(

@@ -26,6 +26,22 @@ def test_the_engine_rule() -> None:
         select_engine("onnxruntime", cpu, torch.bfloat16)
     with pytest.raises(ValueError):
         select_engine("tensorrt", cpu, None)
+    assert select_engine("openvino", cpu, torch.bfloat16) == "openvino"  # opt-in only: auto never picks it
+    with pytest.raises(ValueError):
+        select_engine("openvino", cuda, torch.float16)
+
+
+def test_openvino_f32_gives_torchs_fp32_features(
+    weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install -e '.[openvino]')")
+    monkeypatch.setenv("OAML_ENGINE_CACHE", str(tmp_path / "cache"))
+    model, meta = load_checkpoint(weights)
+    crops = np.random.default_rng(1).integers(0, 255, size=(3, 112, 112, 3), dtype=np.uint8)
+    reference = Embedder(model, device="cpu", precision="fp32", engine="torch")(crops)
+    got = Embedder(model, device="cpu", precision="fp32", engine="openvino", version=meta["model_version"])(crops)
+    for name in ("embedding", "norm", "occlusion", "feature_map"):
+        torch.testing.assert_close(getattr(got, name), getattr(reference, name), atol=5e-4, rtol=1e-3)
 
 
 def test_onnxruntime_gives_torchs_fp32_features(weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
