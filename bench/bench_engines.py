@@ -36,18 +36,7 @@ from bench.bench_model import cpu_name, emit  # noqa: E402
 from model.align import to_input_tensor  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.embedder import cpu_has_bf16  # noqa: E402
-
-
-class _Outputs(torch.nn.Module):
-    """The backbone's four outputs as a tuple (what an ONNX graph returns)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model.forward_all(x)
-        return out.embedding, out.norm, out.occlusion, out.feature_map
+from model.engines import OnnxBackbone  # noqa: E402
 
 
 def median_ms(fn: Callable[[], Any], seconds: float, warmup: int = 3) -> float:
@@ -74,20 +63,6 @@ def real_crops(cache: Path | None, n: int) -> tuple[np.ndarray, str]:
         return np.stack([load_image(cache / records.records[i].path) for i in picked]), f"{n} crops of {cache.name}"
     rng = np.random.default_rng(0)
     return rng.integers(0, 255, size=(n, 112, 112, 3), dtype=np.uint8), f"{n} noise images (no cache given)"
-
-
-def export_onnx(model: torch.nn.Module, path: Path) -> None:
-    wrapped = _Outputs(model).eval()
-    torch.onnx.export(
-        wrapped,
-        (torch.randn(4, 3, 112, 112),),
-        str(path),
-        input_names=["x"],
-        output_names=["embedding", "norm", "occlusion", "feature_map"],
-        dynamic_axes={"x": {0: "n"}},
-        opset_version=17,
-        dynamo=False,
-    )
 
 
 def quantise_int8(fp32: Path, out: Path, calibration: np.ndarray) -> None:
@@ -166,8 +141,7 @@ def main() -> None:
     else:
         rows.append(("torch bf16 autocast", float("nan"), "not run: this CPU emulates bf16"))
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = Path(tmp) / "oaml.onnx"
-        export_onnx(model.to(memory_format=torch.contiguous_format), fp32)  # type: ignore[call-overload]
+        fp32 = OnnxBackbone.export(model, meta["model_version"], Path(tmp))  # the graph the service runs
         session = ort_session(fp32, args.threads)
         x4, xc = four.contiguous().numpy(), checks.contiguous().numpy()
         cos, vis = agreement(reference, tuple(session.run(None, {"x": xc})))

@@ -21,7 +21,7 @@ import torch
 
 from model.net import OAMLNet, OAMLOutput
 
-__all__ = ["EngineName", "select_engine", "OnnxBackbone", "OpenVinoBackbone", "ENGINES"]
+__all__ = ["EngineName", "select_engine", "exported_graph", "OnnxBackbone", "OpenVinoBackbone", "ENGINES"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,24 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("OAML_ENGINE_CACHE") or Path.home() / ".cache" / "oaml")
 
 
+def exported_graph(
+    model: OAMLNet, version: str | None, cache_dir: Path | None = None
+) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
+    """The model's ONNX graph (exported once per version into ``cache_dir``, default :func:`default_cache_dir`),
+    and the scratch folder that holds it when it is not kept: weights without a version (nothing to name a kept
+    export by) or an unwritable cache (a read-only home). Keep the folder as long as the graph is used."""
+    if version is None:
+        scratch = tempfile.TemporaryDirectory(prefix="oaml-engine-")
+        return OnnxBackbone.export(model, "unversioned", Path(scratch.name)), scratch
+    folder = cache_dir or default_cache_dir()
+    try:
+        return OnnxBackbone.export(model, version, folder), None
+    except OSError as exc:
+        fallback = Path(tempfile.gettempdir()) / f"oaml-engines-{os.getuid()}"
+        logger.warning("cannot keep the exported graph in %s (%s): using %s", folder, exc, fallback)
+        return OnnxBackbone.export(model, version, fallback), None
+
+
 class OnnxBackbone:
     """``forward_all`` of an :class:`OAMLNet`, run by ONNX Runtime on the CPU in fp32.
 
@@ -95,16 +113,7 @@ class OnnxBackbone:
     def __init__(self, model: OAMLNet, version: str | None, threads: int, cache_dir: Path | None = None) -> None:
         import onnxruntime as ort
 
-        self._scratch: tempfile.TemporaryDirectory[str] | None = None
-        if version is None:  # weights without a version: nothing to name a cached export by, so none is kept
-            self._scratch = tempfile.TemporaryDirectory(prefix="oaml-engine-")
-            cache_dir, version = Path(self._scratch.name), "unversioned"
-        try:
-            self.path = self._export(model, version, cache_dir or default_cache_dir())
-        except OSError as exc:  # an unwritable cache (a read-only home): export for this process only
-            fallback = Path(tempfile.gettempdir()) / f"oaml-engines-{os.getuid()}"
-            logger.warning("cannot keep the exported graph in %s (%s): using %s", cache_dir, exc, fallback)
-            self.path = self._export(model, version, fallback)
+        self.path, self._scratch = exported_graph(model, version, cache_dir)
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
@@ -114,7 +123,8 @@ class OnnxBackbone:
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
 
     @staticmethod
-    def _export(model: OAMLNet, version: str, cache_dir: Path) -> Path:
+    def export(model: OAMLNet, version: str, cache_dir: Path) -> Path:
+        """The graph of ``model`` at ``cache_dir``, exported unless a file for this version and code is there."""
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in version)
         path = cache_dir / f"{safe}.{export_fingerprint()}.fp32.onnx"
         if path.is_file():
@@ -169,15 +179,7 @@ class OpenVinoBackbone:
             import openvino as ov
         except ImportError as exc:
             raise RuntimeError("OAML_ENGINE=openvino needs OpenVINO: pip install -e '.[openvino]'") from exc
-        self._scratch: tempfile.TemporaryDirectory[str] | None = None
-        if version is None:
-            self._scratch = tempfile.TemporaryDirectory(prefix="oaml-engine-")
-            path = OnnxBackbone._export(model, "unversioned", Path(self._scratch.name))
-        else:
-            try:
-                path = OnnxBackbone._export(model, version, default_cache_dir())
-            except OSError:
-                path = OnnxBackbone._export(model, version, Path(tempfile.gettempdir()) / f"oaml-engines-{os.getuid()}")
+        path, self._scratch = exported_graph(model, version)
         config = {"INFERENCE_NUM_THREADS": max(1, threads), "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self.path = path
