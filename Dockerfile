@@ -1,4 +1,4 @@
-# OAML service image.
+# OAML service image (needs BuildKit: Docker 23+ uses it by default; DOCKER_BUILDKIT=1 on older engines).
 #   CPU:  docker build -t oaml .
 #   GPU:  docker build --build-arg TORCH_INDEX= -t oaml:gpu .   then   docker run --gpus all -p 8000:8000 -e OAML_API_KEYS=key:admin oaml:gpu
 # The image listens on 0.0.0.0, so it refuses to start without OAML_API_KEYS (-e OAML_API_KEYS=key:admin)
@@ -6,6 +6,13 @@
 # The GPU build takes PyPI's default torch wheel, which carries its own CUDA runtime libraries; the
 # host's NVIDIA driver reaches the container through the NVIDIA container toolkit (`--gpus all`), so
 # the same slim Python base serves both.
+#
+# Any Debian-like base with python3 (3.11+) and its venv module works: the project lives in a virtual
+# environment (/opt/venv), so a distribution's Python that refuses system-wide pip installs (PEP 668) is
+# fine; `make docker-test` builds on a bookworm base made with debootstrap (deploy/docker-base.sh).
+# Offline or behind a TLS-inspecting proxy: a torch wheel placed in deploy/wheels/ is installed instead
+# of TORCH_INDEX's, and a CA bundle handed over as the build secret `pip_cert`
+# (--secret id=pip_cert,src=/path/to/ca.pem) is used by pip for that build only, never stored in a layer.
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 
@@ -14,6 +21,10 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
     OMP_NUM_THREADS=2 \
     OMP_WAIT_POLICY=PASSIVE \
     OAML_HOST=0.0.0.0 \
@@ -22,19 +33,35 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     OAML_ENGINE_CACHE=/data/engines
 
 WORKDIR /app
-# torch first, from the CPU index unless TORCH_INDEX is emptied for a CUDA build
-RUN if [ -n "$TORCH_INDEX" ]; then pip install --no-cache-dir "$TORCH_SPEC" --index-url "$TORCH_INDEX"; \
-    else pip install --no-cache-dir "$TORCH_SPEC"; fi
+RUN python3 -m venv /opt/venv
+# torch first: a wheel from deploy/wheels/ if one is there, else from TORCH_INDEX (PyTorch's CPU index),
+# else (TORCH_INDEX emptied) PyPI's default CUDA build; then torch's C++ headers and test binaries go (about
+# 190 MB: they serve extension builds and torch's own tests, not inference)
+RUN --mount=type=bind,source=deploy/wheels,target=/wheels \
+    --mount=type=secret,id=pip_cert \
+    set -e; \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
+    wheel="$(ls /wheels/torch-*.whl 2>/dev/null | head -n 1)"; \
+    if [ -n "$wheel" ]; then pip install "$wheel"; \
+    elif [ -n "$TORCH_INDEX" ]; then pip install "$TORCH_SPEC" --index-url "$TORCH_INDEX"; \
+    else pip install "$TORCH_SPEC"; fi; \
+    torch_dir="$(python -c 'import importlib.util as u; print(u.find_spec("torch").submodule_search_locations[0])')"; \
+    rm -rf "$torch_dir/include" "$torch_dir/test"; \
+    find "$torch_dir/bin" -type f ! -name torch_shm_manager -delete
 COPY pyproject.toml README.md ./
 COPY model ./model
 COPY service ./service
 COPY oaml ./oaml
 COPY weights ./weights
-RUN pip install --no-cache-dir -e ".[postgres]"  # editable: weights resolve next to the sources
+# editable: the weights resolve next to the sources
+RUN --mount=type=secret,id=pip_cert \
+    set -e; \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
+    pip install -e ".[postgres]"
 
 RUN useradd --create-home --uid 10001 oaml && mkdir -p /data && chown oaml /data
 USER oaml
 VOLUME ["/data"]
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/ready').status != 200)"
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s CMD python -c "import os, sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('OAML_PORT', '8000')).status != 200)"
 CMD ["oaml", "serve"]

@@ -81,15 +81,29 @@ def encode(image: Image.Image | np.ndarray, fmt: str = "PNG", **kwargs: object) 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", default=False, help="run tests marked slow (make test-slow)")
+    parser.addoption(
+        "--run-docker", action="store_true", default=False, help="build and run the Docker image (make docker-test)"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--run-slow") or os.environ.get("OAML_RUN_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow, opt-in: run with `make test-slow` (pytest --run-slow)")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    opt_in = {
+        "slow": (
+            config.getoption("--run-slow") or os.environ.get("OAML_RUN_SLOW") == "1",
+            "slow, opt-in: run with `make test-slow` (pytest --run-slow)",
+        ),
+        "docker": (
+            config.getoption("--run-docker"),
+            "builds the Docker image (minutes), opt-in: run with `make docker-test` (pytest --run-docker)",
+        ),
+    }
+    for marker, (wanted, reason) in opt_in.items():
+        if wanted:
+            continue
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 def fake_face(face_id: str, subject: str, seed: int, channels: int = 512, collection: str = "default") -> FaceRecord:

@@ -1,0 +1,271 @@
+"""The Docker image, built from the project's Dockerfile and run (``make docker-test``).
+
+Opt-in (``--run-docker``): building the image takes minutes. It is built on a Debian bookworm base made
+with debootstrap (deploy/docker-base.sh), since no container registry may be reachable, and every
+container uses the host's network and is spoken to on 127.0.0.1 only. Skipped, with the reason, where no
+Docker engine answers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from tests.servers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_IMAGE = os.environ.get("OAML_DOCKER_BASE", "oaml-base:bookworm")
+IMAGE = os.environ.get("OAML_DOCKER_IMAGE", "oaml:docker-test")
+KEY = "docker-test-key"
+
+pytestmark = pytest.mark.docker
+
+
+def docker_client() -> str | None:
+    """Debian's own client first: docker.io's client builds with the engine's BuildKit (secrets, bind mounts)
+    without the buildx plugin, which a newer client insists on."""
+    if os.environ.get("OAML_DOCKER"):
+        return os.environ["OAML_DOCKER"]
+    if Path("/usr/bin/docker").exists():
+        return "/usr/bin/docker"
+    return shutil.which("docker")
+
+
+def run(*args: str, check: bool = True, timeout: float = 120, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)  # type: ignore[call-overload]
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def pip_cert() -> str | None:
+    """The CA bundle this machine's pip uses (a TLS-inspecting package index), handed to the build as a secret."""
+    if os.environ.get("PIP_CERT") and Path(os.environ["PIP_CERT"]).is_file():
+        return os.environ["PIP_CERT"]
+    try:
+        out = subprocess.run(["pip", "config", "list"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        name, _, value = line.partition("=")
+        if name.strip().endswith(".cert"):
+            path = value.strip().strip("'\"")
+            if Path(path).is_file():
+                return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def docker() -> str:
+    client = docker_client()
+    if client is None:
+        pytest.skip("no docker client (make docker-test installs Debian's docker.io as root)")
+    info = subprocess.run([client, "info"], capture_output=True, text=True, timeout=60)
+    if info.returncode != 0:
+        pytest.skip(f"no Docker engine answers ({info.stderr.strip()[:200]}); make docker-test starts one as root")
+    return client
+
+
+@pytest.fixture(scope="module")
+def image(docker: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The base image (cached) and the service image built from the project's Dockerfile on it."""
+    base = subprocess.run(
+        [str(ROOT / "deploy" / "docker-base.sh"), BASE_IMAGE],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "DOCKER": docker},
+    )
+    if base.returncode != 0:
+        pytest.fail(f"could not make the base image:\n{base.stdout[-2000:]}{base.stderr[-2000:]}")
+    build = [docker, "build", "--network", "host", "--build-arg", f"BASE={BASE_IMAGE}", "-t", IMAGE]
+    cert = pip_cert()
+    if cert:
+        build += ["--secret", f"id=pip_cert,src={cert}"]
+    log = tmp_path_factory.mktemp("docker") / "build.log"
+    started = time.monotonic()
+    with log.open("w") as out:
+        done = subprocess.run(
+            [*build, str(ROOT)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=2400,
+            env={**os.environ, "DOCKER_BUILDKIT": "1", "BUILDKIT_PROGRESS": "plain"},
+        )
+    if done.returncode != 0:
+        pytest.fail(f"docker build failed:\n{log.read_text()[-4000:]}")
+    size = int(run(docker, "image", "inspect", "-f", "{{.Size}}", IMAGE).stdout.strip())
+    print(f"image {IMAGE}: built in {time.monotonic() - started:.0f} s, {size / 2**20:.0f} MiB")  # noqa: T201
+    return IMAGE
+
+
+def health(docker: str, name: str) -> str:
+    state = json.loads(run(docker, "inspect", "-f", "{{json .State}}", name).stdout)
+    if not state.get("Running"):
+        logs = run(docker, "logs", "--tail", "40", name, check=False)
+        raise AssertionError(f"container {name} stopped (exit {state.get('ExitCode')}):\n{logs.stdout}{logs.stderr}")
+    return str(state.get("Health", {}).get("Status", "none"))
+
+
+def wait_healthy(docker: str, name: str, timeout: float = 300) -> None:
+    """Until the image's own HEALTHCHECK says healthy (its command, probed every 2 s here)."""
+    deadline = time.monotonic() + timeout
+    status = "none"
+    while time.monotonic() < deadline:
+        status = health(docker, name)
+        if status == "healthy":
+            return
+        time.sleep(1)
+    logs = run(docker, "logs", "--tail", "40", name, check=False)
+    raise AssertionError(f"container {name} not healthy after {timeout:.0f} s ({status}):\n{logs.stdout}{logs.stderr}")
+
+
+class Service:
+    """One running container of the image, with its gallery on a named volume."""
+
+    def __init__(self, docker: str, image: str) -> None:
+        self.docker, self.image = docker, image
+        tag = uuid.uuid4().hex[:8]
+        self.name, self.volume = f"oaml-test-{tag}", f"oaml-test-data-{tag}"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        run(
+            self.docker,
+            "run",
+            "-d",
+            "--name",
+            self.name,
+            "--network",
+            "host",
+            "-v",
+            f"{self.volume}:/data",
+            "-e",
+            f"OAML_API_KEYS={KEY}:admin",
+            "-e",
+            f"OAML_PORT={self.port}",
+            "-e",
+            "OAML_HOST=127.0.0.1",
+            "--health-interval",
+            "2s",
+            "--health-start-period",
+            "300s",
+            self.image,
+        )
+        wait_healthy(self.docker, self.name)
+
+    def restart(self) -> None:
+        run(self.docker, "restart", self.name, timeout=180)
+        time.sleep(3)  # the health status stays "healthy" from before until the next probe fails or passes
+        wait_healthy(self.docker, self.name)
+
+    def remove(self) -> None:
+        run(self.docker, "rm", "-f", self.name, check=False)
+        run(self.docker, "volume", "rm", "-f", self.volume, check=False)
+
+
+@pytest.fixture(scope="module")
+def service(docker: str, image: str) -> Iterator[Service]:
+    svc = Service(docker, image)
+    try:
+        svc.start()
+        yield svc
+    finally:
+        svc.remove()
+
+
+def png(image: np.ndarray | Image.Image) -> bytes:
+    buf = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, bytes]:
+    astronaut = Image.fromarray(skdata.astronaut())
+    buf = io.BytesIO()
+    astronaut.save(buf, format="JPEG", quality=90)  # same person, other codec (the model is weak on a stretched copy)
+    return {"astronaut": png(astronaut), "astronaut_jpeg": buf.getvalue(), "camera": png(skdata.camera())}
+
+
+def test_image_runs_as_the_unprivileged_user(docker: str, image: str) -> None:
+    assert run(docker, "image", "inspect", "-f", "{{.Config.User}}", image).stdout.strip() == "oaml"
+    uid = run(docker, "run", "--rm", "--network", "host", "--entrypoint", "id", image, "-u").stdout.strip()
+    assert uid == "10001"
+
+
+def test_refuses_to_start_open_to_the_network_without_keys(docker: str, image: str) -> None:
+    """The image listens on 0.0.0.0: without OAML_API_KEYS it stops at start-up, saying what to set."""
+    result = run(
+        docker, "run", "--rm", "--network", "host", "-e", f"OAML_PORT={free_port()}", image, check=False, timeout=180
+    )
+    assert result.returncode != 0
+    assert "OAML_API_KEYS" in result.stdout + result.stderr
+
+
+def test_verifies_a_pair_of_photos(service: Service, photos: dict[str, bytes]) -> None:
+    headers = {"X-API-Key": KEY}
+    same = httpx.post(
+        f"{service.url}/verify",
+        headers=headers,
+        files={
+            "image_a": ("a.png", photos["astronaut"], "image/png"),
+            "image_b": ("b.jpg", photos["astronaut_jpeg"], "image/jpeg"),
+        },
+        timeout=60,
+    )
+    assert same.status_code == 200, same.text
+    other = httpx.post(
+        f"{service.url}/verify",
+        headers=headers,
+        files={
+            "image_a": ("a.png", photos["astronaut"], "image/png"),
+            "image_b": ("c.png", photos["camera"], "image/png"),
+        },
+        timeout=60,
+    )
+    assert other.status_code == 200, other.text
+    assert same.json()["match"] is True and other.json()["match"] is False
+    assert same.json()["score"] > other.json()["score"]
+    # without the key: refused
+    assert httpx.post(f"{service.url}/verify", files={}, timeout=30).status_code == 401
+
+
+def test_enrolment_survives_a_container_restart(service: Service, photos: dict[str, bytes]) -> None:
+    headers = {"X-API-Key": KEY}
+    r = httpx.post(
+        f"{service.url}/gallery",
+        headers=headers,
+        data={"subject": "eileen"},
+        files=[("images", ("a.png", photos["astronaut"], "image/png"))],
+        timeout=60,
+    )
+    assert r.status_code in (200, 201), r.text
+    service.restart()
+    listed = httpx.get(f"{service.url}/gallery/eileen", headers=headers, timeout=30)
+    assert listed.status_code == 200, listed.text
+    found = httpx.post(
+        f"{service.url}/identify",
+        headers=headers,
+        files={"image": ("b.jpg", photos["astronaut_jpeg"], "image/jpeg")},
+        data={"threshold": "-1000"},
+        timeout=60,
+    )
+    assert found.status_code == 200, found.text
+    assert found.json()["match"]["subject"] == "eileen" and found.json()["gallery_faces"] == 1
