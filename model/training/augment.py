@@ -36,6 +36,18 @@ class AugmentConfig:
     low_res: float = 0.2
     low_res_scale: tuple[float, float] = (0.2, 1.0)
     occlusion: float = 0.5
+    # made only by the device augmenter (model/training/device_augment.py, `augment_on = "device"`):
+    blur: float = 0.0  # Gaussian blur, sigma drawn from blur_sigma (pixels)
+    blur_sigma: tuple[float, float] = (0.3, 1.6)
+    jpeg: float = 0.0  # JPEG-like 8x8 DCT blocking at a quality drawn from jpeg_quality
+    jpeg_quality: tuple[float, float] = (30.0, 90.0)
+    mix: float = 0.0  # mixed views appended per batch, as a fraction of its size (mixup or cutmix)
+    mix_cutmix: float = 0.5  # share of the mixed views made by cutmix (the rest by mixup)
+    mix_alpha: float = 0.4  # the mixing weight is drawn from a Beta(mix_alpha, mix_alpha)-like law
+
+    def device_only(self) -> list[str]:
+        """The augmentations asked for that only the device augmenter makes."""
+        return [name for name in ("blur", "jpeg", "mix") if getattr(self, name) > 0]
 
 
 @dataclass
@@ -71,6 +83,11 @@ class FaceAugmenter:
     """
 
     def __init__(self, config: AugmentConfig, occlusion: OcclusionAugmenter | None) -> None:
+        if config.device_only():
+            raise ValueError(
+                f"augment {', '.join(config.device_only())}: only the device augmenter makes these "
+                '(augment_on = "device")'
+            )
         self.config = config
         self.occlusion = occlusion
 

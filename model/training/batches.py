@@ -18,11 +18,35 @@ from multiprocessing.pool import AsyncResult, Pool
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from model.align import to_input_tensor
 from model.training.augment import FaceAugmenter
+from model.training.device_augment import DeviceAugmenter
 from model.training.occlusion import visibility_grid
 
-__all__ = ["PreparedBatch", "BatchSource", "Prefetcher"]
+__all__ = ["PreparedBatch", "DeviceBatch", "BatchSource", "DeviceBatchSource", "Prefetcher"]
+
+
+@dataclass
+class DeviceBatch:
+    """A training step's batch as tensors on the training device.
+
+    ``inputs`` are the student's views in the network's convention (BGR, [-1, 1], channels last);
+    ``teacher_views`` the teacher's (RGB, [0, 255]); the first ``len(labels)`` rows are labelled.
+    """
+
+    inputs: torch.Tensor
+    visibility: torch.Tensor  # [B, 7, 7]
+    labels: torch.Tensor  # [L]
+    occluded: torch.Tensor  # [B] bool
+    teacher_views: torch.Tensor | None
+    teacher_targets: torch.Tensor | None
+
+    @property
+    def labelled(self) -> int:
+        return len(self.labels)
 
 
 @dataclass
@@ -55,6 +79,20 @@ class PreparedBatch:
             occluded=np.concatenate([p.occluded for p in parts]),
             teacher_images=cat("teacher_images"),
             teacher_targets=cat("teacher_targets"),
+        )
+
+    def to_device(self, device: torch.device) -> DeviceBatch:
+        def tensor(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(a).to(device)
+
+        views = tensor(self.teacher_images)
+        return DeviceBatch(
+            inputs=to_input_tensor(self.images).to(device).contiguous(memory_format=torch.channels_last),
+            visibility=torch.from_numpy(self.visibility).to(device),
+            labels=torch.from_numpy(self.labels).to(device),
+            occluded=torch.from_numpy(self.occluded).to(device),
+            teacher_views=None if views is None else views.permute(0, 3, 1, 2).float(),
+            teacher_targets=tensor(self.teacher_targets),
         )
 
 
@@ -185,3 +223,59 @@ class Prefetcher:
             self._pool.join()
             self._pool = None
         self._pending.clear()
+
+
+class DeviceBatchSource:
+    """Batches made on the training device (``augment_on = "device"``): the crops are copied there once,
+    and each step's batch is gathered and augmented by :class:`DeviceAugmenter` with a generator seeded by
+    (seed, step). The same rows as :class:`BatchSource`: the PK batch, then ``unlabeled_per_batch``
+    unlabelled faces, then the mixed views."""
+
+    def __init__(self, source: BatchSource, augmenter: DeviceAugmenter, device: torch.device) -> None:
+        self.source, self.augmenter, self.device = source, augmenter, device
+        self.images = torch.from_numpy(source.images).to(device)
+        self.landmarks = torch.from_numpy(np.asarray(source.landmarks, dtype=np.float32)).to(device)
+        self.unlabeled_images = self.unlabeled_landmarks = None
+        if source.unlabeled_images is not None and source.unlabeled_landmarks is not None:
+            self.unlabeled_images = torch.from_numpy(source.unlabeled_images).to(device)
+            self.unlabeled_landmarks = torch.from_numpy(np.asarray(source.unlabeled_landmarks, dtype=np.float32)).to(
+                device
+            )
+        self.rows = torch.from_numpy(np.asarray(source.rows, dtype=np.int64)).to(device)
+        self.labels = torch.from_numpy(np.asarray(source.labels, dtype=np.int64)).to(device)
+        if augmenter.config.mix > 0 and source.teacher_view == "clean":
+            raise ValueError('mixed views need the teacher to label them: teacher_view = "matched"')
+
+    def size(self, batch: np.ndarray) -> int:
+        return self.source.size(batch)
+
+    def prepare(self, step: int, batch: np.ndarray) -> DeviceBatch:
+        src = self.source
+        positions = torch.from_numpy(np.asarray(batch, dtype=np.int64)).to(self.device)
+        rows = self.rows[positions]
+        images, landmarks = self.images[rows], self.landmarks[rows]
+        extra = torch.from_numpy(src.unlabeled_rows(step)).to(self.device)
+        if len(extra) and self.unlabeled_images is not None and self.unlabeled_landmarks is not None:
+            images = torch.cat([images, self.unlabeled_images[extra]])
+            landmarks = torch.cat([landmarks, self.unlabeled_landmarks[extra]])
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(int(np.random.default_rng([src.seed, step, 5]).integers(2**62)))
+        matched = src.teacher_view == "matched"
+        out = self.augmenter(images, landmarks, generator, teacher_view=matched)
+        targets = None
+        if src.teacher_view == "clean" and src.teacher_table is not None:
+            table = [src.teacher_table[np.asarray(src.rows)[np.asarray(batch)]]]
+            if len(extra) and src.unlabeled_teacher_table is not None:
+                table.append(src.unlabeled_teacher_table[src.unlabeled_rows(step)])
+            both = torch.from_numpy(np.concatenate(table)).to(self.device)  # [B, 2, 128]: crop, mirror
+            targets = both[torch.arange(len(both), device=self.device), out.flipped[: len(both)].long()].float()
+        rgb = out.student
+        inputs = (rgb.flip(1) / 255.0 - 0.5) / 0.5  # RGB -> BGR, AdaFace's scale
+        return DeviceBatch(
+            inputs=inputs.contiguous(memory_format=torch.channels_last),
+            visibility=F.adaptive_avg_pool2d(out.visible[:, None], 7)[:, 0],
+            labels=self.labels[positions],
+            occluded=out.occluded,
+            teacher_views=out.teacher,
+            teacher_targets=targets,
+        )

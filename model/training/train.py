@@ -44,14 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.align import to_input_tensor
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.embedder import Embedder, precision_setting, score_pairs, select_device, select_precision
 from model.net import build_model
 from model.training.adaface_import import import_adaface_ckpt
 from model.training.augment import AugmentConfig, FaceAugmenter
-from model.training.batches import BatchSource, Prefetcher, PreparedBatch
+from model.training.batches import BatchSource, DeviceBatch, DeviceBatchSource, Prefetcher
 from model.training.class_memory import ClassMemory
+from model.training.device_augment import DeviceAugmenter, OccluderBank
 from model.training.face import AlignedCache, refuse_evaluation_data
 from model.training.head import AdaFace, build_head
 from model.training.losses import (
@@ -125,6 +125,10 @@ class TrainConfig:
     exclude_identities: list[str] = field(default_factory=list)  # identity-overlap lists (cache/identity lines)
     unlabeled_per_batch: int = 0  # unlabeled faces added to each PK batch
     augment_workers: int = 0  # processes preparing the next batch during the step (0: in the training process)
+    # "workers": NumPy augmentation per face (in augment_workers processes); "device": batched on the training
+    # device from crops copied there once (model/training/device_augment.py: GPU hosts; blur, jpeg, mix)
+    augment_on: str = "workers"
+    occluder_bank: int = 2048  # occluder layers rendered at start for augment_on = "device"
     budget_minutes: float | None = None  # size the schedule from the measured step rate to end inside this time
     validate_every_s: float | None = None  # validate by time (short epochs) instead of at each epoch end
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -168,6 +172,12 @@ class TrainConfig:
             raise ValueError("unlabeled caches and unlabeled_per_batch > 0 go together")
         if self.unlabeled and not self.teacher:
             raise ValueError("unlabeled faces only train through the teacher: set teacher = true")
+        if self.augment_on not in ("workers", "device"):
+            raise ValueError("augment_on must be 'workers' or 'device'")
+        if self.augment.device_only() and self.augment_on != "device":
+            raise ValueError(f'augment {", ".join(self.augment.device_only())} need augment_on = "device"')
+        if self.augment.mix > 0 and not (self.teacher and self.teacher_view == "matched"):
+            raise ValueError('mixed views are labelled by the teacher only: set teacher_view = "matched"')
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -278,7 +288,10 @@ class Trainer:
         self._build_networks()
         self.optimizer = self._build_optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and self.device.type == "cuda")
-        self.augmenter = FaceAugmenter(cfg.augment, OcclusionAugmenter.from_folder(cfg.occluders, probability=1.0))
+        occlusion = OcclusionAugmenter.from_folder(cfg.occluders, probability=1.0)
+        # the per-face augmenter (batches with augment_on = "workers"; the fixed occluded validation copies)
+        plain = dataclasses.replace(cfg.augment, blur=0.0, jpeg=0.0, mix=0.0)
+        self.augmenter = FaceAugmenter(plain, occlusion)
         unlabeled = self.unlabeled
         self.batch_source = BatchSource(
             augmenter=self.augmenter,
@@ -296,6 +309,10 @@ class Trainer:
                 self._teacher_embeddings(unlabeled) if unlabeled is not None and distill and not matched else None
             ),
         )
+        self.device_source: DeviceBatchSource | None = None
+        if cfg.augment_on == "device":
+            bank = OccluderBank.render(occlusion, cfg.occluder_bank, cfg.seed).to(self.device)
+            self.device_source = DeviceBatchSource(self.batch_source, DeviceAugmenter(cfg.augment, bank), self.device)
         self._prefetcher: Prefetcher | None = None
         sampler_cls = GraphSampler if cfg.sampler == "graph" else PKSampler
         self.sampler = sampler_cls(self.train_labels, cfg.p, cfg.k, cfg.seed)
@@ -488,24 +505,21 @@ class Trainer:
     def train_step(self, batch: np.ndarray) -> dict[str, float]:
         """One optimisation step on the PK batch ``batch`` (training positions) plus its unlabelled share."""
         step = self.state["global_step"]
+        if self.device_source is not None:
+            return self._step(self.device_source.prepare(step, batch))
         prepared = self._prefetcher.take(step, batch) if self._prefetcher else self.batch_source.prepare(step, batch)
-        return self._step(prepared)
+        return self._step(prepared.to_device(self.device))
 
-    def _teacher_targets(self, prepared: PreparedBatch) -> torch.Tensor | None:
-        if self.teacher_net is not None and prepared.teacher_images is not None:
+    def _teacher_targets(self, prepared: DeviceBatch) -> torch.Tensor | None:
+        if self.teacher_net is not None and prepared.teacher_views is not None:
             with torch.no_grad():
-                views = torch.from_numpy(prepared.teacher_images).to(self.device).permute(0, 3, 1, 2).float()
-                return self.teacher_net(views)
-        if prepared.teacher_targets is not None:
-            return torch.from_numpy(prepared.teacher_targets).to(self.device)
-        return None
+                return self.teacher_net(prepared.teacher_views)
+        return prepared.teacher_targets
 
-    def _step(self, prepared: PreparedBatch) -> dict[str, float]:
+    def _step(self, prepared: DeviceBatch) -> dict[str, float]:
         cfg, step = self.cfg, self.state["global_step"]
         torch.manual_seed(_seed_for(cfg.seed, step))  # dropout
-        x = to_input_tensor(prepared.images).to(self.device).contiguous(memory_format=torch.channels_last)
-        target_vis = torch.from_numpy(prepared.visibility).to(self.device)
-        labels = torch.from_numpy(prepared.labels).to(self.device)
+        x, target_vis, labels = prepared.inputs, prepared.visibility, prepared.labels
         n = prepared.labelled  # identity losses see the labelled faces; the teacher and the occlusion head all
 
         for g in self.optimizer.param_groups:
@@ -547,7 +561,7 @@ class Trainer:
         self.state["global_step"] += 1
         result = {k: float(v.detach()) for k, v in losses.items()}
         result["total"] = float(total.detach())
-        clean = torch.from_numpy(~prepared.occluded).to(out.occlusion.device)
+        clean = ~prepared.occluded
         result["visibility_clean"] = float(out.occlusion.detach()[clean].mean()) if bool(clean.any()) else float("nan")
         return result
 
@@ -636,7 +650,7 @@ class Trainer:
         log_jsonl = (self.out / "steps.jsonl").open("a")
         running: dict[str, list[float]] = {}
         t_epoch, images_epoch, last_validation = time.perf_counter(), 0, time.perf_counter()
-        self._prefetcher = Prefetcher(self.batch_source, cfg.augment_workers)
+        self._prefetcher = Prefetcher(self.batch_source, 0 if self.device_source else cfg.augment_workers)
 
         def limit() -> int:
             return min(self.total_steps, stop_after) if stop_after is not None else self.total_steps
