@@ -69,21 +69,22 @@ test-slow: prepare-data
 	OAML_PREPARED_DATA=$(abspath $(DATA)) $(BIN)/python -m pytest -q --run-slow -m slow
 
 # The Docker image built from the Dockerfile on a debootstrap base and run: health, /verify, an enrolment
-# kept across a restart, the non-root user, no open start without keys (tests/test_docker.py, minutes).
+# kept across a restart, the non-root user, no open start without keys; then deploy/compose.yaml with
+# PostgreSQL, two replicas and nginx (tests/test_docker.py, minutes).
 # Debian's docker client is preferred: it builds with the engine's BuildKit without the buildx plugin.
 DOCKER ?= $(shell [ -x /usr/bin/docker ] && echo /usr/bin/docker || command -v docker)
 docker-test: install docker-engine
 	@ls deploy/wheels/torch-*.whl >/dev/null 2>&1 || $(BIN)/pip download -q --no-deps -d deploy/wheels "$(TORCH_CPU)"
 	OAML_DOCKER=$(DOCKER) $(BIN)/python -m pytest -q --run-docker -m docker tests/test_docker.py
 
-# A Docker engine for docker-test: Debian's docker.io and debootstrap, dockerd without bridge or iptables
+# A Docker engine for docker-test: Debian's docker.io, docker-compose and debootstrap, dockerd without bridge or iptables
 # (containers use the host's network). Where it cannot be had (not root, no apt), docker-test skips.
 docker-engine:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		{ command -v dockerd >/dev/null && command -v debootstrap >/dev/null; } || { \
-			echo "installing docker.io and debootstrap for the Docker image test"; \
-			DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io debootstrap >/dev/null 2>&1 || \
-			{ apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io debootstrap >/dev/null 2>&1; } || \
+		{ command -v dockerd >/dev/null && command -v debootstrap >/dev/null && command -v docker-compose >/dev/null; } || { \
+			echo "installing docker.io, docker-compose and debootstrap for the Docker image tests"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io docker-compose debootstrap >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io docker-compose debootstrap >/dev/null 2>&1; } || \
 			echo "could not install docker.io: the Docker tests will be skipped"; }; \
 		if command -v dockerd >/dev/null && ! $(DOCKER) info >/dev/null 2>&1; then \
 			echo "starting dockerd (--bridge=none --iptables=false, log in /var/log/oaml-dockerd.log)"; \

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from skimage import data as skdata
 
@@ -98,6 +99,7 @@ def image(docker: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     if cert:
         build += ["--secret", f"id=pip_cert,src={cert}"]
     log = tmp_path_factory.mktemp("docker") / "build.log"
+    before = run(docker, "image", "inspect", "-f", "{{.Id}}", IMAGE, check=False).stdout.strip()
     started = time.monotonic()
     with log.open("w") as out:
         done = subprocess.run(
@@ -109,6 +111,8 @@ def image(docker: str, tmp_path_factory: pytest.TempPathFactory) -> str:
         )
     if done.returncode != 0:
         pytest.fail(f"docker build failed:\n{log.read_text()[-4000:]}")
+    if before and before != run(docker, "image", "inspect", "-f", "{{.Id}}", IMAGE).stdout.strip():
+        run(docker, "image", "rm", before, check=False)  # the previous build of this tag, now untagged
     size = int(run(docker, "image", "inspect", "-f", "{{.Size}}", IMAGE).stdout.strip())
     print(f"image {IMAGE}: built in {time.monotonic() - started:.0f} s, {size / 2**20:.0f} MiB")  # noqa: T201
     return IMAGE
@@ -269,3 +273,136 @@ def test_enrolment_survives_a_container_restart(service: Service, photos: dict[s
     )
     assert found.status_code == 200, found.text
     assert found.json()["match"]["subject"] == "eileen" and found.json()["gallery_faces"] == 1
+
+
+# -- deploy/compose.yaml: PostgreSQL, two replicas and nginx ------------------------------------------
+
+SIDE_IMAGES = {"postgres": "oaml-test-postgres:bookworm", "nginx": "oaml-test-nginx:bookworm"}
+NGINX_CONF = """
+upstream oaml {{
+    least_conn;
+    server 127.0.0.1:{a} max_fails=3 fail_timeout=10s;
+    server 127.0.0.1:{b} max_fails=3 fail_timeout=10s;
+}}
+server {{
+    listen 127.0.0.1:{lb};
+    client_max_body_size 320m;
+    location / {{
+        proxy_pass http://oaml;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_next_upstream error timeout http_503;
+    }}
+}}
+"""
+
+
+def compose_command(docker: str) -> list[str] | None:
+    """Debian's docker-compose (what make docker-engine installs), else the Compose plugin of the client."""
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30).returncode == 0:
+        return [docker, "compose"]
+    return None
+
+
+@pytest.fixture(scope="module")
+def side_images(docker: str, image: str) -> dict[str, str]:
+    """PostgreSQL and nginx images made from the same Debian base with Debian's packages."""
+    for name, tag in SIDE_IMAGES.items():
+        run(
+            docker,
+            "build",
+            "--network",
+            "host",
+            "--build-arg",
+            f"BASE={BASE_IMAGE}",
+            "-f",
+            str(ROOT / "tests" / "docker" / f"{name}.Dockerfile"),
+            "-t",
+            tag,
+            str(ROOT / "tests" / "docker"),
+            timeout=900,
+            env={**os.environ, "DOCKER_BUILDKIT": "1"},
+        )
+    return SIDE_IMAGES
+
+
+def wait_ready(url: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} not ready after {timeout:.0f} s")
+
+
+def test_compose_replicas_share_one_gallery_behind_nginx(
+    docker: str, image: str, side_images: dict[str, str], photos: dict[str, bytes], tmp_path: Path
+) -> None:
+    """deploy/compose.yaml with tests/docker/compose.host.yaml: enrol on one replica, the other replica and
+    nginx (whichever replica it picks) identify the subject."""
+    compose = compose_command(docker)
+    if compose is None:
+        pytest.skip("no docker-compose and no compose plugin (make docker-engine installs Debian's docker-compose)")
+    pg, a, b, lb = (free_port() for _ in range(4))
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(a=a, b=b, lb=lb))
+    env = {
+        **os.environ,
+        "OAML_API_KEYS": f"{KEY}:admin",
+        "OAML_TEST_IMAGE": image,
+        "OAML_TEST_PG_IMAGE": side_images["postgres"],
+        "OAML_TEST_NGINX_IMAGE": side_images["nginx"],
+        "OAML_TEST_PG_PORT": str(pg),
+        "OAML_TEST_PORT_A": str(a),
+        "OAML_TEST_PORT_B": str(b),
+        "OAML_TEST_NGINX_CONF": str(conf),
+    }
+    # deploy/compose.yaml as users run it, less the load balancer's published port: publishing means nothing
+    # on the host's network, and Compose refuses the two together
+    spec = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    assert spec["services"]["lb"].pop("ports")
+    base = tmp_path / "compose.yaml"
+    base.write_text(yaml.safe_dump(spec))
+    files = ["-f", str(base), "-f", str(ROOT / "tests" / "docker" / "compose.host.yaml")]
+    project = ["-p", f"oamltest{uuid.uuid4().hex[:8]}", "--project-directory", str(ROOT / "deploy")]
+    cmd = [*compose, *project, *files]
+    headers = {"X-API-Key": KEY}
+    try:
+        run(*cmd, "up", "-d", "--no-build", env=env, timeout=600)
+        for port in (a, b, lb):
+            wait_ready(f"http://127.0.0.1:{port}")
+        enrolled = httpx.post(
+            f"http://127.0.0.1:{a}/gallery",
+            headers=headers,
+            data={"subject": "eileen"},
+            files=[("images", ("a.png", photos["astronaut"], "image/png"))],
+            timeout=60,
+        )
+        assert enrolled.status_code == 201, enrolled.text
+
+        def identify(port: int) -> dict:
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/identify",
+                headers=headers,
+                files={"image": ("b.jpg", photos["astronaut_jpeg"], "image/jpeg")},
+                data={"threshold": "-1000"},
+                timeout=60,
+            )
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        deadline = time.monotonic() + 15  # the other replica follows through the change log (NOTIFY, or a poll)
+        while identify(b)["match"] is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert identify(b)["match"]["subject"] == "eileen"
+        for _ in range(4):  # through nginx, whichever replica answers
+            assert identify(lb)["match"]["subject"] == "eileen"
+    finally:
+        logs = run(*cmd, "logs", "--tail", "30", env=env, check=False, timeout=120)
+        run(*cmd, "down", "-v", env=env, check=False, timeout=300)
+        print(logs.stdout[-4000:])  # noqa: T201  (shown by pytest when the test fails)
