@@ -15,7 +15,7 @@ DATA ?= ../oaml_data
 RUN ?= ../oaml_runs/ir18_default
 WEIGHTS ?= weights/oaml_ir18.safetensors
 
-.PHONY: install lint test test-slow docker-engine docker-test browser postgres serve bench bench-service bench-stages bench-gallery bench-ann prepare-data train-default eval clean
+.PHONY: install lint test test-slow gpu-bundle docker-engine docker-test browser postgres serve bench bench-service bench-stages bench-gallery bench-ann prepare-data train-default eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -118,6 +118,13 @@ prepare-data: install
 	ln -sfn "$(abspath $(SHARED)/occluders)" $(DATA)/occluders
 	for cache in celeba_extra lag fgnet utkface mask_unlabeled aflw2000; do \
 		ln -sfn "$(abspath $(SHARED)/train/aligned)/$$cache" $(DATA)/$$cache; done
+
+# A GPU run of model v3 (README, "A GPU run"): the recipe's data in parts that one command each can carry,
+# the recipe, PARTS.json and run.sh, in bundle/ (git-ignored). INIT=weights/oaml_ir18.safetensors starts from
+# the shipped weights (one more part).
+gpu-bundle: prepare-data
+	rm -rf bundle
+	$(BIN)/oaml gpu-bundle bundle --config configs/oaml_ir18_v3.toml --data-root $(DATA) $(if $(INIT),--init-from $(INIT))
 
 # Reproduces the shipped weights: same recipe and seed (bits may differ across hardware).
 train-default: prepare-data

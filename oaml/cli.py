@@ -82,13 +82,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     }
     cfg = TrainConfig.from_toml(args.config, **overrides)
     if args.data_root is not None:
-        root = Path(args.data_root)
-        cfg.train = [str(root / p) if not Path(p).is_absolute() else p for p in cfg.train]
-        cfg.unlabeled = [str(root / p) if not Path(p).is_absolute() else p for p in cfg.unlabeled]
-        if cfg.teacher_weights and not Path(cfg.teacher_weights).is_absolute():
-            cfg.teacher_weights = str(root / cfg.teacher_weights)
-        if cfg.occluders and not Path(cfg.occluders).is_absolute():
-            cfg.occluders = str(Path(args.data_root) / cfg.occluders)
+        cfg = cfg.with_data_root(args.data_root)
     state = Trainer(cfg).fit()
     json.dump(
         {"global_step": state["global_step"], "epoch": state["epoch"], "best_score": state["best_score"]}, sys.stdout
@@ -104,6 +98,23 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
         args.out, args.cache, args.occluders, quality=args.quality, limit_mb=args.limit_mb, teacher=args.teacher
     )
     json.dump(summary, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_gpu_bundle(args: argparse.Namespace) -> int:
+    from model.training.bundle import make_gpu_bundle
+
+    listing = make_gpu_bundle(
+        args.out,
+        args.config,
+        args.data_root,
+        quality=args.quality,
+        part_mb=args.part_mb,
+        init_from=args.init_from,
+        reserve_s=args.reserve_s,
+    )
+    json.dump({k: listing[k] for k in ("caches", "bytes", "parts")}, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
 
@@ -471,6 +482,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-mb", type=float, default=None, help="fail when the bundle is larger")
     p.add_argument("--teacher", action="store_true", help="include the SFace teacher for function matching (10 MB)")
     p.set_defaults(func=_cmd_bundle)
+
+    p = sub.add_parser(
+        "gpu-bundle",
+        help="prepare a GPU run: the recipe's data in tar parts under --part-mb, its config, PARTS.json and run.sh",
+    )
+    p.add_argument("out", type=Path, help="the bundle folder (empty or new; /bundle at the repository root is ignored)")
+    p.add_argument("--config", type=Path, required=True, help="the training recipe (TOML)")
+    p.add_argument("--data-root", type=Path, required=True, help="folder holding the recipe's caches and occluders")
+    p.add_argument("--quality", type=int, default=85, help="JPEG quality of the re-encoded crops")
+    p.add_argument(
+        "--part-mb",
+        type=float,
+        default=56.0,
+        help="the largest part (MiB): 64 MiB a command, less the tree without weights",
+    )
+    p.add_argument("--init-from", type=Path, default=None, help="weights to start from (carried in fp16)")
+    p.add_argument("--reserve-s", type=float, default=30.0, help="seconds of the budget kept for export and log")
+    p.set_defaults(func=_cmd_gpu_bundle)
 
     p = sub.add_parser(
         "calibrate", help="fit score fusion, preset thresholds and probabilities on identities held out of training"

@@ -121,11 +121,14 @@ class BatchSource:
     unlabeled_landmarks: np.ndarray | None = None
     unlabeled_per_batch: int = 0
     unlabeled_teacher_table: np.ndarray | None = None
+    unlabeled_p: np.ndarray | None = None  # per-face draw probabilities (None: uniform)
 
     def unlabeled_rows(self, step: int) -> np.ndarray:
         if not self.unlabeled_per_batch or self.unlabeled_images is None:
             return np.zeros(0, dtype=np.int64)
         rng = np.random.default_rng([self.seed, step, 99])
+        if self.unlabeled_p is not None:
+            return rng.choice(len(self.unlabeled_images), self.unlabeled_per_batch, p=self.unlabeled_p)
         return rng.integers(0, len(self.unlabeled_images), self.unlabeled_per_batch)
 
     def size(self, batch: np.ndarray) -> int:

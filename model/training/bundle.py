@@ -28,7 +28,7 @@ from model.align import load_image
 from model.training.face import AlignedCache, refuse_evaluation_data
 from model.training.occlusion import EVAL_MASKS, EVAL_SUNGLASSES
 
-__all__ = ["make_bundle", "folder_bytes"]
+__all__ = ["make_bundle", "make_gpu_bundle", "folder_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +37,19 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _copy_cache(src: Path, dst: Path, quality: int) -> int:
+def _copy_cache(src: Path, dst: Path, quality: int, exclude: set[str] | None = None) -> int:
     cache = AlignedCache(src)
     refuse_evaluation_data(src, cache.records)  # a bundle is training data: nothing from eval/ goes in
+    dropped = {i.split("/", 1)[1] for i in exclude or () if i.split("/", 1)[0] == src.name}
+    if dropped:  # identity-overlap lists: such faces never travel
+        cache = cache.without(dropped)
     dst.mkdir(parents=True, exist_ok=True)
     lines = []
     for record in cache.records:
         rel = Path(record.path).with_suffix(".jpg")
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(load_image(src / record.path)).save(dst / rel, quality=quality)
+        # optimised Huffman tables: the same pixels, about 5% fewer bytes
+        Image.fromarray(load_image(src / record.path)).save(dst / rel, quality=quality, optimize=True)
         lines.append(json.dumps({**asdict(record), "path": str(rel)}))
     (dst / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return len(lines)
@@ -82,8 +86,10 @@ def make_bundle(
     quality: int = 85,
     limit_mb: float | None = None,
     teacher: bool = False,
+    exclude: set[str] | None = None,
 ) -> dict[str, Any]:
-    """Write the bundle; returns what it holds and its size. Refuses to end over ``limit_mb``."""
+    """Write the bundle; returns what it holds and its size. Refuses to end over ``limit_mb``. ``exclude``:
+    ``cache/identity`` names left out (identity-overlap lists)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty")
@@ -91,7 +97,7 @@ def make_bundle(
     summary: dict[str, Any] = {"quality": quality, "caches": {}}
     for cache in caches:
         name = Path(cache).name
-        summary["caches"][name] = _copy_cache(Path(cache), out / name, quality)
+        summary["caches"][name] = _copy_cache(Path(cache), out / name, quality, exclude)
         logger.info("bundled %s: %d crops", name, summary["caches"][name])
     if occluders is not None:
         summary["occluders"] = _copy_occluders(Path(occluders), out / "occluders")
@@ -109,3 +115,69 @@ def make_bundle(
             f"the bundle is {size:.1f} MiB, over the {limit_mb} MiB limit: lower --quality or drop a cache"
         )
     return summary
+
+
+RUN_SH = """#!/usr/bin/env bash
+# A GPU run from this bundle (model/training/gpu_run.py): run from the repository's root on the GPU host.
+#   bash bundle/run.sh unpack              unpack the parts this command carried (into bundle/data)
+#   bash bundle/run.sh BUDGET_S OUT_DIR    unpack, refuse a partial set, train inside BUDGET_S, export to OUT_DIR
+set -euo pipefail
+bundle="$(cd "$(dirname "$0")" && pwd)"
+cd "${OAML_REPO:-$bundle/..}"
+exec "${PYTHON:-python3}" -m model.training.gpu_run --bundle "$bundle" "$@"
+"""
+
+
+def make_gpu_bundle(
+    out: str | Path,
+    config: str | Path,
+    data_root: str | Path,
+    quality: int = 85,
+    part_mb: float = 56.0,
+    init_from: str | Path | None = None,
+    reserve_s: float = 30.0,
+) -> dict[str, Any]:
+    """A bundle for :mod:`model.training.gpu_run`: the recipe's caches (less its identity-overlap lists), the
+    training occluders and the SFace teacher, packed into tar parts under ``part_mb`` MiB, plus the recipe,
+    ``PARTS.json`` and ``run.sh``. ``init_from``: weights to start from, carried in fp16."""
+    from model.training.gpu_run import PARTS, pack_parts
+    from model.training.train import TrainConfig, read_exclusions
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig.from_toml(config)
+    root = Path(data_root)
+    staging = out / "staging"
+    summary = make_bundle(
+        staging,
+        [root / c for c in [*cfg.train, *cfg.unlabeled]],
+        root / cfg.occluders if cfg.occluders else None,
+        quality=quality,
+        teacher=cfg.teacher and cfg.teacher_view == "matched",
+        exclude=read_exclusions(cfg.exclude_identities),
+    )
+    listing: dict[str, Any] = {
+        "config": Path(config).name,
+        "quality": quality,
+        "caches": summary["caches"],
+        "occluders": summary.get("occluders"),
+        "reserve_s": reserve_s,
+    }
+    if init_from is not None:
+        from model.training.gpu_run import _to_fp16
+
+        (staging / "init").mkdir()
+        _to_fp16(Path(init_from), staging / "init" / "start.fp16.safetensors")
+        listing["init_from"] = "init/start.fp16.safetensors"
+        listing["init_source"] = Path(init_from).name
+    listing["parts"] = pack_parts(staging, out, int(part_mb * 2**20))
+    listing["bytes"] = sum(p["bytes"] for p in listing["parts"])
+    shutil.rmtree(staging)
+    shutil.copy2(config, out / "config.toml")
+    (out / PARTS).write_text(json.dumps(listing, indent=2) + "\n")
+    (out / "run.sh").write_text(RUN_SH)
+    (out / "run.sh").chmod(0o755)
+    logger.info("GPU bundle %s: %d parts, %.1f MiB", out, len(listing["parts"]), listing["bytes"] / 2**20)
+    return listing

@@ -124,11 +124,15 @@ class TrainConfig:
     unlabeled: list[str] = field(default_factory=list)  # aligned caches without usable labels: teacher losses only
     exclude_identities: list[str] = field(default_factory=list)  # identity-overlap lists (cache/identity lines)
     unlabeled_per_batch: int = 0  # unlabeled faces added to each PK batch
+    # how often a face of each unlabelled cache is drawn relative to others (default 1): aflw2000 = 3 shows the
+    # only faces in every head pose three times as often
+    unlabeled_weights: dict[str, float] = field(default_factory=dict)
     augment_workers: int = 0  # processes preparing the next batch during the step (0: in the training process)
     # "workers": NumPy augmentation per face (in augment_workers processes); "device": batched on the training
     # device from crops copied there once (model/training/device_augment.py: GPU hosts; blur, jpeg, mix)
     augment_on: str = "workers"
     occluder_bank: int = 2048  # occluder layers rendered at start for augment_on = "device"
+    fused_optimizer: bool = False  # the optimiser's fused implementation (fewer kernel launches on a GPU)
     budget_minutes: float | None = None  # size the schedule from the measured step rate to end inside this time
     validate_every_s: float | None = None  # validate by time (short epochs) instead of at each epoch end
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -138,6 +142,20 @@ class TrainConfig:
         raw = tomllib.loads(Path(path).read_text())
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(raw)
+
+    def with_data_root(self, root: str | Path) -> TrainConfig:
+        """Relative cache, occluder and teacher paths resolved under ``root`` (``--data-root``, a bundle)."""
+
+        def under(p: str) -> str:
+            return p if Path(p).is_absolute() else str(Path(root) / p)
+
+        return dataclasses.replace(
+            self,
+            train=[under(p) for p in self.train],
+            unlabeled=[under(p) for p in self.unlabeled],
+            teacher_weights=under(self.teacher_weights) if self.teacher_weights else None,
+            occluders=under(self.occluders) if self.occluders else None,
+        )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
@@ -172,6 +190,9 @@ class TrainConfig:
             raise ValueError("unlabeled caches and unlabeled_per_batch > 0 go together")
         if self.unlabeled and not self.teacher:
             raise ValueError("unlabeled faces only train through the teacher: set teacher = true")
+        unknown = set(self.unlabeled_weights) - {Path(p).name for p in self.unlabeled}
+        if unknown:
+            raise ValueError(f"unlabeled_weights names caches not in unlabeled: {sorted(unknown)}")
         if self.augment_on not in ("workers", "device"):
             raise ValueError("augment_on must be 'workers' or 'device'")
         if self.augment.device_only() and self.augment_on != "device":
@@ -305,6 +326,7 @@ class Trainer:
             unlabeled_images=unlabeled.images if unlabeled is not None else None,
             unlabeled_landmarks=unlabeled.landmarks if unlabeled is not None else None,
             unlabeled_per_batch=cfg.unlabeled_per_batch,
+            unlabeled_p=self._unlabeled_draw(unlabeled),
             unlabeled_teacher_table=(
                 self._teacher_embeddings(unlabeled) if unlabeled is not None and distill and not matched else None
             ),
@@ -327,6 +349,8 @@ class Trainer:
             "total_steps": None,
         }
         self._val_cache: dict[str, Any] | None = None
+        self.last_rows = 0
+        self.step_rates: list[float] = []  # images/s of each step this process trained (validation excluded)
         self._maybe_resume()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -397,6 +421,14 @@ class Trainer:
             for frozen in (self.model.input_layer, self.model.body, self.model.output_layer):
                 frozen.requires_grad_(False)
 
+    def _unlabeled_draw(self, unlabeled: TrainingData | None) -> np.ndarray | None:
+        """Per-face draw probabilities from ``unlabeled_weights`` (None: uniform, the default draw)."""
+        if unlabeled is None or not self.cfg.unlabeled_weights:
+            return None
+        cache_of_label = np.array([i.split("/", 1)[0] for i in unlabeled.identities])
+        weights = np.array([self.cfg.unlabeled_weights.get(c, 1.0) for c in cache_of_label[unlabeled.labels]])
+        return weights / weights.sum()
+
     def _teacher_embeddings(self, data: TrainingData) -> np.ndarray:
         from model.training.teacher import teacher_embeddings
 
@@ -436,9 +468,10 @@ class Trainer:
                 if param.requires_grad:
                     (no_decay if _no_decay(name, param) else decay).append(param)
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = True if self.cfg.fused_optimizer else None  # one kernel for all parameters
         if self.cfg.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=self.cfg.lr, momentum=self.cfg.momentum, nesterov=True)
-        return torch.optim.AdamW(groups, lr=self.cfg.lr)
+            return torch.optim.SGD(groups, lr=self.cfg.lr, momentum=self.cfg.momentum, nesterov=True, fused=fused)
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, fused=fused)
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to 1% of the peak over the whole run."""
@@ -520,6 +553,7 @@ class Trainer:
         cfg, step = self.cfg, self.state["global_step"]
         torch.manual_seed(_seed_for(cfg.seed, step))  # dropout
         x, target_vis, labels = prepared.inputs, prepared.visibility, prepared.labels
+        self.last_rows = int(x.shape[0])  # faces through the network: labelled, unlabelled and mixed
         n = prepared.labelled  # identity losses see the labelled faces; the teacher and the occlusion head all
 
         for g in self.optimizer.param_groups:
@@ -671,10 +705,11 @@ class Trainer:
                     t0 = time.perf_counter()
                     losses = self.train_step(batches[i])
                     self.state["step_in_epoch"] += 1
-                    images_epoch += len(batches[i])
+                    images_epoch += self.last_rows
                     for k, v in losses.items():
                         running.setdefault(k, []).append(v)
-                    rate = len(batches[i]) / (time.perf_counter() - t0)
+                    rate = self.last_rows / (time.perf_counter() - t0)
+                    self.step_rates.append(rate)
                     progress.update(1, losses["total"], rate)
                     sized = clock.resize(self.state["global_step"])
                     if sized is not None:
