@@ -74,11 +74,14 @@ test-slow: prepare-data
 # Debian's docker client is preferred: it builds with the engine's BuildKit without the buildx plugin.
 DOCKER ?= $(shell [ -x /usr/bin/docker ] && echo /usr/bin/docker || command -v docker)
 docker-test: install docker-engine
-	@ls deploy/wheels/torch-*.whl >/dev/null 2>&1 || $(BIN)/pip download -q --no-deps -d deploy/wheels "$(TORCH_CPU)"
+	@if $(DOCKER) info >/dev/null 2>&1 && ! ls deploy/wheels/torch-*.whl >/dev/null 2>&1; then \
+		$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+			--platform manylinux_2_28_x86_64 -d deploy/wheels "$(TORCH_CPU)"; fi
 	OAML_DOCKER=$(DOCKER) $(BIN)/python -m pytest -q --run-docker -m docker tests/test_docker.py
 
-# A Docker engine for docker-test: Debian's docker.io, docker-compose and debootstrap, dockerd without bridge or iptables
-# (containers use the host's network). Where it cannot be had (not root, no apt), docker-test skips.
+# A Docker engine for docker-test: Debian's docker.io, docker-compose and debootstrap, dockerd without bridge or
+# iptables (containers use the host's network). Where it cannot be had (not root, no apt), docker-test skips.
+# The client is looked up after the install (DOCKER, above, is fixed when make starts).
 docker-engine:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		{ command -v dockerd >/dev/null && command -v debootstrap >/dev/null && command -v docker-compose >/dev/null; } || { \
@@ -86,10 +89,11 @@ docker-engine:
 			DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io docker-compose debootstrap >/dev/null 2>&1 || \
 			{ apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io docker-compose debootstrap >/dev/null 2>&1; } || \
 			echo "could not install docker.io: the Docker tests will be skipped"; }; \
-		if command -v dockerd >/dev/null && ! $(DOCKER) info >/dev/null 2>&1; then \
+		client="$$( [ -x /usr/bin/docker ] && echo /usr/bin/docker || command -v docker || true)"; \
+		if [ -n "$$client" ] && command -v dockerd >/dev/null && ! "$$client" info >/dev/null 2>&1; then \
 			echo "starting dockerd (--bridge=none --iptables=false, log in /var/log/oaml-dockerd.log)"; \
 			nohup dockerd --bridge=none --iptables=false >/var/log/oaml-dockerd.log 2>&1 & \
-			for i in $$(seq 60); do $(DOCKER) info >/dev/null 2>&1 && break; sleep 1; done; \
+			for i in $$(seq 60); do "$$client" info >/dev/null 2>&1 && break; sleep 1; done; \
 		fi; \
 	else echo "no Docker engine can be installed here (needs root and apt): the Docker tests will be skipped"; fi
 

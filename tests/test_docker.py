@@ -93,6 +93,8 @@ def image(docker: str, tmp_path_factory: pytest.TempPathFactory) -> str:
         env={**os.environ, "DOCKER": docker},
     )
     if base.returncode != 0:
+        if "debootstrap not found" in base.stderr or os.geteuid() != 0:  # debootstrap needs root and the tool
+            pytest.skip(f"cannot make the Debian base image here: {base.stderr.strip()[-200:]}")
         pytest.fail(f"could not make the base image:\n{base.stdout[-2000:]}{base.stderr[-2000:]}")
     build = [docker, "build", "--network", "host", "--build-arg", f"BASE={BASE_IMAGE}", "-t", IMAGE]
     cert = pip_cert()
@@ -216,9 +218,23 @@ def test_image_runs_as_the_unprivileged_user(docker: str, image: str) -> None:
 
 def test_refuses_to_start_open_to_the_network_without_keys(docker: str, image: str) -> None:
     """The image listens on 0.0.0.0: without OAML_API_KEYS it stops at start-up, saying what to set."""
-    result = run(
-        docker, "run", "--rm", "--network", "host", "-e", f"OAML_PORT={free_port()}", image, check=False, timeout=180
-    )
+    name = f"oaml-test-open-{uuid.uuid4().hex[:8]}"
+    try:
+        result = run(
+            docker,
+            "run",
+            "--name",
+            name,
+            "--network",
+            "host",
+            "-e",
+            f"OAML_PORT={free_port()}",
+            image,
+            check=False,
+            timeout=180,
+        )
+    finally:  # were it to start after all, it must not stay up listening on every interface
+        run(docker, "rm", "-f", name, check=False)
     assert result.returncode != 0
     assert "OAML_API_KEYS" in result.stdout + result.stderr
 

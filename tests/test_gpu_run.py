@@ -164,7 +164,7 @@ class TestGpuRunOnTheCpu:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "training images/s" in done.stdout
         report = json.loads((tmp_path / "out" / "run.json").read_text())
-        assert report["steps"] >= 3 and report["seconds"]["total"] <= budget + 5
+        assert report["steps"] >= 1 and report["seconds"]["total"] <= budget + 5 and report["history"]
         assert elapsed < budget + 40  # interpreter start and imports on top of the budget
         assert report["throughput"]["warm_median_img_per_s"] > 0
         assert report["config"]["augment_on"] == "device" and report["config"]["unlabeled_weights"] == {"more": 2.0}

@@ -246,7 +246,7 @@ class DeviceBatchSource:
             )
         self.rows = torch.from_numpy(np.asarray(source.rows, dtype=np.int64)).to(device)
         self.labels = torch.from_numpy(np.asarray(source.labels, dtype=np.int64)).to(device)
-        if augmenter.config.mix > 0 and source.teacher_view == "clean":
+        if augmenter.config.mix > 0 and source.teacher_view != "matched":
             raise ValueError('mixed views need the teacher to label them: teacher_view = "matched"')
 
     def size(self, batch: np.ndarray) -> int:

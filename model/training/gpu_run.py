@@ -3,7 +3,7 @@
 A lease is short (about 10 minutes a command, 15 in all) and each command carries at most 64 MiB of files,
 the project's tree included. So the bundle is a folder of parts:
 
-- ``part-000.tar`` ...: the training data (aligned caches as JPEG, their manifests, the training occluders,
+- ``part-000.tar.gz`` ...: the training data (aligned caches as JPEG, their manifests, the training occluders,
   the folded SFace teacher, optionally the starting weights in fp16), each tar under ``--part-mb``;
 - ``PARTS.json``: every part's size and SHA-256 and what the set holds; ``config.toml``: the recipe, its data
   paths relative to the unpacked data; ``run.sh``: the entry point.
@@ -37,6 +37,7 @@ __all__ = ["pack_parts", "unpack_parts", "missing_parts", "split_file", "join_pa
 
 logger = logging.getLogger("oaml.gpu_run")
 
+_PROCESS_START = time.perf_counter()  # a budget counts from here: the interpreter's start, near enough
 PARTS = "PARTS.json"
 DATA = "data"
 _DONE = ".parts"  # under DATA: one file per unpacked, checked part
@@ -123,7 +124,11 @@ def unpack_parts(bundle: Path) -> list[str]:
         if sha256(path) != part["sha256"]:
             raise ValueError(f"{part['name']}: checksum differs from {PARTS} (a truncated or stale upload)")
         with tarfile.open(path) as tar:
-            tar.extractall(data, members=_safe_members(tar, data))  # noqa: S202 (members checked above)
+            members = _safe_members(tar, data)
+            if hasattr(tarfile, "data_filter"):  # Python 3.12+ (and 3.11.4+): the standard library's check too
+                tar.extractall(data, members=members, filter="data")
+            else:
+                tar.extractall(data, members=members)  # noqa: S202 (members checked above)
         marker.write_text(part["sha256"] + "\n")
         done.append(part["name"])
         logger.info("unpacked %s (%d files)", part["name"], part["files"])
@@ -197,49 +202,68 @@ def _throughput(rates: list[float]) -> dict[str, float]:
     }
 
 
-def train(bundle: Path, budget_s: float, out: Path) -> dict[str, Any]:
-    """Train on the unpacked bundle inside ``budget_s`` seconds (from this call), export, write run.json."""
+def train(bundle: Path, budget_s: float, out: Path, started: float | None = None) -> dict[str, Any]:
+    """Train on the unpacked bundle inside ``budget_s`` seconds (counted from ``started``, the process's start
+    by default), export, write run.json.
+
+    Only what comes back goes to ``out`` (the lent host returns a few files under 16 MiB each): run.json,
+    steps.jsonl and the weights' pieces; the trainer's own folder (checkpoints of 100 MB) stays in
+    ``bundle/run``. run.json is written even when the run fails or never validated, with what it has."""
     from model.training.train import TrainConfig, Trainer
 
-    started = time.perf_counter()
+    started = _PROCESS_START if started is None else started
     listing = json.loads((bundle / PARTS).read_text())
     reserve_s = listing.get("reserve_s", 30.0)  # the fp16 export, the split and run.json after the trainer ends
     cfg = TrainConfig.from_toml(bundle / "config.toml").with_data_root(bundle / DATA)
     if listing.get("init_from"):  # starting weights that travelled in a part
         cfg.init_from = str(bundle / DATA / listing["init_from"])
-    cfg.out = str(out / "run")
+    run_dir = bundle / "run"
+    if run_dir.exists():  # a rerun on the same host starts afresh rather than resuming a stale schedule
+        shutil.rmtree(run_dir)
+    cfg.out = str(run_dir)
     cfg.budget_minutes = max(budget_s - reserve_s - (time.perf_counter() - started), 10.0) / 60.0
-    trainer = Trainer(cfg)
-    loaded_s = time.perf_counter() - started
-    state = trainer.fit()
-    trained_s = time.perf_counter() - started
-
-    weights = out / "weights"
-    weights.mkdir(parents=True, exist_ok=True)
-    source = Path(cfg.out) / "best.safetensors"  # exported by every validation that improved the score
-    exported = weights / "oaml_ir18_v3.fp16.safetensors"
-    _to_fp16(source, exported)
-    digest = sha256(exported)
-    pieces = split_file(exported)
-    report = {
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
         "budget_s": budget_s,
-        "seconds": {
-            "load": round(loaded_s, 1),
-            "train_and_validate": round(trained_s - loaded_s, 1),
-            "total": round(time.perf_counter() - started, 1),
-        },
-        "steps": state["global_step"],
-        "epochs": state["epoch"],
-        "best_score": state["best_score"],
-        "throughput": _throughput(trainer.step_rates),
-        "history": state["history"],
-        "weights": {"file": exported.name, "sha256": digest, "pieces": pieces, "from": source.name},
         "bundle": {k: v for k, v in listing.items() if k != "parts"},
         "config": cfg.to_dict(),
         "machine": _machine(),
     }
-    (out / "run.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    shutil.copy2(Path(cfg.out) / "steps.jsonl", out / "steps.jsonl")
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        loaded_s = time.perf_counter() - started
+        state = trainer.fit()
+        trained_s = time.perf_counter() - started
+        report.update(
+            seconds={"load": round(loaded_s, 1), "train_and_validate": round(trained_s - loaded_s, 1)},
+            steps=state["global_step"],
+            epochs=state["epoch"],
+            best_score=state["best_score"],
+            throughput=_throughput(trainer.step_rates),
+            history=state["history"],
+        )
+        source = run_dir / "best.safetensors"  # exported by every validation that improved the score
+        if source.exists():
+            weights = out / "weights"
+            weights.mkdir(parents=True, exist_ok=True)
+            exported = weights / "oaml_ir18_v3.fp16.safetensors"
+            _to_fp16(source, exported)
+            digest = sha256(exported)
+            report["weights"] = {"file": exported.name, "sha256": digest, "pieces": split_file(exported)}
+        else:
+            report["weights"] = None
+            logger.error("no validation improved on the start: no weights to return")
+    except BaseException as exc:
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        if trainer is not None:
+            report.update(throughput=_throughput(trainer.step_rates), history=trainer.state["history"])
+        raise
+    finally:
+        report.setdefault("seconds", {})["total"] = round(time.perf_counter() - started, 1)
+        (out / "run.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if (run_dir / "steps.jsonl").exists():
+            shutil.copy2(run_dir / "steps.jsonl", out / "steps.jsonl")
     return report
 
 
@@ -279,15 +303,16 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     report = train(bundle, budget_s, args.out.resolve())
     rate = report["throughput"].get("warm_median_img_per_s")
+    weights = report["weights"]
     logger.info(
         "trained %d steps in %.0f s, %s training images/s (warm median), best validation score %.4f; weights: %s",
         report["steps"],
         report["seconds"]["total"],
         rate,
         report["best_score"],
-        ", ".join(p["name"] for p in report["weights"]["pieces"]),
+        ", ".join(p["name"] for p in weights["pieces"]) if weights else "none",
     )
-    return 0
+    return 0 if weights else 4
 
 
 if __name__ == "__main__":

@@ -721,7 +721,7 @@ class Trainer:
                         if cfg.validate_every_s is not None
                         else i == len(batches) - 1  # the epoch's end validates
                     )
-                    validation_s = self._validation_estimate(step_s, len(batches[i]))
+                    validation_s = self._validation_estimate(step_s, self.last_rows)
                     if clock.out_of_time(self.state["global_step"], validation_s, self.EXPORT_S, due):
                         stop = self.state["global_step"]
                         if stop < self.total_steps:
