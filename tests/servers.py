@@ -56,10 +56,11 @@ def start_server(weights: Path, data_dir: Path, port: int, **env: str) -> Server
     return proc
 
 
-def wait_ready(proc: Server, port: int, timeout: float = 90) -> None:
+def wait_ready(proc: Server | None, port: int, timeout: float = 90) -> None:
+    """Until 127.0.0.1:``port`` answers /ready with 200; fails at once if ``proc`` (when given) exits."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise AssertionError(f"server exited: {proc.output()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
@@ -67,4 +68,4 @@ def wait_ready(proc: Server, port: int, timeout: float = 90) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise AssertionError("server did not become ready")
+    raise AssertionError(f"the server on port {port} did not become ready in {timeout:.0f} s")

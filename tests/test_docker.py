@@ -25,7 +25,7 @@ import yaml
 from PIL import Image
 from skimage import data as skdata
 
-from tests.servers import free_port
+from tests.servers import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_IMAGE = os.environ.get("OAML_DOCKER_BASE", "oaml-base:bookworm")
@@ -210,6 +210,30 @@ def photos() -> dict[str, bytes]:
     return {"astronaut": png(astronaut), "astronaut_jpeg": buf.getvalue(), "camera": png(skdata.camera())}
 
 
+def enrol(url: str, photos: dict[str, bytes], subject: str = "eileen") -> None:
+    r = httpx.post(
+        f"{url}/gallery",
+        headers={"X-API-Key": KEY},
+        data={"subject": subject},
+        files=[("images", ("a.png", photos["astronaut"], "image/png"))],
+        timeout=60,
+    )
+    assert r.status_code == 201, r.text
+
+
+def identify(url: str, photos: dict[str, bytes]) -> dict:
+    """The astronaut's other photo against the gallery, every candidate returned (threshold -1000)."""
+    r = httpx.post(
+        f"{url}/identify",
+        headers={"X-API-Key": KEY},
+        files={"image": ("b.jpg", photos["astronaut_jpeg"], "image/jpeg")},
+        data={"threshold": "-1000"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 def test_image_runs_as_the_unprivileged_user(docker: str, image: str) -> None:
     assert run(docker, "image", "inspect", "-f", "{{.Config.User}}", image).stdout.strip() == "oaml"
     uid = run(docker, "run", "--rm", "--network", "host", "--entrypoint", "id", image, "-u").stdout.strip()
@@ -240,55 +264,31 @@ def test_refuses_to_start_open_to_the_network_without_keys(docker: str, image: s
 
 
 def test_verifies_a_pair_of_photos(service: Service, photos: dict[str, bytes]) -> None:
-    headers = {"X-API-Key": KEY}
-    same = httpx.post(
-        f"{service.url}/verify",
-        headers=headers,
-        files={
-            "image_a": ("a.png", photos["astronaut"], "image/png"),
-            "image_b": ("b.jpg", photos["astronaut_jpeg"], "image/jpeg"),
-        },
-        timeout=60,
-    )
-    assert same.status_code == 200, same.text
-    other = httpx.post(
-        f"{service.url}/verify",
-        headers=headers,
-        files={
-            "image_a": ("a.png", photos["astronaut"], "image/png"),
-            "image_b": ("c.png", photos["camera"], "image/png"),
-        },
-        timeout=60,
-    )
-    assert other.status_code == 200, other.text
-    assert same.json()["match"] is True and other.json()["match"] is False
-    assert same.json()["score"] > other.json()["score"]
+    def verify(other: tuple[str, bytes, str]) -> dict:
+        r = httpx.post(
+            f"{service.url}/verify",
+            headers={"X-API-Key": KEY},
+            files={"image_a": ("a.png", photos["astronaut"], "image/png"), "image_b": other},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    same = verify(("b.jpg", photos["astronaut_jpeg"], "image/jpeg"))
+    other = verify(("c.png", photos["camera"], "image/png"))
+    assert same["match"] is True and other["match"] is False
+    assert same["score"] > other["score"]
     # without the key: refused
     assert httpx.post(f"{service.url}/verify", files={}, timeout=30).status_code == 401
 
 
 def test_enrolment_survives_a_container_restart(service: Service, photos: dict[str, bytes]) -> None:
-    headers = {"X-API-Key": KEY}
-    r = httpx.post(
-        f"{service.url}/gallery",
-        headers=headers,
-        data={"subject": "eileen"},
-        files=[("images", ("a.png", photos["astronaut"], "image/png"))],
-        timeout=60,
-    )
-    assert r.status_code in (200, 201), r.text
+    enrol(service.url, photos)
     service.restart()
-    listed = httpx.get(f"{service.url}/gallery/eileen", headers=headers, timeout=30)
+    listed = httpx.get(f"{service.url}/gallery/eileen", headers={"X-API-Key": KEY}, timeout=30)
     assert listed.status_code == 200, listed.text
-    found = httpx.post(
-        f"{service.url}/identify",
-        headers=headers,
-        files={"image": ("b.jpg", photos["astronaut_jpeg"], "image/jpeg")},
-        data={"threshold": "-1000"},
-        timeout=60,
-    )
-    assert found.status_code == 200, found.text
-    assert found.json()["match"]["subject"] == "eileen" and found.json()["gallery_faces"] == 1
+    found = identify(service.url, photos)
+    assert found["match"]["subject"] == "eileen" and found["gallery_faces"] == 1
 
 
 # -- deploy/compose.yaml: PostgreSQL, two replicas and nginx ------------------------------------------
@@ -344,18 +344,6 @@ def side_images(docker: str, image: str) -> dict[str, str]:
     return SIDE_IMAGES
 
 
-def wait_ready(url: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"{url} not ready after {timeout:.0f} s")
-
-
 def test_compose_replicas_share_one_gallery_behind_nginx(
     docker: str, image: str, side_images: dict[str, str], photos: dict[str, bytes], tmp_path: Path
 ) -> None:
@@ -387,37 +375,17 @@ def test_compose_replicas_share_one_gallery_behind_nginx(
     files = ["-f", str(base), "-f", str(ROOT / "tests" / "docker" / "compose.host.yaml")]
     project = ["-p", f"oamltest{uuid.uuid4().hex[:8]}", "--project-directory", str(ROOT / "deploy")]
     cmd = [*compose, *project, *files]
-    headers = {"X-API-Key": KEY}
     try:
         run(*cmd, "up", "-d", "--no-build", env=env, timeout=600)
         for port in (a, b, lb):
-            wait_ready(f"http://127.0.0.1:{port}")
-        enrolled = httpx.post(
-            f"http://127.0.0.1:{a}/gallery",
-            headers=headers,
-            data={"subject": "eileen"},
-            files=[("images", ("a.png", photos["astronaut"], "image/png"))],
-            timeout=60,
-        )
-        assert enrolled.status_code == 201, enrolled.text
-
-        def identify(port: int) -> dict:
-            r = httpx.post(
-                f"http://127.0.0.1:{port}/identify",
-                headers=headers,
-                files={"image": ("b.jpg", photos["astronaut_jpeg"], "image/jpeg")},
-                data={"threshold": "-1000"},
-                timeout=60,
-            )
-            assert r.status_code == 200, r.text
-            return r.json()
-
+            wait_ready(None, port, timeout=300)
+        enrol(f"http://127.0.0.1:{a}", photos)
         deadline = time.monotonic() + 15  # the other replica follows through the change log (NOTIFY, or a poll)
-        while identify(b)["match"] is None and time.monotonic() < deadline:
+        while identify(f"http://127.0.0.1:{b}", photos)["match"] is None and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert identify(b)["match"]["subject"] == "eileen"
+        assert identify(f"http://127.0.0.1:{b}", photos)["match"]["subject"] == "eileen"
         for _ in range(4):  # through nginx, whichever replica answers
-            assert identify(lb)["match"]["subject"] == "eileen"
+            assert identify(f"http://127.0.0.1:{lb}", photos)["match"]["subject"] == "eileen"
     finally:
         logs = run(*cmd, "logs", "--tail", "30", env=env, check=False, timeout=120)
         run(*cmd, "down", "-v", env=env, check=False, timeout=300)

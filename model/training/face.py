@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +138,15 @@ class AlignedCache:
         return kept
 
     def load_images(self) -> np.ndarray:
-        """All crops as one ``uint8`` array ``[N, 112, 112, 3]`` (RGB); ~37 KB per face."""
+        """All crops as one ``uint8`` array ``[N, 112, 112, 3]`` (RGB); ~37 KB per face. Decoded by a thread per
+        core (the decoders release the GIL): a GPU host's 16 cores load a 30,000-crop bundle in seconds."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from model.align import load_image
 
-        return np.stack([load_image(self.root / r.path) for r in self.records])
+        paths = [self.root / r.path for r in self.records]
+        workers = min(16, os.cpu_count() or 1)
+        if workers == 1 or len(paths) < 256:
+            return np.stack([load_image(p) for p in paths])
+        with ThreadPoolExecutor(workers) as pool:
+            return np.stack(list(pool.map(load_image, paths, chunksize=64)))
