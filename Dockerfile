@@ -10,14 +10,16 @@
 # Any Debian-like base with python3 (3.11+) and its venv module works: the project lives in a virtual
 # environment (/opt/venv), so a distribution's Python that refuses system-wide pip installs (PEP 668) is
 # fine; `make docker-test` builds on a bookworm base made with debootstrap (deploy/docker-base.sh).
-# Offline or behind a TLS-inspecting proxy: a torch wheel placed in deploy/wheels/ is installed instead
-# of TORCH_INDEX's, and a CA bundle handed over as the build secret `pip_cert`
-# (--secret id=pip_cert,src=/path/to/ca.pem) is used by pip for that build only, never stored in a layer.
+# Offline or behind a TLS-inspecting proxy: a torch wheel placed in deploy/wheels/ and named by
+# --build-arg TORCH_WHEEL=<file name> is installed instead of TORCH_INDEX's, and a CA bundle handed over
+# as the build secret `pip_cert` (--secret id=pip_cert,src=/path/to/ca.pem) is used by pip for that
+# build only, never stored in a layer.
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_WHEEL=
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -34,15 +36,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 RUN python3 -m venv /opt/venv
-# torch first: a wheel from deploy/wheels/ if one is there, else from TORCH_INDEX (PyTorch's CPU index),
+# torch first: the wheel TORCH_WHEEL names in deploy/wheels/, else from TORCH_INDEX (PyTorch's CPU index),
 # else (TORCH_INDEX emptied) PyPI's default CUDA build; then torch's C++ headers and test binaries go (about
 # 190 MB: they serve extension builds and torch's own tests, not inference)
 RUN --mount=type=bind,source=deploy/wheels,target=/wheels \
     --mount=type=secret,id=pip_cert \
     set -e; \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
-    wheel="$(ls /wheels/torch-*.whl 2>/dev/null | head -n 1)"; \
-    if [ -n "$wheel" ]; then pip install "$wheel"; \
+    if [ -n "$TORCH_WHEEL" ]; then pip install "/wheels/$TORCH_WHEEL"; \
     elif [ -n "$TORCH_INDEX" ]; then pip install "$TORCH_SPEC" --index-url "$TORCH_INDEX"; \
     else pip install "$TORCH_SPEC"; fi; \
     torch_dir="$(python -c 'import importlib.util as u; print(u.find_spec("torch").submodule_search_locations[0])')"; \

@@ -97,6 +97,9 @@ def image(docker: str, tmp_path_factory: pytest.TempPathFactory) -> str:
             pytest.skip(f"cannot make the Debian base image here: {base.stderr.strip()[-200:]}")
         pytest.fail(f"could not make the base image:\n{base.stdout[-2000:]}{base.stderr[-2000:]}")
     build = [docker, "build", "--network", "host", "--build-arg", f"BASE={BASE_IMAGE}", "-t", IMAGE]
+    wheels = sorted((ROOT / "deploy" / "wheels").glob("torch-*.whl"))
+    if wheels:  # the CPU wheel make docker-test put there (no PyTorch index is reachable here)
+        build += ["--build-arg", f"TORCH_WHEEL={wheels[-1].name}"]
     cert = pip_cert()
     if cert:
         build += ["--secret", f"id=pip_cert,src={cert}"]

@@ -159,7 +159,7 @@ class TestGpuRunOnTheCpu:
         held.rename(last)  # the next command carries the last part and trains
         budget = 50
         started = time.monotonic()
-        done = run_sh(bundle, str(budget), str(tmp_path / "out"))
+        done = run_sh(bundle, str(budget), str(tmp_path / "out"), "--set", "qaconv_k_nearest=3")
         elapsed = time.monotonic() - started
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "training images/s" in done.stdout
@@ -168,6 +168,7 @@ class TestGpuRunOnTheCpu:
         assert elapsed < budget + 40  # interpreter start and imports on top of the budget
         assert report["throughput"]["warm_median_img_per_s"] > 0
         assert report["config"]["augment_on"] == "device" and report["config"]["unlabeled_weights"] == {"more": 2.0}
+        assert report["config"]["qaconv_k_nearest"] == 3  # --set overrides the recipe (a smoke test's batch size)
         pieces = report["weights"]["pieces"]
         assert pieces and all(p["bytes"] <= 15 * 2**20 for p in pieces)
         weights = join_parts(

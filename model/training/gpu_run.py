@@ -30,6 +30,7 @@ import statistics
 import sys
 import tarfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +203,9 @@ def _throughput(rates: list[float]) -> dict[str, float]:
     }
 
 
-def train(bundle: Path, budget_s: float, out: Path, started: float | None = None) -> dict[str, Any]:
+def train(
+    bundle: Path, budget_s: float, out: Path, started: float | None = None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Train on the unpacked bundle inside ``budget_s`` seconds (counted from ``started``, the process's start
     by default), export, write run.json.
 
@@ -214,7 +217,7 @@ def train(bundle: Path, budget_s: float, out: Path, started: float | None = None
     started = _PROCESS_START if started is None else started
     listing = json.loads((bundle / PARTS).read_text())
     reserve_s = listing.get("reserve_s", 30.0)  # the fp16 export, the split and run.json after the trainer ends
-    cfg = TrainConfig.from_toml(bundle / "config.toml").with_data_root(bundle / DATA)
+    cfg = TrainConfig.from_toml(bundle / "config.toml", **(overrides or {})).with_data_root(bundle / DATA)
     if listing.get("init_from"):  # starting weights that travelled in a part
         cfg.init_from = str(bundle / DATA / listing["init_from"])
     run_dir = bundle / "run"
@@ -283,7 +286,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("what", help="'unpack', or the budget in seconds")
     parser.add_argument("out", nargs="?", type=Path, help="where weights and run.json go (with a budget)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe setting (a TOML value), e.g. to smoke-test a bundle on a CPU: --set p=4 --set k=2",
+    )
     args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     bundle = args.bundle.resolve()
     unpacked = unpack_parts(bundle)
@@ -301,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         logger.error("refusing to train on a partial data set: missing %s (run.sh unpack with them first)", missing)
         return 3
-    report = train(bundle, budget_s, args.out.resolve())
+    report = train(bundle, budget_s, args.out.resolve(), overrides=overrides)
     rate = report["throughput"].get("warm_median_img_per_s")
     weights = report["weights"]
     logger.info(
