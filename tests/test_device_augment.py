@@ -16,6 +16,7 @@ from model.training.device_augment import DeviceAugmenter, OccluderBank, jpeg_li
 from model.training.occlusion import OcclusionAugmenter
 from model.training.train import Trainer
 from tests.test_train import tiny_config, write_fake_cache
+from tests.test_trainer_v2 import matched_config
 
 OFF = {"flip": 0.0, "crop": 0.0, "photometric": 0.0, "low_res": 0.0, "occlusion": 0.0}
 
@@ -156,13 +157,9 @@ class TestTrainerOnTheDevice:
 
     def test_a_run_with_device_batches_and_mixed_views_trains(self, tmp_path: Path, astronaut: np.ndarray) -> None:
         cache = write_fake_cache(tmp_path / "cache", astronaut)
-        cfg = tiny_config(
+        cfg = matched_config(
             cache,
             tmp_path / "run",
-            teacher=True,
-            teacher_view="matched",
-            unlabeled=[str(cache)],
-            unlabeled_per_batch=2,
             augment_on="device",
             occluder_bank=8,
             augment={"blur": 0.3, "jpeg": 0.3, "mix": 0.25},

@@ -13,7 +13,7 @@ from model.net import build_model
 from model.training.augment import AugmentConfig, FaceAugmenter
 from model.training.batches import BatchSource, Prefetcher, PreparedBatch
 from model.training.occlusion import OcclusionAugmenter
-from model.training.train import Trainer, _RunClock
+from model.training.train import TrainConfig, Trainer, _RunClock
 from tests.test_train import tiny_config, write_fake_cache
 
 
@@ -97,17 +97,16 @@ class TestBatches:
         assert not np.array_equal(source.prepare(4, batch).images, whole.images)  # another step, other draws
 
 
+def matched_config(cache: Path, out: Path, **overrides: object) -> TrainConfig:
+    """A tiny run with the matched teacher and two unlabelled faces a step (the same cache, unlabelled)."""
+    return tiny_config(
+        cache, out, teacher=True, teacher_view="matched", unlabeled=[str(cache)], unlabeled_per_batch=2, **overrides
+    )
+
+
 class TestTrainerV2:
     def test_matched_teacher_and_unlabelled_faces_train(self, tmp_path: Path, cache: Path) -> None:
-        cfg = tiny_config(
-            cache,
-            tmp_path / "run",
-            teacher=True,
-            teacher_view="matched",
-            unlabeled=[str(cache)],
-            unlabeled_per_batch=2,
-            max_steps=2,
-        )
+        cfg = matched_config(cache, tmp_path / "run", max_steps=2)
         trainer = Trainer(cfg)
         assert trainer.teacher_net is not None and trainer.teacher_emb is None
         step = trainer.train_step(trainer.sampler.batches(0)[0])
