@@ -71,7 +71,10 @@ def main() -> None:
         if isinstance(v, dict) and "tar_served" in v
     )
     lfw_move = abs(lfw["candidate"] - lfw["calibrated"])
-    passes = worst <= 0.001 and lfw_move <= 0.001
+    # "within the bar" holds at the bar itself: 6 of LFW's 6,000 pairs are 0.1 point, a difference of two
+    # floating-point fractions that comes out a hair above 0.001
+    tolerance = 1e-9
+    passes = worst <= 0.001 + tolerance and lfw_move <= 0.001 + tolerance
     lines = [
         f"## Engine accuracy check: {args.engine} {other.precision} against the calibrated path (check_engine.py)",
         "",
