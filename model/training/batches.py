@@ -257,7 +257,8 @@ class DeviceBatchSource:
         positions = torch.from_numpy(np.asarray(batch, dtype=np.int64)).to(self.device)
         rows = self.rows[positions]
         images, landmarks = self.images[rows], self.landmarks[rows]
-        extra = torch.from_numpy(src.unlabeled_rows(step)).to(self.device)
+        extra_rows = src.unlabeled_rows(step)
+        extra = torch.from_numpy(extra_rows).to(self.device)
         if len(extra) and self.unlabeled_images is not None and self.unlabeled_landmarks is not None:
             images = torch.cat([images, self.unlabeled_images[extra]])
             landmarks = torch.cat([landmarks, self.unlabeled_landmarks[extra]])
@@ -269,7 +270,7 @@ class DeviceBatchSource:
         if src.teacher_view == "clean" and src.teacher_table is not None:
             table = [src.teacher_table[np.asarray(src.rows)[np.asarray(batch)]]]
             if len(extra) and src.unlabeled_teacher_table is not None:
-                table.append(src.unlabeled_teacher_table[src.unlabeled_rows(step)])
+                table.append(src.unlabeled_teacher_table[extra_rows])
             both = torch.from_numpy(np.concatenate(table)).to(self.device)  # [B, 2, 128]: crop, mirror
             targets = both[torch.arange(len(both), device=self.device), out.flipped[: len(both)].long()].float()
         rgb = out.student

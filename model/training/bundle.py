@@ -166,10 +166,10 @@ def make_gpu_bundle(
         "reserve_s": reserve_s,
     }
     if init_from is not None:
-        from model.training.gpu_run import _to_fp16
+        from model.training.gpu_run import export_fp16
 
         (staging / "init").mkdir()
-        _to_fp16(Path(init_from), staging / "init" / "start.fp16.safetensors")
+        export_fp16(Path(init_from), staging / "init" / "start.fp16.safetensors")
         listing["init_from"] = "init/start.fp16.safetensors"
         listing["init_source"] = Path(init_from).name
     listing["parts"] = pack_parts(staging, out, int(part_mb * 2**20))

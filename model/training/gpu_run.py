@@ -34,7 +34,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-__all__ = ["pack_parts", "unpack_parts", "missing_parts", "split_file", "join_parts", "main"]
+__all__ = ["pack_parts", "unpack_parts", "missing_parts", "split_file", "join_parts", "export_fp16", "main"]
 
 logger = logging.getLogger("oaml.gpu_run")
 
@@ -56,8 +56,8 @@ def sha256(path: Path) -> str:
 
 def pack_parts(folder: Path, out: Path, part_bytes: int) -> list[dict[str, Any]]:
     """Pack ``folder``'s files into gzip'd tars ``out/part-NNN.tar.gz``, in path order, each at most
-    ``part_bytes``. The crops are JPEG and do not shrink; gzip takes away the tar headers and block padding
-    (about 0.8 KB per crop, a fifth of a crop's bytes)."""
+    ``part_bytes``. gzip takes away the tar headers and block padding (about 0.8 KB per crop, a fifth of a
+    crop's bytes) and a little of the JPEG data itself."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     # gzip shrinks JPEGs a little too: start from an estimate that fills parts, repack a set that came out over
     for margin in (1.1, 1.06, 1.03, 1.0, 0.95, 0.9, 0.8):
@@ -251,7 +251,7 @@ def train(
             weights = out / "weights"
             weights.mkdir(parents=True, exist_ok=True)
             exported = weights / "oaml_ir18_v3.fp16.safetensors"
-            _to_fp16(source, exported)
+            export_fp16(source, exported)
             digest = sha256(exported)
             report["weights"] = {"file": exported.name, "sha256": digest, "pieces": split_file(exported)}
         else:
@@ -270,7 +270,7 @@ def train(
     return report
 
 
-def _to_fp16(src: Path, dst: Path) -> None:
+def export_fp16(src: Path, dst: Path) -> None:
     """The weights as an fp16 serving file (half the bytes; the format the service and `oaml calibrate` read),
     with their metadata and a fresh content hash."""
     import torch
