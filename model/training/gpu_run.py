@@ -70,18 +70,23 @@ def pack_parts(folder: Path, out: Path, part_bytes: int) -> list[dict[str, Any]]
 
 
 def _pack(folder: Path, out: Path, files: list[Path], target: int) -> list[dict[str, Any]]:
+    """First fit, largest files first (a 48 MB starting-weights file would otherwise open a part of its own
+    behind a half-full one); each part's members are then written in path order."""
     overhead = 100  # a member's compressed tar header and padding
-    groups: list[list[Path]] = [[]]
-    size = 0
-    for path in files:
+    groups: list[list[Path]] = []
+    sizes: list[int] = []
+    for path in sorted(files, key=lambda p: -p.stat().st_size):
         need = path.stat().st_size + overhead
         if need > target:
             raise ValueError(f"{path} ({need} bytes) does not fit in a part of {target} bytes")
-        if size + need > target and groups[-1]:
+        room = next((i for i, used in enumerate(sizes) if used + need <= target), None)
+        if room is None:
             groups.append([])
-            size = 0
-        groups[-1].append(path)
-        size += need
+            sizes.append(0)
+            room = len(groups) - 1
+        groups[room].append(path)
+        sizes[room] += need
+    groups = [sorted(g) for g in groups]
     listed = []
     for number, members in enumerate(groups):
         name = f"part-{number:03d}.tar.gz"
