@@ -55,6 +55,8 @@ class Browser:
             }
         }
         self.session = self._call("POST", "/session", caps)["sessionId"]
+        # element look-ups wait for the page (a loaded machine may run find before the demo's script has drawn it)
+        self.command("POST", "/timeouts", {"implicit": 15_000})
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         r = self.http.request(method, path, json=body)
