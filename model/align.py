@@ -370,7 +370,11 @@ class FaceDetector:
         vh, vw = view.shape[:2]
         ph, pw = -(-vh // 32) * 32, -(-vw // 32) * 32  # a multiple of 32 so priors match outputs
         blob = np.zeros((3, ph, pw), dtype=np.float32)
-        blob[:, :vh, :vw] = (view[..., ::-1].astype(np.float32) - _BGR_MEAN).transpose(2, 0, 1)
+        # plane by plane (RGB plane 2 - c is BGR plane c): the same numbers as a float copy of the whole
+        # photo, transposed, at a twentieth of the time (0.5 against 10 ms for 640x480, bench/RESULTS.md)
+        planes = cv2.split(np.ascontiguousarray(view))
+        for c in range(3):
+            np.subtract(planes[2 - c], _BGR_MEAN[c], out=blob[c, :vh, :vw], dtype=np.float32)
         return DetectorInput(blob, (vh, vw), scale, offset)
 
     def forward(self, blobs: list[np.ndarray]) -> list[DetectorOutput]:

@@ -115,3 +115,30 @@ class TestTorchRetinaFace:
         fresh = RetinaFaceMNet()
         changed = [k for k, v in net.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])]
         assert len(changed) == len(fresh.state_dict()) == 2 * 56  # 56 convolutions, weight and bias
+
+
+class TestPrepare:
+    @pytest.mark.parametrize("shape,pad", [((480, 640), False), ((217, 301), False), ((150, 130), True)])
+    def test_blob_is_bgr_minus_the_mean_then_zero_padding(
+        self, detector: FaceDetector, shape: tuple[int, int], pad: bool
+    ) -> None:
+        image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+        inp = detector.prepare(image, pad=pad)
+        vh, vw = inp.view
+        assert inp.blob.shape[1] % 32 == 0 and inp.blob.shape[2] % 32 == 0
+        if pad:
+            side = 2 * max(shape)
+            canvas = np.full((side, side, 3), 127, dtype=np.uint8)
+            top, left = (side - shape[0]) // 2, (side - shape[1]) // 2
+            canvas[top : top + shape[0], left : left + shape[1]] = image
+            image = canvas
+        view = (
+            image
+            if (vh, vw) == image.shape[:2]
+            else cv2.resize(image, (vw, vh), interpolation=cv2.INTER_AREA if vw < image.shape[1] else cv2.INTER_LINEAR)
+        )
+        expected = (view[..., ::-1].astype(np.float32) - np.array([104.0, 117.0, 123.0], dtype=np.float32)).transpose(
+            2, 0, 1
+        )
+        np.testing.assert_array_equal(inp.blob[:, :vh, :vw], expected)
+        assert not inp.blob[:, vh:, :].any() and not inp.blob[:, :, vw:].any()
