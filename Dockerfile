@@ -54,11 +54,17 @@ COPY model ./model
 COPY service ./service
 COPY oaml ./oaml
 COPY weights ./weights
-# editable: the weights resolve next to the sources
+# editable: the weights resolve next to the sources. OpenVINO keeps its CPU plugin and ONNX reader only: its
+# Intel GPU and NPU plugins, their kernel cache, headers and other model readers are about 80 MB never loaded
 RUN --mount=type=secret,id=pip_cert \
     set -e; \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
-    pip install -e ".[postgres]"
+    pip install -e ".[postgres]"; \
+    ov_dir="$(python -c 'import importlib.util as u; print(u.find_spec("openvino").submodule_search_locations[0])')"; \
+    rm -rf "$ov_dir/include" "$ov_dir"/libs/libopenvino_intel_gpu_plugin.so "$ov_dir"/libs/libopenvino_intel_npu_plugin.so \
+        "$ov_dir"/libs/cache.json; \
+    for reader in gguf jax paddle pytorch tensorflow tensorflow_lite; do rm -f "$ov_dir"/libs/libopenvino_${reader}_frontend.so.*; done; \
+    python -c 'import openvino as ov; assert "CPU" in ov.Core().available_devices'
 
 RUN useradd --create-home --uid 10001 oaml && mkdir -p /data && chown oaml /data
 USER oaml

@@ -41,18 +41,10 @@ def timeit(fn: Callable[[], object], min_seconds: float, min_calls: int = 3, war
 
 
 def cpu_name() -> str:
-    """The CPU's model and the features that decide the fast path, e.g. ``AMD EPYC (native bf16: yes,
-    AVX-512: yes)``: machines reporting the same model differ (an EPYC Milan has neither)."""
-    from model.embedder import cpu_flags, cpu_has_bf16
+    """The CPU's model and whether it has native bf16 and AVX-512 (:func:`model.embedder.cpu_description`)."""
+    from model.embedder import cpu_description
 
-    name = platform.processor() or "unknown"
-    for line in cpu_flags().splitlines():
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-            break
-    flags = cpu_flags()
-    avx512 = "yes" if " avx512f" in flags else "no"
-    return f"{name} (native bf16: {'yes' if cpu_has_bf16(flags) else 'no'}, AVX-512: {avx512})"
+    return cpu_description()
 
 
 def bench_backbone(rows: list[str], seconds: float) -> None:

@@ -47,6 +47,8 @@ class WeightsCard:
         quality: norm statistics for the quality score.
         lfw_presets: per preset, ``{"tar", "far"}`` on LFW clean pairs (``oaml eval --record``).
         attributes: the thresholds of the occlusion attributes (``oaml calibrate-attributes``), or defaults.
+        vouched_engines: ``(engine, precision)`` pairs whose ``oaml check-engine`` against this calibration
+            passed (``calibration.engine_checks``): the faster paths ``auto`` may serve it with.
         metadata: the raw document, for tools that show it whole.
     """
 
@@ -59,6 +61,7 @@ class WeightsCard:
     quality: QualityStats
     lfw_presets: dict[str, dict[str, float]] = field(default_factory=dict)
     attributes: AttributeRules = field(default_factory=AttributeRules)
+    vouched_engines: frozenset[tuple[str, str]] = frozenset()
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -111,5 +114,10 @@ class WeightsCard:
             quality=stats,
             lfw_presets=lfw,
             attributes=AttributeRules.from_metadata(meta.get("attributes")),
+            vouched_engines=frozenset(
+                (str(c["engine"]), str(c["precision"]))
+                for c in (raw_cal or {}).get("engine_checks") or []
+                if c.get("passes") is True and "engine" in c and "precision" in c
+            ),
             metadata=meta,
         )

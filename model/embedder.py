@@ -22,7 +22,7 @@ measurement.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,17 @@ def cpu_flags() -> str:
         return open("/proc/cpuinfo").read()
     except OSError:
         return ""
+
+
+def cpu_description() -> str:
+    """The CPU's model and the features that decide the fast path, e.g. ``AMD EPYC (native bf16: yes, AVX-512:
+    yes)``: machines reporting the same model differ (an EPYC Milan has neither). Benchmarks and checks name it."""
+    import platform
+
+    flags = cpu_flags()
+    name = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")), None)
+    bf16, avx512 = ("yes" if has else "no" for has in (cpu_has_bf16(flags), " avx512f" in flags))
+    return f"{name or platform.processor() or 'unknown'} (native bf16: {bf16}, AVX-512: {avx512})"
 
 
 def cpu_has_bf16(flags: str | None = None) -> bool:
@@ -161,9 +172,11 @@ class Embedder:
         precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` (see :func:`select_precision`).
         flip: add the mirrored crop's norm-weighted embedding (AdaFace's flip test).
         batch_size: faces per forward pass in :meth:`__call__`.
-        engine: ``torch``, ``onnxruntime`` or ``auto`` (:func:`model.engines.select_engine`: ONNX Runtime for
-            fp32 on a CPU, the same numbers faster); ``version`` names its exported graph (the weights'
-            model_version), ``threads`` are its threads.
+        engine: ``torch``, ``onnxruntime``, ``openvino`` or ``auto`` (:func:`model.engines.select_engine`:
+            on a CPU the exported graph in fp32, and in bf16 where ``vouched`` allows it); ``version`` names its
+            exported graph (the weights' model_version), ``threads`` are its threads.
+        vouched: the ``(engine, precision)`` pairs the weights' calibration was checked for
+            (:attr:`model.card.WeightsCard.vouched_engines`).
     """
 
     def __init__(
@@ -176,12 +189,13 @@ class Embedder:
         engine: str = "torch",
         version: str | None = None,
         threads: int = 1,
+        vouched: Collection[tuple[str, str]] = (),
     ) -> None:
         from model.engines import OnnxBackbone, OpenVinoBackbone, select_engine
 
         self.device = select_device(device)
         self.autocast = select_precision(precision, self.device)
-        self.engine = select_engine(engine, self.device, self.autocast)
+        self.engine = select_engine(engine, self.device, self.autocast, vouched)
         self._onnx: OnnxBackbone | OpenVinoBackbone | None = None
         if self.engine == "onnxruntime":
             self._onnx = OnnxBackbone(model, version, threads)

@@ -1,9 +1,10 @@
-"""Engines that run the backbone: PyTorch, or the same graph exported to ONNX and run by ONNX Runtime.
+"""Engines that run the backbone: PyTorch, or the same graph exported to ONNX and run by OpenVINO or ONNX Runtime.
 
-On a CPU without native bf16 (an AMD EPYC Milan) the service runs fp32, and there ONNX Runtime runs the
-exported graph faster than PyTorch's fp32 path with the same numbers (bench/bench_engines.py: the
-embeddings agree to 1e-7). On a CPU with native bf16, PyTorch's bf16 autocast is the calibrated path and
-stays; on CUDA, PyTorch. :func:`select_engine` is that rule; ``OAML_ENGINE`` forces either.
+On the CPU the exported graph runs faster than PyTorch: in fp32 (a CPU without native bf16, such as an AMD
+EPYC Milan) OpenVINO and ONNX Runtime give PyTorch's numbers (embeddings within 1e-6); in bf16 OpenVINO is
+1.3x PyTorch's autocast on the backbone but not the same to the last bit, so ``auto`` serves it only for
+weights whose calibration records a passed ``oaml check-engine`` (bench/RESULTS.md, "Engine accuracy
+check"). On CUDA, PyTorch. :func:`select_engine` is that rule; ``OAML_ENGINE`` forces one.
 
 The exported graph is cached by model version (exporting takes seconds; a later start reads the file).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +23,15 @@ import torch
 
 from model.net import OAMLNet, OAMLOutput
 
-__all__ = ["EngineName", "select_engine", "exported_graph", "OnnxBackbone", "OpenVinoBackbone", "ENGINES"]
+__all__ = [
+    "EngineName",
+    "select_engine",
+    "openvino_available",
+    "exported_graph",
+    "OnnxBackbone",
+    "OpenVinoBackbone",
+    "ENGINES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +39,29 @@ EngineName = Literal["torch", "onnxruntime", "openvino"]
 ENGINES: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino")
 
 
-def select_engine(setting: str, device: torch.device, autocast: torch.dtype | None) -> EngineName:
-    """``auto``: ONNX Runtime for fp32 on a CPU (faster there, same numbers), else PyTorch (CUDA, and the
-    bf16 autocast of CPUs that compute bf16 natively). ONNX Runtime runs fp32 only. OpenVINO (opt-in, the
-    ``openvino`` extra) runs on the CPU at the model's precision, fp32 or bf16: its bf16 is not PyTorch's
-    bf16 to the last bit; on the shipped weights its presets and LFW stay within issue #23's bar of the
-    calibrated path (bench/RESULTS.md, "Engine accuracy check")."""
+def openvino_available() -> bool:
+    """Whether OpenVINO can be imported here (a dependency, but wheels do not exist for every platform)."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_engine(
+    setting: str,
+    device: torch.device,
+    autocast: torch.dtype | None,
+    vouched: Collection[tuple[str, str]] = (),
+) -> EngineName:
+    """What runs the backbone. ``auto``, on a CPU: in fp32 (a CPU without native bf16) OpenVINO, else ONNX
+    Runtime, both with PyTorch's numbers and faster; in bf16, OpenVINO where the weights' calibration vouches
+    for it (``vouched``: the ``(engine, precision)`` pairs whose ``oaml check-engine`` passed, see
+    :mod:`model.training.engine_check`), else PyTorch's bf16 autocast, the calibrated path. On CUDA, PyTorch.
+
+    Forcing an engine: ``onnxruntime`` runs fp32 on the CPU only; ``openvino`` runs fp32 or bf16 on the CPU
+    (bf16 unvouched is allowed when forced: the service logs that its calibration was not checked for it).
+    """
     if setting not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {setting!r}")
     if setting == "onnxruntime":
@@ -45,9 +72,13 @@ def select_engine(setting: str, device: torch.device, autocast: torch.dtype | No
         if device.type != "cpu" or autocast not in (None, torch.bfloat16):
             raise ValueError("the openvino engine runs on the CPU in fp32 or bf16")
         return "openvino"
-    if setting == "torch":
+    if setting == "torch" or device.type != "cpu":
         return "torch"
-    return "onnxruntime" if device.type == "cpu" and autocast is None else "torch"
+    if autocast is None:
+        return "openvino" if openvino_available() else "onnxruntime"
+    if autocast is torch.bfloat16 and ("openvino", "bfloat16") in vouched and openvino_available():
+        return "openvino"
+    return "torch"
 
 
 class _Outputs(torch.nn.Module):
@@ -179,7 +210,7 @@ class OpenVinoBackbone:
         try:
             import openvino as ov
         except ImportError as exc:
-            raise RuntimeError("OAML_ENGINE=openvino needs OpenVINO: pip install -e '.[openvino]'") from exc
+            raise RuntimeError("OAML_ENGINE=openvino needs OpenVINO (a dependency: pip install openvino)") from exc
         path, self._scratch = exported_graph(model, version)
         config = {"INFERENCE_NUM_THREADS": max(1, threads), "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)

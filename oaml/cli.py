@@ -207,6 +207,35 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check_engine(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.embedder import cpu_description
+    from model.training.engine_check import check_engine, markdown, with_engine_check
+
+    model, meta = load_checkpoint(args.weights)
+    torch.set_num_threads(args.threads)
+    lfw_cache = args.lfw_cache or Path(args.data_root) / "lfw"
+    pairs = args.pairs or args.shared / "eval" / "lfw" / "pairs.txt"
+    try:
+        report = check_engine(
+            model, meta, args.engine, args.precision, Path(args.data_root), args.holdout, lfw_cache, pairs,
+            args.occluders, args.threads,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(str(exc)) from exc
+    command = "oaml " + " ".join(sys.argv[1:]) if sys.argv[1:] else "oaml check-engine"
+    sys.stdout.write(markdown(report, cpu_description(), command) + "\n")
+    if args.record:
+        keep = {k: v for k, v in with_engine_check(meta, report, command).items()
+                if k not in ("content_sha256", "model_version", "dtype")}  # fmt: skip
+        written = save_checkpoint(model, args.weights, keep, dtype=getattr(torch, meta.get("dtype", "float32")))
+        if written["model_version"] != meta["model_version"]:
+            raise SystemExit(f"recording the check changed the tensors of {args.weights}")
+    return 0 if report["passes"] else 1
+
+
 def _cmd_calibrate_identify(args: argparse.Namespace) -> int:
     import torch
 
@@ -500,6 +529,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", type=Path, default=None, help="weights to start from (carried in fp16)")
     p.add_argument("--reserve-s", type=float, default=30.0, help="seconds of the budget kept for export and log")
     p.set_defaults(func=_cmd_gpu_bundle)
+
+    p = sub.add_parser(
+        "check-engine",
+        help="may another engine serve the calibration? presets within 0.001 and LFW within 0.1 point "
+        "(exit 1 if not); --record lets the service's auto engine choose it",
+    )
+    p.add_argument("weights", type=Path)
+    p.add_argument("--engine", required=True, choices=["torch", "onnxruntime", "openvino"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--data-root", type=Path, required=True, help="folder holding the aligned training caches")
+    p.add_argument("--holdout", action="append", default=[], help="the calibration's held-out caches (repeatable)")
+    p.add_argument("--occluders", type=Path, default=None, help="occluder templates (default: <data-root>/occluders)")
+    p.add_argument("--lfw-cache", type=Path, default=None, help="LFW's aligned cache (default: <data-root>/lfw)")
+    p.add_argument("--pairs", type=Path, default=None, help="LFW pairs.txt (default: <shared>/eval/lfw/pairs.txt)")
+    p.add_argument("--shared", type=Path, default=Path("../shared/data"), help="the shared data folder")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--record", action="store_true", help="keep the verdict in the calibration (calibration.engine_checks)"
+    )
+    p.set_defaults(func=_cmd_check_engine)
 
     p = sub.add_parser(
         "calibrate", help="fit score fusion, preset thresholds and probabilities on identities held out of training"

@@ -351,7 +351,7 @@ class InfoResponse(BaseModel):
     architecture: str
     device: str
     precision: str
-    engine: str = Field(description="what runs the backbone: `torch` or `onnxruntime` (OAML_ENGINE)")
+    engine: str = Field(description="what runs the backbone: `torch`, `openvino` or `onnxruntime` (OAML_ENGINE)")
     calibration: str
     presets: dict[str, PresetInfo]
     probability_prior: float = Field(description="P(same person) under which `probability` is calibrated")

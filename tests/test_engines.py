@@ -1,4 +1,5 @@
-"""Backbone engines: ONNX Runtime runs the exported graph with PyTorch's numbers, chosen by one rule."""
+"""Backbone engines: OpenVINO and ONNX Runtime run the exported graph with PyTorch's numbers in fp32; bf16 on
+OpenVINO only where the weights' calibration vouches for it; one rule chooses."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from model import engines
+from model.card import WeightsCard
 from model.checkpoint import load_checkpoint
 from model.embedder import Embedder
 from model.engines import select_engine
@@ -16,17 +19,24 @@ from service.app import create_app
 from tests.test_service import make_settings, png
 
 
-def test_the_engine_rule() -> None:
+def test_the_engine_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert select_engine("auto", cpu, None) == "onnxruntime"  # fp32 on a CPU (no native bf16)
-    assert select_engine("auto", cpu, torch.bfloat16) == "torch"  # the calibrated bf16 path
-    assert select_engine("auto", cuda, torch.float16) == "torch"
+    vouched = {("openvino", "bfloat16")}
+    assert select_engine("auto", cpu, None) == "openvino"  # fp32 on a CPU (no native bf16): the same numbers
+    assert select_engine("auto", cpu, torch.bfloat16) == "torch"  # the calibrated bf16 path: nothing vouched
+    assert select_engine("auto", cpu, torch.bfloat16, {("openvino", "float32")}) == "torch"
+    assert select_engine("auto", cpu, torch.bfloat16, vouched) == "openvino"
+    assert select_engine("auto", cuda, torch.float16, vouched) == "torch"
+    monkeypatch.setattr(engines, "openvino_available", lambda: False)  # a platform without OpenVINO's wheels
+    assert select_engine("auto", cpu, None) == "onnxruntime"
+    assert select_engine("auto", cpu, torch.bfloat16, vouched) == "torch"
+    monkeypatch.undo()
     assert select_engine("torch", cpu, None) == "torch"
     with pytest.raises(ValueError, match="fp32"):
         select_engine("onnxruntime", cpu, torch.bfloat16)
     with pytest.raises(ValueError):
         select_engine("tensorrt", cpu, None)
-    assert select_engine("openvino", cpu, torch.bfloat16) == "openvino"  # opt-in only: auto never picks it
+    assert select_engine("openvino", cpu, torch.bfloat16) == "openvino"  # forced: allowed, unvouched
     with pytest.raises(ValueError):
         select_engine("openvino", cuda, torch.float16)
 
@@ -34,7 +44,6 @@ def test_the_engine_rule() -> None:
 def test_openvino_f32_gives_torchs_fp32_features(
     weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install -e '.[openvino]')")
     monkeypatch.setenv("OAML_ENGINE_CACHE", str(tmp_path / "cache"))
     model, meta = load_checkpoint(weights)
     crops = np.random.default_rng(1).integers(0, 255, size=(3, 112, 112, 3), dtype=np.uint8)
@@ -77,3 +86,29 @@ def test_the_service_says_which_engine_and_answers_alike(
             answers[engine] = r.json()
     assert abs(answers["torch"]["score"] - answers["onnxruntime"]["score"]) < 1e-3
     assert answers["torch"]["match"] == answers["onnxruntime"]["match"]
+
+
+def test_the_card_vouches_only_for_passed_checks() -> None:
+    _, meta = load_checkpoint(Path(__file__).resolve().parents[1] / "weights" / "oaml_ir18.safetensors")
+    checks = [
+        {"engine": "openvino", "precision": "bfloat16", "passes": True},
+        {"engine": "onnxruntime", "precision": "int8", "passes": False},
+        {"engine": "openvino", "precision": "float16", "passes": "yes"},  # not a verdict
+    ]
+    card = WeightsCard.from_metadata({**meta, "calibration": {**meta["calibration"], "engine_checks": checks}})
+    assert card.vouched_engines == {("openvino", "bfloat16")}
+    recalibrated = {**meta, "calibration": {k: v for k, v in meta["calibration"].items() if k != "engine_checks"}}
+    assert WeightsCard.from_metadata(recalibrated).vouched_engines == frozenset()
+
+
+def test_a_recorded_check_replaces_the_same_engines_older_one() -> None:
+    from model.training.engine_check import with_engine_check
+
+    meta = {"calibration": {"thresholds": {}, "engine_checks": [
+        {"engine": "openvino", "precision": "bfloat16", "passes": False},
+        {"engine": "openvino", "precision": "float32", "passes": True},
+    ]}}  # fmt: skip
+    out = with_engine_check(meta, {"engine": "openvino", "precision": "bfloat16", "passes": True}, "oaml x")
+    checks = out["calibration"]["engine_checks"]
+    assert [(c["precision"], c["passes"]) for c in checks] == [("float32", True), ("bfloat16", True)]
+    assert checks[-1]["command"] == "oaml x" and meta["calibration"]["engine_checks"][0]["passes"] is False

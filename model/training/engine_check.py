@@ -1,0 +1,162 @@
+"""May another backbone engine serve a weights file's calibration? (issue #23's bar)
+
+The calibration's thresholds and probabilities are true for the score distribution of the path they were
+fitted on (``calibration.embedding``: PyTorch, its precision, the flip test). An engine that changes the
+numbers a little (OpenVINO's bf16 is not PyTorch's bf16 to the last bit) may serve them only if, on the
+same calibration pairs, every preset's TAR and FAR move by at most 0.001 and LFW's fused accuracy by at
+most 0.1 point; otherwise it needs a calibration of its own.
+
+:func:`check_engine` measures that; ``oaml check-engine --record`` keeps the verdict inside the calibration
+(``calibration.engine_checks``), which is where the service's ``auto`` engine looks before it serves a
+faster path (:func:`model.engines.select_engine`). A new ``oaml calibrate`` writes a new calibration
+without the list: every check has to be made again against the new one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from model.calibration import Calibration
+from model.embedder import Embedder
+from model.training.calibrate import export_check
+from model.training.evaluate import evaluate_lfw, held_out_faces, validation_scores
+
+__all__ = ["PRESET_BAR", "LFW_BAR", "check_engine", "markdown", "with_engine_check"]
+
+#: Largest move of a preset's TAR or FAR on the calibration pairs.
+PRESET_BAR = 0.001
+#: Largest move of LFW's fused 10-fold accuracy (a fraction: 0.1 point).
+LFW_BAR = 0.001
+#: "Within the bar" holds at the bar itself: 6 of LFW's 6,000 pairs are 0.1 point, a difference of two
+#: floating-point fractions that comes out a hair above 0.001.
+_ROUNDING = 1e-9
+
+
+def check_engine(
+    model: Any,
+    meta: dict[str, Any],
+    engine: str,
+    precision: str,
+    data_root: Path,
+    holdout: list[str],
+    lfw_cache: Path,
+    pairs: Path,
+    occluders: Path | None = None,
+    threads: int = 2,
+) -> dict[str, Any]:
+    """Score the calibration pairs and LFW through the calibrated path and through ``engine`` at ``precision``.
+
+    Returns the verdict (``passes``), the per-preset rates of both paths, the largest moves and the
+    runtime's version: what ``calibration.engine_checks`` keeps.
+    """
+    raw = meta.get("calibration") or {}
+    if not raw.get("thresholds"):
+        raise ValueError("the weights have no fitted calibration: nothing to check an engine against")
+    cal = Calibration.from_dict(raw)
+    served_as = raw["embedding"]
+    setting = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[served_as["precision"]]
+    started = time.perf_counter()
+    calibrated = Embedder(model, device="cpu", precision=setting, flip=served_as["flip"])
+    candidate = Embedder(
+        model,
+        device="cpu",
+        precision=precision,
+        flip=served_as["flip"],
+        engine=engine,
+        version=meta["model_version"],
+        threads=threads,
+    )
+    images, labels, landmarks = held_out_faces(meta["training"]["config"], data_root, holdout)
+    occluder_root = str(occluders or data_root / "occluders")
+    sampled = raw["pairs_sampled"]
+    reference = validation_scores(calibrated, images, labels, landmarks, occluder_root, **sampled)
+    scores = validation_scores(candidate, images, labels, landmarks, occluder_root, **sampled)
+    check = export_check(cal, reference, scores, candidate.describe())
+    lfw = {
+        name: evaluate_lfw(embedder, lfw_cache, pairs, None, cal)["protocols"]["clean"]["fused"]["accuracy"]
+        for name, embedder in (("calibrated", calibrated), ("candidate", candidate))
+    }
+    presets = {name: check[name] for name in cal.thresholds}
+    worst = max(
+        max(abs(r["tar_served"] - r["tar_reference"]), abs(r["far_served"] - r["far_reference"]))
+        for r in presets.values()
+    )
+    lfw_move = abs(lfw["candidate"] - lfw["calibrated"])
+    return {
+        "engine": candidate.engine,
+        "precision": candidate.precision,
+        "runtime": _runtime_version(candidate.engine),
+        "calibrated_path": served_as,
+        "passes": bool(worst <= PRESET_BAR + _ROUNDING and lfw_move <= LFW_BAR + _ROUNDING),
+        "pairs": check["pairs"],
+        "max_abs_fused_diff": check["max_abs_fused_diff"],
+        "presets": presets,
+        "max_preset_move": worst,
+        "lfw_fused_accuracy": lfw,
+        "lfw_move": lfw_move,
+        "date": time.strftime("%Y-%m-%d"),
+        "minutes": round((time.perf_counter() - started) / 60, 1),
+    }
+
+
+def _runtime_version(engine: str) -> str:
+    if engine == "openvino":
+        import openvino
+
+        return f"openvino {openvino.__version__.split('-')[0]}"
+    if engine == "onnxruntime":
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__}"
+    import torch
+
+    return f"torch {torch.__version__}"
+
+
+def with_engine_check(meta: dict[str, Any], report: dict[str, Any], command: str) -> dict[str, Any]:
+    """``meta`` with ``report`` kept in ``calibration.engine_checks`` (replacing an older check of the same
+    engine and precision; the other checks stay)."""
+    calibration = dict(meta["calibration"])
+    kept = [
+        c
+        for c in calibration.get("engine_checks") or []
+        if (c.get("engine"), c.get("precision")) != (report["engine"], report["precision"])
+    ]
+    calibration["engine_checks"] = [*kept, {**report, "command": command}]
+    return {**meta, "calibration": calibration}
+
+
+def markdown(report: dict[str, Any], machine: str, command: str) -> str:
+    """The check as a bench/RESULTS.md section."""
+    path = report["calibrated_path"]
+    lfw = report["lfw_fused_accuracy"]
+    lines = [
+        f"## Engine accuracy check: {report['engine']} {report['precision']} against the calibrated path",
+        "",
+        f"- Date: {report['date']}; machine: {machine}; {report['runtime']}; {report['minutes']:.0f} minutes.",
+        f"- Command: `{command}`.",
+        f"- Calibrated path: {path.get('engine', 'torch')}, {path['precision']}, flip {path['flip']}. "
+        f"{report['pairs']} calibration pairs; largest fused-score difference {report['max_abs_fused_diff']:.4f}.",
+        "",
+        "| preset | TAR calibrated | TAR candidate | FAR calibrated | FAR candidate |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in report["presets"].items():
+        lines.append(
+            f"| {name} | {r['tar_reference']:.4f} | {r['tar_served']:.4f} | {r['far_reference']:.5f} "
+            f"| {r['far_served']:.5f} |"
+        )
+    verdict = (
+        "**passes**: the engine may serve the calibration (`auto` may choose it once the check is recorded)."
+        if report["passes"]
+        else "**does not pass**: it needs its own calibration before it can serve the presets."
+    )
+    lines += [
+        "",
+        f"LFW clean, fused: {100 * lfw['calibrated']:.2f}% calibrated path, {100 * lfw['candidate']:.2f}% "
+        f"candidate. Largest preset move {report['max_preset_move']:.4f} (bar {PRESET_BAR}), LFW move "
+        f"{100 * report['lfw_move']:.2f} points (bar {100 * LFW_BAR:.1f}): {verdict}",
+    ]
+    return "\n".join(lines)
