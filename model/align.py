@@ -82,6 +82,18 @@ _MIN_SIZES = ((16, 32), (64, 128), (256, 512))
 _VARIANCES = (0.1, 0.2)
 _BGR_MEAN = np.array([104.0, 117.0, 123.0], dtype=np.float32)
 
+#: The coarse pass stands for the full one only when its largest face spans at least this many pixels (the box's
+#: longer side, in the coarse input): a face the coarse pass missed is smaller than its 16-pixel anchors, so this
+#: face is the photo's largest. Else the full pass runs.
+COARSE_MIN_FACE = 24
+#: The refining pass looks at a square this many times the face's longer side, centred on it: context enough for
+#: the detector to find the face's landmarks as it does in the whole photo (bench/RESULTS.md, "Detector passes").
+REFINE_CONTEXT = 2.0
+#: ... at the full pass's scale, but never with the face larger than this many pixels: RetinaFace-MobileNet0.25
+#: places landmarks worse on faces much larger than the ones it was trained on (LFW upscaled to 640: 88.6% fused
+#: accuracy from the whole photo's pass, 91.6% with the face refined at this size; bench/RESULTS.md).
+REFINE_FACE = 128
+
 
 # -- decoding ----------------------------------------------------------------------------------
 
@@ -185,11 +197,13 @@ class DetectedFace:
         box: ``(x1, y1, x2, y2)`` in pixels.
         score: detector confidence in [0, 1].
         landmarks: ``[5, 2]`` (x, y): left eye, right eye, nose, left mouth, right mouth.
+        refined: found again by the refining pass (:meth:`FaceDetector.refine`), whose landmarks these are.
     """
 
     box: tuple[float, float, float, float]
     score: float
     landmarks: np.ndarray = field(repr=False)
+    refined: bool = False
 
     @property
     def width(self) -> float:
@@ -216,6 +230,15 @@ def _priors(height: int, width: int) -> np.ndarray:
         h = np.broadcast_to(np.array(sizes, dtype=np.float64) / height, cx.shape)
         out.append(np.stack([cx, cy, w, h], axis=-1).reshape(-1, 4))
     return np.concatenate(out, axis=0)
+
+
+def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
@@ -282,6 +305,11 @@ class FaceDetector:
             detection; landmarks are mapped back to full resolution.
         min_side: small photos are upscaled to this longer side (tiny faces are below the
             smallest 16 px anchor otherwise).
+        coarse_side: where the largest face is wanted, photos whose detection input would be larger
+            are first detected at this longer side (a quarter of the pixels of 640); the refining pass
+            (:meth:`refine`) then gives the face's landmarks: two small inputs instead of a large one.
+            Where the coarse pass finds no face of :data:`COARSE_MIN_FACE` pixels, or the refining pass
+            loses it, the full pass runs. ``None``: always the full pass.
         threads: onnxruntime intra-op threads.
         backend: ``"onnxruntime"`` (on the CPU: faster there, 22 vs 30 ms for a 640x480 photo on
             one thread) or ``"torch"`` (the same weights as a PyTorch module,
@@ -296,6 +324,7 @@ class FaceDetector:
         nms_threshold: float = 0.4,
         max_side: int = 640,
         min_side: int = 320,
+        coarse_side: int | None = 320,
         threads: int = 1,
         verify_hash: bool = True,
         backend: DetectorBackend = "onnxruntime",
@@ -327,15 +356,28 @@ class FaceDetector:
         self.nms_threshold = nms_threshold
         self.max_side = max_side
         self.min_side = min_side
+        self.coarse_side = coarse_side
         self.sha256 = digest
         self._prior_cache: dict[tuple[int, int], np.ndarray] = {}
 
-    def detect(self, image: np.ndarray) -> list[DetectedFace]:
+    def detect(self, image: np.ndarray, coarse: bool = False) -> list[DetectedFace]:
         """Faces in an RGB ``uint8`` image, largest first.
 
         Tight crops in which the face fills the frame (ID-photo style) are retried with the image
-        centred on a grey canvas twice its size, since the detector needs some context.
+        centred on a grey canvas twice its size, since the detector needs some context. ``coarse``:
+        only the largest face is wanted, so the coarse and refining passes may stand for the full
+        one (see ``coarse_side``): the largest face comes refined, and faces too small to be seen at
+        ``coarse_side`` (under about 5% of the photo's longer side) are missing from the list. Not
+        for ``single``: a face of 5% is a face. Faces of the full pass are not refined: see
+        :meth:`refine`, which :class:`FacePipeline` runs for the faces it aligns.
         """
+        first = self.coarse_input(image) if coarse else None
+        if first is not None:
+            found = self.decode(first, self.forward([first.blob])[0])
+            if self.coarse_answers(first, found):
+                largest = self.refine(image, found[0])
+                if largest.refined:
+                    return [largest, *found[1:]]
         inp = self.prepare(image, pad=False)
         faces = self.decode(inp, self.forward([inp.blob])[0])
         if not faces and self.retry_padded(image):
@@ -347,8 +389,56 @@ class FaceDetector:
         """Whether a photo without faces is small enough to be a tight crop worth a padded retry."""
         return max(image.shape[:2]) <= 2 * self.min_side
 
-    def prepare(self, image: np.ndarray, pad: bool = False) -> DetectorInput:
-        """Scale (and with ``pad``, centre on a grey canvas twice the size) for the network."""
+    def full_scale(self, image: np.ndarray) -> float:
+        """Detection pixels per photo pixel of the full pass."""
+        longest = max(image.shape[:2])
+        return float(np.clip(longest, self.min_side, self.max_side)) / longest
+
+    def coarse_input(self, image: np.ndarray) -> DetectorInput | None:
+        """The coarse pass's input at ``coarse_side``, or ``None`` where the full pass's input is no larger."""
+        if self.coarse_side is None or image.ndim != 3 or image.shape[2] != 3:
+            return None
+        if max(image.shape[:2]) * self.full_scale(image) <= self.coarse_side:
+            return None
+        return self.prepare(image, pad=False, max_side=self.coarse_side)
+
+    @staticmethod
+    def coarse_answers(coarse: DetectorInput, faces: list[DetectedFace]) -> bool:
+        """Whether the coarse pass's largest face is large enough in its input to be sure it is the largest."""
+        return bool(faces) and max(faces[0].width, faces[0].height) * coarse.scale >= COARSE_MIN_FACE
+
+    def refine(self, image: np.ndarray, face: DetectedFace) -> DetectedFace:
+        """``face`` found again in :meth:`refine_input` (its landmarks from there), or as it was where that
+        pass does not find it (a face at the photo's edge without context; a tight crop)."""
+        if face.refined:
+            return face
+        inp = self.refine_input(image, face)
+        return self.refined(face, self.decode(inp, self.forward([inp.blob])[0]))
+
+    def refine_input(self, image: np.ndarray, face: DetectedFace) -> DetectorInput:
+        """A square around ``face`` (:data:`REFINE_CONTEXT` times its longer side), at the full pass's scale but
+        with the face at most :data:`REFINE_FACE` pixels: the same view of a face whichever pass found it,
+        and never one too large for the detector's landmarks."""
+        side = max(face.width, face.height, 1.0)
+        cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+        h, w = image.shape[:2]
+        half = REFINE_CONTEXT * side / 2
+        x0, y0 = max(0, math.floor(cx - half)), max(0, math.floor(cy - half))
+        x1, y1 = min(w, max(x0 + 1, math.ceil(cx + half))), min(h, max(y0 + 1, math.ceil(cy + half)))
+        scale = min(self.full_scale(image), REFINE_FACE / side)
+        return self._input(np.ascontiguousarray(image[y0:y1, x0:x1]), scale, (-float(x0), -float(y0)))
+
+    @staticmethod
+    def refined(face: DetectedFace, found: list[DetectedFace]) -> DetectedFace:
+        """The face of ``found`` that is ``face`` (IoU at least 0.5), marked refined; else ``face`` as it was."""
+        best = max(found, key=lambda f: _iou(f.box, face.box), default=None)
+        if best is None or _iou(best.box, face.box) < 0.5:
+            return face
+        return DetectedFace(best.box, best.score, best.landmarks, refined=True)
+
+    def prepare(self, image: np.ndarray, pad: bool = False, max_side: int | None = None) -> DetectorInput:
+        """Scale (and with ``pad``, centre on a grey canvas twice the size) for the network; ``max_side``
+        overrides the detector's for this input (the coarse pass)."""
         if image.ndim != 3 or image.shape[2] != 3:
             raise InvalidImageError(f"expected an RGB image [H, W, 3], got shape {list(image.shape)}")
         h, w = image.shape[:2]
@@ -360,7 +450,13 @@ class FaceDetector:
             canvas[top : top + h, left : left + w] = image
             image, offset = canvas, (float(left), float(top))
         longest = max(image.shape[:2])
-        scale = float(np.clip(longest, self.min_side, self.max_side)) / longest
+        top_side = self.max_side if max_side is None else max_side
+        scale = float(np.clip(longest, min(self.min_side, top_side), top_side)) / longest
+        return self._input(image, scale, offset)
+
+    @staticmethod
+    def _input(image: np.ndarray, scale: float, offset: tuple[float, float]) -> DetectorInput:
+        """``image`` scaled by ``scale`` into a blob; ``offset``: its origin's place in the photo's frame."""
         if scale != 1.0:
             size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
             interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
@@ -494,21 +590,34 @@ class FacePipeline:
         self.size = size
 
     def align_all(self, image: np.ndarray) -> list[AlignedFace]:
-        """Every detected face, largest first."""
-        return [AlignedFace(align_face(image, f.landmarks, self.size), f) for f in self.detector.detect(image)]
+        """Every detected face, largest first, each refined (:meth:`FaceDetector.refine`)."""
+        return [self.align(image, self.detector.refine(image, f)) for f in self.detector.detect(image)]
 
     def align_one(self, image: np.ndarray, select: FaceSelection = "largest") -> AlignedFace:
         """One face: ``'largest'`` (default), ``'single'`` (error if several), or an index into
-        the faces ordered largest first.
+        the faces ordered largest first; refined (:meth:`FaceDetector.refine`) before it is aligned.
 
         Raises:
             NoFaceError, MultipleFacesError, FaceIndexError.
         """
-        return self.align_selected(image, self.detector.detect(image), select)
+        faces = self.detector.detect(image, coarse=select == "largest")
+        return self.align(image, self.detector.refine(image, self.select(faces, select)))
 
     def align_selected(self, image: np.ndarray, faces: list[DetectedFace], select: FaceSelection) -> AlignedFace:
-        """The face ``select`` picks from ``faces`` (largest first, as :meth:`FaceDetector.detect`
-        returns them), aligned; for callers that ran detection elsewhere (a batched device pass)."""
+        """The face ``select`` picks from ``faces``, aligned as it is (the caller refined it, or chose not to)."""
+        return self.align(image, self.select(faces, select))
+
+    def align(self, image: np.ndarray, face: DetectedFace) -> AlignedFace:
+        """``face`` warped onto the template."""
+        return AlignedFace(align_face(image, face.landmarks, self.size), face)
+
+    @staticmethod
+    def select(faces: list[DetectedFace], select: FaceSelection) -> DetectedFace:
+        """The face ``select`` picks from ``faces`` (largest first, as :meth:`FaceDetector.detect` returns them).
+
+        Raises:
+            NoFaceError, MultipleFacesError, FaceIndexError.
+        """
         if not faces:
             raise NoFaceError("no face found in the image")
         if select == "single" and len(faces) > 1:
@@ -518,9 +627,7 @@ class FacePipeline:
                 raise FaceIndexError(
                     f"face index {select} requested, the image has {len(faces)} face(s)", faces=len(faces)
                 )
-            face = faces[select]
-        elif select in ("largest", "single"):
-            face = faces[0]
-        else:
-            raise ValueError(f"face selection must be 'largest', 'single' or an index, got {select!r}")
-        return AlignedFace(align_face(image, face.landmarks, self.size), face)
+            return faces[select]
+        if select in ("largest", "single"):
+            return faces[0]
+        raise ValueError(f"face selection must be 'largest', 'single' or an index, got {select!r}")

@@ -59,9 +59,9 @@ class Settings(BaseSettings):
     engine: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto",
         description=(
-            "what runs the backbone. auto: ONNX Runtime where the model runs fp32 on a CPU (a CPU without native "
-            "bf16: the same numbers, faster), else PyTorch; onnxruntime needs fp32 on the CPU; openvino (opt-in, "
-            "the openvino extra) runs fp32 or bf16 on the CPU"
+            "what runs the backbone. auto: on a CPU, OpenVINO in fp32 (a CPU without native bf16: PyTorch's "
+            "numbers, faster), and in bf16 where the weights' calibration records a passed `oaml check-engine` "
+            "for it, else PyTorch; onnxruntime needs fp32 on the CPU; openvino runs fp32 or bf16 on the CPU"
         ),
     )
     torch_threads: int | None = Field(
@@ -77,6 +77,15 @@ class Settings(BaseSettings):
     )
     detection_workers: int | None = Field(
         None, ge=1, description="photos decoded and detected concurrently (default: sized to the machine)"
+    )
+    detector_coarse_side: int = Field(
+        320,
+        ge=0,
+        description=(
+            "where one face per photo is wanted (face=largest), photos are first detected at this longer side, then "
+            "in a square around the face found there (40-50% of the work of the 640-pixel pass); 0: always the "
+            "full pass"
+        ),
     )
     max_batch: int = Field(8, ge=1, description="most faces per batched forward pass")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the first queued face waits for others")

@@ -167,7 +167,16 @@ class Engine:
             engine=settings.engine,
             version=self.card.model_version,
             threads=settings.torch_threads,
+            vouched=self.card.vouched_engines,
         )
+        served = (self.embedder.engine, self.embedder.precision)
+        if self.card.calibration.fitted and served[0] != "torch" and served[1] != "float32":
+            if served not in self.card.vouched_engines:  # forced by OAML_ENGINE: allowed, but not silently
+                logger.warning(
+                    "the backbone runs on %s in %s, which the calibration was not checked for: thresholds and "
+                    "probabilities may be off; run `oaml check-engine` and record it",
+                    *served,
+                )
         self.model = self.embedder.model.eval()
         self.device = self.embedder.device
         self.autocast = self.embedder.autocast
@@ -184,7 +193,12 @@ class Engine:
         backend = settings.detector_backend
         if backend == "auto":
             backend = "torch" if self.device.type == "cuda" else "onnxruntime"
-        self.detector = FaceDetector(threads=settings.detector_threads, backend=backend, device=self.device)
+        self.detector = FaceDetector(
+            threads=settings.detector_threads,
+            backend=backend,
+            device=self.device,
+            coarse_side=settings.detector_coarse_side or None,
+        )
         self.pipeline = FacePipeline(self.detector)
         self.cpu_pool = ThreadPoolExecutor(max_workers=settings.detection_workers, thread_name_prefix="oaml-detect")
         self.gallery_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
@@ -255,8 +269,9 @@ class Engine:
             if not self.batched_detection:
                 return await self.run_cpu(self._align_one, data, select)
             image = await self.run_cpu(self.decode, data)
-            faces = await self._detect(image)
-            return await self.run_cpu(self.pipeline.align_selected, image, faces, select)
+            faces = await self._detect(image, coarse=select == "largest")
+            face = await self._refine(image, self.pipeline.select(faces, select))
+            return await self.run_cpu(self.pipeline.align, image, face)
         finally:
             self._release(1)
 
@@ -270,23 +285,36 @@ class Engine:
             if not self.batched_detection:
                 return await self.run_cpu(self._align_all, data)
             image = await self.run_cpu(self.decode, data)
-            faces = await self._detect(image)
-            return [await self.run_cpu(self.pipeline.align_selected, image, faces, i) for i in range(len(faces))]
+            faces = await asyncio.gather(*(self._refine(image, f) for f in await self._detect(image)))
+            return [await self.run_cpu(self.pipeline.align, image, f) for f in faces]
         finally:
             self._release(1)
 
     def _align_all(self, data: bytes) -> list[AlignedFace]:
         return self.pipeline.align_all(self.decode(data))
 
-    async def _detect(self, image: np.ndarray) -> list[DetectedFace]:
-        """:meth:`FaceDetector.detect` with the network pass batched on the worker thread."""
-        faces = await self._detect_pass(image, pad=False)
+    async def _detect(self, image: np.ndarray, coarse: bool = False) -> list[DetectedFace]:
+        """:meth:`FaceDetector.detect` with the network passes batched on the worker thread."""
+        first = await self.run_cpu(self.detector.coarse_input, image) if coarse else None
+        if first is not None:
+            found = await self._detect_input(first)
+            if self.detector.coarse_answers(first, found):
+                largest = await self._refine(image, found[0])
+                if largest.refined:
+                    return [largest, *found[1:]]
+        faces = await self._detect_input(await self.run_cpu(self.detector.prepare, image, False))
         if not faces and self.detector.retry_padded(image):
-            faces = await self._detect_pass(image, pad=True)
+            faces = await self._detect_input(await self.run_cpu(self.detector.prepare, image, True))
         return faces
 
-    async def _detect_pass(self, image: np.ndarray, pad: bool) -> list[DetectedFace]:
-        inp = await self.run_cpu(self.detector.prepare, image, pad)
+    async def _refine(self, image: np.ndarray, face: DetectedFace) -> DetectedFace:
+        """:meth:`FaceDetector.refine` with its network pass batched on the worker thread."""
+        if face.refined:
+            return face
+        inp = await self.run_cpu(self.detector.refine_input, image, face)
+        return self.detector.refined(face, await self._detect_input(inp))
+
+    async def _detect_input(self, inp: DetectorInput) -> list[DetectedFace]:
         future: Future[list[DetectorOutput]] = Future()
         self._queue.put(_DetectJob([inp], future))
         (out,) = await asyncio.wrap_future(future)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.align import DEFAULT_DETECTOR_PATH, DetectedFace, FaceDetector, load_image
+from model.align import DEFAULT_DETECTOR_PATH, DetectedFace, FaceDetector, FacePipeline, load_image
+from model.errors import MultipleFacesError
 from model.retinaface import RetinaFaceMNet, load_retinaface_onnx
 from tests.conftest import SHARED_DATA
 
@@ -142,3 +143,90 @@ class TestPrepare:
         )
         np.testing.assert_array_equal(inp.blob[:, :vh, :vw], expected)
         assert not inp.blob[:, vh:, :].any() and not inp.blob[:, :, vw:].any()
+
+
+class TestCoarsePass:
+    """Where the largest face is wanted, a photo is detected at 320 pixels and again around its face, not whole."""
+
+    @staticmethod
+    def portrait(astronaut: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(cv2.resize(astronaut, (1280, 1280))[150:850, 300:860])
+
+    @staticmethod
+    def passes(detector: FaceDetector, image: np.ndarray, coarse: bool) -> tuple[list[DetectedFace], list[tuple]]:
+        shapes: list[tuple] = []
+        forward = detector.forward
+
+        def counting(blobs: list[np.ndarray]) -> list:
+            shapes.extend(b.shape for b in blobs)
+            return forward(blobs)
+
+        detector.forward = counting  # type: ignore[method-assign]
+        try:
+            return detector.detect(image, coarse=coarse), shapes
+        finally:
+            del detector.forward
+
+    @pytest.mark.parametrize("size", [(480, 640), (700, 560), (1600, 1600)])
+    def test_two_small_passes_find_the_face_the_full_pass_finds(
+        self, detector: FaceDetector, astronaut: np.ndarray, size: tuple[int, int]
+    ) -> None:
+        photo = cv2.resize(astronaut, size[::-1]) if size != (700, 560) else self.portrait(astronaut)
+        faces, shapes = self.passes(detector, photo, coarse=True)
+        full, full_shapes = self.passes(detector, photo, coarse=False)
+        assert len(shapes) == 2 and shapes[0][1:] == detector.coarse_input(photo).blob.shape[1:]  # type: ignore[union-attr]
+        assert sum(s[1] * s[2] for s in shapes) < 0.75 * full_shapes[0][1] * full_shapes[0][2]  # less work
+        assert len(faces) == len(full) == 1 and iou(faces[0], full[0]) >= 0.85
+        # the detector's landmarks move by a few pixels with its input (the whole photo or a square of it)
+        assert np.abs(faces[0].landmarks - full[0].landmarks).max() <= 0.04 * full[0].width
+
+    def test_a_small_face_goes_on_to_the_full_pass(self, detector: FaceDetector, astronaut: np.ndarray) -> None:
+        canvas = np.full((960, 1280, 3), 90, dtype=np.uint8)
+        canvas[400:656, 600:856] = cv2.resize(astronaut, (256, 256))  # the face ~45 px, ~22 px at 640: none at 320
+        faces, shapes = self.passes(detector, canvas, coarse=True)
+        assert shapes == [(3, 256, 320), (3, 480, 640)]  # the coarse pass, then the full one
+        full, _ = self.passes(detector, canvas, coarse=False)
+        assert len(full) == 1 and [f.box for f in faces] == [f.box for f in full]
+
+    def test_no_coarse_pass_where_the_full_input_is_no_larger(
+        self, detector: FaceDetector, astronaut: np.ndarray
+    ) -> None:
+        small = cv2.resize(astronaut, (250, 250))  # LFW's size: the full pass upscales it to 320 anyway
+        faces, shapes = self.passes(detector, small, coarse=True)
+        assert shapes == [(3, 320, 320)] and len(faces) == 1
+
+    def test_the_refining_pass_keeps_its_own_face_only(self) -> None:
+        def face(x: float, w: float) -> DetectedFace:
+            return DetectedFace((x, 10.0, x + w, 10.0 + w), 0.99, np.zeros((5, 2)))
+
+        lost = FaceDetector.refined(face(100, 80), [])  # as it was, not refined
+        assert lost.box == face(100, 80).box and not lost.refined
+        assert not FaceDetector.refined(face(100, 80), [face(160, 80)]).refined  # another face of the square
+        again = FaceDetector.refined(face(100, 80), [face(160, 80), face(102, 78)])
+        assert again.refined and again.box[0] == 102
+
+    def test_every_aligned_face_is_refined_whichever_pass_found_it(
+        self, pipeline: FacePipeline, astronaut: np.ndarray
+    ) -> None:
+        photo = cv2.resize(astronaut, (1600, 1600))  # a large face: ~300 px in the whole photo's 640 input
+        single, largest = pipeline.align_one(photo, "single"), pipeline.align_one(photo, "largest")
+        assert single.face.refined and largest.face.refined and pipeline.align_one(photo, 0).face.refined
+        assert all(f.face.refined for f in pipeline.align_all(photo))
+        # both refined from a 128-pixel view of the face, from slightly different boxes: nearly the same landmarks
+        assert np.abs(single.face.landmarks - largest.face.landmarks).max() <= 0.02 * single.face.width
+
+    def test_every_face_an_index_and_single_use_the_full_pass(
+        self, pipeline: FacePipeline, astronaut: np.ndarray
+    ) -> None:
+        canvas = np.full((640, 800, 3), 200, dtype=np.uint8)
+        canvas[:, :512] = cv2.resize(self.portrait(astronaut), (512, 640))  # a large face (~210 px) ...
+        canvas[400:528, 560:688] = cv2.resize(astronaut, (128, 128))  # ... and a small one (~20 px), lost at 320
+        assert len(pipeline.detector.detect(canvas, coarse=True)) == 1
+        assert len(pipeline.align_all(canvas)) == 2
+        assert pipeline.align_one(canvas, 1).face.area < pipeline.align_one(canvas, "largest").face.area
+        with pytest.raises(MultipleFacesError):  # "single" sees every face the full pass sees
+            pipeline.align_one(canvas, "single")
+
+    def test_off_when_coarse_side_is_none(self, astronaut: np.ndarray) -> None:
+        detector = FaceDetector(coarse_side=None)
+        assert detector.coarse_input(cv2.resize(astronaut, (1280, 1280))) is None

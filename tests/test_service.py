@@ -347,7 +347,12 @@ class TestGalleryAndIdentify:
             assert boxes[0][2] - boxes[0][0] > boxes[1][2] - boxes[1][0]  # largest first, each with its box
             assert all(f["match"]["subject"] == "eileen" for f in body["faces"])  # both are the astronaut
             single = c.post("/identify", files=group, data={"threshold": "-1000"}).json()
-            assert single["face"]["box"] == boxes[0]  # the default still answers for the largest face
+            # the default still answers for the largest face (found by the coarse and refining passes: the box
+            # within a few pixels of the whole photo's pass)
+            x1, y1, x2, y2 = single["face"]["box"]
+            a1, b1, a2, b2 = boxes[0]
+            inter = max(0, min(x2, a2) - max(x1, a1)) * max(0, min(y2, b2) - max(y1, b1))
+            assert inter / ((x2 - x1) * (y2 - y1) + (a2 - a1) * (b2 - b1) - inter) >= 0.85
             assert_problem(
                 c.post("/identify", files=files(image=("c.jpg", photos["coffee"], "image/jpeg")), data={"face": "all"}),
                 422,
@@ -379,6 +384,7 @@ class TestGalleryAndIdentify:
                 files=files(
                     image_a=("p.jpg", photos["astronaut_jpeg"], "image/jpeg"), image_b=("a.png", photos["astronaut"])
                 ),
+                data={"face_b": "single"},  # the enrolled face as the enrolment found it (the whole photo's pass)
             ).json()
             assert body["threshold"] > one["threshold"]  # two faces, two chances for a stranger: more evidence asked
             for face_id in list(faces)[1:]:
@@ -581,12 +587,14 @@ class TestOperations:
                 for side in ("face_a", "face_b"):
                     assert np.allclose(got[side]["box"], want[side]["box"], atol=1.0)
                     assert np.allclose(got[side]["landmarks"], want[side]["landmarks"], atol=1.0)
-                assert got["score"] == pytest.approx(want["score"], abs=0.05)
+                # random weights: a sub-pixel landmark difference moves the score by up to ~0.1
+                assert got["score"] == pytest.approx(want["score"], abs=0.1)
             assert_problem(
                 c.post("/occlusion", files=files(image=("c.jpg", photos["coffee"], "image/jpeg"))), 422, "NO_FACE"
             )
             sizes = batch_sizes_of_8_concurrent_requests(c, photos["astronaut"], engine.detect_stats)
-            assert sum(sizes) == 8 and max(sizes) > 1  # photos of concurrent requests shared a network pass
+            # two passes per photo (coarse, then around its face); concurrent requests' photos share passes
+            assert sum(sizes) == 16 and max(sizes) > 1
 
     def test_health_ready_info_docs(self, client: TestClient) -> None:
         assert client.get("/health").json() == {"status": "ok", "detail": None}
