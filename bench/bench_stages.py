@@ -3,7 +3,8 @@
 Run: ``python bench/bench_stages.py --out bench/RESULTS.md`` (or ``make bench-stages``). For each
 stage of one 640x480 JPEG on its way through the service (decode with EXIF, detector
 pre-processing, the detector network, box decoding and NMS, alignment, the embedding step, pair
-scoring, the JSON answer), the median time of repeated calls; and the detector network alone at
+scoring, the JSON answer), the median time of repeated calls, as the service ran it before issue
+#23 (the whole photo's detector pass, PyTorch's embedding) and as it runs it now; and the detector network alone at
 several batch sizes, onnxruntime and torch, on the CPU and (when there is one) on the GPU. This
 is what decides which stages are worth moving to a GPU: a stage that costs little on the CPU
 gains nothing there. Shipped weights when present (speed does not depend on their values).
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_model import cpu_name, emit, timeit  # noqa: E402
 from model.align import FaceDetector, align_face, decode_image  # noqa: E402
+from model.card import WeightsCard  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.embedder import Embedder, score_pairs  # noqa: E402
 from model.net import build_model  # noqa: E402
@@ -46,44 +48,102 @@ def _photo() -> bytes:
     return buf.getvalue()
 
 
+def _old_prepare(image: np.ndarray) -> np.ndarray:
+    """The detector input as it was made before 2026-12-02: a float copy of the whole photo, transposed."""
+    mean = np.array([104.0, 117.0, 123.0], dtype=np.float32)
+    blob = np.zeros((3, -(-image.shape[0] // 32) * 32, -(-image.shape[1] // 32) * 32), dtype=np.float32)
+    blob[:, : image.shape[0], : image.shape[1]] = (image[..., ::-1].astype(np.float32) - mean).transpose(2, 0, 1)
+    return blob
+
+
 def stage_rows(device: torch.device, seconds: float) -> list[str]:
-    """One face of a /verify request, stage by stage, as the service runs it on ``device``."""
+    """One face of a /verify request, stage by stage, as the service ran it before issue #23's changes (the whole
+    photo's detector pass, PyTorch's embedding) and as it runs it now (coarse and refining passes, the ``auto``
+    engine), on ``device``."""
     data = _photo()
     backend = "torch" if device.type == "cuda" else "onnxruntime"
     detector = FaceDetector(threads=1, backend=backend, device=device)
+    meta: dict[str, object] = {}
     if DEFAULT_WEIGHTS.exists():
-        model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+        model, meta = load_checkpoint(DEFAULT_WEIGHTS)
     else:
         model = build_model("ir_18").eval()
-    embedder = Embedder(model, device=device.type)
+    card_vouched = WeightsCard.from_metadata(meta).vouched_engines if meta else frozenset()
+    before = Embedder(model, device=device.type, engine="torch")
+    now = Embedder(
+        model, device=device.type, engine="auto", version=str(meta.get("model_version")), vouched=card_vouched
+    )
     image = decode_image(data)
     inp = detector.prepare(image)
     out = detector.forward([inp.blob])[0]
     face = detector.decode(inp, out)[0]
+    coarse = detector.coarse_input(image)
+    assert coarse is not None
+    coarse_out = detector.forward([coarse.blob])[0]
+    found = detector.decode(coarse, coarse_out)
+    refine = detector.refine_input(image, found[0])
+    refine_out = detector.forward([refine.blob])[0]
     crop = align_face(image, face.landmarks)
     pair = np.stack([crop, crop])
-    feats = embedder.forward(pair)
-    qaconv = embedder.model.qaconv
-    mode = f"{embedder.precision}, flip {'on' if embedder.flip else 'off'}"
+    feats = now.forward(pair)
+    qaconv = now.model.qaconv
     answer = {"match": True, "score": 1.0, "face_a": {"visibility_map": np.ones((7, 7)).tolist()}}
-    stages: list[tuple[str, Callable[[], object]]] = [
-        ("decode JPEG (Pillow, EXIF)", lambda: decode_image(data)),
-        ("detector pre-processing (resize, BGR, pad)", lambda: detector.prepare(image)),
-        (f"detector network ({backend}, 1 photo)", lambda: detector.forward([inp.blob])),
-        ("box decoding and NMS", lambda: detector.decode(inp, out)),
-        ("alignment (similarity warp)", lambda: align_face(image, face.landmarks)),
-        (f"embedding step, 2 faces ({mode}; per face: half)", lambda: embedder.forward(pair)),
-        ("pair scoring (cosine + QAConv), 1 pair", lambda: score_pairs(qaconv, feats.take([0]), feats.take([1]))),
-        ("JSON answer", lambda: json.dumps(answer)),
+
+    def both(*fns: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            for fn in fns:
+                fn()
+
+        return run
+
+    view = f"{coarse.blob.shape[2]}x{coarse.blob.shape[1]} + {refine.blob.shape[2]}x{refine.blob.shape[1]}"
+    flip = "flip on" if now.flip else "flip off"
+    stages: list[tuple[str, Callable[[], object] | None, Callable[[], object] | None]] = [
+        ("decode JPEG (Pillow, EXIF)", lambda: decode_image(data), lambda: decode_image(data)),
+        (
+            f"detector pre-processing (before: 640x480; now: {view})",
+            lambda: _old_prepare(image),
+            both(lambda: detector.coarse_input(image), lambda: detector.refine_input(image, found[0])),
+        ),
+        (
+            f"detector network ({backend}; before: 640x480; now: {view})",
+            lambda: detector.forward([inp.blob]),
+            both(lambda: detector.forward([coarse.blob]), lambda: detector.forward([refine.blob])),
+        ),
+        (
+            "box decoding and NMS",
+            lambda: detector.decode(inp, out),
+            both(lambda: detector.decode(coarse, coarse_out), lambda: detector.decode(refine, refine_out)),
+        ),
+        (
+            "alignment (similarity warp)",
+            lambda: align_face(image, face.landmarks),
+            lambda: align_face(image, face.landmarks),
+        ),
+        (
+            f"embedding step, 2 faces (before: {before.engine} {before.precision}; now: {now.engine} {now.precision}; "
+            f"{flip}; per face: half)",
+            lambda: before.forward(pair),
+            lambda: now.forward(pair),
+        ),
+        (
+            "pair scoring (cosine + QAConv), 1 pair",
+            lambda: score_pairs(qaconv, feats.take([0]), feats.take([1])),
+            lambda: score_pairs(qaconv, feats.take([0]), feats.take([1])),
+        ),
+        ("JSON answer", lambda: json.dumps(answer), lambda: json.dumps(answer)),
     ]
-    rows = ["| stage | ms |", "|---|---|"]
-    total = 0.0
-    for name, fn in stages:
-        t = timeit(fn, seconds) * 1000
-        total += t
-        rows.append(f"| {name} | {t:.2f} |")
+    rows = ["| stage | before, ms | now, ms |", "|---|---|---|"]
+    totals = [0.0, 0.0]
+    for name, *fns in stages:
+        cells = []
+        for i, fn in enumerate(fns):
+            t = timeit(fn, seconds) * 1000 if fn is not None else 0.0
+            totals[i] += t
+            cells.append(f"{t:.2f}")
+        rows.append(f"| {name} | {' | '.join(cells)} |")
         print(rows[-1], flush=True)  # noqa: T201
-    rows.append(f"| sum (the embedding step counted for both faces) | {total:.1f} |")
+    rows.append(f"| sum (the embedding step counted for both faces) | {totals[0]:.1f} | {totals[1]:.1f} |")
     return rows
 
 

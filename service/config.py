@@ -78,6 +78,14 @@ class Settings(BaseSettings):
     detection_workers: int | None = Field(
         None, ge=1, description="photos decoded and detected concurrently (default: sized to the machine)"
     )
+    detector_refine: bool = Field(
+        True,
+        description=(
+            "each aligned face's landmarks from a second detector pass around it, the face at most 128 px there "
+            "(RetinaFace places them worse on larger faces); false: from the pass that found it, as before "
+            "2026-12-02 (and no coarse pass)"
+        ),
+    )
     detector_coarse_side: int = Field(
         320,
         ge=0,

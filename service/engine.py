@@ -198,6 +198,7 @@ class Engine:
             backend=backend,
             device=self.device,
             coarse_side=settings.detector_coarse_side or None,
+            refine=settings.detector_refine,
         )
         self.pipeline = FacePipeline(self.detector)
         self.cpu_pool = ThreadPoolExecutor(max_workers=settings.detection_workers, thread_name_prefix="oaml-detect")
@@ -309,7 +310,7 @@ class Engine:
 
     async def _refine(self, image: np.ndarray, face: DetectedFace) -> DetectedFace:
         """:meth:`FaceDetector.refine` with its network pass batched on the worker thread."""
-        if face.refined:
+        if face.refined or not self.detector.refining:
             return face
         inp = await self.run_cpu(self.detector.refine_input, image, face)
         return self.detector.refined(face, await self._detect_input(inp))

@@ -393,6 +393,11 @@ class InfoResponse(BaseModel):
         description="false while the gallery is read-only: enrolments and deletions answer 503 STORE_READ_ONLY"
     )
     detector: str
+    detector_passes: str = Field(
+        description="how faces are found and landmarked: `coarse 320, refined` (OAML_DETECTOR_COARSE_SIDE, the "
+        "largest face found at 320 px, every aligned face refined), `whole photo, refined` or `whole photo` "
+        "(OAML_DETECTOR_REFINE=false)"
+    )
     detector_backend: str = Field(
         description="`onnxruntime` (CPU, per photo in the detection workers) or `torch` (on `device`, batched)"
     )

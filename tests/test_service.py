@@ -20,7 +20,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from model.align import FacePipeline
+from model.align import FaceDetector, FacePipeline
 from model.checkpoint import save_checkpoint
 from model.embedder import FLIP_TEST
 from model.net import build_model
@@ -595,6 +595,19 @@ class TestOperations:
             sizes = batch_sizes_of_8_concurrent_requests(c, photos["astronaut"], engine.detect_stats)
             # two passes per photo (coarse, then around its face); concurrent requests' photos share passes
             assert sum(sizes) == 16 and max(sizes) > 1
+
+    def test_the_detector_passes_are_a_setting_and_info_says_which(
+        self, client: TestClient, weights: Path, tmp_path: Path, photos: dict[str, bytes], astronaut: np.ndarray
+    ) -> None:
+        pair = files(image_a=("a.png", photos["astronaut"]), image_b=("b.png", photos["astronaut"]))
+        assert client.get("/info").json()["detector_passes"] == "coarse 320, refined"
+        refined = client.post("/verify", files=pair).json()["face_a"]["landmarks"]
+        whole = FaceDetector().detect(astronaut)[0].landmarks  # the 512-pixel photo's own pass
+        with TestClient(create_app(make_settings(weights, tmp_path, detector_refine=False))) as c:
+            assert c.get("/info").json()["detector_passes"] == "whole photo"
+            before = c.post("/verify", files=pair).json()["face_a"]["landmarks"]
+        np.testing.assert_allclose(before, whole, atol=0.06)  # rounded to 0.1 px in the answer
+        assert np.abs(np.array(refined) - whole).max() > 0.5  # refined: from a 128-pixel view of the face
 
     def test_health_ready_info_docs(self, client: TestClient) -> None:
         assert client.get("/health").json() == {"status": "ok", "detail": None}

@@ -110,6 +110,7 @@ async def info(state: StateDep, request: Request) -> InfoResponse:
         gallery_writable=state.gallery.writable,
         detector="retinaface_mnet025",
         detector_backend=engine.detector.backend,
+        detector_passes=engine.detector.passes,
         max_batch=settings.max_batch,
         limits={
             "max_image_bytes": settings.max_image_bytes,
