@@ -91,7 +91,7 @@ COARSE_MIN_FACE = 24
 REFINE_CONTEXT = 2.0
 #: ... at the full pass's scale, but never with the face larger than this many pixels: RetinaFace-MobileNet0.25
 #: places landmarks worse on faces much larger than the ones it was trained on (LFW upscaled to 640: 88.6% fused
-#: accuracy from the whole photo's pass, 91.6% with the face refined at this size; bench/RESULTS.md).
+#: accuracy from the whole photo's pass, 91.4% with the face refined at this size; bench/RESULTS.md).
 REFINE_FACE = 128
 
 
