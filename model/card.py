@@ -16,6 +16,7 @@ from typing import Any
 from model.attributes import AttributeRules
 from model.calibration import DEFAULT_CALIBRATION, PRESETS, Calibration
 from model.errors import CheckpointError
+from model.quantize import Int8Recipe
 
 __all__ = ["QualityStats", "WeightsCard"]
 
@@ -48,7 +49,9 @@ class WeightsCard:
         lfw_presets: per preset, ``{"tar", "far"}`` on LFW clean pairs (``oaml eval --record``).
         attributes: the thresholds of the occlusion attributes (``oaml calibrate-attributes``), or defaults.
         vouched_engines: ``(engine, precision)`` pairs whose ``oaml check-engine`` against this calibration
-            passed (``calibration.engine_checks``): the faster paths ``auto`` may serve it with.
+            passed (``calibration.engine_checks``): the faster paths ``auto`` may serve it with. An int8 check
+            vouches only for the recipe it checked (a new ``oaml quantize`` needs a new check).
+        int8: the int8 recipe (``oaml quantize``), or ``None``.
         metadata: the raw document, for tools that show it whole.
     """
 
@@ -62,6 +65,7 @@ class WeightsCard:
     lfw_presets: dict[str, dict[str, float]] = field(default_factory=dict)
     attributes: AttributeRules = field(default_factory=AttributeRules)
     vouched_engines: frozenset[tuple[str, str]] = frozenset()
+    int8: Int8Recipe | None = None
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -104,6 +108,12 @@ class WeightsCard:
             name: {"tar": float(row["tar"]), "far": float(row["far"])}
             for name, row in (clean.get("presets") or {}).items()
         }
+        int8 = None
+        if meta.get("int8"):
+            try:
+                int8 = Int8Recipe.from_dict(meta["int8"])
+            except ValueError as exc:
+                raise CheckpointError(f"weights metadata: {exc}") from exc
         return cls(
             model_version=meta["model_version"],
             architecture=meta["architecture"],
@@ -117,7 +127,11 @@ class WeightsCard:
             vouched_engines=frozenset(
                 (str(c["engine"]), str(c["precision"]))
                 for c in (raw_cal or {}).get("engine_checks") or []
-                if c.get("passes") is True and "engine" in c and "precision" in c
+                if c.get("passes") is True
+                and "engine" in c
+                and "precision" in c
+                and (c["precision"] != "int8" or (int8 is not None and c.get("int8_recipe") == int8.fingerprint()))
             ),
+            int8=int8,
             metadata=meta,
         )

@@ -32,6 +32,7 @@ import torch
 from model.align import to_input_tensor
 from model.net import OAMLNet
 from model.qaconv import QAConv
+from model.quantize import Int8Recipe
 
 __all__ = [
     "FLIP_TEST",
@@ -169,7 +170,8 @@ class Embedder:
             with it). The embedder never changes the model's weights; it puts it in eval mode for
             each call, which the trainer undoes at its next step.
         device: ``auto``, ``cpu``, ``cuda`` or a ``torch.device``.
-        precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` (see :func:`select_precision`).
+        precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` (see :func:`select_precision`), or ``int8``
+            (OpenVINO, with ``int8``'s recipe; ``auto`` chooses it where :func:`model.engines.serve_int8` says).
         flip: add the mirrored crop's norm-weighted embedding (AdaFace's flip test).
         batch_size: faces per forward pass in :meth:`__call__`.
         engine: ``torch``, ``onnxruntime``, ``openvino`` or ``auto`` (:func:`model.engines.select_engine`:
@@ -177,6 +179,7 @@ class Embedder:
             exported graph (the weights' model_version), ``threads`` are its threads.
         vouched: the ``(engine, precision)`` pairs the weights' calibration was checked for
             (:attr:`model.card.WeightsCard.vouched_engines`).
+        int8: the weights' int8 recipe (:class:`model.quantize.Int8Recipe`), if they carry one.
     """
 
     def __init__(
@@ -190,17 +193,20 @@ class Embedder:
         version: str | None = None,
         threads: int = 1,
         vouched: Collection[tuple[str, str]] = (),
+        int8: Int8Recipe | None = None,
     ) -> None:
-        from model.engines import OnnxBackbone, OpenVinoBackbone, select_engine
+        from model.engines import OnnxBackbone, OpenVinoBackbone, select_engine, serve_int8
 
         self.device = select_device(device)
-        self.autocast = select_precision(precision, self.device)
-        self.engine = select_engine(engine, self.device, self.autocast, vouched)
+        self.autocast = None if precision == "int8" else select_precision(precision, self.device)
+        self.int8 = serve_int8(precision, engine, self.device, self.autocast, vouched, int8 is not None)
+        self.engine = "openvino" if self.int8 else select_engine(engine, self.device, self.autocast, vouched)
         self._onnx: OnnxBackbone | OpenVinoBackbone | None = None
         if self.engine == "onnxruntime":
             self._onnx = OnnxBackbone(model, version, threads)
         elif self.engine == "openvino":
-            self._onnx = OpenVinoBackbone(model, version, threads, bf16=self.autocast is torch.bfloat16)
+            recipe = int8 if self.int8 else None
+            self._onnx = OpenVinoBackbone(model, version, threads, bf16=self.autocast is torch.bfloat16, int8=recipe)
         self.flip = flip
         self.batch_size = batch_size
         self.model = model.to(self.device)
@@ -209,7 +215,8 @@ class Embedder:
 
     @property
     def precision(self) -> str:
-        return precision_name(self.autocast)
+        """``float32``, ``bfloat16``, ``float16`` or ``int8``: how the backbone computes."""
+        return "int8" if self.int8 else precision_name(self.autocast)
 
     def describe(self) -> dict[str, Any]:
         """How features are computed, for metadata and reports."""

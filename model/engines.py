@@ -22,10 +22,12 @@ import numpy as np
 import torch
 
 from model.net import OAMLNet, OAMLOutput
+from model.quantize import Int8Recipe, quantised_copy
 
 __all__ = [
     "EngineName",
     "select_engine",
+    "serve_int8",
     "openvino_available",
     "exported_graph",
     "OnnxBackbone",
@@ -81,6 +83,38 @@ def select_engine(
     return "torch"
 
 
+def serve_int8(
+    precision: str,
+    engine: str,
+    device: torch.device,
+    autocast: torch.dtype | None,
+    vouched: Collection[tuple[str, str]] = (),
+    has_recipe: bool = False,
+) -> bool:
+    """Whether the backbone runs in int8 (OpenVINO, :mod:`model.quantize`). Asked for (``precision='int8'``):
+    yes, on a CPU, for weights that carry a recipe (``oaml quantize``). ``auto``: on a CPU without native bf16
+    (``autocast`` is None there), where the weights' recipe passed ``oaml check-engine`` (``vouched``) and
+    OpenVINO is here; a CPU with native bf16 keeps bf16 (as fast there, and closer to the calibrated path).
+    """
+    if precision == "int8":
+        if device.type != "cpu" or engine not in ("auto", "openvino"):
+            raise ValueError("int8 runs on the CPU with the openvino engine")
+        if not has_recipe:
+            raise ValueError("int8 needs the weights' int8 recipe: run `oaml quantize` on them first")
+        if not openvino_available():
+            raise ValueError("int8 needs OpenVINO (a dependency: pip install openvino)")
+        return True
+    return (
+        precision == "auto"
+        and engine in ("auto", "openvino")
+        and device.type == "cpu"
+        and autocast is None
+        and has_recipe
+        and ("openvino", "int8") in vouched
+        and openvino_available()
+    )
+
+
 class _Outputs(torch.nn.Module):
     """The backbone's four outputs as a tuple (what the ONNX graph returns)."""
 
@@ -98,13 +132,16 @@ OPSET = 17
 
 
 def export_fingerprint() -> str:
-    """What besides the weights decides the exported graph: the network's code, torch and the opset. In the
+    """What besides the weights decides the exported graph: the network's and the quantiser's code, torch and
+    the opset. In the
     file name, so an upgraded service never runs a graph exported by an older one from a kept cache."""
     import hashlib
 
     import model.net
+    import model.quantize
 
     digest = hashlib.sha256(Path(model.net.__file__).read_bytes())
+    digest.update(Path(model.quantize.__file__).read_bytes())
     digest.update(f"{torch.__version__}|{OPSET}".encode())
     return digest.hexdigest()[:12]
 
@@ -115,21 +152,23 @@ def default_cache_dir() -> Path:
 
 
 def exported_graph(
-    model: OAMLNet, version: str | None, cache_dir: Path | None = None
+    model: OAMLNet, version: str | None, cache_dir: Path | None = None, int8: Int8Recipe | None = None
 ) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
     """The model's ONNX graph (exported once per version into ``cache_dir``, default :func:`default_cache_dir`),
     and the scratch folder that holds it when it is not kept: weights without a version (nothing to name a kept
-    export by) or an unwritable cache (a read-only home). Keep the folder as long as the graph is used."""
+    export by) or an unwritable cache (a read-only home). Keep the folder as long as the graph is used.
+
+    With ``int8``, the graph of :func:`model.quantize.quantised_copy` (QDQ pairs), named by the recipe too."""
     if version is None:
         scratch = tempfile.TemporaryDirectory(prefix="oaml-engine-")
-        return OnnxBackbone.export(model, "unversioned", Path(scratch.name)), scratch
+        return OnnxBackbone.export(model, "unversioned", Path(scratch.name), int8), scratch
     folder = cache_dir or default_cache_dir()
     try:
-        return OnnxBackbone.export(model, version, folder), None
+        return OnnxBackbone.export(model, version, folder, int8), None
     except OSError as exc:
         fallback = Path(tempfile.gettempdir()) / f"oaml-engines-{os.getuid()}"
         logger.warning("cannot keep the exported graph in %s (%s): using %s", folder, exc, fallback)
-        return OnnxBackbone.export(model, version, fallback), None
+        return OnnxBackbone.export(model, version, fallback, int8), None
 
 
 class OnnxBackbone:
@@ -155,14 +194,17 @@ class OnnxBackbone:
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
 
     @staticmethod
-    def export(model: OAMLNet, version: str, cache_dir: Path) -> Path:
-        """The graph of ``model`` at ``cache_dir``, exported unless a file for this version and code is there."""
+    def export(model: OAMLNet, version: str, cache_dir: Path, int8: Int8Recipe | None = None) -> Path:
+        """The graph of ``model`` (fake-quantised by ``int8`` if given) at ``cache_dir``, exported unless a file
+        for this version, code and recipe is there."""
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in version)
-        path = cache_dir / f"{safe}.{export_fingerprint()}.fp32.onnx"
+        kind = f"int8-{int8.fingerprint()}" if int8 is not None else "fp32"
+        path = cache_dir / f"{safe}.{export_fingerprint()}.{kind}.onnx"
         if path.is_file():
             return path
         cache_dir.mkdir(parents=True, exist_ok=True)
-        wrapped = _Outputs(model).eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+        source = quantised_copy(model, int8) if int8 is not None else model
+        wrapped = _Outputs(source).eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
         fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".onnx.tmp")
         os.close(fd)
         try:
@@ -181,7 +223,7 @@ class OnnxBackbone:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        logger.info("exported the backbone to %s for ONNX Runtime", path)
+        logger.info("exported the backbone to %s", path)
         return path
 
     def forward_all(self, x: torch.Tensor) -> OAMLOutput:
@@ -204,14 +246,20 @@ class OpenVinoBackbone:
         version: names the export.
         threads: OpenVINO's inference threads.
         bf16: infer in bf16 (a CPU that computes it natively), else f32.
+        int8: run the network quantised by this recipe (:mod:`model.quantize`): int8 convolutions, the rest
+            in f32.
     """
 
-    def __init__(self, model: OAMLNet, version: str | None, threads: int, bf16: bool = False) -> None:
+    def __init__(
+        self, model: OAMLNet, version: str | None, threads: int, bf16: bool = False, int8: Int8Recipe | None = None
+    ) -> None:
         try:
             import openvino as ov
         except ImportError as exc:
             raise RuntimeError("OAML_ENGINE=openvino needs OpenVINO (a dependency: pip install openvino)") from exc
-        path, self._scratch = exported_graph(model, version)
+        if bf16 and int8 is not None:
+            raise ValueError("the openvino engine runs bf16 or int8, not both")
+        path, self._scratch = exported_graph(model, version, int8=int8)
         config = {"INFERENCE_NUM_THREADS": max(1, threads), "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self.path = path

@@ -236,6 +236,40 @@ def _cmd_check_engine(args: argparse.Namespace) -> int:
     return 0 if report["passes"] else 1
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.quantize import fit_int8
+    from model.training.evaluate import training_crops
+
+    model, meta = load_checkpoint(args.weights)
+    torch.set_num_threads(args.threads)
+    if not (meta.get("training") or {}).get("config"):
+        raise SystemExit(f"{args.weights} carries no training config: nothing says which crops it trained on")
+    try:
+        crops, caches = training_crops(meta["training"]["config"], args.data_root, args.crops, args.seed)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(str(exc)) from exc
+    recipe = fit_int8(model, crops, alpha=args.alpha, data=caches)
+    calibration = dict(meta.get("calibration") or {})
+    if calibration.get("engine_checks"):  # a check of another recipe no longer vouches for anything
+        calibration["engine_checks"] = [c for c in calibration["engine_checks"] if c.get("precision") != "int8"]
+    keep = {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")}
+    keep["int8"] = recipe.to_dict()
+    if meta.get("calibration"):
+        keep["calibration"] = calibration
+    written = save_checkpoint(model, args.weights, keep, dtype=getattr(torch, meta.get("dtype", "float32")))
+    if written["model_version"] != meta["model_version"]:
+        raise SystemExit(f"writing the recipe changed the tensors of {args.weights}")
+    logger.info(
+        "int8 recipe %s: %d layers, fitted on %d training crops of %s; check it with "
+        "`oaml check-engine --engine openvino --precision int8`",
+        recipe.fingerprint(), len(recipe.ranges), recipe.crops, ", ".join(caches),
+    )  # fmt: skip
+    return 0
+
+
 def _cmd_calibrate_identify(args: argparse.Namespace) -> int:
     import torch
 
@@ -537,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("weights", type=Path)
     p.add_argument("--engine", required=True, choices=["torch", "onnxruntime", "openvino"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
     p.add_argument("--data-root", type=Path, required=True, help="folder holding the aligned training caches")
     p.add_argument("--holdout", action="append", default=[], help="the calibration's held-out caches (repeatable)")
     p.add_argument("--occluders", type=Path, default=None, help="occluder templates (default: <data-root>/occluders)")
@@ -549,6 +583,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--record", action="store_true", help="keep the verdict in the calibration (calibration.engine_checks)"
     )
     p.set_defaults(func=_cmd_check_engine)
+
+    p = sub.add_parser(
+        "quantize",
+        help="fit the int8 recipe (equalisation and ranges, model/quantize.py) on training crops and keep it in "
+        "the weights' metadata (tensors and model_version unchanged); then check it with check-engine",
+    )
+    p.add_argument("weights", type=Path)
+    p.add_argument("--data-root", type=Path, required=True, help="folder holding the aligned training caches")
+    p.add_argument("--crops", type=int, default=512, help="training crops to fit on")
+    p.add_argument("--alpha", type=float, default=0.5, help="equalisation balance (0: weights only, 1: inputs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser(
         "calibrate", help="fit score fusion, preset thresholds and probabilities on identities held out of training"

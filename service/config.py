@@ -53,8 +53,12 @@ class Settings(BaseSettings):
         description="longest wait of a gallery write (queue, write lock, connection) before 503 STORE_UNAVAILABLE",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: fp16 on CUDA, bf16 on CPUs with bf16 support, else fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+        "auto",
+        description=(
+            "auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32, or int8 (OpenVINO) where the weights "
+            "carry an int8 recipe (`oaml quantize`) that passed `oaml check-engine`; int8 forces that recipe"
+        ),
     )
     engine: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto",

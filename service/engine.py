@@ -168,6 +168,7 @@ class Engine:
             version=self.card.model_version,
             threads=settings.torch_threads,
             vouched=self.card.vouched_engines,
+            int8=self.card.int8,
         )
         served = (self.embedder.engine, self.embedder.precision)
         if self.card.calibration.fitted and served[0] != "torch" and served[1] != "float32":

@@ -350,7 +350,9 @@ class InfoResponse(BaseModel):
     model_version: str
     architecture: str
     device: str
-    precision: str
+    precision: str = Field(
+        description="how the backbone computes: `float32`, `bfloat16`, `float16` or `int8` (OAML_PRECISION)"
+    )
     engine: str = Field(description="what runs the backbone: `torch`, `openvino` or `onnxruntime` (OAML_ENGINE)")
     calibration: str
     presets: dict[str, PresetInfo]

@@ -20,6 +20,7 @@ from typing import Any
 
 from model.calibration import Calibration
 from model.embedder import Embedder
+from model.quantize import Int8Recipe
 from model.training.calibrate import export_check
 from model.training.evaluate import evaluate_lfw, held_out_faces, validation_scores
 
@@ -58,6 +59,9 @@ def check_engine(
     served_as = raw["embedding"]
     setting = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[served_as["precision"]]
     started = time.perf_counter()
+    recipe = Int8Recipe.from_dict(meta["int8"]) if meta.get("int8") else None
+    if precision == "int8" and recipe is None:
+        raise ValueError("the weights carry no int8 recipe: run `oaml quantize` on them first")
     calibrated = Embedder(model, device="cpu", precision=setting, flip=served_as["flip"])
     candidate = Embedder(
         model,
@@ -67,6 +71,7 @@ def check_engine(
         engine=engine,
         version=meta["model_version"],
         threads=threads,
+        int8=recipe,
     )
     images, labels, landmarks = held_out_faces(meta["training"]["config"], data_root, holdout)
     occluder_root = str(occluders or data_root / "occluders")
@@ -96,6 +101,7 @@ def check_engine(
         "max_preset_move": worst,
         "lfw_fused_accuracy": lfw,
         "lfw_move": lfw_move,
+        **({"int8_recipe": recipe.fingerprint()} if candidate.int8 and recipe is not None else {}),
         "date": time.strftime("%Y-%m-%d"),
         "minutes": round((time.perf_counter() - started) / 60, 1),
     }

@@ -408,6 +408,32 @@ def open_set_scores(
     return rows, labels[rest]
 
 
+def _training_split(training_config: dict[str, Any], data_root: str | Path) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(the weights' training data, train indices, validation indices), rebuilt from their training config and
+    the caches under ``data_root``: the split training made."""
+    from model.training.train import TrainConfig, load_training_data, read_exclusions, split_by_identity
+
+    cfg = TrainConfig.from_dict(training_config)
+    root = Path(data_root)
+    # the identities training left out stay out here too, so the split rebuilt is the one training made
+    excluded = read_exclusions(cfg.exclude_identities)
+    data = load_training_data([p if Path(p).is_absolute() else str(root / Path(p).name) for p in cfg.train], excluded)
+    train_idx, val_idx = split_by_identity(data.labels, cfg.val_fraction, cfg.seed)
+    return data, train_idx, val_idx
+
+
+def training_crops(
+    training_config: dict[str, Any], data_root: str | Path, count: int, seed: int = 0
+) -> tuple[np.ndarray, list[str]]:
+    """``count`` crops drawn at random from the faces the weights trained on (never the validation split, whose
+    pairs calibrate and check them), and the caches they came from."""
+    data, train_idx, _ = _training_split(training_config, data_root)
+    if len(train_idx) == 0:
+        raise ValueError("the weights' training split is empty under this data root")
+    pick = np.random.default_rng(seed).choice(train_idx, size=min(count, len(train_idx)), replace=False)
+    return data.images[np.sort(pick)], sorted(set(data.sources))
+
+
 def held_out_faces(
     training_config: dict[str, Any], data_root: str | Path, holdout: Sequence[str | Path] = ()
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -417,14 +443,10 @@ def held_out_faces(
     ``data_root``) plus every ``holdout`` cache; a holdout cache the weights trained on is refused.
     Labels are distinct across sets.
     """
-    from model.training.train import TrainConfig, load_training_data, read_exclusions, split_by_identity
+    from model.training.train import TrainConfig, load_training_data
 
     cfg = TrainConfig.from_dict(training_config)
-    root = Path(data_root)
-    # the identities training left out stay out here too, so the split rebuilt is the one training made
-    excluded = read_exclusions(cfg.exclude_identities)
-    data = load_training_data([p if Path(p).is_absolute() else str(root / Path(p).name) for p in cfg.train], excluded)
-    _, val_idx = split_by_identity(data.labels, cfg.val_fraction, cfg.seed)
+    data, _, val_idx = _training_split(training_config, data_root)
     images, labels, landmarks = data.images[val_idx], data.labels[val_idx], data.landmarks[val_idx]
     trained_on = {Path(p).name for p in cfg.train}
     for extra in holdout:

@@ -8,7 +8,6 @@ from fastapi import APIRouter, Request, Response
 
 from model.align import ACCEPTED_FORMATS
 from model.calibration import PRESETS, PRIOR
-from model.embedder import precision_name
 from model.openset import IDENTIFY_PRIOR
 from service import usecases
 from service.problems import ApiError
@@ -87,7 +86,7 @@ async def info(state: StateDep, request: Request) -> InfoResponse:
         model_version=engine.model_version,
         architecture=engine.card.architecture,
         device=str(engine.device),
-        precision=precision_name(engine.autocast),
+        precision=engine.embedder.precision,
         engine=engine.embedder.engine,
         calibration="fitted on held-out identities" if cal.fitted else "default (uncalibrated)",
         presets=presets,
