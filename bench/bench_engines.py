@@ -7,7 +7,8 @@
 - ONNX Runtime fp32 (the exported graph, all graph optimisations);
 - ONNX Runtime int8: static QDQ quantisation (per-channel weights, activations calibrated on training
   crops of ``--calibration-cache`` or, without one, on noise, which the table then says);
-- OpenVINO, when it is installed.
+- OpenVINO, when it is installed: f32, bf16 (a CPU with native bf16), and int8 with the weights' own recipe
+  where they carry one (``oaml quantize``, model/quantize.py).
 
 Each row: median milliseconds for the four crops (after warm-up), and agreement with torch fp32 on real
 crops: the lowest cosine between the two engines' embeddings and the largest visibility difference.
@@ -19,6 +20,7 @@ Accuracy beyond that (presets, LFW) is `oaml calibrate --export-check` and `oaml
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -33,10 +35,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_model import cpu_name, emit  # noqa: E402
+from bench.bench_service import AVX2_ONLY  # noqa: E402
 from model.align import to_input_tensor  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.embedder import cpu_has_bf16  # noqa: E402
 from model.engines import OnnxBackbone  # noqa: E402
+from model.quantize import Int8Recipe  # noqa: E402
 
 
 def median_ms(fn: Callable[[], Any], seconds: float, warmup: int = 3) -> float:
@@ -110,7 +114,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="timing per candidate")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="append the section to this Markdown file")
+    parser.add_argument("--avx2", action="store_true", help="as a CPU without AVX-512 (bench_service's AVX2_ONLY)")
     args = parser.parse_args()
+    if args.avx2 and os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX2":  # the dispatch is read once, at start
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
     torch.set_num_threads(args.threads)
     model, meta = load_checkpoint(args.weights)
     model = model.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -169,14 +176,19 @@ def main() -> None:
         except ImportError:
             rows.append(("OpenVINO", float("nan"), "not installed"))
         else:
-            for hint in ("f32", "bf16") if cpu_has_bf16() else ("f32",):
+            graphs = [(fp32, hint, f"{hint} inference") for hint in (("f32", "bf16") if cpu_has_bf16() else ("f32",))]
+            if meta.get("int8"):  # the weights' own recipe (`oaml quantize`), the graph the service runs in int8
+                recipe = Int8Recipe.from_dict(meta["int8"])
+                graph = OnnxBackbone.export(model, meta["model_version"], Path(tmp), recipe)
+                graphs.append((graph, "f32", f"int8 (the weights' recipe {recipe.fingerprint()})"))
+            for path, hint, label in graphs:
                 compiled = ov.Core().compile_model(
-                    str(fp32), "CPU", {"INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": hint}
+                    str(path), "CPU", {"INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": hint}
                 )
                 cos, vis = agreement(reference, tuple(compiled(xc).values()))
                 rows.append(
                     (
-                        f"OpenVINO {ov.__version__.split('-')[0]}, {hint} inference",
+                        f"OpenVINO {ov.__version__.split('-')[0]}, {label}",
                         median_ms(lambda compiled=compiled: compiled(x4), args.seconds),
                         f"cosine >= {cos:.4f}, visibility +- {vis:.3f}",
                     )
@@ -185,10 +197,13 @@ def main() -> None:
     lines = [
         "## Backbone engines for /verify's embedding step (bench/bench_engines.py)",
         "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()}; torch {torch.__version__}, "
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()}"
+        + (", AVX2 kernels only (bench_service's AVX2_ONLY; ONNX Runtime ignores it)" if args.avx2 else "")
+        + f"; torch {torch.__version__}, "
         f"{args.threads} threads; weights {meta['model_version']}.",
         f"- Command: `python bench/bench_engines.py --seconds {args.seconds:g} --threads {args.threads}"
         + (f" --calibration-cache {args.calibration_cache}" if args.calibration_cache else "")
+        + (" --avx2" if args.avx2 else "")
         + "`.",
         "- Four crops (two faces and their mirrors), median ms after warm-up; agreement with torch fp32 on "
         f"{described}.",

@@ -220,17 +220,26 @@ def engines_section(args: argparse.Namespace) -> None:
             ("bf16", "openvino", "bf16", "whole photo", full, {}),
             ("bf16", "openvino", "bf16", "coarse + refine", {}, {}),
         ]
+    # int8 rows where the weights carry a recipe (`oaml quantize`): what `auto` serves on a CPU without native bf16
+    # once the recipe is checked; on a CPU with it, for comparison (auto keeps bf16 there)
+    int8 = bool(read_metadata(args.weights).get("int8"))
+    if cpu_has_bf16() and int8:
+        configs.append(("bf16", "openvino", "int8", "coarse + refine", {}, {}))
     native = "fp32" if not cpu_has_bf16() else "fp32 on this CPU"
     configs += [
         (native, "onnxruntime", "fp32", "whole photo", full, {}),
         (native, "openvino", "fp32", "coarse + refine", {}, {}),
     ]
+    if not cpu_has_bf16() and int8:
+        configs.append((native, "openvino", "int8", "coarse + refine", {}, {}))
     has_avx512 = " avx512f" in open("/proc/cpuinfo").read()
     if has_avx512 and args.avx2:
         configs += [
             ("AVX2 only", "torch", "fp32", "whole photo", full, AVX2_ONLY),
             ("AVX2 only", "openvino", "fp32", "coarse + refine", {}, AVX2_ONLY),
         ]
+        if int8:
+            configs.append(("AVX2 only", "openvino", "int8", "coarse + refine", {}, AVX2_ONLY))
     yardsticks = {"": fp32_forward_ms(args.weights, args.threads)}
     if has_avx512 and args.avx2:  # measured in a child with the capped dispatch (it is read once, at start)
         out = subprocess.run(

@@ -39,7 +39,7 @@ from torch import nn
 from model.align import to_input_tensor
 from model.net import OAMLNet
 
-__all__ = ["SCHEME", "Int8Recipe", "fit_int8", "quantised_copy", "equalised_copy"]
+__all__ = ["SCHEME", "Int8Recipe", "fit_int8", "input_ranges", "quantised_copy", "equalised_copy"]
 
 #: What a recipe means; a recipe of another scheme is refused rather than misread.
 SCHEME = "oaml-int8-v1: BN-equalised inputs (alpha), uint8 per-tensor min/max activations, int8 per-channel weights"
@@ -227,9 +227,13 @@ def fit_int8(
         a = channels[site.name].clamp_min(1e-6)
         w = _weight_per_input_channel(site.layer, site.repeat).clamp_min(1e-8)
         scales[site.name] = (a**alpha / w ** (1 - alpha)).clamp(1e-3, 1e3).tolist()
-    equalised = equalised_copy(model, scales)
-    ranges = _collect(equalised, crops, batch, "ranges")
+    ranges = input_ranges(equalised_copy(model, scales), crops, batch)
     return Int8Recipe(scales, ranges, alpha, len(crops), list(data or []), time.strftime("%Y-%m-%d"))
+
+
+def input_ranges(model: OAMLNet, crops: np.ndarray, batch: int = 64) -> dict[str, tuple[float, float]]:
+    """``(min, max)`` of every quantised layer's input over ``crops`` (RGB uint8)."""
+    return dict(_collect(model, crops, batch, "ranges"))
 
 
 class FakeQuantised(nn.Module):
@@ -259,11 +263,12 @@ class FakeQuantised(nn.Module):
 
 
 def quantised_copy(model: OAMLNet, recipe: Int8Recipe) -> OAMLNet:
-    """The equalised network with every site fake-quantised (for export; in PyTorch it is slower, not int8)."""
+    """The equalised network with the recipe's layers fake-quantised (for export; in PyTorch it is slower, not
+    int8). A layer the recipe gives no range stays in fp32."""
     out = equalised_copy(model, recipe.scales)
     names = {site.name for site in _sites(out)}
-    if set(recipe.ranges) != names:
-        raise ValueError("int8 recipe does not match the network's layers; re-run `oaml quantize`")
+    if not set(recipe.ranges) <= names or not set(recipe.scales) <= names:
+        raise ValueError("int8 recipe names layers this network does not have; re-run `oaml quantize`")
     for name, (lo, hi) in recipe.ranges.items():
         parent_name, _, child = name.rpartition(".")
         parent = out.get_submodule(parent_name)

@@ -135,3 +135,32 @@ def test_an_int8_check_vouches_only_for_the_recipe_it_checked(recipe: Int8Recipe
     assert ("openvino", "int8") not in card.vouched_engines
     card = WeightsCard.from_metadata({**meta, "calibration": calibration, "int8": None})
     assert ("openvino", "int8") not in card.vouched_engines and card.int8 is None
+
+
+def test_the_service_serves_int8_when_asked_and_says_so(
+    net: OAMLNet, recipe: Int8Recipe, tmp_path: Path, astronaut: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("openvino")
+    from fastapi.testclient import TestClient
+
+    from model.checkpoint import save_checkpoint
+    from service.app import create_app
+    from tests.test_service import make_settings, png
+
+    monkeypatch.setenv("OAML_ENGINE_CACHE", str(tmp_path / "cache"))
+    plain, quantised = tmp_path / "plain.safetensors", tmp_path / "int8.safetensors"
+    save_checkpoint(net, plain)
+    save_checkpoint(net, quantised, {"int8": recipe.to_dict()})
+    files = {"image_a": ("a.png", png(astronaut), "image/png"), "image_b": ("b.png", png(astronaut), "image/png")}
+    with TestClient(create_app(make_settings(quantised, tmp_path / "a", precision="int8"))) as c:
+        info = c.get("/info").json()
+        assert (info["engine"], info["precision"]) == ("openvino", "int8")
+        r = c.post("/verify", files=files)
+        assert r.status_code == 200, r.text
+        assert r.json()["scores"]["adaface"] > 0.999  # the same photo twice
+    # auto never serves an unchecked recipe: fp32 or bf16 by the CPU, as without one
+    with TestClient(create_app(make_settings(quantised, tmp_path / "b"))) as c:
+        assert c.get("/info").json()["precision"] != "int8"
+    with pytest.raises(ValueError, match="oaml quantize"):  # asked for int8, weights without a recipe
+        with TestClient(create_app(make_settings(plain, tmp_path / "c", precision="int8"))):
+            pass
