@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -119,17 +120,28 @@ def bench_qaconv(rows: list[str], seconds: float) -> None:
         print(rows[-1], flush=True)  # noqa: T201
 
 
+def _machine(section: str) -> str | None:
+    """The machine a section was measured on (its ``machine: ...`` up to the next ``;``), if it says."""
+    found = re.search(r"machine: ([^;\n]*)", section)
+    return found.group(1).strip() if found else None
+
+
 def write_section(out: Path, body: str) -> None:
-    """Put ``body`` into ``out``, replacing the section with the same title (its first line) if any."""
-    title = body.splitlines()[0]
+    """Put ``body`` into ``out``: in place of the section with the same title measured on the same machine (its
+    ``machine:``, which names the CPU kind), else after the sections of that title, so that the results of each
+    kind of CPU are kept side by side."""
     text = out.read_text() if out.exists() else "# Benchmark results\n"
-    if title in text:
-        head, _, rest = text.partition(title)
-        tail = rest.split("\n## ", 1)
-        text = head + body + ("\n## " + tail[1] if len(tail) == 2 else "")
+    parts = [p.rstrip("\n") for p in text.split("\n## ")]
+    title, entry = body.splitlines()[0].removeprefix("## "), body.removeprefix("## ").rstrip("\n")
+    same = [i for i, p in enumerate(parts) if i > 0 and p.splitlines()[0] == title]
+    here = [i for i in same if _machine(parts[i]) == _machine(body)]
+    if here:
+        parts[here[0]] = entry
+    elif same:
+        parts.insert(same[-1] + 1, entry)
     else:
-        text = text.rstrip() + "\n\n" + body
-    out.write_text(text.rstrip() + "\n")
+        parts.append(entry)
+    out.write_text("\n\n## ".join(parts).rstrip() + "\n")
 
 
 def emit(body: str, out: Path | None) -> None:
