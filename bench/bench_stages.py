@@ -30,10 +30,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_model import cpu_name, emit, timeit  # noqa: E402
+from bench.bench_service import AVX2_ONLY  # noqa: E402
 from model.align import FaceDetector, align_face, decode_image  # noqa: E402
 from model.card import WeightsCard  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.embedder import Embedder, score_pairs  # noqa: E402
+from model.engines import serve_int8  # noqa: E402
 from model.net import build_model  # noqa: E402
 from service.config import DEFAULT_WEIGHTS  # noqa: E402
 
@@ -56,10 +58,10 @@ def _old_prepare(image: np.ndarray) -> np.ndarray:
     return blob
 
 
-def stage_rows(device: torch.device, seconds: float) -> list[str]:
+def stage_rows(device: torch.device, seconds: float, without_bf16: bool = False) -> list[str]:
     """One face of a /verify request, stage by stage, as the service ran it before issue #23's changes (the whole
     photo's detector pass, PyTorch's embedding) and as it runs it now (coarse and refining passes, the ``auto``
-    engine), on ``device``."""
+    engine), on ``device``; ``without_bf16``: as ``auto`` chooses on a CPU without native bf16."""
     data = _photo()
     backend = "torch" if device.type == "cuda" else "onnxruntime"
     detector = FaceDetector(threads=1, backend=backend, device=device)
@@ -68,10 +70,22 @@ def stage_rows(device: torch.device, seconds: float) -> list[str]:
         model, meta = load_checkpoint(DEFAULT_WEIGHTS)
     else:
         model = build_model("ir_18").eval()
-    card_vouched = WeightsCard.from_metadata(meta).vouched_engines if meta else frozenset()
-    before = Embedder(model, device=device.type, engine="torch")
+    card = WeightsCard.from_metadata(meta) if meta else None
+    vouched = card.vouched_engines if card else frozenset()
+    int8 = card.int8 if card else None
+    precision = "auto"
+    if without_bf16:  # what `auto` serves there: fp32, or int8 where the weights' recipe is checked
+        precision = "int8" if serve_int8("auto", "auto", device, None, vouched, int8 is not None) else "fp32"
+    before = Embedder(model, device=device.type, engine="torch", precision="fp32" if without_bf16 else "auto")
     now = Embedder(
-        model, device=device.type, engine="auto", version=str(meta.get("model_version")), vouched=card_vouched
+        model,
+        device=device.type,
+        precision=precision,
+        engine="auto",
+        version=str(meta.get("model_version")),
+        threads=torch.get_num_threads(),  # the service gives its engine the inference worker's threads
+        vouched=vouched,
+        int8=int8,
     )
     image = decode_image(data)
     inp = detector.prepare(image)
@@ -168,27 +182,35 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="Markdown file to update")
     parser.add_argument("--seconds", type=float, default=2.0, help="minimum timing window per case")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the service's default here)")
+    parser.add_argument(
+        "--avx2", action="store_true", help="as a CPU without AVX-512 and bf16 (an AMD EPYC Milan): AVX2 kernels only"
+    )
     args = parser.parse_args()
+    if args.avx2 and os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX2":  # the dispatch is read once, at start
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
     torch.set_num_threads(args.threads)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() and not args.avx2 else [])
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     header = [
         SECTION,
         "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()}, {os.cpu_count()} cores, GPU: {gpu}; "
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()}"
+        + (", AVX2 kernels only (bench_service's AVX2_ONLY), as a CPU without bf16" if args.avx2 else "")
+        + f", {os.cpu_count()} cores, GPU: {gpu}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, {args.threads} torch threads, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}.",
         f"- Command: `python bench/bench_stages.py --out bench/RESULTS.md --seconds {args.seconds:g} "
-        f"--threads {args.threads}` (or `make bench-stages`).",
+        f"--threads {args.threads}" + (" --avx2`." if args.avx2 else "` (or `make bench-stages`)."),
         "- One 640x480 JPEG (the astronaut, resized), median of repeated calls after 2 warm-up calls.",
         "",
     ]
     rows: list[str] = []
     for device in devices:
         rows += [f"### One /verify face, stage by stage, on {device.type}", ""]
-        rows += stage_rows(device, args.seconds) + [""]
-    rows += ["### The detector network alone", ""]
-    rows += detector_rows(devices, args.seconds)
+        rows += stage_rows(device, args.seconds, without_bf16=args.avx2) + [""]
+    if not args.avx2:
+        rows += ["### The detector network alone", ""]
+        rows += detector_rows(devices, args.seconds)
     emit("\n".join(header + rows) + "\n", args.out)
 
 
