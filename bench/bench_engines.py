@@ -36,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_model import cpu_name, emit  # noqa: E402
 from bench.bench_service import AVX2_ONLY  # noqa: E402
+
+#: An AMX CPU dispatching the kernels of one with AVX-512 bf16 and VNNI but no AMX (an AMD EPYC Genoa).
+NO_AMX = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "ATEN_CPU_CAPABILITY": "avx512"}
 from model.align import to_input_tensor  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.embedder import cpu_has_bf16  # noqa: E402
@@ -115,9 +118,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="append the section to this Markdown file")
     parser.add_argument("--avx2", action="store_true", help="as a CPU without AVX-512 (bench_service's AVX2_ONLY)")
+    parser.add_argument(
+        "--no-amx", action="store_true", help="an AMX CPU as one with AVX-512 bf16 and VNNI but no AMX (AMD Genoa)"
+    )
     args = parser.parse_args()
     if args.avx2 and os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX2":  # the dispatch is read once, at start
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
+    if args.no_amx and os.environ.get("ONEDNN_MAX_CPU_ISA") != NO_AMX["ONEDNN_MAX_CPU_ISA"]:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **NO_AMX})
     torch.set_num_threads(args.threads)
     model, meta = load_checkpoint(args.weights)
     model = model.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -200,11 +208,19 @@ def main() -> None:
         "",
         f"- Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()}"
         + (", AVX2 kernels only (bench_service's AVX2_ONLY; ONNX Runtime ignores it)" if args.avx2 else "")
+        + (
+            f", no AMX kernels ({' '.join(f'{k}={v}' for k, v in NO_AMX.items())}: oneDNN's AVX-512 bf16 and VNNI "
+            "kernels, as on an AMD EPYC Genoa; OpenVINO's bf16 is not representative under this cap, slower than "
+            "its f32, where a real Genoa ran it at 0.54 of its f32: 2026-12-01's section)"
+            if args.no_amx
+            else ""
+        )
         + f"; torch {torch.__version__}, "
         f"{args.threads} threads; weights {meta['model_version']}.",
         f"- Command: `python bench/bench_engines.py --seconds {args.seconds:g} --threads {args.threads}"
         + (f" --calibration-cache {args.calibration_cache}" if args.calibration_cache else "")
         + (" --avx2" if args.avx2 else "")
+        + (" --no-amx" if args.no_amx else "")
         + "`.",
         "- Four crops (two faces and their mirrors), median ms after warm-up; agreement with torch fp32 on "
         f"{described}.",

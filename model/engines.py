@@ -90,11 +90,15 @@ def serve_int8(
     autocast: torch.dtype | None,
     vouched: Collection[tuple[str, str]] = (),
     has_recipe: bool = False,
+    flags: str | None = None,
 ) -> bool:
     """Whether the backbone runs in int8 (OpenVINO, :mod:`model.quantize`). Asked for (``precision='int8'``):
-    yes, on a CPU, for weights that carry a recipe (``oaml quantize``). ``auto``: on a CPU without native bf16
-    (``autocast`` is None there), where the weights' recipe passed ``oaml check-engine`` (``vouched``) and
-    OpenVINO is here; a CPU with native bf16 keeps bf16 (as fast there, and closer to the calibrated path).
+    yes, on a CPU, for weights that carry a recipe (``oaml quantize``). ``auto``: on a CPU, where the weights'
+    recipe passed ``oaml check-engine`` (``vouched``) and OpenVINO is here, unless the CPU has AMX: there bf16
+    is as fast (bench/RESULTS.md: /verify 52 ms in bf16, 55 in int8) and closer to the calibrated path. Without
+    native bf16 (an AMD EPYC Milan: ``autocast`` None) int8 is 1.7x OpenVINO's fp32; with AVX-512 bf16 but no
+    AMX (an AMD EPYC Genoa), its VNNI int8 kernels do twice the work per instruction of its bf16 ones.
+    ``flags``: the CPU's flags (default this CPU's; tests pass others).
     """
     if precision == "int8":
         if device.type != "cpu" or engine not in ("auto", "openvino"):
@@ -104,11 +108,13 @@ def serve_int8(
         if not openvino_available():
             raise ValueError("int8 needs OpenVINO (a dependency: pip install openvino)")
         return True
+    from model.embedder import cpu_has_amx
+
     return (
         precision == "auto"
         and engine in ("auto", "openvino")
         and device.type == "cpu"
-        and autocast is None
+        and (autocast is None or (autocast is torch.bfloat16 and not cpu_has_amx(flags)))
         and has_recipe
         and ("openvino", "int8") in vouched
         and openvino_available()

@@ -56,8 +56,9 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
         "auto",
         description=(
-            "auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32, or int8 (OpenVINO) where the weights "
-            "carry an int8 recipe (`oaml quantize`) that passed `oaml check-engine`; int8 forces that recipe"
+            "auto: fp16 on CUDA; on a CPU without AMX, int8 (OpenVINO) where the weights carry an int8 recipe "
+            "(`oaml quantize`) that passed `oaml check-engine`; else bf16 on CPUs with native bf16, fp32 on others; "
+            "int8 forces that recipe"
         ),
     )
     engine: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(

@@ -109,7 +109,10 @@ def test_when_int8_is_served(monkeypatch: pytest.MonkeyPatch) -> None:
     assert serve_int8("auto", "auto", cpu, None, vouched, has_recipe=True)  # fp32 CPU, checked recipe
     assert not serve_int8("auto", "auto", cpu, None, (), has_recipe=True)  # unchecked: fp32 stays
     assert not serve_int8("auto", "auto", cpu, None, vouched, has_recipe=False)
-    assert not serve_int8("auto", "auto", cpu, torch.bfloat16, vouched, has_recipe=True)  # native bf16 keeps bf16
+    amx, genoa = "flags: avx512f avx512_bf16 amx_bf16 amx_int8", "flags: avx512f avx512_vnni avx512_bf16"
+    assert not serve_int8("auto", "auto", cpu, torch.bfloat16, vouched, True, amx)  # AMX: bf16 is as fast
+    assert serve_int8("auto", "auto", cpu, torch.bfloat16, vouched, True, genoa)  # AVX-512 bf16, no AMX: int8
+    assert not serve_int8("auto", "auto", cpu, torch.bfloat16, (), True, genoa)  # unchecked: bf16 stays
     assert not serve_int8("auto", "auto", cuda, None, vouched, has_recipe=True)
     assert not serve_int8("auto", "torch", cpu, None, vouched, has_recipe=True)  # an engine forced
     assert not serve_int8("fp32", "auto", cpu, None, vouched, has_recipe=True)  # a precision forced
