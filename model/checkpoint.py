@@ -121,6 +121,22 @@ def save_checkpoint(
     return meta
 
 
+def rewrite_metadata(model: OAMLNet, path: str | Path, meta: dict[str, Any], what: str) -> dict[str, Any]:
+    """Write ``meta`` into the weights file at ``path`` beside the same tensors, at the file's own dtype: how
+    tools keep what they measured or fitted with the weights (``model_version`` must not change).
+
+    Raises:
+        CheckpointError: the tensors came out different (``what`` names the tool in the message).
+    """
+    keep = {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")}
+    written = save_checkpoint(model, path, keep, dtype=getattr(torch, str(meta.get("dtype", "float32"))))
+    if written["model_version"] != meta["model_version"]:
+        raise CheckpointError(
+            f"{what} changed the tensors of {path}: {meta['model_version']} -> {written['model_version']}"
+        )
+    return written
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON metadata of an OAML safetensors file, without loading tensors."""
     try:

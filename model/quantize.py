@@ -86,22 +86,13 @@ def _sites(model: OAMLNet) -> Iterator[_Site]:
         yield _Site(name, module, norm, repeat)
 
 
-def _per_channel(x: torch.Tensor, repeat: int, reduce: str) -> torch.Tensor:
-    """Per-input-channel max (``reduce='absmax'``) of a layer input ``[N, C, H, W]`` or ``[N, C * repeat]``."""
-    if x.dim() == 2:
-        x = x.reshape(x.shape[0], -1, repeat)
-        dims: tuple[int, ...] = (0, 2)
-    else:
-        dims = (0, 2, 3)
-    assert reduce == "absmax"
-    return x.abs().amax(dim=dims)
-
-
-def _weight_per_input_channel(layer: nn.Conv2d | nn.Linear, repeat: int) -> torch.Tensor:
-    w = layer.weight.detach().abs()
-    if w.dim() == 2:
-        return w.reshape(w.shape[0], -1, repeat).amax(dim=(0, 2))
-    return w.amax(dim=(0, 2, 3))
+def _channel_absmax(t: torch.Tensor, repeat: int) -> torch.Tensor:
+    """Largest magnitude per input channel (dimension 1) of a layer input ``[N, C, H, W]`` / ``[N, C * repeat]``
+    or of its weights ``[O, C, kh, kw]`` / ``[O, C * repeat]``: the same reduction for both."""
+    t = t.detach().abs()
+    if t.dim() == 2:
+        t = t.reshape(t.shape[0], -1, repeat)
+    return t.amax(dim=tuple(d for d in range(t.dim()) if d != 1))
 
 
 def _batches(crops: np.ndarray, batch: int) -> Iterator[torch.Tensor]:
@@ -119,7 +110,7 @@ def _collect(model: OAMLNet, crops: np.ndarray, batch: int, what: str) -> dict[s
         def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0].float()
             if what == "channels":
-                a = _per_channel(x, sites[name].repeat, "absmax")
+                a = _channel_absmax(x, sites[name].repeat)
                 seen[name] = torch.maximum(seen[name], a) if name in seen else a
             else:
                 lo, hi = float(x.min()), float(x.max())
@@ -167,7 +158,6 @@ class Int8Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {
             "scheme": SCHEME,
-            "fingerprint": self.fingerprint(),
             "alpha": self.alpha,
             "crops": self.crops,
             "data": self.data,
@@ -225,7 +215,7 @@ def fit_int8(
         if site.norm is None:
             continue
         a = channels[site.name].clamp_min(1e-6)
-        w = _weight_per_input_channel(site.layer, site.repeat).clamp_min(1e-8)
+        w = _channel_absmax(site.layer.weight, site.repeat).clamp_min(1e-8)
         scales[site.name] = (a**alpha / w ** (1 - alpha)).clamp(1e-3, 1e3).tolist()
     ranges = input_ranges(equalised_copy(model, scales), crops, batch)
     return Int8Recipe(scales, ranges, alpha, len(crops), list(data or []), time.strftime("%Y-%m-%d"))

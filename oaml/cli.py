@@ -210,8 +210,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_check_engine(args: argparse.Namespace) -> int:
     import torch
 
-    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.checkpoint import load_checkpoint, rewrite_metadata
     from model.embedder import cpu_description
+    from model.errors import CheckpointError
     from model.training.engine_check import check_engine, markdown, with_engine_check
 
     model, meta = load_checkpoint(args.weights)
@@ -228,18 +229,18 @@ def _cmd_check_engine(args: argparse.Namespace) -> int:
     command = "oaml " + " ".join(sys.argv[1:]) if sys.argv[1:] else "oaml check-engine"
     sys.stdout.write(markdown(report, cpu_description(), command) + "\n")
     if args.record:
-        keep = {k: v for k, v in with_engine_check(meta, report, command).items()
-                if k not in ("content_sha256", "model_version", "dtype")}  # fmt: skip
-        written = save_checkpoint(model, args.weights, keep, dtype=getattr(torch, meta.get("dtype", "float32")))
-        if written["model_version"] != meta["model_version"]:
-            raise SystemExit(f"recording the check changed the tensors of {args.weights}")
+        try:
+            rewrite_metadata(model, args.weights, with_engine_check(meta, report, command), "recording the check")
+        except CheckpointError as exc:
+            raise SystemExit(str(exc)) from exc
     return 0 if report["passes"] else 1
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
-    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.checkpoint import load_checkpoint, rewrite_metadata
+    from model.errors import CheckpointError
     from model.quantize import fit_int8
     from model.training.evaluate import training_crops
 
@@ -252,16 +253,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(str(exc)) from exc
     recipe = fit_int8(model, crops, alpha=args.alpha, data=caches)
-    calibration = dict(meta.get("calibration") or {})
-    if calibration.get("engine_checks"):  # a check of another recipe no longer vouches for anything
-        calibration["engine_checks"] = [c for c in calibration["engine_checks"] if c.get("precision") != "int8"]
-    keep = {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")}
-    keep["int8"] = recipe.to_dict()
-    if meta.get("calibration"):
-        keep["calibration"] = calibration
-    written = save_checkpoint(model, args.weights, keep, dtype=getattr(torch, meta.get("dtype", "float32")))
-    if written["model_version"] != meta["model_version"]:
-        raise SystemExit(f"writing the recipe changed the tensors of {args.weights}")
+    meta["int8"] = recipe.to_dict()
+    checks = (meta.get("calibration") or {}).get("engine_checks")
+    if checks:  # a check of another recipe no longer vouches for anything
+        meta["calibration"]["engine_checks"] = [c for c in checks if c.get("precision") != "int8"]
+    try:
+        rewrite_metadata(model, args.weights, meta, "writing the recipe")
+    except CheckpointError as exc:
+        raise SystemExit(str(exc)) from exc
     logger.info(
         "int8 recipe %s: %d layers, fitted on %d training crops of %s; check it with "
         "`oaml check-engine --engine openvino --precision int8`",
@@ -343,9 +342,9 @@ def _cmd_calibrate_attributes(args: argparse.Namespace) -> int:
 def _record_metrics(weights: Path, key: str, value: dict[str, Any]) -> None:
     """Keep ``value`` as ``metrics[key]`` in the weights' metadata, with the command that made it (the claims the
     model card makes travel with the weights; the tensors, and so model_version, do not change)."""
-    import torch
 
-    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.checkpoint import load_checkpoint, rewrite_metadata
+    from model.errors import CheckpointError
 
     model, meta = load_checkpoint(weights)
     metrics = dict(meta.get("metrics") or {})  # the other recorded metrics stay
@@ -355,12 +354,10 @@ def _record_metrics(weights: Path, key: str, value: dict[str, Any]) -> None:
     else:
         metrics[key] = {**value, "command": command}
     meta["metrics"] = metrics
-    keep = {k: v for k, v in meta.items() if k not in ("content_sha256", "model_version", "dtype")}
-    written = save_checkpoint(model, weights, keep, dtype=getattr(torch, meta.get("dtype", "float32")))
-    if written["model_version"] != meta["model_version"]:
-        raise SystemExit(
-            f"recording metrics changed the tensors of {weights}: {meta['model_version']} -> {written['model_version']}"
-        )
+    try:
+        rewrite_metadata(model, weights, meta, "recording metrics")
+    except CheckpointError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

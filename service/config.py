@@ -64,9 +64,10 @@ class Settings(BaseSettings):
     engine: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto",
         description=(
-            "what runs the backbone. auto: on a CPU, OpenVINO in fp32 (a CPU without native bf16: PyTorch's "
-            "numbers, faster), and in bf16 where the weights' calibration records a passed `oaml check-engine` "
-            "for it, else PyTorch; onnxruntime needs fp32 on the CPU; openvino runs fp32 or bf16 on the CPU"
+            "what runs the backbone. auto: on a CPU, OpenVINO in int8 where `precision` picks it, in fp32 (a CPU "
+            "without native bf16: PyTorch's numbers, faster), and in bf16 where the weights' calibration records a "
+            "passed `oaml check-engine` for it, else PyTorch; onnxruntime needs fp32 on the CPU; openvino runs "
+            "fp32, bf16 or int8 on the CPU"
         ),
     )
     torch_threads: int | None = Field(
