@@ -79,15 +79,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "budget_minutes": args.budget_minutes,
         "validate_every_s": args.validate_every_s,
         "augment_workers": args.augment_workers,
+        "max_samples": args.max_samples,
+        "preemptible": True if args.preemptible else None,
     }
     cfg = TrainConfig.from_toml(args.config, **overrides)
     if args.data_root is not None:
         cfg = cfg.with_data_root(args.data_root)
-    state = Trainer(cfg).fit()
-    json.dump(
-        {"global_step": state["global_step"], "epoch": state["epoch"], "best_score": state["best_score"]}, sys.stdout
-    )
+    trainer = Trainer(cfg)
+    state = trainer.fit()
+    report: dict[str, Any] = {
+        "global_step": state["global_step"],
+        "epoch": state["epoch"],
+        "best_score": state["best_score"],
+    }
+    if trainer.stopped_by:
+        report["stopped_by"] = trainer.stopped_by
+    json.dump(report, sys.stdout)
     sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_train_status(args: argparse.Namespace) -> int:
+    from model.training.preempt import format_status, run_status
+
+    info = run_status(args.run)
+    if args.json:
+        json.dump(info, sys.stdout, default=str)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_status(info) + "\n")
+    return 0
+
+
+def _cmd_train_control(args: argparse.Namespace) -> int:
+    from model.training.preempt import control
+
+    sys.stdout.write(control(args.run, args.action, wait_s=args.wait) + "\n")
     return 0
 
 
@@ -222,7 +249,7 @@ def _cmd_check_engine(args: argparse.Namespace) -> int:
     try:
         report = check_engine(
             model, meta, args.engine, args.precision, Path(args.data_root), args.holdout, lfw_cache, pairs,
-            args.occluders, args.threads,
+            args.occluders, args.threads, args.reference,
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(str(exc)) from exc
@@ -532,7 +559,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-minutes", type=float, default=None, help="size the schedule to end inside this time")
     p.add_argument("--validate-every-s", type=float, default=None, help="validate by the clock (short epochs)")
     p.add_argument("--augment-workers", type=int, default=None, help="processes preparing batches ahead (GPU hosts)")
+    p.add_argument("--max-samples", type=int, default=None, help="the run's length in faces drawn (instead of steps)")
+    p.add_argument(
+        "--preemptible",
+        action="store_true",
+        help="may be killed at any time: checkpoints every checkpoint_every_s (180 s) in generations, SIGTERM/SIGINT "
+        "stop after the step with a checkpoint, the schedule counted in steps (refuses --budget-minutes)",
+    )
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("train-status", help="a training run's progress, speed, checkpoints and validation curve")
+    p.add_argument("run", type=Path, help="the run folder (--out of oaml train)")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=_cmd_train_status)
+
+    p = sub.add_parser(
+        "train-control", help="pause, resume or stop (checkpoint and exit) a background run by its pid file"
+    )
+    p.add_argument("run", type=Path, help="the run folder holding train.pid")
+    p.add_argument("action", choices=["pause", "resume", "stop"])
+    p.add_argument("--wait", type=float, default=900.0, help="stop: seconds to wait for the checkpoint and exit")
+    p.set_defaults(func=_cmd_train_control)
 
     p = sub.add_parser("bundle", help="pack aligned caches and training occluders into one small folder for a GPU run")
     p.add_argument("out", type=Path, help="a new, empty folder: usable as --data-root of `oaml train`")
@@ -576,6 +623,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=Path, default=None, help="LFW pairs.txt (default: <shared>/eval/lfw/pairs.txt)")
     p.add_argument("--shared", type=Path, default=Path("../shared/data"), help="the shared data folder")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--reference",
+        default="calibrated",
+        choices=["calibrated", "fp32"],
+        help="what the candidate is measured against: the calibration's own path (default), or PyTorch fp32, on a "
+        "CPU that emulates the calibrated precision (bf16 without native bf16: hours)",
+    )
     p.add_argument(
         "--record", action="store_true", help="keep the verdict in the calibration (calibration.engine_checks)"
     )

@@ -22,6 +22,16 @@ Reproducibility: batches are a function of (seed, epoch) and every step's augmen
 are seeded from (seed, global step), so ``resume`` replays exactly. A checkpoint (``last.pt``) is
 written every ``checkpoint_every`` steps and at each epoch end; ``best.safetensors`` is the model
 with the best validation score, in the serving format.
+
+Preemptible runs (``preemptible = true``, ``oaml train --preemptible``): checkpoints by the clock too
+(``checkpoint_every_s``, 180 s), SIGTERM/SIGINT stop the run after its step with a checkpoint, and the
+schedule is counted in steps (``max_samples`` or ``max_steps``; no time budget) and validations too
+(``validate_every``), so interruptions never change what the run learns. Every run's checkpoints are
+generations (``last.pt``, ``last.pt.1``, ...: ``keep_checkpoints``), each written whole or not at all and
+carrying its content's SHA-256; a corrupt newest one is skipped on resume (:mod:`model.training.preempt`).
+A checkpoint holds the model, optimiser, scaler, margin head, projector, class memory, graph neighbours,
+progress (epoch, step, schedule length, best score, history), the losses since the last validation and
+the global RNG states.
 """
 
 from __future__ import annotations
@@ -64,11 +74,22 @@ from model.training.losses import (
 )
 from model.training.metrics import accuracy, best_threshold
 from model.training.occlusion import OcclusionAugmenter
+from model.training.preempt import (
+    STATUS_FILE,
+    StopSignals,
+    load_newest,
+    restore_rng_states,
+    rng_states,
+    save_generation,
+)
 from model.training.sampler import GraphSampler, PKSampler
 
 __all__ = ["TrainConfig", "Trainer", "TrainingData", "load_training_data", "split_by_identity"]
 
 logger = logging.getLogger(__name__)
+
+#: a preemptible run's checkpoints by the clock (seconds), unless ``checkpoint_every_s`` says otherwise
+PREEMPTIBLE_CHECKPOINT_S = 180.0
 
 
 @dataclass
@@ -108,6 +129,7 @@ class TrainConfig:
     warmup_steps: int = 100
     epochs: int = 10
     max_steps: int | None = None
+    max_samples: int | None = None  # the run's length in faces drawn (p * k + unlabeled_per_batch a step)
     grad_clip: float = 5.0
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda"
@@ -115,6 +137,12 @@ class TrainConfig:
     threads: int = 2
     deterministic: bool = True  # bit-exact resume; costs little on CPU, some speed on CUDA
     checkpoint_every: int = 100
+    # checkpoints by the clock too (seconds; default 180 for a preemptible run): at most this much work is lost
+    checkpoint_every_s: float | None = None
+    keep_checkpoints: int = 3  # checkpoint generations kept: last.pt, last.pt.1, ... (a corrupt newest is skipped)
+    # a run that may be killed at any time: checkpoints by the clock, SIGTERM/SIGINT stop it after its step with a
+    # checkpoint, and its schedule and validations are counted in steps (no budget_minutes, no validate_every_s)
+    preemptible: bool = False
     log_every: int = 10
     val_pairs: int = 3000  # genuine and impostor pairs each, for validation
     # "clean": precomputed teacher embeddings of each un-augmented crop (and its mirror); "matched": the teacher
@@ -135,6 +163,7 @@ class TrainConfig:
     fused_optimizer: bool = False  # the optimiser's fused implementation (fewer kernel launches on a GPU)
     budget_minutes: float | None = None  # size the schedule from the measured step rate to end inside this time
     validate_every_s: float | None = None  # validate by time (short epochs) instead of at each epoch end
+    validate_every: int | None = None  # validate every this many steps instead of at each epoch end
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     @classmethod
@@ -199,6 +228,39 @@ class TrainConfig:
             raise ValueError(f'augment {", ".join(self.augment.device_only())} need augment_on = "device"')
         if self.augment.mix > 0 and not (self.teacher and self.teacher_view == "matched"):
             raise ValueError('mixed views are labelled by the teacher only: set teacher_view = "matched"')
+        if self.max_steps is not None and self.max_samples is not None:
+            raise ValueError("set the run's length by max_steps or by max_samples, not both")
+        if self.validate_every is not None and self.validate_every_s is not None:
+            raise ValueError("validate by steps (validate_every) or by the clock (validate_every_s), not both")
+        if self.validate_every is not None and self.validate_every < 1:
+            raise ValueError("validate_every must be at least 1")
+        if self.keep_checkpoints < 1:
+            raise ValueError("keep_checkpoints must be at least 1")
+        if self.checkpoint_every_s is not None and self.checkpoint_every_s <= 0:
+            raise ValueError("checkpoint_every_s must be positive")
+        if self.preemptible and self.budget_minutes is not None:
+            raise ValueError(
+                "a preemptible run cannot have budget_minutes: a time budget sizes the schedule from the measured "
+                "step rate, so interruptions would change what it learns; set its length by max_samples or max_steps"
+            )
+        if self.preemptible and self.validate_every_s is not None:
+            raise ValueError(
+                "a preemptible run validates by steps (validate_every), not by the clock, so that a resumed run "
+                "validates, and keeps as best, what an uninterrupted one would"
+            )
+
+    @property
+    def samples_per_step(self) -> int:
+        """Faces drawn from the caches each step: the PK batch and the unlabelled share (mixed views are made
+        from these, so they are not counted)."""
+        return self.p * self.k + (self.unlabeled_per_batch if self.unlabeled else 0)
+
+    @property
+    def clock_checkpoint_s(self) -> float | None:
+        """Seconds between checkpoints by the clock: ``checkpoint_every_s``, 180 for a preemptible run."""
+        if self.checkpoint_every_s is not None:
+            return self.checkpoint_every_s
+        return PREEMPTIBLE_CHECKPOINT_S if self.preemptible else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -340,6 +402,8 @@ class Trainer:
         self.sampler = sampler_cls(self.train_labels, cfg.p, cfg.k, cfg.seed)
         self.steps_per_epoch = len(self.sampler.batches(0))
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        if cfg.max_samples is not None:
+            self.total_steps = math.ceil(cfg.max_samples / cfg.samples_per_step)
         self.state: TrainState = {
             "epoch": 0,
             "step_in_epoch": 0,
@@ -351,6 +415,12 @@ class Trainer:
         self._val_cache: dict[str, Any] | None = None
         self.last_rows = 0
         self.step_rates: list[float] = []  # images/s of each step this process trained (validation excluded)
+        # each loss of every step since the last validation: its history row's train_* means (checkpointed, so a
+        # resumed run's rows are an uninterrupted one's)
+        self.running: dict[str, list[float]] = {}
+        self._saved_at = time.monotonic()
+        self._saved_state = ""  # the progress the newest checkpoint holds (JSON of self.state)
+        self.stopped_by: str | None = None  # the signal that stopped a preemptible run's fit()
         self._maybe_resume()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -494,19 +564,43 @@ class Trainer:
             else None,
             "scaler": self.scaler.state_dict(),
             "state": json.dumps(self.state),
+            "running": json.dumps(self.running),
+            "rng": rng_states(),
             "config": json.dumps(self.cfg.to_dict()),
         }
 
     def save(self) -> None:
-        tmp = self.out / "last.pt.tmp"
-        torch.save(self._checkpoint_state(), tmp)
-        os.replace(tmp, self.out / "last.pt")
+        """The newest checkpoint generation (:func:`model.training.preempt.save_generation`: written whole or not
+        at all, with its content's SHA-256), and ``status.json`` saying what it holds. Nothing is written when
+        the newest checkpoint already holds this progress (a step's state decides the model's)."""
+        if json.dumps(self.state) == self._saved_state:
+            return
+        save_generation(self._checkpoint_state(), self.out / "last.pt", self.cfg.keep_checkpoints)
+        self._saved_at = time.monotonic()
+        self._saved_state = json.dumps(self.state)
+        step = self.state["global_step"]
+        status = {
+            "global_step": step,
+            "epoch": self.state["epoch"],
+            "samples": step * self.cfg.samples_per_step,
+            "samples_per_step": self.cfg.samples_per_step,
+            "total_steps": self.total_steps,
+            "total_samples": self.total_steps * self.cfg.samples_per_step,
+            "best_score": self.state["best_score"],
+            "validations": len(self.state["history"]),
+            "saved": time.time(),
+            "pid": os.getpid(),
+        }
+        tmp = self.out / (STATUS_FILE + ".tmp")
+        tmp.write_text(json.dumps(status) + "\n")
+        os.replace(tmp, self.out / STATUS_FILE)
 
     def _maybe_resume(self) -> None:
         path = self.out / "last.pt"
-        if not path.exists():
+        found = load_newest(path, self.cfg.keep_checkpoints, map_location=self.device)
+        if found is None:
             return
-        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        ckpt, path = found
         saved_cfg = json.loads(ckpt["config"])
         for key in ("arch", "seed", "p", "k", "sampler", "train"):
             if saved_cfg[key] != getattr(self.cfg, key):
@@ -526,7 +620,41 @@ class Trainer:
         self.state = cast(TrainState, {"total_steps": None, **json.loads(ckpt["state"])})
         if self.state["total_steps"]:  # a time-budgeted run keeps the schedule it sized
             self.total_steps = self.state["total_steps"]
+        self.running = json.loads(ckpt.get("running", "{}"))
+        if ckpt.get("rng") is not None:
+            restore_rng_states(ckpt["rng"])
+        for key in ("max_steps", "max_samples", "epochs", "lr", "warmup_steps"):
+            if saved_cfg.get(key) != getattr(self.cfg, key):
+                logger.warning(
+                    "%s: %s was %r, now %r: the schedule changes from here",
+                    path,
+                    key,
+                    saved_cfg.get(key),
+                    getattr(self.cfg, key),
+                )
+        self._rewind_logs()
+        self._saved_state = json.dumps(self.state)
         logger.info("resumed from %s at epoch %d, step %d", path, self.state["epoch"], self.state["global_step"])
+
+    def _rewind_logs(self) -> None:
+        """Logs back to the checkpoint: steps.jsonl rows after its step are dropped (they are replayed), and
+        epochs.csv is the checkpoint's history (a validation after it is made again)."""
+        step = self.state["global_step"]
+        steps = self.out / "steps.jsonl"
+        if steps.exists():
+            kept = [line for line in steps.read_text().splitlines() if _logged_step(line, step)]
+            tmp = steps.with_name(steps.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, steps)
+        csv_path = self.out / "epochs.csv"
+        if not self.state["history"]:
+            csv_path.unlink(missing_ok=True)
+            return
+        tmp = csv_path.with_name(csv_path.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        for row in self.state["history"]:
+            _append_csv(tmp, row)
+        os.replace(tmp, csv_path)
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -670,25 +798,34 @@ class Trainer:
             self.class_memory.compute_neighbors()
 
     def fit(self, stop_after: int | None = None) -> TrainState:
-        """Train until ``epochs`` or ``max_steps`` (or the time budget); returns the final state.
+        """Train until ``epochs``, ``max_steps`` or ``max_samples`` (or the time budget); returns the final state.
 
         ``stop_after`` interrupts at that global step (checkpointed) without changing the schedule,
         as a crash or a time limit would; a new :class:`Trainer` on the same folder resumes. With
         ``budget_minutes`` the cosine schedule is re-sized from the measured step rate so that the
         run, validations included, ends decayed inside the budget; with ``validate_every_s`` the
-        model is validated (and the best exported) by the clock instead of at epoch ends.
+        model is validated (and the best exported) by the clock instead of at epoch ends, with
+        ``validate_every`` every that many steps. ``checkpoint_every_s`` (180 s for a preemptible run)
+        checkpoints by the clock too; SIGTERM or SIGINT stop a preemptible run after the step it is in,
+        checkpointed (:attr:`stopped_by` names the signal; a second signal exits at once).
         """
         cfg = self.cfg
         clock = _RunClock(cfg.budget_minutes, self.state["global_step"], cfg.validate_every_s, self.created)
         progress = _progress(total=self.total_steps, initial=self.state["global_step"])
         log_jsonl = (self.out / "steps.jsonl").open("a")
-        running: dict[str, list[float]] = {}
         t_epoch, images_epoch, last_validation = time.perf_counter(), 0, time.perf_counter()
         self._prefetcher = Prefetcher(self.batch_source, 0 if self.device_source else cfg.augment_workers)
+        by_interval = cfg.validate_every_s is not None or cfg.validate_every is not None
+        checkpoint_s = cfg.clock_checkpoint_s
+        signals = StopSignals()
+        self.stopped_by = None
+        self._saved_at = time.monotonic()
 
         def limit() -> int:
             return min(self.total_steps, stop_after) if stop_after is not None else self.total_steps
 
+        if cfg.preemptible:
+            signals.__enter__()
         try:
             while self.state["global_step"] < limit() and self.state["epoch"] < cfg.epochs:
                 epoch = self.state["epoch"]
@@ -707,7 +844,7 @@ class Trainer:
                     self.state["step_in_epoch"] += 1
                     images_epoch += self.last_rows
                     for k, v in losses.items():
-                        running.setdefault(k, []).append(v)
+                        self.running.setdefault(k, []).append(v)
                     rate = self.last_rows / (time.perf_counter() - t0)
                     self.step_rates.append(rate)
                     progress.update(1, losses["total"], rate)
@@ -716,11 +853,12 @@ class Trainer:
                         self.total_steps = self.state["total_steps"] = sized
                         logger.info("time budget: schedule sized to %d steps", sized)
                     step_s = clock.step_seconds(self.state["global_step"])
-                    due = (
-                        time.perf_counter() - last_validation + step_s >= cfg.validate_every_s
-                        if cfg.validate_every_s is not None
-                        else i == len(batches) - 1  # the epoch's end validates
-                    )
+                    if cfg.validate_every_s is not None:
+                        due = time.perf_counter() - last_validation + step_s >= cfg.validate_every_s
+                    elif cfg.validate_every is not None:
+                        due = self.state["global_step"] % cfg.validate_every == 0
+                    else:
+                        due = i == len(batches) - 1  # the epoch's end validates
                     validation_s = self._validation_estimate(step_s, self.last_rows)
                     if clock.out_of_time(self.state["global_step"], validation_s, self.EXPORT_S, due):
                         stop = self.state["global_step"]
@@ -737,6 +875,8 @@ class Trainer:
                         row = {
                             "step": self.state["global_step"],
                             "epoch": epoch,
+                            "samples": self.state["global_step"] * cfg.samples_per_step,
+                            "time": round(time.time(), 2),
                             "lr": self.lr_at(self.state["global_step"] - 1),
                             "img_per_s": round(rate, 2),
                             **{k: round(v, 5) for k, v in losses.items()},
@@ -746,32 +886,51 @@ class Trainer:
                     if (
                         cfg.validate_every_s is not None
                         and time.perf_counter() - last_validation >= cfg.validate_every_s
-                    ):
+                    ) or (cfg.validate_every is not None and self.state["global_step"] % cfg.validate_every == 0):
                         started = time.perf_counter()
-                        self._validate_and_record(running, started - t_epoch, images_epoch, end_of_epoch=False)
+                        self._validate_and_record(self.running, started - t_epoch, images_epoch, end_of_epoch=False)
                         clock.spent_validating(time.perf_counter() - started)
-                        running, t_epoch, images_epoch = {}, time.perf_counter(), 0
+                        self.running, t_epoch, images_epoch = {}, time.perf_counter(), 0
                         last_validation = time.perf_counter()
-                    elif self.state["global_step"] % cfg.checkpoint_every == 0:
+                    elif self.state["global_step"] % cfg.checkpoint_every == 0 or (
+                        checkpoint_s is not None and time.monotonic() - self._saved_at >= checkpoint_s
+                    ):
                         self.save()
+                    if signals.received:
+                        break
                 else:
                     started = time.perf_counter()
-                    if cfg.validate_every_s is None:
-                        self._validate_and_record(running, started - t_epoch, images_epoch, end_of_epoch=True)
+                    if not by_interval:
+                        self._validate_and_record(self.running, started - t_epoch, images_epoch, end_of_epoch=True)
                         clock.spent_validating(time.perf_counter() - started)
-                        running, t_epoch, images_epoch = {}, time.perf_counter(), 0
+                        self.running, t_epoch, images_epoch = {}, time.perf_counter(), 0
                     else:
                         self._next_epoch()
-                    continue
-                break  # the step limit was reached inside the epoch
+                    if not signals.received:
+                        continue
+                break  # the step limit was reached inside the epoch, or a stop signal came
+            if signals.received:
+                self.stopped_by = signals.received
+                self.save()
+                logger.warning(
+                    "%s: stopped at step %d of %d (epoch %d), checkpointed in %s; the same command resumes",
+                    signals.received,
+                    self.state["global_step"],
+                    self.total_steps,
+                    self.state["epoch"],
+                    self.out / "last.pt",
+                )
+                return self.state
             finished = self.state["global_step"] >= self.total_steps
-            if running and (cfg.validate_every_s is not None or finished):
+            if self.running and (cfg.validate_every_s is not None or finished):
                 # the last stretch is validated too: with max_steps inside an epoch it is the decayed end
                 # of the schedule, the model the run was for
-                self._validate_and_record(running, time.perf_counter() - t_epoch, images_epoch, end_of_epoch=False)
+                self._validate_and_record(self.running, time.perf_counter() - t_epoch, images_epoch, end_of_epoch=False)
+                self.running = {}
             if self.state["step_in_epoch"]:
                 self.save()
         finally:
+            signals.__exit__(None, None, None)
             self._prefetcher.close()
             self._prefetcher = None
             progress.close()
@@ -809,13 +968,7 @@ class Trainer:
             self.state["epoch"] += 1
             self.state["step_in_epoch"] = 0
         logger.info("validation %s", json.dumps(row))
-        csv_path = self.out / "epochs.csv"
-        new = not csv_path.exists()
-        with csv_path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        _append_csv(self.out / "epochs.csv", row)
         score = val.get("score", float("nan"))
         if not math.isnan(score) and score > self.state["best_score"]:
             self.state["best_score"] = score
@@ -844,6 +997,23 @@ class Trainer:
             },
         }
         return save_checkpoint(self.model, path, meta)
+
+
+def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _logged_step(line: str, last: int) -> bool:
+    """Whether a steps.jsonl line is a whole row of a step at or before ``last``."""
+    try:
+        return int(json.loads(line)["step"]) <= last
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 class _RunClock:
