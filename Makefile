@@ -13,9 +13,13 @@ export OMP_WAIT_POLICY ?= PASSIVE
 SHARED ?= ../shared/data
 DATA ?= ../oaml_data
 RUN ?= ../oaml_runs/ir18_default
+# The preemptible background run of model v3's CPU recipe (make train-background).
+RUN_BACKGROUND ?= ../oaml_runs/v3_background
+BACKGROUND_CONFIG ?= configs/oaml_ir18_v3_cpu.toml
+IONICE := $(shell command -v ionice >/dev/null 2>&1 && echo ionice -c3)
 WEIGHTS ?= weights/oaml_ir18.safetensors
 
-.PHONY: install lint test test-slow gpu-bundle docker-engine docker-test browser postgres serve bench bench-service bench-stages bench-gallery bench-ann prepare-data train-default eval clean
+.PHONY: install lint test test-slow gpu-bundle docker-engine docker-test browser postgres serve bench bench-service bench-stages bench-gallery bench-ann prepare-data train-default train-background train-status train-pause train-resume train-stop eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -138,6 +142,37 @@ train-default: prepare-data
 	$(BIN)/oaml calibrate $(RUN)_heads/best.safetensors --data-root $(DATA) --holdout $(SHARED)/train/aligned/celeba_extra \
 		--dtype float16 --out $(WEIGHTS) --plot weights/reliability.png
 	$(BIN)/oaml calibrate-identify $(WEIGHTS) --data-root $(DATA) --holdout $(SHARED)/train/aligned/celeba_extra
+
+# Model v3's CPU recipe for days at the lowest priority (README, "Preemptible background training"): starts the run
+# in RUN_BACKGROUND, or resumes it from its newest whole checkpoint; does nothing while it runs. nice 19, idle I/O
+# class, its own session (setsid; pid file train.pid, log train.log); checkpoints every 3 minutes and on SIGTERM.
+train-background: prepare-data
+	@mkdir -p $(RUN_BACKGROUND)
+	@pid=$$(cat $(RUN_BACKGROUND)/train.pid 2>/dev/null); \
+	if [ -n "$$pid" ] && grep -qa train /proc/$$pid/cmdline 2>/dev/null; then \
+		echo "already running (pid $$pid): make train-status"; exit 0; fi; \
+	setsid sh -c 'echo $$$$ > "$(RUN_BACKGROUND)/train.pid"; exec nohup nice -n 19 $(IONICE) \
+		$(abspath $(BIN))/oaml train --config $(BACKGROUND_CONFIG) --data-root $(DATA) --out $(RUN_BACKGROUND) \
+		--init-from $(WEIGHTS) --preemptible >> "$(RUN_BACKGROUND)/train.log" 2>&1 < /dev/null' \
+		< /dev/null > /dev/null 2>&1 & \
+	sleep 3; pid=$$(cat $(RUN_BACKGROUND)/train.pid 2>/dev/null); \
+	if [ -n "$$pid" ] && kill -0 $$pid 2>/dev/null; then \
+		echo "training in the background: pid $$pid, log $(RUN_BACKGROUND)/train.log (make train-status)"; \
+	else echo "the run did not start: see $(RUN_BACKGROUND)/train.log"; tail -5 $(RUN_BACKGROUND)/train.log; exit 1; fi
+
+# Samples done, samples/s, validation curve, time since the last checkpoint, running or paused.
+train-status: install
+	@$(BIN)/oaml train-status $(RUN_BACKGROUND)
+
+# SIGSTOP / SIGCONT the run's process group (for benchmarks); train-stop: SIGTERM, it checkpoints and exits.
+train-pause: install
+	@$(BIN)/oaml train-control $(RUN_BACKGROUND) pause
+
+train-resume: install
+	@$(BIN)/oaml train-control $(RUN_BACKGROUND) resume
+
+train-stop: install
+	@$(BIN)/oaml train-control $(RUN_BACKGROUND) stop
 
 eval: prepare-data
 	$(BIN)/oaml eval $(WEIGHTS) --suite public --data-root $(DATA) --shared $(SHARED) --peer sface --out $(RUN)/eval

@@ -316,6 +316,13 @@ class TestPreemptibleConfig:
         assert cfg.samples_per_step == 32 and cfg.clock_checkpoint_s == 180.0
         assert TrainConfig.from_dict({"train": ["x"]}).clock_checkpoint_s is None
 
+    def test_the_cpu_recipe_is_preemptible_and_counted_in_samples(self) -> None:
+        cfg = TrainConfig.from_toml(ROOT / "configs" / "oaml_ir18_v3_cpu.toml")
+        assert cfg.preemptible and cfg.max_samples and cfg.validate_every and cfg.budget_minutes is None
+        assert cfg.train == ["celeba", "afdb", "lag", "fgnet"]
+        assert cfg.unlabeled == ["utkface", "mask_unlabeled", "aflw2000"]
+        assert cfg.exclude_identities == ["configs/overlap/lag_eval.txt"] and cfg.device == "cpu"
+
     def test_status_reads_a_run_folder(self, runs: Runs) -> None:
         info = run_status(runs.resumed)
         assert info["process"] == "not running" and info["step"] == STEPS and info["samples"] == 4 * STEPS

@@ -368,9 +368,11 @@ def format_status(info: dict[str, Any]) -> str:
     )
     rate = info.get("samples_per_s")
     if rate:
-        eta = f", {(total - done) / rate / 86400:.1f} days to go at that rate" if total and total > done else ""
+        left = (total - done) / rate if total and total > done else 0.0
+        eta = f" ({_ago(left) if left < 172800 else f'{left / 86400:.1f} days'} to go at that rate)" if left else ""
+        lines.append(f"samples/s (recent, wall clock): {rate:.2f}{eta}")
         lines.append(
-            f"samples/s (recent, wall clock): {rate:.2f}; faces/s within steps: {info['step_faces_per_s']:.2f}{eta}"
+            f"faces/s within steps (mixed views counted; validations, checkpoints not): {info['step_faces_per_s']:.2f}"
         )
     else:
         lines.append("samples/s (recent): not measured yet")
