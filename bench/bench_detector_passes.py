@@ -38,6 +38,7 @@ from bench.bench_service import photos  # noqa: E402
 from model.align import FaceDetector, FacePipeline, decode_image  # noqa: E402
 from model.card import WeightsCard  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
+from model.cpu import isa_class  # noqa: E402
 from model.embedder import Embedder, Features, score_pairs  # noqa: E402
 from model.training.evaluate import read_lfw_pairs  # noqa: E402
 from model.training.metrics import verification_report  # noqa: E402
@@ -106,7 +107,7 @@ class LFW:
             engine="auto",
             version=meta["model_version"],
             threads=threads,
-            vouched=self.card.vouched_engines,
+            vouched=self.card.vouched_for(isa_class()),
         )
         with ThreadPoolExecutor(threads) as pool:
             self.images = list(pool.map(lambda k: decode_image((root / f"{k}.jpg").read_bytes()), self.keys))

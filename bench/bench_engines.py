@@ -41,7 +41,7 @@ from bench.bench_service import AVX2_ONLY  # noqa: E402
 NO_AMX = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "ATEN_CPU_CAPABILITY": "avx512"}
 from model.align import to_input_tensor  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
-from model.embedder import cpu_has_bf16  # noqa: E402
+from model.cpu import cpu_has_bf16  # noqa: E402
 from model.engines import OnnxBackbone  # noqa: E402
 from model.quantize import Int8Recipe  # noqa: E402
 

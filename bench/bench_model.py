@@ -43,7 +43,7 @@ def timeit(fn: Callable[[], object], min_seconds: float, min_calls: int = 3, war
 
 def cpu_name() -> str:
     """The CPU's model and whether it has native bf16 and AVX-512 (:func:`model.embedder.cpu_description`)."""
-    from model.embedder import cpu_description
+    from model.cpu import cpu_description
 
     return cpu_description()
 

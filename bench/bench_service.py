@@ -200,7 +200,7 @@ AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 def engines_section(args: argparse.Namespace) -> None:
     """/verify at c=1 and c=8 for each engine and detector setting, against the fp32 yardstick of this run; on a
     CPU with AVX-512, also as an AVX2-only CPU (the kind without native bf16)."""
-    from model.embedder import cpu_has_bf16
+    from model.cpu import cpu_has_bf16
 
     a, b = photos()
 

@@ -34,6 +34,7 @@ from bench.bench_service import AVX2_ONLY  # noqa: E402
 from model.align import FaceDetector, align_face, decode_image  # noqa: E402
 from model.card import WeightsCard  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
+from model.cpu import isa_class  # noqa: E402
 from model.embedder import Embedder, score_pairs  # noqa: E402
 from model.engines import serve_int8  # noqa: E402
 from model.net import build_model  # noqa: E402
@@ -71,7 +72,7 @@ def stage_rows(device: torch.device, seconds: float, without_bf16: bool = False)
     else:
         model = build_model("ir_18").eval()
     card = WeightsCard.from_metadata(meta) if meta else None
-    vouched = card.vouched_engines if card else frozenset()
+    vouched = card.vouched_for("avx2" if without_bf16 else isa_class()) if card else frozenset()
     int8 = card.int8 if card else None
     precision = "auto"
     if without_bf16:  # what `auto` serves there: fp32, or int8 where the weights' recipe is checked

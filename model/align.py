@@ -21,6 +21,8 @@ import io
 import logging
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -51,6 +53,9 @@ __all__ = [
     "FaceDetector",
     "FacePipeline",
     "decode_image",
+    "decoding_cost",
+    "read_header",
+    "ImageHeader",
     "ACCEPTED_FORMATS",
     "load_image",
     "similarity_transform",
@@ -105,18 +110,51 @@ ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP")
 ACCEPTED_FORMATS_TEXT = "JPEG, PNG, WebP, BMP"
 
 
-def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
-    """Decode image bytes to an RGB ``uint8`` array ``[H, W, 3]``.
+#: Bytes a decoded pixel can take in Pillow, by mode (the most any step of the decoding holds per pixel).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 
-    Only :data:`ACCEPTED_FORMATS` are opened. EXIF orientation is applied; grayscale, palette,
-    RGBA/LA (composited on white), CMYK and 16-bit images are converted. The pixel limit is checked
-    from the header before any pixel data is decoded, so a decompression bomb costs nothing.
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, before any pixel is decoded."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+
+
+def read_header(data: bytes, max_pixels: int = 40_000_000) -> ImageHeader:
+    """Format, size and mode from the header alone; the same refusals as :func:`decode_image`.
 
     Raises:
-        InvalidImageError: not a decodable image.
-        UnsupportedImageFormatError: an image in a format outside :data:`ACCEPTED_FORMATS`.
-        ImageTooLargeError: more than ``max_pixels`` pixels.
+        InvalidImageError, UnsupportedImageFormatError, ImageTooLargeError.
     """
+    with _opened(data, max_pixels) as img:
+        return ImageHeader(str(img.format), img.size[0], img.size[1], img.mode)
+
+
+def decoding_cost(header: ImageHeader, max_side: int | None = None) -> int:
+    """Bytes decoding an image holds at its peak (:func:`decode_image` with ``max_side``): the pixels as decoded
+    (a JPEG already scaled down by its decoder) plus the RGB result, at most ``max_side`` on its longer side.
+    Admission control charges a request this much before it decodes (``service.engine``)."""
+    w, h, longest = header.width, header.height, max(header.width, header.height)
+    decoded = w * h
+    if max_side and header.format == "JPEG" and longest > max_side:
+        scale = 1
+        while scale < 8 and longest // (scale * 2) >= max_side:
+            scale *= 2  # the JPEG decoder's own 1/2, 1/4, 1/8 (draft mode)
+        decoded = -(-w // scale) * -(-h // scale)
+    per_pixel = _MODE_BYTES.get(header.mode, 4)
+    if not max_side or longest <= max_side:
+        return decoded * per_pixel * 2 + w * h * 3  # the pixels, a converted copy, the RGB result
+    return decoded * per_pixel + max_side * max_side * 8  # the pixels once, then small copies at max_side
+
+
+@contextmanager
+def _opened(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
+    """The image opened (header only) from :data:`ACCEPTED_FORMATS`, its pixel count checked; decoding errors
+    below become :class:`InvalidImageError`."""
     if not data:
         raise InvalidImageError("empty image data")
     try:
@@ -131,8 +169,7 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
                 )
             if width < 1 or height < 1:
                 raise InvalidImageError("image has no pixels")
-            img.load()
-            return _to_rgb_array(ImageOps.exif_transpose(img))
+            yield img
     except (ImageTooLargeError, InvalidImageError):
         raise
     except Image.DecompressionBombError as exc:
@@ -148,6 +185,65 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
         # Pillow's messages may embed a repr of the stream ("<_io.BytesIO object at 0x...>"): keep only the reason
         reason = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip() or type(exc).__name__
         raise InvalidImageError(f"cannot decode image: {reason}") from exc
+
+
+def decode_image(data: bytes, max_pixels: int = 40_000_000, max_side: int | None = None) -> np.ndarray:
+    """Decode image bytes to an RGB ``uint8`` array ``[H, W, 3]``.
+
+    Only :data:`ACCEPTED_FORMATS` are opened. EXIF orientation is applied; grayscale, palette,
+    RGBA/LA (composited on white), CMYK and 16-bit images are converted. The pixel limit is checked
+    from the header before any pixel data is decoded, so a decompression bomb costs nothing.
+
+    ``max_side``: the result's longer side at most this (area-averaged): what detection and alignment need,
+    not what the camera took. A JPEG is decoded at 1/2, 1/4 or 1/8 of its size by the decoder itself (draft
+    mode) where that still leaves ``max_side``; other formats are decoded whole and reduced at once, in their
+    own mode, and converted only then, so the full-size pixels are held once (:func:`decoding_cost`).
+
+    Raises:
+        InvalidImageError: not a decodable image.
+        UnsupportedImageFormatError: an image in a format outside :data:`ACCEPTED_FORMATS`.
+        ImageTooLargeError: more than ``max_pixels`` pixels.
+    """
+    with _opened(data, max_pixels) as img:
+        longest = max(img.size)
+        if max_side and img.format == "JPEG" and longest > max_side:
+            scale = max_side / longest
+            wanted = (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale))
+            img.draft(img.mode if img.mode in ("RGB", "L") else None, wanted)  # decoded at 1/2, 1/4 or 1/8
+        img.load()
+        if max_side and max(img.size) > max_side:
+            img = _reduced(img, max_side)
+        ImageOps.exif_transpose(img, in_place=True)
+        return _to_rgb_array(img)
+
+
+def _reduced(img: Image.Image, max_side: int) -> Image.Image:
+    """``img`` area-averaged to ``max_side`` on its longer side, in its own mode (16-bit grey stays 16-bit, one
+    channel stays one): the full-size pixels are never converted or copied. Palettes and bilevel images, which
+    cannot be averaged as they are, are brought to their colours first."""
+    if img.mode.startswith("I;16"):
+        return _reduced_16(img, max_side)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode == "1":
+        img = img.convert("L")
+    scale = max_side / max(img.size)
+    size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
+    return img.resize(size, Image.Resampling.BOX)
+
+
+def _reduced_16(img: Image.Image, max_side: int) -> Image.Image:
+    """16-bit grey averaged over ``f x f`` blocks (the smallest integer ``f`` that brings it to ``max_side``), a
+    strip of rows at a time: Pillow's own resampling would hold a 32-bit copy of the whole photo."""
+    f = math.ceil(max(img.size) / max_side)
+    w, h = img.size[0] // f * f, img.size[1] // f * f
+    out = np.empty((h // f, w // f), dtype=np.uint16)
+    step = f * max(1, 256 // f)  # strips of about 256 rows: their copies stay a few MB
+    for y in range(0, h, step):
+        strip = np.asarray(img.crop((0, y, w, min(y + step, h))), dtype=np.uint16)
+        blocks = strip.reshape(strip.shape[0] // f, f, w // f, f).mean(axis=(1, 3), dtype=np.float32)
+        out[y // f : y // f + len(blocks)] = np.rint(blocks)
+    return Image.fromarray(out)
 
 
 def _refused_format(prefix: bytes) -> str | None:
@@ -166,18 +262,21 @@ def _refused_format(prefix: bytes) -> str | None:
     return None
 
 
-def load_image(path: str | Path, max_pixels: int = 40_000_000) -> np.ndarray:
+def load_image(path: str | Path, max_pixels: int = 40_000_000, max_side: int | None = None) -> np.ndarray:
     """Read and decode an image file (see :func:`decode_image`)."""
-    return decode_image(Path(path).read_bytes(), max_pixels=max_pixels)
+    return decode_image(Path(path).read_bytes(), max_pixels=max_pixels, max_side=max_side)
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
     mode = img.mode
+    if mode == "L":  # one channel to three without Pillow's converted copy
+        return cv2.cvtColor(np.asarray(img, dtype=np.uint8), cv2.COLOR_GRAY2RGB)
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img, dtype=np.float32)  # exact for 16-bit values; half the bytes of float64
         peak = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         gray = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
+        del arr
+        return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -599,9 +698,11 @@ class FacePipeline:
         self.detector = detector
         self.size = size
 
-    def align_all(self, image: np.ndarray) -> list[AlignedFace]:
-        """Every detected face, largest first, each refined (:meth:`FaceDetector.refine`)."""
-        return [self.align(image, self.detector.refine(image, f)) for f in self.detector.detect(image)]
+    def align_all(self, image: np.ndarray, faces: list[DetectedFace] | None = None) -> list[AlignedFace]:
+        """``faces`` (default every detected face), largest first, each refined (:meth:`FaceDetector.refine`):
+        a caller that wants only some passes them, and only those are refined and aligned."""
+        found = self.detector.detect(image) if faces is None else faces
+        return [self.align(image, self.detector.refine(image, f)) for f in found]
 
     def align_one(self, image: np.ndarray, select: FaceSelection = "largest") -> AlignedFace:
         """One face: ``'largest'`` (default), ``'single'`` (error if several), or an index into

@@ -48,9 +48,11 @@ class WeightsCard:
         quality: norm statistics for the quality score.
         lfw_presets: per preset, ``{"tar", "far"}`` on LFW clean pairs (``oaml eval --record``).
         attributes: the thresholds of the occlusion attributes (``oaml calibrate-attributes``), or defaults.
-        vouched_engines: ``(engine, precision)`` pairs whose ``oaml check-engine`` against this calibration
-            passed (``calibration.engine_checks``): the faster paths ``auto`` may serve it with. An int8 check
-            vouches only for the recipe it checked (a new ``oaml quantize`` needs a new check).
+        engine_checks: ``(engine, precision, cpu class)`` of every ``oaml check-engine`` against this calibration
+            that passed (``calibration.engine_checks``): the faster paths ``auto`` may serve it with, and on which
+            instruction-set class (:func:`model.cpu.isa_class`) each was measured. A check that names no class
+            (recorded before checks did) vouches for none. An int8 check vouches only for the recipe it checked
+            (a new ``oaml quantize`` needs a new check).
         int8: the int8 recipe (``oaml quantize``), or ``None``.
         metadata: the raw document, for tools that show it whole.
     """
@@ -64,9 +66,17 @@ class WeightsCard:
     quality: QualityStats
     lfw_presets: dict[str, dict[str, float]] = field(default_factory=dict)
     attributes: AttributeRules = field(default_factory=AttributeRules)
-    vouched_engines: frozenset[tuple[str, str]] = frozenset()
+    engine_checks: frozenset[tuple[str, str, str | None]] = frozenset()
     int8: Int8Recipe | None = None
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def vouched_for(self, cpu_class: str) -> frozenset[tuple[str, str]]:
+        """The ``(engine, precision)`` pairs a passed check vouches for on CPUs of ``cpu_class``."""
+        return frozenset((engine, precision) for engine, precision, isa in self.engine_checks if isa == cpu_class)
+
+    def vouched_classes(self, engine: str, precision: str) -> list[str]:
+        """The CPU classes on which a passed check vouches for ``engine`` at ``precision`` (for messages)."""
+        return sorted({isa for e, p, isa in self.engine_checks if (e, p) == (engine, precision) and isa})
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> WeightsCard:
@@ -124,8 +134,8 @@ class WeightsCard:
             quality=stats,
             lfw_presets=lfw,
             attributes=AttributeRules.from_metadata(meta.get("attributes")),
-            vouched_engines=frozenset(
-                (str(c["engine"]), str(c["precision"]))
+            engine_checks=frozenset(
+                (str(c["engine"]), str(c["precision"]), str(c["isa"]) if c.get("isa") else None)
                 for c in (raw_cal or {}).get("engine_checks") or []
                 if c.get("passes") is True
                 and "engine" in c

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from model.align import to_input_tensor
+from model.cpu import cpu_has_bf16
+from model.engines import EngineName, OnnxBackbone, OpenVinoBackbone, select_engine, serve_int8
 from model.net import OAMLNet
 from model.qaconv import QAConv
 from model.quantize import Int8Recipe
@@ -38,6 +40,8 @@ __all__ = [
     "FLIP_TEST",
     "Features",
     "Embedder",
+    "BackbonePlan",
+    "plan_backbone",
     "PairScores",
     "score_pairs",
     "select_device",
@@ -60,37 +64,6 @@ def select_device(setting: str | torch.device) -> torch.device:
     if setting not in ("cpu", "cuda") and not setting.startswith("cuda:"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {setting!r}")
     return torch.device(setting)
-
-
-def cpu_flags() -> str:
-    """The CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
-    try:
-        return open("/proc/cpuinfo").read()
-    except OSError:
-        return ""
-
-
-def cpu_description() -> str:
-    """The CPU's model and the features that decide the fast path, e.g. ``AMD EPYC (native bf16: yes, AVX-512:
-    yes)``: machines reporting the same model differ (an EPYC Milan has neither). Benchmarks and checks name it."""
-    import platform
-
-    flags = cpu_flags()
-    name = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")), None)
-    bf16, avx512 = ("yes" if has else "no" for has in (cpu_has_bf16(flags), " avx512f" in flags))
-    return f"{name or platform.processor() or 'unknown'} (native bf16: {bf16}, AVX-512: {avx512})"
-
-
-def cpu_has_amx(flags: str | None = None) -> bool:
-    """Whether the CPU has AMX tiles for bf16 (an Intel Xeon since Sapphire Rapids), where bf16 matrix products
-    run as fast as int8 ones; ``flags`` defaults to this CPU's."""
-    return "amx_bf16" in (cpu_flags() if flags is None else flags)
-
-
-def cpu_has_bf16(flags: str | None = None) -> bool:
-    """Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX); ``flags`` defaults to this CPU's."""
-    text = cpu_flags() if flags is None else flags
-    return "avx512_bf16" in text or "amx_bf16" in text
 
 
 def select_precision(setting: str, device: torch.device, flags: str | None = None) -> torch.dtype | None:
@@ -168,6 +141,38 @@ class Features:
         )
 
 
+@dataclass(frozen=True)
+class BackbonePlan:
+    """What runs the backbone: the engine, the autocast dtype (None: fp32) and whether it runs int8."""
+
+    engine: EngineName
+    autocast: torch.dtype | None
+    int8: bool
+
+    @property
+    def path(self) -> str:
+        return f"{self.engine} {'int8' if self.int8 else precision_name(self.autocast)}"
+
+
+def plan_backbone(
+    precision: str,
+    engine: str,
+    device: torch.device,
+    vouched: Collection[tuple[str, str]] = (),
+    has_recipe: bool = False,
+    flags: str | None = None,
+) -> BackbonePlan:
+    """The one rule for what runs the backbone (:func:`select_precision`, :func:`model.engines.serve_int8`,
+    :func:`model.engines.select_engine`), without building it: the embedder follows it, and the service asks it
+    what ``auto`` would serve under other checks (:mod:`model.selfcheck`). ``flags``: the CPU's (default this
+    one's)."""
+    autocast = None if precision == "int8" else select_precision(precision, device, flags)
+    int8 = serve_int8(precision, engine, device, autocast, vouched, has_recipe, flags)
+    if int8:
+        return BackbonePlan("openvino", None, True)  # int8 layers, the rest in fp32
+    return BackbonePlan(select_engine(engine, device, autocast, vouched), autocast, False)
+
+
 class Embedder:
     """Aligned RGB crops -> :class:`Features`, on one device at one precision.
 
@@ -183,8 +188,8 @@ class Embedder:
         engine: ``torch``, ``onnxruntime``, ``openvino`` or ``auto`` (:func:`model.engines.select_engine`:
             on a CPU the exported graph in fp32, and in bf16 where ``vouched`` allows it); ``version`` names its
             exported graph (the weights' model_version), ``threads`` are its threads.
-        vouched: the ``(engine, precision)`` pairs the weights' calibration was checked for
-            (:attr:`model.card.WeightsCard.vouched_engines`).
+        vouched: the ``(engine, precision)`` pairs the weights' calibration was checked for on this CPU's class
+            (:meth:`model.card.WeightsCard.vouched_for`).
         int8: the weights' int8 recipe (:class:`model.quantize.Int8Recipe`), if they carry one.
     """
 
@@ -201,14 +206,9 @@ class Embedder:
         vouched: Collection[tuple[str, str]] = (),
         int8: Int8Recipe | None = None,
     ) -> None:
-        from model.engines import OnnxBackbone, OpenVinoBackbone, select_engine, serve_int8
-
         self.device = select_device(device)
-        self.autocast = None if precision == "int8" else select_precision(precision, self.device)
-        self.int8 = serve_int8(precision, engine, self.device, self.autocast, vouched, int8 is not None)
-        if self.int8:
-            self.autocast = None  # int8 layers, the rest in fp32
-        self.engine = "openvino" if self.int8 else select_engine(engine, self.device, self.autocast, vouched)
+        plan = plan_backbone(precision, engine, self.device, vouched, int8 is not None)
+        self.autocast, self.int8, self.engine = plan.autocast, plan.int8, plan.engine
         self._onnx: OnnxBackbone | OpenVinoBackbone | None = None
         if self.engine == "onnxruntime":
             self._onnx = OnnxBackbone(model, version, threads)
@@ -225,6 +225,11 @@ class Embedder:
     def precision(self) -> str:
         """``float32``, ``bfloat16``, ``float16`` or ``int8``: how the backbone computes."""
         return "int8" if self.int8 else precision_name(self.autocast)
+
+    @property
+    def path(self) -> str:
+        """``"<engine> <precision>"``, e.g. ``openvino int8``."""
+        return f"{self.engine} {self.precision}"
 
     def describe(self) -> dict[str, Any]:
         """How features are computed, for metadata and reports."""

@@ -11,8 +11,10 @@ The exported graph is cached by model version (exporting takes seconds; a later 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Collection
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from model.cpu import cpu_has_amx
 from model.net import OAMLNet, OAMLOutput
 from model.quantize import Int8Recipe, quantised_copy
 
@@ -30,6 +33,7 @@ __all__ = [
     "serve_int8",
     "openvino_available",
     "exported_graph",
+    "private_folder",
     "OnnxBackbone",
     "OpenVinoBackbone",
     "ENGINES",
@@ -108,8 +112,6 @@ def serve_int8(
         if not openvino_available():
             raise ValueError("int8 needs OpenVINO (a dependency: pip install openvino)")
         return True
-    from model.embedder import cpu_has_amx
-
     return (
         precision == "auto"
         and engine in ("auto", "openvino")
@@ -157,24 +159,61 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("OAML_ENGINE_CACHE") or Path.home() / ".cache" / "oaml")
 
 
+def private_folder(folder: Path) -> Path:
+    """``folder``, made if missing (mode 0700), once it is known to be this user's alone: owned by this process's
+    user, a real folder (not a link), writable by nobody else. Raises :class:`OSError` otherwise: a graph found in
+    a folder others can write may have been planted there, and it decides every embedding."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(f"{folder} is not a folder")
+    if info.st_uid != os.getuid():
+        raise OSError(f"{folder} belongs to another user (uid {info.st_uid})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise OSError(f"{folder} is writable by other users (mode {stat.S_IMODE(info.st_mode):o})")
+    return folder
+
+
 def exported_graph(
     model: OAMLNet, version: str | None, cache_dir: Path | None = None, int8: Int8Recipe | None = None
 ) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
     """The model's ONNX graph (exported once per version into ``cache_dir``, default :func:`default_cache_dir`),
     and the scratch folder that holds it when it is not kept: weights without a version (nothing to name a kept
-    export by) or an unwritable cache (a read-only home). Keep the folder as long as the graph is used.
+    export by), or a cache folder that cannot be written or is not this user's alone (:func:`private_folder`):
+    then a fresh private folder of this process's (never a shared, predictable one). Keep the folder as long as
+    the graph is used.
 
     With ``int8``, the graph of :func:`model.quantize.quantised_copy` (QDQ pairs), named by the recipe too."""
-    if version is None:
-        scratch = tempfile.TemporaryDirectory(prefix="oaml-engine-")
-        return OnnxBackbone.export(model, "unversioned", Path(scratch.name), int8), scratch
-    folder = cache_dir or default_cache_dir()
+    if version is not None:
+        folder = cache_dir or default_cache_dir()
+        try:
+            return OnnxBackbone.export(model, version, private_folder(folder), int8), None
+        except OSError as exc:
+            logger.warning("not keeping the exported graph in %s (%s): exporting it for this process only", folder, exc)
+    scratch = tempfile.TemporaryDirectory(prefix="oaml-engine-")  # mode 0700, an unpredictable name
+    return OnnxBackbone.export(model, version or "unversioned", Path(scratch.name), int8), scratch
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verified(path: Path) -> bool:
+    """Whether a kept graph is the one this code exported: its SHA-256 matches the digest written beside it at
+    export, and neither file can be written by another user. A graph that fails is exported again."""
+    sidecar = path.with_name(path.name + ".sha256")
     try:
-        return OnnxBackbone.export(model, version, folder, int8), None
-    except OSError as exc:
-        fallback = Path(tempfile.gettempdir()) / f"oaml-engines-{os.getuid()}"
-        logger.warning("cannot keep the exported graph in %s (%s): using %s", folder, exc, fallback)
-        return OnnxBackbone.export(model, version, fallback, int8), None
+        for f in (path, sidecar):
+            info = os.lstat(f)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+                return False
+        return sidecar.read_text().strip() == _sha256(path)
+    except OSError:
+        return False
 
 
 class OnnxBackbone:
@@ -207,12 +246,17 @@ class OnnxBackbone:
         kind = f"int8-{int8.fingerprint()}" if int8 is not None else "fp32"
         path = cache_dir / f"{safe}.{export_fingerprint()}.{kind}.onnx"
         if path.is_file():
-            return path
-        cache_dir.mkdir(parents=True, exist_ok=True)
+            if _verified(path):
+                return path
+            logger.warning(
+                "the kept graph %s does not match the digest written at its export: exporting it again", path
+            )
+        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         source = quantised_copy(model, int8) if int8 is not None else model
         wrapped = _Outputs(source).eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".onnx.tmp")
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".onnx.tmp")  # mode 0600
         os.close(fd)
+        side_tmp: str | None = None
         try:
             with torch.inference_mode(False), torch.no_grad():
                 torch.onnx.export(
@@ -225,10 +269,19 @@ class OnnxBackbone:
                     opset_version=OPSET,
                     dynamo=False,
                 )
-            os.replace(tmp, path)  # whole or not at all, also with several processes starting at once
+            digest = _sha256(Path(tmp))
+            sidecar = path.with_name(path.name + ".sha256")
+            fd, side_tmp = tempfile.mkstemp(dir=cache_dir, suffix=".sha256.tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(digest + "\n")
+            # the digest first, then the graph, each whole or not at all (also with several processes starting at
+            # once): a reader sees a graph only with the digest of the very export that wrote it
+            os.replace(side_tmp, sidecar)
+            os.replace(tmp, path)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            for leftover in (tmp, side_tmp):
+                if leftover is not None and os.path.exists(leftover):
+                    os.unlink(leftover)
         logger.info("exported the backbone to %s", path)
         return path
 

@@ -91,24 +91,29 @@ def test_the_service_says_which_engine_and_answers_alike(
 def test_the_card_vouches_only_for_passed_checks() -> None:
     _, meta = load_checkpoint(Path(__file__).resolve().parents[1] / "weights" / "oaml_ir18.safetensors")
     checks = [
-        {"engine": "openvino", "precision": "bfloat16", "passes": True},
-        {"engine": "onnxruntime", "precision": "int8", "passes": False},
-        {"engine": "openvino", "precision": "float16", "passes": "yes"},  # not a verdict
+        {"engine": "openvino", "precision": "bfloat16", "passes": True, "isa": "amx"},
+        {"engine": "onnxruntime", "precision": "int8", "passes": False, "isa": "amx"},
+        {"engine": "openvino", "precision": "float16", "passes": "yes", "isa": "amx"},  # not a verdict
     ]
     card = WeightsCard.from_metadata({**meta, "calibration": {**meta["calibration"], "engine_checks": checks}})
-    assert card.vouched_engines == {("openvino", "bfloat16")}
+    assert card.vouched_for("amx") == {("openvino", "bfloat16")} and card.vouched_for("avx512_bf16") == frozenset()
+    assert card.vouched_classes("openvino", "bfloat16") == ["amx"]
     recalibrated = {**meta, "calibration": {k: v for k, v in meta["calibration"].items() if k != "engine_checks"}}
-    assert WeightsCard.from_metadata(recalibrated).vouched_engines == frozenset()
+    assert WeightsCard.from_metadata(recalibrated).engine_checks == frozenset()
 
 
 def test_a_recorded_check_replaces_the_same_engines_older_one() -> None:
     from model.training.engine_check import with_engine_check
 
     meta = {"calibration": {"thresholds": {}, "engine_checks": [
-        {"engine": "openvino", "precision": "bfloat16", "passes": False},
-        {"engine": "openvino", "precision": "float32", "passes": True},
+        {"engine": "openvino", "precision": "bfloat16", "passes": False, "isa": "amx"},
+        {"engine": "openvino", "precision": "float32", "passes": True, "isa": "amx"},
+        {"engine": "openvino", "precision": "bfloat16", "passes": True, "isa": "avx512_bf16"},  # another class stays
     ]}}  # fmt: skip
-    out = with_engine_check(meta, {"engine": "openvino", "precision": "bfloat16", "passes": True}, "oaml x")
+    report = {"engine": "openvino", "precision": "bfloat16", "passes": True, "isa": "amx"}
+    out = with_engine_check(meta, report, "oaml x")
     checks = out["calibration"]["engine_checks"]
-    assert [(c["precision"], c["passes"]) for c in checks] == [("float32", True), ("bfloat16", True)]
+    assert [(c["precision"], c["isa"], c["passes"]) for c in checks] == [
+        ("float32", "amx", True), ("bfloat16", "avx512_bf16", True), ("bfloat16", "amx", True)
+    ]  # fmt: skip
     assert checks[-1]["command"] == "oaml x" and meta["calibration"]["engine_checks"][0]["passes"] is False

@@ -224,9 +224,10 @@ class TestPrecision:
     def test_the_trainer_and_the_embedder_choose_alike_on_every_cpu(
         self, flags: str, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        from model.embedder import Embedder, cpu_has_bf16
+        from model.cpu import cpu_has_bf16
+        from model.embedder import Embedder
 
-        monkeypatch.setattr("model.embedder.cpu_flags", lambda: flags)
+        monkeypatch.setattr("model.cpu.cpu_flags", lambda: flags)
         trainer = Trainer.__new__(Trainer)
         trainer.cfg = tiny_config(cache, tmp_path / "run", precision="auto")
         trainer._setup_runtime()

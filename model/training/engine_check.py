@@ -1,4 +1,4 @@
-"""May another backbone engine serve a weights file's calibration? (issue #23's bar)
+"""May another backbone engine serve a weights file's calibration on this kind of CPU? (issue #23's bar)
 
 The calibration's thresholds and probabilities are true for the score distribution of the path they were
 fitted on (``calibration.embedding``: PyTorch, its precision, the flip test). An engine that changes the
@@ -8,8 +8,10 @@ most 0.1 point; otherwise it needs a calibration of its own.
 
 :func:`check_engine` measures that; ``oaml check-engine --record`` keeps the verdict inside the calibration
 (``calibration.engine_checks``), which is where the service's ``auto`` engine looks before it serves a
-faster path (:func:`model.engines.select_engine`). A new ``oaml calibrate`` writes a new calibration
-without the list: every check has to be made again against the new one.
+faster path (:func:`model.selfcheck.serve_backbone`). A check names the instruction-set class it ran on
+(:func:`model.cpu.isa_class`) and vouches for that class only: kernels differ between classes (int8 without VNNI
+sums in saturating 16-bit lanes), so numbers measured on one need not hold on another. A new ``oaml calibrate``
+writes a new calibration without the list: every check has to be made again against the new one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from model.calibration import Calibration
+from model.cpu import cpu_description, isa_class
 from model.embedder import Embedder
 from model.quantize import Int8Recipe
 from model.training.calibrate import export_check
@@ -46,11 +49,17 @@ def check_engine(
     pairs: Path,
     occluders: Path | None = None,
     threads: int = 2,
+    reference: str = "calibrated",
 ) -> dict[str, Any]:
     """Score the calibration pairs and LFW through the calibrated path and through ``engine`` at ``precision``.
 
-    Returns the verdict (``passes``), the per-preset rates of both paths, the largest moves and the
-    runtime's version: what ``calibration.engine_checks`` keeps.
+    ``reference="fp32"`` measures against PyTorch fp32 instead of the calibrated path: for a CPU that would
+    emulate the calibrated precision (PyTorch bf16 ran 0.9 faces/s on an AMD EPYC Milan, hours for the check),
+    where fp32 is what runs without the candidate; the weights' ``export_check`` says how far fp32 is from the
+    calibrated path (0.0008 of a preset's TAR for the shipped weights).
+
+    Returns the verdict (``passes``), the per-preset rates of both paths, the largest moves, the runtime's
+    version and the CPU class it ran on: what ``calibration.engine_checks`` keeps.
     """
     raw = meta.get("calibration") or {}
     if not raw.get("thresholds"):
@@ -62,7 +71,11 @@ def check_engine(
     recipe = Int8Recipe.from_dict(meta["int8"]) if meta.get("int8") else None
     if precision == "int8" and recipe is None:
         raise ValueError("the weights carry no int8 recipe: run `oaml quantize` on them first")
-    calibrated = Embedder(model, device="cpu", precision=setting, flip=served_as["flip"])
+    if reference not in ("calibrated", "fp32"):
+        raise ValueError(f"reference must be 'calibrated' or 'fp32', got {reference!r}")
+    calibrated = Embedder(
+        model, device="cpu", precision=setting if reference == "calibrated" else "fp32", flip=served_as["flip"]
+    )
     candidate = Embedder(
         model,
         device="cpu",
@@ -89,11 +102,23 @@ def check_engine(
         for r in presets.values()
     )
     lfw_move = abs(lfw["candidate"] - lfw["calibrated"])
+    from model.selfcheck import self_check
+
+    exact = (
+        calibrated
+        if calibrated.precision == "float32"
+        else Embedder(model, device="cpu", precision="fp32", flip=served_as["flip"], engine="torch")
+    )
     return {
         "engine": candidate.engine,
         "precision": candidate.precision,
+        # the instruction-set class it ran on: the check vouches for CPUs of this class only (model/cpu.py)
+        "isa": isa_class(),
+        "cpu": cpu_description(),
+        "self_check": self_check(candidate, exact, model.qaconv, cal).to_dict(),
         "runtime": _runtime_version(candidate.engine),
         "calibrated_path": served_as,
+        "reference": calibrated.path,
         "passes": bool(worst <= PRESET_BAR + _ROUNDING and lfw_move <= LFW_BAR + _ROUNDING),
         "pairs": check["pairs"],
         "max_abs_fused_diff": check["max_abs_fused_diff"],
@@ -123,13 +148,13 @@ def _runtime_version(engine: str) -> str:
 
 def with_engine_check(meta: dict[str, Any], report: dict[str, Any], command: str) -> dict[str, Any]:
     """``meta`` with ``report`` kept in ``calibration.engine_checks`` (replacing an older check of the same
-    engine and precision; the other checks stay)."""
+    engine and precision on the same CPU class; the other checks, other classes' included, stay)."""
     calibration = dict(meta["calibration"])
-    kept = [
-        c
-        for c in calibration.get("engine_checks") or []
-        if (c.get("engine"), c.get("precision")) != (report["engine"], report["precision"])
-    ]
+
+    def key(check: dict[str, Any]) -> tuple[Any, ...]:
+        return check.get("engine"), check.get("precision"), check.get("isa")
+
+    kept = [c for c in calibration.get("engine_checks") or [] if key(c) != key(report)]
     calibration["engine_checks"] = [*kept, {**report, "command": command}]
     return {**meta, "calibration": calibration}
 
@@ -141,9 +166,11 @@ def markdown(report: dict[str, Any], machine: str, command: str) -> str:
     lines = [
         f"## Engine accuracy check: {report['engine']} {report['precision']} against the calibrated path",
         "",
-        f"- Date: {report['date']}; machine: {machine}; {report['runtime']}; {report['minutes']:.0f} minutes.",
+        f"- Date: {report['date']}; machine: {machine}; {report['runtime']}; {report['minutes']:.0f} minutes. "
+        f"Vouches for CPUs of class `{report.get('isa')}` only.",
         f"- Command: `{command}`.",
-        f"- Calibrated path: {path.get('engine', 'torch')}, {path['precision']}, flip {path['flip']}. "
+        f"- Calibrated path: {path.get('engine', 'torch')}, {path['precision']}, flip {path['flip']}; measured "
+        f"against: {report.get('reference', 'the calibrated path')}. "
         f"{report['pairs']} calibration pairs; largest fused-score difference {report['max_abs_fused_diff']:.4f}.",
         "",
         "| preset | TAR calibrated | TAR candidate | FAR calibrated | FAR candidate |",
