@@ -1,7 +1,7 @@
 # OAML service image (needs BuildKit: Docker 23+ uses it by default; DOCKER_BUILDKIT=1 on older engines).
 #   CPU:  docker build -t oaml .
-#   GPU:  docker build --build-arg TORCH_INDEX= -t oaml:gpu .   then   docker run --gpus all -p 8000:8000 -e OAML_API_KEYS=key:admin oaml:gpu
-# The image listens on 0.0.0.0, so it refuses to start without OAML_API_KEYS (-e OAML_API_KEYS=key:admin)
+#   GPU:  docker build --build-arg TORCH_INDEX= -t oaml:gpu .   then   docker run --gpus all -p 8000:8000 -e OAML_API_KEYS=$KEY:admin oaml:gpu
+# The image listens on 0.0.0.0, so it refuses to start without OAML_API_KEYS (-e OAML_API_KEYS=<a key of 16 characters or more>:admin)
 # unless OAML_ALLOW_UNAUTHENTICATED=true says that an open service is meant.
 # The GPU build takes PyPI's default torch wheel, which carries its own CUDA runtime libraries; the
 # host's NVIDIA driver reaches the container through the NVIDIA container toolkit (`--gpus all`), so

@@ -238,7 +238,7 @@ def _cmd_check_engine(args: argparse.Namespace) -> int:
     import torch
 
     from model.checkpoint import load_checkpoint, rewrite_metadata
-    from model.embedder import cpu_description
+    from model.cpu import cpu_description
     from model.errors import CheckpointError
     from model.training.engine_check import check_engine, markdown, with_engine_check
 
@@ -487,7 +487,7 @@ def _cmd_eval_identify(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from service.config import Settings
+    from service.config import Settings, invalid_settings
     from service.server import serve
 
     overrides = {
@@ -496,10 +496,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"OAML_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()
-        )
-        logger.error("cannot start: invalid settings: %s", problems)
+        logger.error("cannot start: invalid settings: %s", invalid_settings(exc))
         return 2
     return serve(settings)
 

@@ -95,6 +95,13 @@ class InvertedFile:
         self.index.add_with_ids(np.ascontiguousarray(embeddings, dtype=np.float32), keys.astype(np.int64))
 
     def remove(self, keys: np.ndarray) -> None:
+        """Remove faces by key, their 8-bit codes zeroed first: faiss moves a list's last entry into the hole and
+        shortens the list, leaving the bytes past its new end as they were, so without this a deleted face's code
+        (or, once zeroed, nothing of it) would stay in memory."""
+        zero = np.zeros(self.index.code_size, dtype=np.uint8)
+        for key in np.asarray(keys, dtype=np.int64).tolist():
+            lo = self.index.direct_map.get(key)  # type: ignore[attr-defined]
+            self.index.invlists.update_entry(faiss.lo_listno(lo), faiss.lo_offset(lo), key, faiss.swig_ptr(zero))
         # faiss' Python wrapper takes an id array here; its stubs only know the C++ IDSelector form
         self.index.remove_ids(np.ascontiguousarray(keys, dtype=np.int64))  # type: ignore[arg-type]
 

@@ -125,7 +125,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             gallery.close()  # the writes in flight finish first: they still need the engine's worker
             eng.stop()
 
-    app = FastAPI(title="OAML", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs is the demo router's (Swagger UI served from the package, not from a CDN); no ReDoc (CDN-only)
+    app = FastAPI(
+        title="OAML", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     app.state.settings = settings
     install_handlers(app)
 

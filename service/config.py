@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import math
 import os
@@ -11,12 +13,23 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.store import COLLECTION_PATTERN
 
-__all__ = ["Settings", "KeyGrant", "get_settings", "usable_cores", "is_loopback", "DEFAULT_WEIGHTS"]
+__all__ = [
+    "Settings",
+    "KeyGrant",
+    "MIN_KEY_LENGTH",
+    "get_settings",
+    "grant_for",
+    "key_id",
+    "usable_cores",
+    "is_loopback",
+    "invalid_settings",
+    "DEFAULT_WEIGHTS",
+]
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "oaml_ir18.safetensors"
 
@@ -24,7 +37,8 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "oaml_ir1
 class Settings(BaseSettings):
     """Read once at start-up; invalid values fail fast with a clear message."""
 
-    model_config = SettingsConfigDict(env_prefix="OAML_", env_file=None, extra="ignore")
+    # invalid values are named, never echoed: OAML_API_KEYS holds secrets (and pydantic would print the whole list)
+    model_config = SettingsConfigDict(env_prefix="OAML_", env_file=None, extra="ignore", hide_input_in_errors=True)
 
     weights: Path = Field(DEFAULT_WEIGHTS, description="OAML .safetensors weights to serve")
     data_dir: Path = Field(Path("data"), description="folder for the gallery database (created if missing)")
@@ -107,6 +121,23 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(15 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=10_000)
     max_images_per_request: int = Field(20, ge=1)
+    decode_max_side: int = Field(
+        2560,
+        ge=0,
+        description=(
+            "photos are decoded to at most this many pixels on their longer side (JPEGs by their decoder, at a "
+            "fraction of the memory): detection reads at most 640, and a face it can find still spans 64 pixels or "
+            "more for its 112-pixel crop; 0 decodes at full size"
+        ),
+    )
+    decode_budget_mb: int = Field(
+        768,
+        ge=16,
+        description=(
+            "MiB that photos being decoded, detected and aligned may hold together, each charged its decoded cost "
+            "from its header before it is decoded; beyond it requests get 503 OVERLOADED"
+        ),
+    )
     min_face_size: int = Field(20, ge=1, description="enrolment rejects faces narrower than this (pixels)")
     min_quality: float = Field(
         -3.0, description="enrolment rejects faces whose standardised AdaFace norm is below this"
@@ -157,6 +188,16 @@ class Settings(BaseSettings):
     log_level: str = "info"
     header_timeout: float = Field(10.0, gt=0, description="seconds a connection may take to send its request headers")
     keep_alive_timeout: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open")
+    body_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a request body may pause between chunks, and the grace before its minimum rate counts",
+    )
+    body_min_rate: float = Field(
+        8192.0,
+        gt=0,
+        description="bytes a second a request body must average once body_timeout has passed, else 408 and close",
+    )
     limit_concurrency: int = Field(256, ge=1, description="connections and requests in flight before new ones get 503")
 
     @field_validator("api_keys", "cors_origins", mode="before")
@@ -169,16 +210,20 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _roles(cls, value: list[str]) -> list[str]:
-        for entry in value:
+        """Entries are checked without ever echoing one: a message names the entry's position, never its key."""
+        for number, entry in enumerate(value, 1):
             key, role, collections = _key_entry(entry)
             if not key or role not in ("admin", "match") or (collections is not None and not collections):
                 raise ValueError(
                     "API key entries are `key`, `key:role` or `key:role:collection+collection` with role admin or "
-                    f"match, got {entry!r}"
+                    f"match; entry {number} is not"
                 )
             bad = [c for c in collections or () if not re.fullmatch(COLLECTION_PATTERN, c)]
             if bad:
-                raise ValueError(f"API key entry {entry!r}: {bad[0]!r} is not a collection name")
+                raise ValueError(f"API key entry {number}: {bad[0]!r} is not a collection name")
+        keys = [_key_entry(entry)[0] for entry in value]
+        if len(set(keys)) != len(keys):
+            raise ValueError("API keys must differ: two entries share a key")
         return value
 
     @field_validator("gallery_url")
@@ -221,11 +266,22 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         """Settings that are valid alone but not together: fail at start-up, not on every request."""
+        if 0 < self.decode_max_side < 640:
+            raise ValueError(
+                f"decode_max_side (OAML_DECODE_MAX_SIDE={self.decode_max_side}) must be 0 or at least 640, the "
+                "detector's input"
+            )
         largest = max(2, self.max_images_per_request)  # /verify embeds 2 faces, an enrolment up to max_images
         if self.queue_size < largest:
             raise ValueError(
                 f"queue_size (OAML_QUEUE_SIZE={self.queue_size}) must hold the faces of one request ({largest}: "
                 "OAML_MAX_IMAGES_PER_REQUEST, and /verify's two faces); otherwise such requests are refused forever"
+            )
+        short = [n for n, e in enumerate(self.api_keys, 1) if len(_key_entry(e)[0]) < MIN_KEY_LENGTH]
+        if short and not is_loopback(self.host):
+            raise ValueError(
+                f"API key entries {', '.join(map(str, short))} are shorter than {MIN_KEY_LENGTH} characters: "
+                f"listening on {self.host}, keys must resist guessing (e.g. `openssl rand -hex 24`)"
             )
         if not self.api_keys and not self.allow_unauthenticated and not is_loopback(self.host):
             raise ValueError(
@@ -240,22 +296,48 @@ class Settings(BaseSettings):
         """Whether requests need an API key."""
         return bool(self.api_keys)
 
-    def key_grants(self) -> dict[str, KeyGrant]:
-        """API key -> what it may do: its role (``admin`` unless the entry names ``match``) and the collections
-        it is limited to (None: every collection)."""
+    def key_grants(self) -> dict[bytes, KeyGrant]:
+        """SHA-256 of each API key -> what it may do: its role (``admin`` unless the entry names ``match``), the
+        collections it is limited to (None: every collection) and its id. Keyed by digest, so a supplied key is
+        compared in constant time (:func:`grant_for`) and never kept beside its grant."""
         grants = {}
         for entry in self.api_keys:
             key, role, collections = _key_entry(entry)
-            grants[key] = KeyGrant(role, collections)
+            digest = hashlib.sha256(key.encode()).digest()
+            grants[digest] = KeyGrant(role, collections, key_id(key))
         return grants
+
+
+#: Keys shorter than this are refused where the service listens beyond loopback.
+MIN_KEY_LENGTH = 16
+
+
+def key_id(key: str) -> str:
+    """A key's public name: ``key-`` and the first 12 hex digits of its SHA-256 (audit records, logs, quotas):
+    it identifies the key without letting anyone present it."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def grant_for(grants: dict[bytes, KeyGrant], supplied: str | None) -> KeyGrant | None:
+    """The grant of the key ``supplied``, or None: every stored digest compared with :func:`hmac.compare_digest`,
+    so the answer takes the same time whichever key (or how much of one) was guessed."""
+    if supplied is None:
+        return None
+    digest = hashlib.sha256(supplied.encode()).digest()
+    found = None
+    for stored, grant in grants.items():
+        if hmac.compare_digest(stored, digest):
+            found = grant
+    return found
 
 
 @dataclass(frozen=True)
 class KeyGrant:
-    """An API key's role and, for a key limited to some collections, their names (None: all of them)."""
+    """An API key's role, the collections it is limited to (None: all of them) and its id (:func:`key_id`)."""
 
     role: str
     collections: frozenset[str] | None = None
+    key_id: str = ""
 
     def may_use(self, collection: str) -> bool:
         return self.collections is None or collection in self.collections
@@ -291,6 +373,13 @@ def _cuda_visible() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def invalid_settings(exc: ValidationError) -> str:
+    """One line naming each invalid setting and why (values never echoed: some are secrets)."""
+    return "; ".join(
+        f"OAML_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()
+    )
 
 
 @lru_cache

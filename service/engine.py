@@ -30,8 +30,9 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,15 +48,19 @@ from model.align import (
     FacePipeline,
     FaceSelection,
     decode_image,
+    decoding_cost,
+    read_header,
 )
 from model.card import WeightsCard
 from model.checkpoint import load_checkpoint
-from model.embedder import Embedder, Features, score_pairs
+from model.embedder import Features, score_pairs
 from model.net import OAMLNet
 from model.openset import IDENTIFY_PRESETS
 from model.qaconv import PairExplanation
+from model.selfcheck import serve_backbone
 from service.config import Settings
 from service.errors import Overloaded, Stopping
+from service.memory import TRIM_AFTER_BYTES, ByteBudget, release_free_memory
 
 __all__ = ["FaceFeatures", "Engine", "BatchStats"]
 
@@ -158,26 +163,17 @@ class Engine:
         if model is None:
             model, metadata = load_checkpoint(settings.weights)
         self.card = WeightsCard.from_metadata(metadata or {"model_version": "unversioned", "architecture": model.arch})
-        # the same embedding path as `oaml calibrate` and `oaml eval`: the thresholds hold for it
-        self.embedder = Embedder(
+        # the same embedding path as `oaml calibrate` and `oaml eval` (or one a recorded check vouches for on this
+        # CPU's class, self-checked at start): the thresholds hold for it
+        self.embedder, self.served_path = serve_backbone(
             model,
+            self.card,
             device=settings.device,
             precision=settings.precision,
-            batch_size=settings.max_batch,
             engine=settings.engine,
-            version=self.card.model_version,
+            batch_size=settings.max_batch,
             threads=settings.torch_threads,
-            vouched=self.card.vouched_engines,
-            int8=self.card.int8,
         )
-        served = (self.embedder.engine, self.embedder.precision)
-        if self.card.calibration.fitted and served[0] != "torch" and served[1] != "float32":
-            if served not in self.card.vouched_engines:  # forced by OAML_ENGINE: allowed, but not silently
-                logger.warning(
-                    "the backbone runs on %s in %s, which the calibration was not checked for: thresholds and "
-                    "probabilities may be off; run `oaml check-engine` and record it",
-                    *served,
-                )
         self.model = self.embedder.model.eval()
         self.device = self.embedder.device
         self.autocast = self.embedder.autocast
@@ -209,6 +205,7 @@ class Engine:
         self._queue: queue.Queue[_Job | _DetectJob | _Call | None] = queue.Queue()
         self._pending = 0
         self._pending_lock = threading.Lock()
+        self.decode_budget = ByteBudget(settings.decode_budget_mb * 2**20)
         self._worker = threading.Thread(target=self._run, name="oaml-inference", daemon=True)
         self.ready = False
 
@@ -252,48 +249,71 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, fn, *args)
 
     def decode(self, data: bytes) -> np.ndarray:
-        return decode_image(data, max_pixels=self.settings.max_image_pixels)
+        """The photo as detection and alignment need it: at most ``OAML_DECODE_MAX_SIDE`` on its longer side."""
+        return decode_image(data, self.settings.max_image_pixels, self.settings.decode_max_side or None)
 
     @property
     def batched_detection(self) -> bool:
         """Whether the detector network runs batched on the worker thread (torch) rather than in cpu_pool."""
         return self.detector.backend == "torch"
 
-    async def detect_one(self, data: bytes, select: FaceSelection) -> AlignedFace:
-        """Decode a photo, find its faces and align the one ``select`` picks (see :class:`FacePipeline`).
-
-        The photo takes a place in the queue before any of that starts, whichever backend detects it, and
-        holds it until its face is aligned: a full queue answers 503 at once instead of piling photos up
-        behind the detection workers.
-        """
+    @contextmanager
+    def _admitted_photo(self, data: bytes) -> Iterator[int]:
+        """Admit a photo before it is decoded: a place in the queue (503 when full) and its decoded cost in the
+        decoding budget (503 when photos in flight would pass ``OAML_DECODE_BUDGET_MB``), both held until its
+        face is aligned, whichever backend detects it. Yields the cost. A photo that cost much has its freed
+        memory handed back to the system when it is done, so one large upload does not leave the process at
+        its peak."""
+        header = read_header(data, self.settings.max_image_pixels)  # refusals before any pixel is decoded
+        cost = decoding_cost(header, self.settings.decode_max_side or None)
         self._admit(1)
         try:
+            self.decode_budget.take(cost)
+        except BaseException:
+            self._release(1)
+            raise
+        try:
+            yield cost
+        finally:
+            self.decode_budget.give(cost)
+            self._release(1)
+            if cost >= TRIM_AFTER_BYTES:
+                release_free_memory()
+
+    async def detect_one(self, data: bytes, select: FaceSelection) -> AlignedFace:
+        """Decode a photo, find its faces and align the one ``select`` picks (see :class:`FacePipeline`),
+        admitted by :meth:`_admitted_photo`: a full queue or budget answers 503 at once instead of piling
+        photos up behind the detection workers."""
+        with self._admitted_photo(data):
             if not self.batched_detection:
                 return await self.run_cpu(self._align_one, data, select)
             image = await self.run_cpu(self.decode, data)
             faces = await self._detect(image, coarse=select == "largest")
             face = await self._refine(image, self.pipeline.select(faces, select))
             return await self.run_cpu(self.pipeline.align, image, face)
-        finally:
-            self._release(1)
 
     def _align_one(self, data: bytes, select: FaceSelection) -> AlignedFace:
         return self.pipeline.align_one(self.decode(data), select)
 
-    async def detect_all(self, data: bytes) -> list[AlignedFace]:
-        """Every face of a photo, aligned, largest first (a group photo); admitted as :meth:`detect_one` is."""
-        self._admit(1)
-        try:
-            if not self.batched_detection:
-                return await self.run_cpu(self._align_all, data)
+    async def detect_all(self, data: bytes, limit: int) -> tuple[list[AlignedFace], int]:
+        """The ``limit`` largest faces of a photo (a group photo), aligned, largest first, and how many were
+        found. Only those are refined and aligned, and each takes a place in the queue (the photo's own, then
+        one more per face beyond the first: 503 when the queue cannot hold them)."""
+        with self._admitted_photo(data):
             image = await self.run_cpu(self.decode, data)
-            faces = await asyncio.gather(*(self._refine(image, f) for f in await self._detect(image)))
-            return [await self.run_cpu(self.pipeline.align, image, f) for f in faces]
-        finally:
-            self._release(1)
-
-    def _align_all(self, data: bytes) -> list[AlignedFace]:
-        return self.pipeline.align_all(self.decode(data))
+            found = (
+                await self._detect(image) if self.batched_detection else await self.run_cpu(self.detector.detect, image)
+            )
+            chosen = found[:limit]
+            extra = max(0, len(chosen) - 1)
+            self._admit(extra)
+            try:
+                if self.batched_detection:
+                    faces = await asyncio.gather(*(self._refine(image, f) for f in chosen))
+                    return [await self.run_cpu(self.pipeline.align, image, f) for f in faces], len(found)
+                return await self.run_cpu(self.pipeline.align_all, image, chosen), len(found)
+            finally:
+                self._release(extra)
 
     async def _detect(self, image: np.ndarray, coarse: bool = False) -> list[DetectedFace]:
         """:meth:`FaceDetector.detect` with the network passes batched on the worker thread."""
@@ -323,13 +343,10 @@ class Engine:
         return await self.run_cpu(self.detector.decode, inp, out)
 
     async def aligned_one(self, data: bytes) -> np.ndarray:
-        """:meth:`aligned_crop` in the CPU pool, holding a place in the queue as a photo to detect does."""
-        self._admit(1)
-        try:
+        """:meth:`aligned_crop` in the CPU pool, admitted as a photo to detect is (:meth:`_admitted_photo`)."""
+        with self._admitted_photo(data):
             crop: np.ndarray = await self.run_cpu(self.aligned_crop, data)
             return crop
-        finally:
-            self._release(1)
 
     def aligned_crop(self, data: bytes) -> np.ndarray:
         """An already aligned face: resized to 112x112 if needed (no detection)."""

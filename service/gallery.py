@@ -26,7 +26,6 @@ never sees another's faces, and the open-set thresholds follow each one's size.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import threading
 import time
@@ -36,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from service.deadline import write_deadline
 from service.engine import Engine
 from service.errors import (
     CollectionNotFound,
@@ -45,6 +45,7 @@ from service.errors import (
     SubjectNotFound,
 )
 from service.index import GalleryIndex
+from service.memory import release_free_memory
 from service.store import (
     BUSY,
     DEFAULT_COLLECTION,
@@ -69,25 +70,6 @@ READ_ONLY_MESSAGE = (
     "the gallery database could not be written when the service started (for example a full disk or a read-only "
     "mount): matching and reads are served, enrolments and deletions are refused until a write succeeds; retry later"
 )
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-def release_free_memory() -> None:
-    """Hand the C heap's free memory back to the system (glibc keeps the many ~50 KB blocks a load reads
-    through and frees; elsewhere a no-op)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 @dataclass
@@ -153,12 +135,14 @@ class Gallery:
         return await asyncio.get_running_loop().run_in_executor(self.writes, self._exclusive, asked, fn, args)
 
     def _exclusive(self, asked: float, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        remaining = self.timeout_s - (time.monotonic() - asked)
+        deadline = asked + self.timeout_s
+        remaining = deadline - time.monotonic()
         if remaining <= 0 or not self._lock.acquire(timeout=remaining):
             raise GalleryStoreError(BUSY, internal=f"no write slot within {self.timeout_s}s (OAML_STORE_TIMEOUT_S)")
         try:
-            self._check_writable()
-            return fn(*args)
+            with write_deadline(deadline):  # the store's own waits get what is left, not a fresh timeout
+                self._check_writable()
+                return fn(*args)
         finally:
             self._lock.release()
 

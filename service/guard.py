@@ -11,21 +11,27 @@ make the server write gigabytes. :class:`RequestGuard` sits in front of the app:
 - **Body size**: each route has a limit from the settings (a ``/verify`` carries two images, an
   enrolment up to ``OAML_MAX_IMAGES_PER_REQUEST``). A declared ``Content-Length`` over it gets 413
   at once; a chunked body is counted as it arrives and refused with 413 just past the limit.
+- **Body deadline**: a body must keep arriving: no gap longer than ``OAML_BODY_TIMEOUT`` seconds, and after
+  that grace at least ``OAML_BODY_MIN_RATE`` bytes a second on average, else 408 and the connection is closed
+  (a client sending a byte every few seconds would otherwise hold a connection, and a place among
+  ``OAML_LIMIT_CONCURRENCY``, for as long as it likes; uvicorn has no such timer of its own).
 - **Response hygiene**: every response carries ``X-Content-Type-Options: nosniff``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from service.config import Settings
+from service.config import Settings, grant_for
 from service.problems import problem
 
-__all__ = ["RequestGuard", "PUBLIC_PATHS", "ROLES", "body_limit", "BodyTooLarge"]
+__all__ = ["RequestGuard", "PUBLIC_PATHS", "ROLES", "body_limit", "BodyTooLarge", "BodyTooSlow", "BodyPace"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -33,11 +39,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-#: Answer without a key: probes, metrics, the API documentation and the demo page (whose calls send the key).
-PUBLIC_PATHS = frozenset(
-    {"/", "/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
-)
-PUBLIC_PREFIXES = ("/demo",)
+#: Answer without a key: probes, the API documentation (its assets served from the package) and the demo page
+#: (whose calls send the key). Metrics need a key: they count every collection's faces.
+PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/docs", "/openapi.json"})
+PUBLIC_PREFIXES = ("/demo", "/docs/assets/")
 #: ``match`` may verify, identify and look at uploaded photos; ``admin`` may also enrol, list,
 #: delete and read enrolled faces (whose crops may be stored).
 ROLES = ("match", "admin")
@@ -50,6 +55,36 @@ class BodyTooLarge(HTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body over {limit} bytes")
+
+
+class BodyTooSlow(HTTPException):
+    """Raised from ``receive`` when a body stops arriving or arrives too slowly (answered as 408, then closed)."""
+
+    def __init__(self, received: int, seconds: float) -> None:
+        super().__init__(
+            408,
+            f"the request body arrived too slowly ({received} bytes in {seconds:.0f} s); send it at once",
+            headers={"Connection": "close"},
+        )
+
+
+class BodyPace:
+    """When the next body chunk must have arrived: within ``grace`` seconds of the last, and with at least
+    ``min_rate`` bytes a second on average once ``grace`` has passed since the body started."""
+
+    def __init__(self, grace: float, min_rate: float) -> None:
+        self.grace, self.min_rate = grace, min_rate
+        self.started = time.monotonic()
+        self.received = 0
+
+    def wait_left(self) -> float:
+        """Seconds the next chunk may take (0 or less: too late already)."""
+        now = time.monotonic()
+        behind = self.started + self.grace + self.received / self.min_rate - now
+        return min(self.grace, behind)
+
+    def too_slow(self) -> BodyTooSlow:
+        return BodyTooSlow(self.received, time.monotonic() - self.started)
 
 
 def body_limit(settings: Settings, method: str, path: str) -> int:
@@ -86,7 +121,7 @@ class RequestGuard:
         headers = Headers(scope=scope)
         path, method = scope["path"], scope["method"]
         if self.grants and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
-            grant = self.grants.get(supplied_key(headers) or "")
+            grant = grant_for(self.grants, supplied_key(headers))
             if grant is None:
                 await problem("UNAUTHORIZED", "missing or invalid API key (send X-API-Key)")(scope, receive, send)
                 return
@@ -98,14 +133,24 @@ class RequestGuard:
                 scope, receive, send
             )
             return
-        received = 0
+        pace = BodyPace(self.settings.body_timeout, self.settings.body_min_rate)
+        done = False
 
         async def counted() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal done
+            if done:  # the body is complete: what is left to receive is the disconnect, whenever it comes
+                return await receive()
+            left = pace.wait_left()
+            if left <= 0:
+                raise pace.too_slow()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=left)
+            except TimeoutError:
+                raise pace.too_slow() from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
+                pace.received += len(message.get("body", b""))
+                done = not message.get("more_body", False)
+                if pace.received > limit:
                     raise BodyTooLarge(limit)
             return message
 
@@ -113,7 +158,7 @@ class RequestGuard:
             await self.app(scope, counted, send)
         finally:
             if self.on_body is not None:
-                self.on_body(received)
+                self.on_body(pace.received)
 
 
 def _with_nosniff(send: Send) -> Send:

@@ -104,6 +104,13 @@ class SlotRows:
         (a, i), (b, j) = self._locate(dst), self._locate(src)
         a[i] = b[j]
 
+    def clear(self, slot: int) -> None:
+        """Zero slot ``slot``'s row: a deleted face's embedding or maps must not stay in memory after it is gone
+        (a row beyond those in use is never read, but it is still the face)."""
+        self._check(slot + 1)
+        chunk, offset = self._locate(slot)
+        chunk[offset].zero_()
+
     def gather(self, slots: torch.Tensor, rows: int, layout: str = "rows") -> torch.Tensor:
         """Rows ``slots`` (a 1-d index tensor, every slot below ``rows``: the rows in use), in that order:
         ``[k, *row_shape]``, or with ``layout="columns"`` ``[row_shape[0], k, *row_shape[1:]]`` (what
@@ -216,6 +223,7 @@ class CosineStage:
             self.emb.move(slot, last)
             self._keys[slot] = self._keys[last]
             self._slot_of_key[int(self._keys[slot])] = slot
+        self.emb.clear(last)  # the deleted face's row, or the moved face's old copy: zeroed either way
         self.count -= 1
         self.emb.trim(self.count)
 
@@ -435,6 +443,8 @@ class GalleryIndex:
                     moved = self.face_ids[last]
                     self.face_ids[slot], self.subjects[slot] = moved, self.subjects[last]
                     self._slot[moved] = slot
+                self._maps.clear(last)  # no deleted face's maps left behind in memory
+                self._vis[last] = 0
                 self.face_ids.pop()
                 self.subjects.pop()
             self._maps.trim(self.count)

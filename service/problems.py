@@ -35,6 +35,7 @@ STATUS: dict[str, int] = {
     "COLLECTION_PROTECTED": 409,
     "NOT_FOUND": 404,
     "METHOD_NOT_ALLOWED": 405,
+    "REQUEST_TIMEOUT": 408,
     "IMAGE_TOO_LARGE": 413,
     "PAYLOAD_TOO_LARGE": 413,
     "UNSUPPORTED_MEDIA": 415,
@@ -61,6 +62,7 @@ _TITLES = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
     413: "Content Too Large",
     415: "Unsupported Media Type",
@@ -148,7 +150,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 408: "REQUEST_TIMEOUT", 413: "PAYLOAD_TOO_LARGE"}.get(
             exc.status_code, "INVALID_REQUEST"
         )
         # keeps Starlette's own headers, e.g. `Allow` on a 405

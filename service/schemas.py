@@ -346,6 +346,33 @@ class CollectionDeleted(BaseModel):
     deleted_faces: int
 
 
+class SelfCheckInfo(BaseModel):
+    path: str = Field(description="the path checked, `<engine> <precision>`")
+    min_cosine: float = Field(description="lowest cosine between a bundled face's embedding there and in PyTorch fp32")
+    max_score_drift: float = Field(description="largest move of a pair's fused score (logits) against PyTorch fp32")
+    faces: int
+    pairs: int
+    seconds: float
+    passes: bool
+    bounds: dict[str, float]
+
+
+class BackbonePathInfo(BaseModel):
+    cpu_class: str = Field(
+        description="this CPU's instruction-set class (`amx`, `avx512_bf16`, `avx512_vnni`, `avx512`, `avx2_vnni`, "
+        "`avx2`, `baseline`): checks of a faster path vouch for the class they ran on"
+    )
+    served: str = Field(description="what runs the backbone, `<engine> <precision>`")
+    vouched_on: list[str] = Field(
+        description="the CPU classes on which a recorded `oaml check-engine` vouches for the served path"
+    )
+    self_check: SelfCheckInfo | None = Field(
+        description="the start-up self-check of the served path against PyTorch fp32 (null: PyTorch runs it)"
+    )
+    fallbacks: list[str] = Field(description="faster paths not served here, each with the reason")
+    forced: bool = Field(description="the path was set by OAML_ENGINE / OAML_PRECISION=int8, not chosen by auto")
+
+
 class InfoResponse(BaseModel):
     model_version: str
     architecture: str
@@ -354,6 +381,7 @@ class InfoResponse(BaseModel):
         description="how the backbone computes: `float32`, `bfloat16`, `float16` or `int8` (OAML_PRECISION)"
     )
     engine: str = Field(description="what runs the backbone: `torch`, `openvino` or `onnxruntime` (OAML_ENGINE)")
+    backbone_path: BackbonePathInfo = Field(description="why this engine and precision run the backbone on this CPU")
     calibration: str
     presets: dict[str, PresetInfo]
     probability_prior: float = Field(description="P(same person) under which `probability` is calibrated")

@@ -17,13 +17,14 @@ import sys
 from typing import Any
 
 import uvicorn
+from pydantic import ValidationError
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from model.card import WeightsCard
 from model.checkpoint import read_metadata
 from model.errors import OAMLError
 from service.app import create_app
-from service.config import Settings
+from service.config import Settings, invalid_settings
 from service.state import open_store
 
 __all__ = ["HeaderTimeoutH11Protocol", "preflight", "serve"]
@@ -109,6 +110,16 @@ def serve(settings: Settings) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m service.server: serve with settings from the environment
+def main() -> int:
+    """``python -m service.server``: serve with settings from the environment (invalid ones named, never echoed)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(serve(Settings()))
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        logging.getLogger("oaml").error("cannot start: invalid settings: %s", invalid_settings(exc))
+        return 2
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

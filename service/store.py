@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -34,9 +35,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import numpy as np
 
+from service.deadline import time_left
 from service.errors import (
     CollectionExists,
     CollectionNotFound,
@@ -68,6 +71,7 @@ __all__ = [
     "subject_from_row",
     "subject_missing",
     "COLLECTION_COUNTS",
+    "FORGET_FACE_ANSWERS",
     "FACE_COLUMN_COUNT",
 ]
 
@@ -282,11 +286,42 @@ COLLECTION_COUNTS = (
 #: A deleted subject's keys keep only the request's fingerprint: a late retry of its enrolment is refused
 #: (422) instead of enrolling the deleted subject again, and no answer (face ids, boxes, file names) remains.
 _FORGET_ANSWERS = "UPDATE idempotency SET response = '', subject = '' WHERE collection = ? AND subject = ?"
+#: So do the keys whose answer lists a face deleted alone (its id, box and file name must not stay in a replay).
+#: A face id is 32 hex digits (no LIKE wildcard), found in an answer only where that face is listed.
+FORGET_FACE_ANSWERS = (
+    "UPDATE {p}idempotency SET response = '', subject = '' WHERE collection = {q} AND subject = {q} "
+    "AND response LIKE '{pct}' || {q} || '{pct}'"
+)
 
 #: What a client is told when the store fails: no path, no driver text (those go to the log).
 WRITE_FAILED = "the gallery database cannot be written right now; retry later"
 READ_FAILED = "the gallery database cannot be read right now; retry later"
 BUSY = "the gallery database is busy with other writes; retry later"
+
+
+def _private_files(path: Path) -> None:
+    """Make the gallery's folder (mode 0700 when it is made here) and its database file readable by this user
+    alone (0600): they hold embeddings, maps, crops and names. SQLite gives its ``-wal`` and ``-shm`` files the
+    database file's mode. An existing file of this user's that others could read is tightened; an existing
+    folder is the operator's to set, and one others can enter is logged."""
+    folder = path.parent
+    if not folder.exists():
+        folder.mkdir(mode=0o700, parents=True)
+    elif folder.stat().st_mode & 0o077 and folder.stat().st_uid == os.getuid():
+        logger.warning(
+            "gallery folder %s can be read by other users (mode %o): chmod 700 it",
+            folder,
+            folder.stat().st_mode & 0o777,
+        )
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            info = f.stat()
+        except FileNotFoundError:
+            continue
+        if info.st_mode & 0o077 and info.st_uid == os.getuid():
+            f.chmod(0o600)
 
 
 class SQLiteGalleryStore:
@@ -307,17 +342,16 @@ class SQLiteGalleryStore:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._wal_dirty = False  # a deletion's old pages may still be in the WAL: truncate it when possible
+        #: how the file is open: "" (read-write), "ro" or "immutable" (it could not be written at start-up)
+        self.open_mode = ""
+        self._generation = 0  # bumped when the file is reopened: each thread's reader follows
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = self._connect()
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA secure_delete=ON")  # freed pages and cells are overwritten with zeros
+            _private_files(self.path)
+            self._db = self._open_writer()
         except (OSError, sqlite3.Error) as exc:
-            raise GalleryStoreError(
-                f"cannot open the gallery {self.path}: {exc}; set OAML_DATA_DIR to a writable folder"
-            ) from exc
+            self._db = self._open_read_only(exc)
+        if self.open_mode:
+            return  # served as it is: no migration, no schema change (check_version still reads it)
         self._migrate()
         try:
             self._db.executescript(_SCHEMA)
@@ -333,6 +367,61 @@ class SQLiteGalleryStore:
                     f"cannot create the gallery {self.path}: {exc}; set OAML_DATA_DIR to a writable folder"
                 ) from exc
             logger.warning("gallery %s: schema not brought up to date (%s); writes will fail", self.path, exc)
+
+    def _open_writer(self) -> sqlite3.Connection:
+        """The read-write connection: WAL (which creates ``-wal`` and ``-shm`` beside the file), fsync on commit,
+        foreign keys, zeroed deletions."""
+        db = self._connect("")
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA secure_delete=ON")  # freed pages and cells are overwritten with zeros
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open_read_only(self, cause: BaseException) -> sqlite3.Connection:
+        """Open an existing gallery that cannot be written (a read-only mount, a full disk), so it is served
+        read-only instead of not at all: ``mode=ro`` where SQLite can still use its ``-wal``/``-shm`` files,
+        else ``immutable=1``, which reads the file alone and so is used only when no write-ahead log holds
+        commits the file lacks. A gallery that does not exist, or is not readable as one, stops start-up."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        failure = GalleryStoreError(
+            f"cannot open the gallery {self.path}: {cause}; set OAML_DATA_DIR to a writable folder"
+        )
+        if not self.path.is_file():
+            raise failure from cause
+        modes = ["ro"] + (["immutable"] if not wal.exists() or wal.stat().st_size == 0 else [])
+        for mode in modes:
+            self.open_mode = mode
+            try:
+                db = self._connect()
+                if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'faces'").fetchone():
+                    logger.warning("gallery %s cannot be written (%s): opened read-only (%s)", self.path, cause, mode)
+                    return db
+                db.close()
+            except (OSError, sqlite3.Error):
+                continue
+        self.open_mode = ""
+        if wal.exists() and wal.stat().st_size > 0:
+            raise GalleryStoreError(
+                f"cannot open the gallery {self.path}: {cause}; its write-ahead log holds commits that can only be "
+                "read where the folder can be written: free space or mount it writable"
+            ) from cause
+        raise failure from cause
+
+    def _reopen_writable(self) -> None:
+        """Leave read-only mode once the file can be written again (the caller holds the writer's lock): the
+        writer is reopened read-write and every thread's reader follows at its next read."""
+        writer = self._open_writer()
+        old, self._db, self.open_mode = self._db, writer, ""
+        old.close()
+        self._generation += 1
+        self._migrate()
+        self._db.executescript(_SCHEMA)
+        logger.info("gallery %s can be written again: reopened read-write", self.path)
 
     def _migrate(self) -> None:
         """Bring a gallery of schema 1 (one gallery, no collections) to schema 2 in one transaction: its
@@ -393,8 +482,12 @@ class SQLiteGalleryStore:
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(subjects)").fetchall()}
         return not columns or "collection" in columns
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=self.timeout_s)
+    def _connect(self, mode: str | None = None) -> sqlite3.Connection:
+        """A connection to the file, opened as ``mode`` says (default :attr:`open_mode`): ``""`` read-write,
+        ``ro`` or ``immutable``."""
+        query = {"": "", "ro": "?mode=ro", "immutable": "?immutable=1"}[self.open_mode if mode is None else mode]
+        target = f"file:{quote(str(self.path.resolve()))}{query}"
+        return sqlite3.connect(target, uri=True, check_same_thread=False, isolation_level=None, timeout=self.timeout_s)
 
     def _has_faces_table(self) -> bool:
         try:
@@ -411,13 +504,16 @@ class SQLiteGalleryStore:
     @property
     def _reader(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is not None and getattr(self._local, "generation", 0) != self._generation:
+            db.close()  # opened read-only before the file could be written again
+            db = None
         if db is None:
             try:
                 db = self._connect()
                 db.execute("PRAGMA query_only=ON")
             except sqlite3.Error as exc:
                 raise self._failure(READ_FAILED, "read", exc) from exc
-            self._local.db = db
+            self._local.db, self._local.generation = db, self._generation
             with self._readers_lock:
                 self._readers.append(db)
         return db
@@ -433,12 +529,14 @@ class SQLiteGalleryStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT`` under a lock (one writer at a time), waiting at most ``timeout_s``
-        for it; SQLite failures become :class:`GalleryStoreError` (503 ``STORE_UNAVAILABLE``)."""
-        if not self._lock.acquire(timeout=self.timeout_s):
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` under a lock (one writer at a time), waiting for it and for the
+        database's lock at most ``timeout_s`` in all, or what is left of the write's deadline
+        (:mod:`service.deadline`); SQLite failures become :class:`GalleryStoreError` (503 ``STORE_UNAVAILABLE``)."""
+        if not self._lock.acquire(timeout=time_left(self.timeout_s)):
             raise GalleryStoreError(BUSY, internal=f"gallery {self.path}: write lock not free in {self.timeout_s}s")
         try:
             try:
+                self._db.execute(f"PRAGMA busy_timeout = {int(time_left(self.timeout_s) * 1000)}")
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._db
@@ -471,7 +569,17 @@ class SQLiteGalleryStore:
         self._wal_dirty = bool(busy)
 
     def check_writable(self) -> None:
-        """Write and commit one row, so a read-only file or a full disk is known at start-up."""
+        """Write and commit one row, so a read-only file or a full disk is known at start-up (and, for a file
+        opened read-only, reopen it read-write first once that works)."""
+        if self.open_mode:
+            if not self._lock.acquire(timeout=time_left(self.timeout_s)):
+                raise GalleryStoreError(BUSY, internal=f"gallery {self.path}: write lock not free in {self.timeout_s}s")
+            try:
+                self._reopen_writable()
+            except (OSError, sqlite3.Error) as exc:
+                raise self._failure(WRITE_FAILED, "write", exc) from exc
+            finally:
+                self._lock.release()
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_opened', ?)", (str(time.time()),))
 
@@ -576,6 +684,7 @@ class SQLiteGalleryStore:
             )
             if gone.rowcount == 0:
                 raise FaceNotFound(f"face {face_id!r} does not belong to subject {subject!r}")
+            db.execute(FORGET_FACE_ANSWERS.format(p="", q="?", pct="%"), (collection, subject, face_id))
             self._wal_dirty = True
 
     # -- collections -----------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from service.deadline import time_left
 from service.errors import (
     CollectionExists,
     CollectionNotFound,
@@ -55,6 +56,7 @@ from service.store import (
     DEFAULT_COLLECTION,
     FACE_COLUMN_COUNT,
     FACE_COLUMNS,
+    FORGET_FACE_ANSWERS,
     IDEMPOTENCY_TTL_S,
     READ_FAILED,
     WRITE_FAILED,
@@ -253,13 +255,14 @@ class PostgresGalleryStore:
 
     @contextmanager
     def _write(self) -> Iterator[Any]:
-        """A transaction holding the gallery's write lock, waited for at most ``timeout_s``; it notifies
+        """A transaction holding the gallery's write lock; waiting for a connection and for the lock takes at most
+        ``timeout_s`` in all, or what is left of the write's deadline (:mod:`service.deadline`). It notifies
         followers when it logged changes."""
         try:
-            with self._pool.connection(timeout=self.timeout_s) as conn, conn.transaction():
-                ms = str(int(self.timeout_s * 1000))
-                conn.execute("SELECT set_config('lock_timeout', %s, true)", (ms,))
-                conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(int(ms) * 6),))
+            with self._pool.connection(timeout=time_left(self.timeout_s)) as conn, conn.transaction():
+                left = max(1, int(time_left(self.timeout_s) * 1000))  # 0 would mean no limit at all
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (str(left),))
+                conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(int(self.timeout_s * 6000)),))
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
                 yield conn
         except self._lock_errors as exc:
@@ -401,6 +404,7 @@ class PostgresGalleryStore:
             )
             if gone.rowcount == 0:
                 raise FaceNotFound(f"face {face_id!r} does not belong to subject {subject!r}")
+            conn.execute(FORGET_FACE_ANSWERS.format(p="oaml_", q="%s", pct="%%"), (collection, subject, face_id))
             self._log(conn, collection, [("delete", subject, face_id)])
 
     # -- collections -------------------------------------------------------------------------

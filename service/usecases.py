@@ -701,12 +701,13 @@ async def identify_all(
     if photo.error is not None:
         raise photo.error
     try:
-        faces = await state.engine.detect_all(photo.data)
+        # only these are refined and aligned, each holding a place in the queue (never more than it has)
+        limit = min(MAX_GROUP_FACES, state.settings.queue_size)
+        used, found = await state.engine.detect_all(photo.data, limit)
     except OAMLError as exc:
         raise _with_field(exc, photo.field) from exc
-    if not faces:
+    if not used:
         raise _with_field(NoFaceError("no face found in the image"), photo.field)
-    used = faces[:MAX_GROUP_FACES]
     feats = await state.engine.embed(np.stack([f.crop for f in used]))
     results, skipped = [], []
     for face, f in zip(used, feats, strict=True):
@@ -719,7 +720,7 @@ async def identify_all(
     return IdentifyAllResponse(
         faces=results,
         skipped=skipped,
-        faces_found=len(faces),
+        faces_found=found,
         faces_identified=len(results),
         collection=collection,
         model_version=state.engine.model_version,

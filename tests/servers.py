@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -39,8 +40,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(weights: Path, data_dir: Path, port: int, **env: str) -> Server:
-    """``env`` adds ``OAML_*`` settings."""
+def start_server(
+    weights: Path, data_dir: Path, port: int, command: Sequence[str] = ("-m", "oaml", "serve"), **env: str
+) -> Server:
+    """``env`` adds ``OAML_*`` settings; ``command``: the Python arguments that start it."""
     full = {
         **os.environ,
         "OAML_WEIGHTS": str(weights),
@@ -51,7 +54,7 @@ def start_server(weights: Path, data_dir: Path, port: int, **env: str) -> Server
     }
     fd, name = tempfile.mkstemp(prefix="oaml-server-", suffix=".log")
     with os.fdopen(fd, "wb") as log:
-        proc = Server([sys.executable, "-m", "oaml", "serve"], cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT)
+        proc = Server([sys.executable, *command], cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT)
     proc.log = Path(name)
     return proc
 

@@ -66,7 +66,7 @@ def server(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def body_bytes_read(port: int) -> float:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"X-API-Key": "root-key"}, timeout=10).text
     match = re.search(r"^oaml_request_body_bytes_total ([0-9.e+]+)$", text, re.M)
     assert match, "metric oaml_request_body_bytes_total missing"
     return float(match.group(1))
@@ -182,7 +182,7 @@ def test_listening_beyond_loopback_without_keys_is_an_explicit_choice(weights: P
     for host in ("0.0.0.0", "::", "192.168.1.20", "oaml.example.com"):
         with pytest.raises(ValidationError, match="OAML_API_KEYS.*OAML_ALLOW_UNAUTHENTICATED"):
             Settings(weights=weights, data_dir=tmp_path, host=host)
-        Settings(weights=weights, data_dir=tmp_path, host=host, api_keys="k:admin")  # type: ignore[arg-type]
+        Settings(weights=weights, data_dir=tmp_path, host=host, api_keys="k" * 16 + ":admin")  # type: ignore[arg-type]
         Settings(weights=weights, data_dir=tmp_path, host=host, allow_unauthenticated=True)
     for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"):
         Settings(weights=weights, data_dir=tmp_path, host=host)

@@ -13,6 +13,7 @@ from service import usecases
 from service.problems import ApiError
 from service.routes.deps import MatchRole, StateDep, granted_collections
 from service.schemas import (
+    BackbonePathInfo,
     GallerySearchInfo,
     HealthResponse,
     InfoResponse,
@@ -51,14 +52,18 @@ async def ready(request: Request) -> Any:
     return ReadyResponse(status="ready", gallery_writable=True)
 
 
-@public.get("/metrics", operation_id="metrics", response_class=Response)
+@protected.get("/metrics", operation_id="metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics: requests and latency per route, batch sizes, queue depth, gallery size."""
+    """Prometheus metrics: requests and latency per route, batch sizes, queue depth, gallery size (every
+    collection's faces: a key limited to some collections gets 403). With API keys, scrape with a `match` key
+    (Prometheus: `authorization: {credentials: <key>}`)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     state: AppState | None = getattr(request.app.state, "oaml", None)
     if state is None:
         raise ApiError("NOT_READY", "loading")
+    if granted_collections(request) is not None:
+        raise ApiError("FORBIDDEN", "metrics count the faces of every collection: scrape with a key for all of them")
     state.metrics.queue_depth.set(state.engine.queue_depth)
     state.metrics.gallery_faces.set(state.gallery.faces)
     state.metrics.gallery_subjects.set(state.gallery.subjects)
@@ -88,6 +93,7 @@ async def info(state: StateDep, request: Request) -> InfoResponse:
         device=str(engine.device),
         precision=engine.embedder.precision,
         engine=engine.embedder.engine,
+        backbone_path=BackbonePathInfo(**engine.served_path.to_dict()),
         calibration="fitted on held-out identities" if cal.fitted else "default (uncalibrated)",
         presets=presets,
         probability_prior=PRIOR,
