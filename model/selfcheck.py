@@ -232,8 +232,8 @@ def serve_backbone(
         fallbacks=tuple(fallbacks),
         forced=forced,
     )
-    for refused in fallbacks:
-        logger.warning("not serving %s; serving %s", refused, embedder.path)
+    for why in fallbacks:
+        logger.warning("not serving %s; serving %s", why, embedder.path)
     calibrated = card.calibration.fitted and embedder.engine != "torch" and embedder.precision != "float32"
     if calibrated and cpu_class not in served.vouched_on:  # forced: allowed, but not silently
         logger.warning(

@@ -99,9 +99,11 @@ class InvertedFile:
         shortens the list, leaving the bytes past its new end as they were, so without this a deleted face's code
         (or, once zeroed, nothing of it) would stay in memory."""
         zero = np.zeros(self.index.code_size, dtype=np.uint8)
+        lists = self.index.invlists
+        assert lists is not None
         for key in np.asarray(keys, dtype=np.int64).tolist():
-            lo = self.index.direct_map.get(key)  # type: ignore[attr-defined]
-            self.index.invlists.update_entry(faiss.lo_listno(lo), faiss.lo_offset(lo), key, faiss.swig_ptr(zero))
+            lo = int(self.index.direct_map.get(key))  # the list number in the high 32 bits, the offset in the low
+            lists.update_entry(lo >> 32, lo & 0xFFFFFFFF, key, faiss.swig_ptr(zero))  # type: ignore[attr-defined]
         # faiss' Python wrapper takes an id array here; its stubs only know the C++ IDSelector form
         self.index.remove_ids(np.ascontiguousarray(keys, dtype=np.int64))  # type: ignore[arg-type]
 

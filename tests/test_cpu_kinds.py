@@ -138,9 +138,7 @@ def test_a_forced_path_is_served_as_asked_and_its_failed_check_said(
 
 
 @needs_openvino
-def test_info_says_which_path_runs_and_why(
-    weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_info_says_which_path_runs_and_why(weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from service.app import create_app
     from tests.test_service import make_settings
 

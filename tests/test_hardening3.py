@@ -204,7 +204,9 @@ def test_a_removed_face_is_zeroed_in_the_index_and_the_inverted_file(tmp_path: P
     qaconv = build_model("ir_18").qaconv
     index = GalleryIndex(qaconv, torch.device("cpu"), torch.bfloat16, ann_min_faces=40)
     records = [fake_face(f"{i:032x}", f"s{i}", i) for i in range(60)]
+    index.begin_loading()
     index.add_records(records)
+    index.finish_loading()  # the inverted file trained now, not in a thread of its own
     assert index.approximate  # the inverted file is in use
     gone = records[59]  # the last slot: removing it moves nothing into its place
     ivf = index.cosine.ivf

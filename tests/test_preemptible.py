@@ -21,8 +21,10 @@ import pytest
 import torch
 
 from model.training.preempt import (
+    PID_FILE,
     CorruptCheckpoint,
     content_digest,
+    control,
     format_status,
     generations,
     load_newest,
@@ -329,3 +331,23 @@ class TestPreemptibleConfig:
         assert info["total_samples"] == 4 * STEPS and [v["step"] for v in info["validations"]] == [6, 12, 18, 20]
         text = format_status(info)
         assert "samples done: 80 of 80 (100.0%)" in text and "last checkpoint:" in text and "validation" in text
+
+    def test_control_pauses_resumes_and_stops_the_run_by_its_process_group(self, tmp_path: Path) -> None:
+        """What make train-pause, train-resume and train-stop do, on a stand-in whose command line says train."""
+        assert control(tmp_path, "check") == (f"not running ({tmp_path / PID_FILE}: absent)", False)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)", "train"], start_new_session=True
+        )  # its own session: the pid is the process group, as `setsid` gives make train-background
+        try:
+            (tmp_path / PID_FILE).write_text(f"{proc.pid}\n")
+            assert control(tmp_path, "check")[1] and run_status(tmp_path)["process"] == "running"
+            control(tmp_path, "pause")
+            assert run_status(tmp_path)["process"] == "paused"
+            control(tmp_path, "resume")
+            assert run_status(tmp_path)["process"] == "running"
+            message, there = control(tmp_path, "stop", wait_s=20)
+            assert not there and "exited" in message and proc.wait(timeout=5) == -signal.SIGTERM
+            assert control(tmp_path, "check")[1] is False
+        finally:
+            proc.kill()
+            proc.wait()

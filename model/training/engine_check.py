@@ -89,9 +89,9 @@ def check_engine(
     images, labels, landmarks = held_out_faces(meta["training"]["config"], data_root, holdout)
     occluder_root = str(occluders or data_root / "occluders")
     sampled = raw["pairs_sampled"]
-    reference = validation_scores(calibrated, images, labels, landmarks, occluder_root, **sampled)
+    expected = validation_scores(calibrated, images, labels, landmarks, occluder_root, **sampled)
     scores = validation_scores(candidate, images, labels, landmarks, occluder_root, **sampled)
-    check = export_check(cal, reference, scores, candidate.describe())
+    check = export_check(cal, expected, scores, candidate.describe())
     lfw = {
         name: evaluate_lfw(embedder, lfw_cache, pairs, None, cal)["protocols"]["clean"]["fused"]["accuracy"]
         for name, embedder in (("calibrated", calibrated), ("candidate", candidate))

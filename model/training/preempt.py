@@ -255,19 +255,30 @@ def _read_pid(run: Path) -> int | None:
         return None
 
 
-def _process_state(pid: int) -> str | None:
-    """'running', 'paused' (stopped by a signal) or None (no such process, or not a trainer)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+def _group(pgid: int) -> list[tuple[int, str, bytes]]:
+    """(pid, state, command line) of each live process of process group ``pgid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            members.append((int(entry.name), fields[0], cmdline))
+    return members
+
+
+def _process_state(pgid: int) -> str | None:
+    """The background run whose process group is ``pgid`` (the pid file's: the session leader ``make
+    train-background`` starts): 'running', 'paused' (stopped by SIGSTOP), or None when no process of the group is
+    left or none of them is a trainer (the number was reused)."""
+    members = _group(pgid)
+    if not any(b"train" in cmdline for _, _, cmdline in members):
         return None
-    if b"train" not in cmdline:
-        return None  # the pid was reused by another program
-    state = stat.rsplit(")", 1)[1].split()[0]
-    if state == "Z":
-        return None
-    return "paused" if state in ("T", "t") else "running"
+    return "paused" if any(state in ("T", "t") for _, state, _ in members) else "running"
 
 
 def _tail_rows(path: Path, limit: int = 2000) -> list[dict[str, Any]]:
@@ -358,7 +369,9 @@ _VAL_COLUMNS = ("val_score", "val_acc_cos_clean", "val_acc_cos_occluded", "val_a
 def format_status(info: dict[str, Any]) -> str:
     lines = [f"run: {info['run']}"]
     pid = info["pid"]
-    lines.append(f"process: {info['process']}" + (f" (pid {pid})" if pid and info["process"] != "not running" else ""))
+    lines.append(
+        f"process: {info['process']}" + (f" (process group {pid})" if pid and info["process"] != "not running" else "")
+    )
     total = info.get("total_samples")
     done = info.get("samples") or 0
     share = f" of {total:,} ({100 * done / total:.1f}%)" if total else ""
@@ -408,27 +421,29 @@ def format_status(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def control(run: Path, action: str, wait_s: float = 900.0) -> str:
-    """``pause`` (SIGSTOP to the run's process group), ``resume`` (SIGCONT), ``stop`` (SIGTERM to the trainer,
-    SIGCONT so a paused run can act on it, then wait for it to checkpoint and exit)."""
-    pid = _read_pid(Path(run))
-    state = _process_state(pid) if pid else None
-    if pid is None or state is None:
-        return f"no training process for {run} (pid file {Path(run) / PID_FILE}: {pid or 'absent'})"
-    group = os.getpgid(pid)
+def control(run: Path, action: str, wait_s: float = 900.0) -> tuple[str, bool]:
+    """``check``; ``pause`` (SIGSTOP to the run's process group); ``resume`` (SIGCONT); ``stop`` (SIGTERM to the
+    group, SIGCONT so that a paused run can act on it, then wait until its processes have checkpointed and
+    exited). Returns a line to print and whether the run is (still) there."""
+    pgid = _read_pid(Path(run))
+    state = _process_state(pgid) if pgid else None
+    if pgid is None or state is None:
+        return f"not running ({Path(run) / PID_FILE}: {pgid or 'absent'})", False
+    if action == "check":
+        return f"{state} (process group {pgid})", True
     if action == "pause":
-        os.killpg(group, signal.SIGSTOP)
-        return f"paused pid {pid} (process group {group}); `make train-resume` continues it"
+        os.killpg(pgid, signal.SIGSTOP)
+        return f"paused process group {pgid}; `make train-resume` continues it", True
     if action == "resume":
-        os.killpg(group, signal.SIGCONT)
-        return f"resumed pid {pid} (process group {group})"
+        os.killpg(pgid, signal.SIGCONT)
+        return f"resumed process group {pgid}", True
     if action != "stop":
         raise ValueError(f"unknown action {action!r}")
-    os.kill(pid, signal.SIGTERM)
-    os.killpg(group, signal.SIGCONT)  # a paused run must run to act on it
+    os.killpg(pgid, signal.SIGTERM)
+    os.killpg(pgid, signal.SIGCONT)  # a paused run must run to act on it
     deadline = time.monotonic() + wait_s
-    while _process_state(pid) is not None and time.monotonic() < deadline:
+    while _group(pgid) and time.monotonic() < deadline:
         time.sleep(1.0)
-    if _process_state(pid) is not None:
-        return f"sent SIGTERM to pid {pid}; still running after {wait_s:.0f} s (it stops after its step)"
-    return f"pid {pid} checkpointed and exited"
+    if _group(pgid):
+        return f"sent SIGTERM to process group {pgid}; still there after {wait_s:.0f} s (it stops after its step)", True
+    return f"process group {pgid}: checkpointed and exited", False
