@@ -145,19 +145,24 @@ train-default: prepare-data
 
 # Model v3's CPU recipe for days at the lowest priority (README, "Preemptible background training"): starts the run
 # in RUN_BACKGROUND, or resumes it from its newest whole checkpoint; does nothing while it runs. nice 19, idle I/O
-# class, its own session (setsid; pid file train.pid, log train.log); checkpoints every 3 minutes and on SIGTERM.
+# class, its own session (setsid; train.pid holds its process group, train.log its output), the first process the
+# kernel kills when memory runs out (oom_score_adj 1000), resumed RESTART_S after such a kill; checkpoints every 3
+# minutes and on SIGTERM.
+RESTART_S ?= 300
 train-background: prepare-data
 	@mkdir -p $(RUN_BACKGROUND)
-	@pid=$$(cat $(RUN_BACKGROUND)/train.pid 2>/dev/null); \
-	if [ -n "$$pid" ] && grep -qa train /proc/$$pid/cmdline 2>/dev/null; then \
-		echo "already running (pid $$pid): make train-status"; exit 0; fi; \
-	setsid sh -c 'echo $$$$ > "$(RUN_BACKGROUND)/train.pid"; exec nohup nice -n 19 $(IONICE) \
-		$(abspath $(BIN))/oaml train --config $(BACKGROUND_CONFIG) --data-root $(DATA) --out $(RUN_BACKGROUND) \
-		--init-from $(WEIGHTS) --preemptible >> "$(RUN_BACKGROUND)/train.log" 2>&1 < /dev/null' \
-		< /dev/null > /dev/null 2>&1 & \
-	sleep 3; pid=$$(cat $(RUN_BACKGROUND)/train.pid 2>/dev/null); \
-	if [ -n "$$pid" ] && kill -0 $$pid 2>/dev/null; then \
-		echo "training in the background: pid $$pid, log $(RUN_BACKGROUND)/train.log (make train-status)"; \
+	@if $(BIN)/oaml train-control $(RUN_BACKGROUND) check >/dev/null; then \
+		echo "already running: $$($(BIN)/oaml train-control $(RUN_BACKGROUND) check) (make train-status)"; exit 0; fi; \
+	setsid nohup nice -n 19 $(IONICE) sh -c 'echo $$$$ > "$(RUN_BACKGROUND)/train.pid"; \
+		echo 1000 > /proc/self/oom_score_adj 2>/dev/null; \
+		while :; do $(abspath $(BIN))/oaml train --config $(BACKGROUND_CONFIG) --data-root $(DATA) \
+			--out $(RUN_BACKGROUND) --init-from $(WEIGHTS) --preemptible < /dev/null; rc=$$?; \
+			[ $$rc -eq 137 ] || exit $$rc; \
+			echo "$$(date -Is) killed (SIGKILL: out of memory?): resuming in $(RESTART_S) s"; sleep $(RESTART_S); \
+		done' < /dev/null >> $(RUN_BACKGROUND)/train.log 2>&1 & \
+	sleep 3; if $(BIN)/oaml train-control $(RUN_BACKGROUND) check >/dev/null; then \
+		echo "training in the background: process group $$(cat $(RUN_BACKGROUND)/train.pid)," \
+			"log $(RUN_BACKGROUND)/train.log (make train-status)"; \
 	else echo "the run did not start: see $(RUN_BACKGROUND)/train.log"; tail -5 $(RUN_BACKGROUND)/train.log; exit 1; fi
 
 # Samples done, samples/s, validation curve, time since the last checkpoint, running or paused.

@@ -114,8 +114,9 @@ def _cmd_train_status(args: argparse.Namespace) -> int:
 def _cmd_train_control(args: argparse.Namespace) -> int:
     from model.training.preempt import control
 
-    sys.stdout.write(control(args.run, args.action, wait_s=args.wait) + "\n")
-    return 0
+    line, there = control(args.run, args.action, wait_s=args.wait)
+    sys.stdout.write(line + "\n")
+    return 0 if there or args.action == "stop" else 1
 
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
@@ -571,10 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train_status)
 
     p = sub.add_parser(
-        "train-control", help="pause, resume or stop (checkpoint and exit) a background run by its pid file"
+        "train-control",
+        help="check, pause, resume or stop (checkpoint and exit) a background run by its pid file (1: none)",
     )
     p.add_argument("run", type=Path, help="the run folder holding train.pid")
-    p.add_argument("action", choices=["pause", "resume", "stop"])
+    p.add_argument("action", choices=["check", "pause", "resume", "stop"])
     p.add_argument("--wait", type=float, default=900.0, help="stop: seconds to wait for the checkpoint and exit")
     p.set_defaults(func=_cmd_train_control)
 

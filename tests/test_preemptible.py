@@ -23,6 +23,7 @@ import torch
 from model.training.preempt import (
     PID_FILE,
     CorruptCheckpoint,
+    MemoryGuard,
     content_digest,
     control,
     format_status,
@@ -323,7 +324,7 @@ class TestPreemptibleConfig:
         assert cfg.preemptible and cfg.max_samples and cfg.validate_every and cfg.budget_minutes is None
         assert cfg.train == ["celeba", "afdb", "lag", "fgnet"]
         assert cfg.unlabeled == ["utkface", "mask_unlabeled", "aflw2000"]
-        assert cfg.exclude_identities == ["configs/overlap/lag_eval.txt"] and cfg.device == "cpu"
+        assert cfg.exclude_identities == ["configs/overlap/lag_eval.txt"] and cfg.device == "cpu" and cfg.memory_guard
 
     def test_status_reads_a_run_folder(self, runs: Runs) -> None:
         info = run_status(runs.resumed)
@@ -351,3 +352,25 @@ class TestPreemptibleConfig:
         finally:
             proc.kill()
             proc.wait()
+
+    def test_the_memory_guard_waits_for_memory_and_says_so(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        from model.training import preempt
+
+        available = iter([1 * 2**30, 1 * 2**30, 2 * 2**30, 64 * 2**30])
+        seen: list[bool] = []
+
+        def meminfo(key: str) -> int:
+            seen.append((tmp_path / "memory_wait.json").exists())
+            return next(available)
+
+        monkeypatch.setattr(preempt, "_meminfo_bytes", meminfo)
+        guard = MemoryGuard(tmp_path, margin=3 * 2**30, poll_s=0.01)
+        with caplog.at_level(logging.WARNING, logger="model.training.preempt"):
+            guard.before_step()
+        assert seen == [False, True, True, True] and guard.waited_s > 0  # waited until 64 GB were there
+        assert "waiting for memory" in caplog.text and not (tmp_path / "memory_wait.json").exists()
+        info = {"run": "r", "pid": 7, "process": "running", "samples": 0, "validations": []}
+        info["memory_wait"] = {"since": time.time() - 90, "need_bytes": 5 * 2**30, "available_bytes": 2**30}
+        assert "waiting for memory for 90 s: a step needs about 5.0 GB, 1.0 GB were available" in format_status(info)

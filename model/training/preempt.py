@@ -245,6 +245,80 @@ class StopSignals:
         logger.warning("%s: stopping after this step with a checkpoint (send it again to exit at once)", name)
 
 
+# -- memory ---------------------------------------------------------------------------------------
+
+
+def _meminfo_bytes(key: str) -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _rss_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _trim() -> None:
+    """Give the memory the allocator holds free back to the system (glibc's ``malloc_trim``)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class MemoryGuard:
+    """A background run's manners on a shared machine (``memory_guard = true``).
+
+    Before each step it gives what the last step freed back to the system (so between steps it holds its data
+    and model, not the step's activations) and, while the machine's available memory is below what a step adds
+    (measured: the process's peak less what it holds after the trim, plus ``margin``), waits instead of
+    pushing the machine into reclaiming page cache and killing processes. Waiting changes nothing the run
+    computes. While it waits, ``memory_wait.json`` in the run folder says since when and how much it needs."""
+
+    def __init__(self, folder: Path, margin: int = 2**30, poll_s: float = 10.0) -> None:
+        self.folder, self.margin, self.poll_s = Path(folder), margin, poll_s
+        self.waited_s = 0.0
+
+    def need(self) -> int:
+        """Bytes a step adds to what the process holds between steps."""
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+        return max(0, peak - (_rss_bytes() or peak))
+
+    def before_step(self) -> None:
+        _trim()
+        need = self.need() + self.margin
+        available = _meminfo_bytes("MemAvailable")
+        if available is None or available >= need:
+            return
+        started, marker = time.monotonic(), self.folder / "memory_wait.json"
+        logger.warning(
+            "waiting for memory: %.1f GB available, a step needs about %.1f GB", available / 2**30, need / 2**30
+        )
+        marker.write_text(json.dumps({"since": time.time(), "need_bytes": need, "available_bytes": available}))
+        try:
+            while (available := _meminfo_bytes("MemAvailable") or need) < need:
+                time.sleep(self.poll_s)
+        finally:
+            marker.unlink(missing_ok=True)
+        waited = time.monotonic() - started
+        self.waited_s += waited
+        logger.warning("memory available again after %.0f s waiting (%.1f GB)", waited, available / 2**30)
+
+
 # -- status and control of a run folder ----------------------------------------------------------
 
 
@@ -339,6 +413,12 @@ def run_status(run: Path) -> dict[str, Any]:
     info["samples_per_s"] = statistics.median(rates) if rates else None
     info["step_faces_per_s"] = statistics.median([r["img_per_s"] for r in recent]) if recent else None
     info["validations"] = _validations(run / "epochs.csv", status.get("samples_per_step"))
+    info["memory_wait"] = None
+    if (run / "memory_wait.json").exists():
+        try:
+            info["memory_wait"] = json.loads((run / "memory_wait.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
     return info
 
 
@@ -372,6 +452,12 @@ def format_status(info: dict[str, Any]) -> str:
     lines.append(
         f"process: {info['process']}" + (f" (process group {pid})" if pid and info["process"] != "not running" else "")
     )
+    wait = info.get("memory_wait")
+    if wait and info["process"] != "not running":
+        lines.append(
+            f"waiting for memory for {_ago(time.time() - wait['since'])}: a step needs about "
+            f"{wait['need_bytes'] / 2**30:.1f} GB, {wait['available_bytes'] / 2**30:.1f} GB were available"
+        )
     total = info.get("total_samples")
     done = info.get("samples") or 0
     share = f" of {total:,} ({100 * done / total:.1f}%)" if total else ""

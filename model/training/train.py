@@ -76,6 +76,7 @@ from model.training.metrics import accuracy, best_threshold
 from model.training.occlusion import OcclusionAugmenter
 from model.training.preempt import (
     STATUS_FILE,
+    MemoryGuard,
     StopSignals,
     load_newest,
     restore_rng_states,
@@ -143,6 +144,9 @@ class TrainConfig:
     # a run that may be killed at any time: checkpoints by the clock, SIGTERM/SIGINT stop it after its step with a
     # checkpoint, and its schedule and validations are counted in steps (no budget_minutes, no validate_every_s)
     preemptible: bool = False
+    # before each step, give freed memory back to the system and wait while the machine has less available than a
+    # step adds (a background run on a shared machine; model/training/preempt.py MemoryGuard)
+    memory_guard: bool = False
     log_every: int = 10
     val_pairs: int = 3000  # genuine and impostor pairs each, for validation
     # "clean": precomputed teacher embeddings of each un-augmented crop (and its mirror); "matched": the teacher
@@ -818,6 +822,7 @@ class Trainer:
         by_interval = cfg.validate_every_s is not None or cfg.validate_every is not None
         checkpoint_s = cfg.clock_checkpoint_s
         signals = StopSignals()
+        guard = MemoryGuard(self.out) if cfg.memory_guard else None
         self.stopped_by = None
         self._saved_at = time.monotonic()
 
@@ -839,6 +844,8 @@ class Trainer:
                     for ahead in (1, 2):  # the workers prepare the next batches while this one trains
                         if i + ahead < len(batches):
                             self._prefetcher.request(step + ahead, batches[i + ahead])
+                    if guard is not None:
+                        guard.before_step()
                     t0 = time.perf_counter()
                     losses = self.train_step(batches[i])
                     self.state["step_in_epoch"] += 1
