@@ -172,6 +172,13 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{path}: content hash {digest[:12]} does not match metadata {str(meta.get('content_sha256'))[:12]}"
             )
+        # the version names the tensors (galleries, collections and exported graphs are keyed by it): one that
+        # names other tensors is refused, not trusted
+        expected = f"{meta.get('architecture')}-{digest[:12]}"
+        if meta.get("model_version") != expected:
+            raise CheckpointError(
+                f"{path}: model_version {meta.get('model_version')!r} does not name these tensors ({expected})"
+            )
     heads = meta.get("heads", {})
     qa = heads.get("qaconv", {})
     model = build_model(

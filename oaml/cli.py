@@ -774,6 +774,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print the metadata of an OAML weights file")
     p.add_argument("weights", type=Path)
     p.set_defaults(func=_cmd_info)
+
+    from oaml.migrate import add_parser as add_migrate
+
+    add_migrate(sub)
     return parser
 
 

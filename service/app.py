@@ -19,13 +19,15 @@ from fastapi.openapi.utils import get_openapi
 
 from service.config import Settings, get_settings
 from service.engine import Engine
-from service.errors import GalleryStoreError
+from service.errors import GalleryStoreError, GalleryVersionError, ModelNotAvailable
 from service.gallery import Gallery
 from service.guard import RequestGuard
 from service.index import GalleryIndex
+from service.migration import Migrations
 from service.problems import Problem, install_handlers, problem_responses
 from service.routes import protected, public
 from service.state import AppState, Metrics, open_store
+from service.store import GalleryStore
 from service.store_pg import ChangeFollower, PostgresGalleryStore
 
 __all__ = ["create_app"]
@@ -56,9 +58,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             await asyncio.to_thread(eng.warm_up)
             store = await asyncio.to_thread(open_store, settings, eng.model_version)
 
-            def new_index(engine: Engine = eng) -> GalleryIndex:
+            def new_index(version: str | None, engine: Engine = eng) -> GalleryIndex:
                 return GalleryIndex(
-                    engine.model.qaconv,
+                    engine.model_for(version).model.qaconv,
                     engine.device,
                     engine.gallery_dtype,
                     engine.model.embedding_size,
@@ -66,8 +68,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                     ann_probe=settings.ann_probe,
                 )
 
+            # every model version a collection is matched with, or migrates to, is loaded before the gallery
+            await asyncio.to_thread(load_versions, eng, store)
             gallery = Gallery(store, new_index, eng, timeout_s=settings.store_timeout_s)
-            store.check_version()  # a gallery from other weights stops start-up with a clear message
             try:
                 await asyncio.to_thread(store.check_writable)
             except GalleryStoreError as exc:  # full disk, read-only mount: serve matching, refuse writes
@@ -82,6 +85,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                     loaded.resync,
                     settings.gallery_poll_s,
                     settings.replica_stale_s,
+                    None,
+                    lambda: sorted(eng.models.loaded),
                 )
             faces = await asyncio.to_thread(gallery.load)
         except BaseException:  # a failed start-up leaves no worker running and no replica registered
@@ -94,8 +99,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         metrics = Metrics(settings.max_batch)
         eng.stats.hooks.append(metrics.on_batch)
         state = AppState(settings, eng, gallery, metrics, follower=follower)
+        state.migrations = Migrations(state)
         if follower is not None:
             follower.start()
+        state.migrations.resume()
         state.ready = True
         app.state.oaml = state
         if not settings.authenticated:
@@ -120,6 +127,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             yield
         finally:
             state.ready = False
+            await state.migrations.stop()
             if follower is not None:
                 follower.stop()
             gallery.close()  # the writes in flight finish first: they still need the engine's worker
@@ -166,6 +174,30 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.include_router(router, responses=problem_responses(401, 403, 422, 503))
     app.openapi = lambda: problem_openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def load_versions(engine: Engine, store: GalleryStore) -> None:
+    """Load the weights of every model version the gallery's collections are matched with or migrate to; a
+    version that is nowhere to be found stops start-up naming the collections that need it and where it was
+    looked for (OAML_WEIGHTS_DIR)."""
+    needed: dict[str, list[str]] = {}
+    for record in store.collections():
+        for version in (record.model_version, (record.migration or {}).get("to")):
+            if version:
+                needed.setdefault(version, []).append(record.name)
+    missing = []
+    for version, names in sorted(needed.items()):
+        try:
+            engine.models.load(version)
+        except ModelNotAvailable as exc:
+            missing.append(f"{', '.join(repr(n) for n in names)} need model {version} ({exc.message})")
+    if missing:
+        raise GalleryVersionError(
+            "collections are matched with weights the service cannot load: "
+            + "; ".join(missing)
+            + ". Put those weights in OAML_WEIGHTS_DIR, or serve a gallery without them",
+            internal=f"looked in {engine.models.folder()}",
+        )
 
 
 def problem_openapi(app: FastAPI) -> dict[str, Any]:

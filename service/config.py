@@ -40,7 +40,28 @@ class Settings(BaseSettings):
     # invalid values are named, never echoed: OAML_API_KEYS holds secrets (and pydantic would print the whole list)
     model_config = SettingsConfigDict(env_prefix="OAML_", env_file=None, extra="ignore", hide_input_in_errors=True)
 
-    weights: Path = Field(DEFAULT_WEIGHTS, description="OAML .safetensors weights to serve")
+    weights: Path = Field(
+        DEFAULT_WEIGHTS, description="OAML .safetensors weights to serve: new collections and /verify use them"
+    )
+    weights_dir: Path | None = Field(
+        None,
+        description=(
+            "where weights of other model versions are found (every *.safetensors file, by the version in its "
+            "metadata): those collections are still matched with, migrate to or may roll back to; default: the "
+            "folder of `weights`"
+        ),
+    )
+    migration_batch: int = Field(
+        32, ge=1, le=1024, description="faces a migration re-embeds and writes per transaction"
+    )
+    keep_previous_days: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "after a collection switches model version, the previous version's data is kept this many days for "
+            "rollback, then dropped; 0 keeps it until dropped by hand"
+        ),
+    )
     data_dir: Path = Field(Path("data"), description="folder for the gallery database (created if missing)")
     gallery_url: str | None = Field(
         None,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import queue
 import threading
 import time
@@ -52,15 +51,13 @@ from model.align import (
     read_header,
 )
 from model.card import WeightsCard
-from model.checkpoint import load_checkpoint
-from model.embedder import Features, score_pairs
+from model.embedder import Features
 from model.net import OAMLNet
-from model.openset import IDENTIFY_PRESETS
 from model.qaconv import PairExplanation
-from model.selfcheck import serve_backbone
 from service.config import Settings
 from service.errors import Overloaded, Stopping
 from service.memory import TRIM_AFTER_BYTES, ByteBudget, release_free_memory
+from service.models import ModelShelf, ServedModel
 
 __all__ = ["FaceFeatures", "Engine", "BatchStats"]
 
@@ -87,10 +84,11 @@ class FaceFeatures:
 
 @dataclass
 class _Job:
-    """Faces to embed; each holds a place in the queue until its batch has run."""
+    """Faces to embed with one model version; each holds a place in the queue until its batch has run."""
 
     crops: np.ndarray  # [n, 112, 112, 3]
     future: Future[list[FaceFeatures]]
+    version: str = ""
 
     @property
     def size(self) -> int:
@@ -160,33 +158,20 @@ class Engine:
         self.settings = settings
         assert settings.torch_threads is not None and settings.detection_workers is not None  # sized by Settings
         torch.set_num_threads(settings.torch_threads)
-        if model is None:
-            model, metadata = load_checkpoint(settings.weights)
-        self.card = WeightsCard.from_metadata(metadata or {"model_version": "unversioned", "architecture": model.arch})
-        # the same embedding path as `oaml calibrate` and `oaml eval` (or one a recorded check vouches for on this
-        # CPU's class, self-checked at start): the thresholds hold for it
-        self.embedder, self.served_path = serve_backbone(
-            model,
-            self.card,
-            device=settings.device,
-            precision=settings.precision,
-            engine=settings.engine,
-            batch_size=settings.max_batch,
-            threads=settings.torch_threads,
-        )
-        self.model = self.embedder.model.eval()
-        self.device = self.embedder.device
+        default = None
+        if model is not None:  # injected (tests): served as the default model
+            card = WeightsCard.from_metadata(metadata or {"model_version": "unversioned", "architecture": model.arch})
+            default = ServedModel.build(model, card, settings)
+        #: every model version served: the default weights and those collections still use (service.models)
+        self.models = ModelShelf(settings, default)
+        served = self.models.default
+        # the default model's parts, under the names the routes used before there could be several
+        self.embedder, self.served_path, self.card = served.embedder, served.served_path, served.card
+        self.model = served.model
+        self.device = served.device
         self.autocast = self.embedder.autocast
-        self.model_version = self.card.model_version
-        self.calibration = self.card.calibration
-        fitted_on = self.card.calibrated_on
-        if fitted_on is not None and fitted_on.get("flip") != self.embedder.flip:
-            logger.warning(
-                "the calibration was fitted with flip test %s, the service embeds with %s: thresholds and "
-                "probabilities will be off; re-run `oaml calibrate`",
-                fitted_on.get("flip"),
-                self.embedder.flip,
-            )
+        self.model_version = served.version
+        self.calibration = served.calibration
         backend = settings.detector_backend
         if backend == "auto":
             backend = "torch" if self.device.type == "cuda" else "onnxruntime"
@@ -214,11 +199,15 @@ class Engine:
     def start(self) -> None:
         self._worker.start()
 
-    def warm_up(self) -> None:
-        """One detection and two forward passes so the first request does not pay for lazy init."""
+    def warm_up(self, version: str | None = None) -> None:
+        """One detection and two forward passes so the first request does not pay for lazy init (``version``:
+        a model loaded later, its forward passes only)."""
         blank = np.zeros((self.settings.max_batch, 112, 112, 3), dtype=np.uint8)
-        self.call_device(self._forward, blank[:1])
-        self.call_device(self._forward, blank)
+        model = self.models.get(version or self.model_version)
+        self.call_device(self._forward, model, blank[:1])
+        self.call_device(self._forward, model, blank)
+        if version is not None:
+            return
         blank_photo = self.detector.prepare(np.zeros((480, 640, 3), dtype=np.uint8))
         self.call_device(self.detector.forward, [blank_photo.blob])  # lazy init, wherever the detector runs
         self.ready = True
@@ -361,12 +350,19 @@ class Engine:
 
     # -- device stage (worker thread) --------------------------------------------------------
 
-    async def embed(self, crops: np.ndarray) -> list[FaceFeatures]:
-        """Features of ``[n, 112, 112, 3]`` RGB crops, batched with other requests' faces."""
+    async def embed(self, crops: np.ndarray, version: str | None = None) -> list[FaceFeatures]:
+        """Features of ``[n, 112, 112, 3]`` RGB crops by model ``version`` (default: the default weights),
+        batched with other requests' faces of the same version."""
+        version = version or self.model_version
+        self.models.get(version)  # ModelNotAvailable now, not in the worker
         self._admit(len(crops))
         future: Future[list[FaceFeatures]] = Future()
-        self._queue.put(_Job(crops, future))
+        self._queue.put(_Job(crops, future, version))
         return await asyncio.wrap_future(future)
+
+    def model_for(self, version: str | None) -> ServedModel:
+        """The served model of ``version`` (None: the default)."""
+        return self.models.get(version or self.model_version)
 
     def _admit(self, n: int) -> None:
         """Take ``n`` places in the queue, or refuse with 503 when it is full (released as jobs finish)."""
@@ -418,8 +414,9 @@ class Engine:
                 elif item is not None:
                     batch = batches[type(item)]
                     size = sum(job.size for job in batch)
-                    if batch and size + item.size > self.settings.max_batch:
-                        carry = item  # starts the next batch
+                    other_model = isinstance(item, _Job) and batch and batch[0].version != item.version
+                    if batch and (size + item.size > self.settings.max_batch or other_model):
+                        carry = item  # starts the next batch (one model version a batch)
                         break
                     batch.append(item)
                     if size + item.size >= self.settings.max_batch:
@@ -472,9 +469,10 @@ class Engine:
 
     def _embed_batch(self, jobs: list[_Job]) -> list[FaceFeatures]:
         crops = np.concatenate([j.crops for j in jobs])
+        model = self.models.get(jobs[0].version)
         feats = []
         for start in range(0, len(crops), self.settings.max_batch):  # one request may bring many faces
-            feats += self._forward(crops[start : start + self.settings.max_batch])
+            feats += self._forward(model, crops[start : start + self.settings.max_batch])
         return feats
 
     def _detect_batch(self, jobs: list[_DetectJob]) -> list[DetectorOutput]:
@@ -484,69 +482,42 @@ class Engine:
         with self._pending_lock:
             self._pending -= faces
 
-    def _forward(self, crops: np.ndarray) -> list[FaceFeatures]:
-        f = self.embedder.forward(crops)
+    @staticmethod
+    def _forward(model: ServedModel, crops: np.ndarray) -> list[FaceFeatures]:
+        f = model.forward(crops)
         return [
             FaceFeatures(f.embedding[i], float(f.norm[i]), f.occlusion[i], f.feature_map[i]) for i in range(len(crops))
         ]
 
     # -- scoring (device work: call through run_device / call_device) ------------------------
+    # The default model's (``/verify``, ``/explain``, ``/occlusion``); a collection's own through
+    # :meth:`model_for`.
 
     def quality(self, norm: float) -> float:
-        """Standardised AdaFace norm: how far above or below a typical training face."""
-        return self.card.quality.standardise(norm)
+        """Standardised AdaFace norm of the default weights: how far above or below a typical training face."""
+        return self.models.default.quality(norm)
 
     def score(
         self, a: Features, b: Features, ia: np.ndarray | None = None, ib: np.ndarray | None = None
     ) -> dict[str, np.ndarray]:
         """Component scores, fused score and probability of pairs ``(a[ia[k]], b[ib[k]])``: the calibrated path."""
-        s = score_pairs(self.model.qaconv, a, b, ia, ib)
-        fused = self.calibration.score(s.cos, s.qa, s.visibility)
-        return {
-            "adaface": s.cos,
-            "qaconv": s.qa,
-            "visibility": s.visibility,
-            "fused": fused,
-            "probability": self.calibration.probability(fused),
-        }
+        return self.models.default.score(a, b, ia, ib)
 
-    def pair_scores(self, a: FaceFeatures, b: FaceFeatures) -> dict[str, float]:
-        """:meth:`score` of one pair, as plain floats."""
-        return {k: float(v[0]) for k, v in self.score(a.batch(), b.batch()).items()}
+    def pair_scores(self, a: FaceFeatures, b: FaceFeatures, version: str | None = None) -> dict[str, float]:
+        """:meth:`score` of one pair by model ``version`` (default: the default weights), as plain floats."""
+        return {k: float(v[0]) for k, v in self.model_for(version).score(a.batch(), b.batch()).items()}
 
     def explain_pair(self, a: FaceFeatures, b: FaceFeatures) -> PairExplanation:
         """QAConv's score of one pair, location by location (device work: call through run_device)."""
-        dev = self.device
-        return self.model.qaconv.explain_pair(
-            a.feature_map.to(dev), b.feature_map.to(dev), a.occlusion.to(dev), b.occlusion.to(dev)
-        )
+        return self.models.default.explain(a.batch(), b.batch())
 
     def resolve_identify_threshold(self, value: str | float | None, faces: int) -> tuple[float, str | None, float]:
-        """(fused-score threshold, preset name or None, modelled FPIR) of a 1:N decision over ``faces`` enrolled
-        faces: a preset is an FPIR target (:data:`model.openset.IDENTIFY_PRESETS`) turned into the threshold
-        for this gallery size; a number stays in score units and gets the FPIR it implies."""
-        model = self.calibration.identify_model
-        value = self.settings.default_threshold if value is None or value == "" else value
-        if isinstance(value, str) and value in IDENTIFY_PRESETS:
-            target = IDENTIFY_PRESETS[value]
-            return model.threshold(target, faces), value, target
-        number, _ = self.resolve_threshold(value)
-        return number, None, model.fpir(number, faces)
+        """:meth:`service.models.ServedModel.resolve_identify_threshold` of the default weights."""
+        return self.models.default.resolve_identify_threshold(value, faces)
 
     def resolve_threshold(self, value: str | float | None) -> tuple[float, str | None]:
-        """(fused-score threshold, preset name or None) for a preset name or a finite number."""
-        value = self.settings.default_threshold if value is None or value == "" else value
-        if isinstance(value, str) and value in self.calibration.thresholds:
-            return float(self.calibration.thresholds[value]), value
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if not math.isfinite(number):
-            raise ValueError(
-                f"threshold must be a finite number or one of {sorted(self.calibration.thresholds)}, got {value!r}"
-            )
-        return number, None
+        """:meth:`service.models.ServedModel.resolve_threshold` of the default weights."""
+        return self.models.default.resolve_threshold(value)
 
 
 def _settle(future: Future[Any], fn: Callable[..., Any], *args: Any) -> None:

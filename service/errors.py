@@ -21,6 +21,9 @@ __all__ = [
     "CollectionNotFound",
     "CollectionExists",
     "CollectionProtected",
+    "MigrationIncomplete",
+    "MigrationConflict",
+    "ModelNotAvailable",
 ]
 
 
@@ -95,3 +98,21 @@ class CollectionProtected(OAMLError, ValueError):
     """The default collection cannot be deleted: clients that name no collection use it."""
 
     code = "COLLECTION_PROTECTED"
+
+
+class MigrationIncomplete(OAMLError, RuntimeError):
+    """A collection cannot switch to a version some of its faces lack (their crops were not kept)."""
+
+    code = "MIGRATION_INCOMPLETE"
+
+
+class MigrationConflict(OAMLError, RuntimeError):
+    """A migration cannot start or act now: another runs, none runs, or there is nothing to roll back to."""
+
+    code = "MIGRATION_CONFLICT"
+
+
+class ModelNotAvailable(OAMLError, LookupError):
+    """No weights of that model version are where the service looks (``OAML_WEIGHTS_DIR``)."""
+
+    code = "MODEL_NOT_AVAILABLE"

@@ -26,6 +26,7 @@ never sees another's faces, and the open-set thresholds follow each one's size.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -35,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from model.errors import OAMLError
 from service.deadline import write_deadline
 from service.engine import Engine
 from service.errors import (
@@ -52,6 +54,7 @@ from service.store import (
     CollectionRecord,
     EnrolCommit,
     Enrolment,
+    FaceEmbedding,
     FaceRecord,
     GalleryStore,
     Render,
@@ -74,11 +77,29 @@ READ_ONLY_MESSAGE = (
 
 @dataclass
 class Collection:
-    """One collection as the service searches it: its index and its subjects' display names."""
+    """One collection as the service searches it: its index (of its model version's faces), its subjects'
+    display names, and its record (versions, migration, crops policy) as last read from the store."""
 
     name: str
     index: GalleryIndex
     names: dict[str, str | None] = field(default_factory=dict)  # subject -> display name
+    record: CollectionRecord | None = None
+
+    @property
+    def version(self) -> str | None:
+        """The model version its faces are matched with (None: none yet, the default weights')."""
+        return self.record.model_version if self.record is not None else None
+
+    def versions_to_write(self, default: str) -> list[str]:
+        """The versions an enrolment writes: the active one first, then a running migration's target and the
+        previous one kept for rollback (so that switching, or switching back, finds every face)."""
+        active = self.version or default
+        record = self.record
+        others = []
+        if record is not None:
+            target = (record.migration or {}).get("to")
+            others = [v for v in (target, record.previous_version) if v and v != active]
+        return [active, *dict.fromkeys(others)]
 
 
 def _by_collection(records: Iterable[FaceRecord]) -> dict[str, list[FaceRecord]]:
@@ -94,7 +115,7 @@ class Gallery:
     Args:
         store: the store of record.
         new_index: makes an empty index (in-memory search structures, changed through the engine's worker)
-            for a collection.
+            for a collection matched with a model version (None: the default weights).
         engine: the inference engine, whose worker owns the indexes.
         timeout_s: the longest a write may wait before it is refused (503).
         read_threads / write_threads: threads for store reads and writes.
@@ -103,7 +124,7 @@ class Gallery:
     def __init__(
         self,
         store: GalleryStore,
-        new_index: Callable[[], GalleryIndex],
+        new_index: Callable[[str | None], GalleryIndex],
         engine: Engine,
         timeout_s: float = 5.0,
         read_threads: int = 4,
@@ -114,7 +135,7 @@ class Gallery:
         self.engine = engine
         self.timeout_s = timeout_s
         #: name -> collection; a dict replaced or changed only under the writer's lock, read without it
-        self.collections: dict[str, Collection] = {DEFAULT_COLLECTION: Collection(DEFAULT_COLLECTION, new_index())}
+        self.collections: dict[str, Collection] = {DEFAULT_COLLECTION: Collection(DEFAULT_COLLECTION, new_index(None))}
         self.reads = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="oaml-gallery-read")
         self.writes = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="oaml-gallery-write")
         self._lock = threading.Lock()
@@ -258,10 +279,67 @@ class Gallery:
         if "name" in changes:
             target.names[subject] = changes["name"]
 
-    def create_collection(self, name: str) -> CollectionRecord:
-        record = self.store.create_collection(name)
-        self.collections = {**self.collections, name: Collection(name, self.new_index())}
+    def create_collection(self, name: str, version: str | None = None) -> CollectionRecord:
+        """A new collection, matched with model ``version`` (the default weights')."""
+        record = self.store.create_collection(name, version)
+        self.collections = {**self.collections, name: Collection(name, self.new_index(version), record=record)}
         return record
+
+    def update_collection(self, name: str, changes: dict[str, Any]) -> CollectionRecord:
+        """Change a collection's settings (its crops policy, a migration's state) in the store, then here."""
+        held = self.collection(name)
+        record = self.store.update_collection(name, changes)
+        held.record = record
+        return record
+
+    def put_embeddings(self, name: str, items: list[tuple[str, FaceEmbedding]], migration: dict[str, Any]) -> int:
+        """A migration's batch: faces' data at its target version, stored with its progress (which this replica's
+        record of the collection takes too: status reads it)."""
+        held = self.collection(name)
+        written = self.store.put_embeddings(name, items, migration)
+        if held.record is not None:
+            held.record = dataclasses.replace(held.record, migration=dict(migration))
+        return written
+
+    def switch_version(self, name: str, to: str, drop_missing: bool = False) -> tuple[CollectionRecord, list[str]]:
+        """Match collection ``name`` with model ``to`` from now on: switched in the store in one transaction, then
+        its index rebuilt here from the store's data at ``to`` and swapped in whole, so no search ever sees faces
+        of two versions. Returns the record and the faces dropped (``drop_missing``: those without ``to``)."""
+        self.collection(name)
+        record, dropped = self.store.switch_version(name, to, drop_missing)
+        self._reload(record)
+        return record, dropped
+
+    def drop_version(self, name: str, version: str) -> CollectionRecord:
+        held = self.collection(name)
+        record = self.store.drop_version(name, version)
+        held.record = record
+        return record
+
+    def _reload(self, record: CollectionRecord) -> None:
+        """Hold collection ``record.name`` at ``record.model_version``: a new index filled from the store, swapped in
+        whole (the old one's memory goes back when the last search on it ends)."""
+        index = self.new_index(record.model_version)
+        self.engine.call_device(index.begin_loading)
+        batch: list[FaceRecord] = []
+        for face in self.store.faces_for(record.name, record.model_version or self.default_version):
+            batch.append(face)
+            if len(batch) >= 512:
+                self.engine.call_device(index.add_records, batch)
+                batch = []
+        self.engine.call_device(index.add_records, batch)
+        self.engine.call_device(index.finish_loading)
+        old = self.collections.get(record.name)
+        names = old.names if old is not None else {}
+        self.collections = {**self.collections, record.name: Collection(record.name, index, names, record)}
+        if old is not None:
+            self.engine.call_device(old.index.remove, list(old.index.face_ids))
+        release_free_memory()
+
+    @property
+    def default_version(self) -> str:
+        """The default weights' version: what a collection without one is matched with."""
+        return str(self.engine.model_version)
 
     def delete_collection(self, name: str) -> list[str]:
         """Delete a collection, its subjects and faces; the default collection is refused (409)."""
@@ -300,25 +378,27 @@ class Gallery:
         reading borrows goes back to the system after each batch (the peak is measured in bench/bench_gallery.py).
         Returns the faces loaded, in every collection."""
         with self._lock:
-            existing = self.collections
             self.collections = {
-                r.name: existing.get(r.name) or Collection(r.name, self.new_index()) for r in self.store.collections()
+                r.name: Collection(r.name, self.new_index(r.model_version), record=r) for r in self.store.collections()
             }
             for target in self.collections.values():
                 self.engine.call_device(target.index.begin_loading)
-            batch: list[FaceRecord] = []
-            for face in self.store.iter_faces():
-                batch.append(face)
-                if len(batch) >= chunk:
-                    self._index_records(batch)
-                    batch = []
-                    release_free_memory()  # else the heap keeps every batch's freed blocks, fragmented
-            self._index_records(batch)
-            for target in self.collections.values():
+                batch: list[FaceRecord] = []
+                for face in self.store.faces_for(target.name, target.version or self.default_version):
+                    batch.append(face)
+                    if len(batch) >= chunk:
+                        self.engine.call_device(target.index.add_records, batch)
+                        batch = []
+                        release_free_memory()  # else the heap keeps every batch's freed blocks, fragmented
+                self.engine.call_device(target.index.add_records, batch)
                 self.engine.call_device(target.index.finish_loading)
             self._load_names()
             release_free_memory()
             return self.faces
+
+    def versions(self) -> dict[str, str]:
+        """Collection -> the model version it is matched with (the default weights' for one without)."""
+        return {name: c.version or self.default_version for name, c in self.collections.items()}
 
     def _index_records(self, records: Iterable[FaceRecord]) -> None:
         """Add faces to their collections' indexes (faces of a collection not held here are skipped: it was
@@ -337,12 +417,44 @@ class Gallery:
             target.names = names.get(target.name, {})
 
     def _sync_collections(self) -> None:
-        """Hold exactly the store's collections: new ones get an empty index, deleted ones are dropped."""
-        stored = {r.name for r in self.store.collections()}
+        """Hold exactly the store's collections at their versions: new ones get an empty index, deleted ones are
+        dropped, one switched to another model version is reloaded at it (its model loaded first: a replica
+        that cannot load it keeps the old version and says so in the log), the others take their new record."""
+        stored = {r.name: r for r in self.store.collections()}
         kept = {k: v for k, v in self.collections.items() if k in stored}
-        for name in stored - kept.keys():
-            kept[name] = Collection(name, self.new_index())
+        for name in stored.keys() - kept.keys():
+            kept[name] = Collection(name, self.new_index(stored[name].model_version), record=stored[name])
         self.collections = kept
+        for name, held in list(kept.items()):
+            record = stored[name]
+            target = (record.migration or {}).get("to")
+            if target and target not in self.engine.models.loaded:  # another replica migrates it: get ready to follow
+                threading.Thread(target=self._load_quietly, args=(target,), name="oaml-model-load", daemon=True).start()
+            if (record.model_version or self.default_version) == (held.version or self.default_version):
+                held.record = record
+                continue
+            try:
+                self.prepare_version(record.model_version)
+            except OAMLError as exc:
+                logger.error(
+                    "collection %r switched to model %s, which this replica cannot load: %s",
+                    name,
+                    record.model_version,
+                    exc.full,
+                )
+                continue
+            self._reload(record)
+
+    def _load_quietly(self, version: str) -> None:
+        try:
+            self.prepare_version(version)
+        except OAMLError as exc:
+            logger.error("cannot load model %s, which a collection migrates to: %s", version, exc.full)
+
+    def prepare_version(self, version: str | None) -> None:
+        """Load model ``version`` if it is not loaded (the engine's shelf; a no-op for the default)."""
+        if version is not None:
+            self.engine.models.load(version)
 
     def _indexed(self, face_id: str) -> bool:
         return any(face_id in c.index for c in self.collections.values())
@@ -362,7 +474,7 @@ class Gallery:
         with self._lock:
             if renamed:
                 self._sync_collections()
-            records = store.faces_by_id([fid for fid in wanted if not self._indexed(fid)])
+            records = store.faces_by_id([fid for fid in wanted if not self._indexed(fid)], self.versions())
             for target in self.collections.values():
                 self.engine.call_device(target.index.remove, sorted(removed))
             self._index_records(records)
@@ -396,8 +508,9 @@ class Gallery:
             removed += len(extra)
             self.engine.call_device(target.index.remove, extra)
         missing = sorted(fid for fid in stored if not self._indexed(fid))
+        versions = self.versions()
         for start in range(0, len(missing), chunk):
-            self._index_records(self.store.faces_by_id(missing[start : start + chunk]))
+            self._index_records(self.store.faces_by_id(missing[start : start + chunk], versions))
         self._load_names()
         logger.info("index reconciled with the store: %d removed, %d added", removed, len(missing))
 

@@ -30,6 +30,9 @@ __all__ = [
     "InfoResponse",
     "HealthResponse",
     "CollectionCreate",
+    "CollectionUpdate",
+    "MigrationRequest",
+    "MigrationStatus",
     "CollectionInfo",
     "CollectionPage",
     "CollectionDeleted",
@@ -323,6 +326,58 @@ class CollectionCreate(BaseModel):
         pattern=COLLECTION_PATTERN,
         description="1 to 64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit",
     )
+    store_crops: bool | None = Field(
+        None,
+        description=(
+            "keep each enrolled face's aligned crop (what a later model version is re-embedded from); null: the "
+            "service's OAML_STORE_CROPS"
+        ),
+    )
+
+
+class CollectionUpdate(BaseModel):
+    """``PATCH /collections/{name}``: the fields sent are set."""
+
+    model_config = {"extra": "forbid"}
+
+    store_crops: bool | None = Field(
+        None, description="keep the crops of faces enrolled from now on (null: the service's OAML_STORE_CROPS)"
+    )
+
+
+class MigrationRequest(BaseModel):
+    """``POST /collections/{name}/migration``."""
+
+    model_config = {"extra": "forbid"}
+
+    to: str = Field(description="the model version to move to (`model_version` of weights in OAML_WEIGHTS_DIR)")
+    switch: bool = Field(
+        True,
+        description="switch when every face is re-embedded; false: a dry run, which stops `ready` with its report",
+    )
+    missing: Literal["refuse", "drop"] = Field(
+        "refuse",
+        description=(
+            "faces without a stored crop cannot be re-embedded: `refuse` (409 FACES_WITHOUT_CROPS, listing their "
+            "subjects) or `drop` (move the rest; those faces are deleted at the switch)"
+        ),
+    )
+
+
+class MigrationStatus(BaseModel):
+    collection: str
+    model_version: str = Field(description="the model version the collection is matched with")
+    previous_version: str | None = Field(
+        description="the version it was switched from, kept for rollback until dropped"
+    )
+    switched_at: float | None = Field(description="when it last switched (the previous version's retention counts)")
+    migration: dict[str, Any] | None = Field(
+        description=(
+            "a migration: `to`, `from`, `state` (`running`, `ready`: re-embedded and waiting, `switching`, "
+            "`failed`), `faces`, `done`, `without_crops`, `faces_per_second`, `seconds_left`, and once every face "
+            "is re-embedded its `report` (how decisions move: per subject, per preset)"
+        )
+    )
 
 
 class CollectionInfo(BaseModel):
@@ -330,6 +385,12 @@ class CollectionInfo(BaseModel):
     created_at: float
     subject_count: int
     face_count: int
+    model_version: str = Field(description="the model version its faces are matched with")
+    previous_version: str | None = Field(None, description="the version kept for rollback, if any")
+    migration: dict[str, Any] | None = Field(
+        None, description="a migration in progress or waiting (`to`, `state`, `faces`, `done`), if any"
+    )
+    store_crops: bool = Field(description="whether its faces' crops are kept (what a migration re-embeds from)")
     identify_presets: dict[str, IdentifyPresetInfo] | None = Field(
         None, description="/identify's presets for this collection's current size (in `GET /collections/{name}`)"
     )

@@ -25,6 +25,7 @@ from model.checkpoint import read_metadata
 from model.errors import OAMLError
 from service.app import create_app
 from service.config import Settings, invalid_settings
+from service.errors import GalleryVersionError
 from service.state import open_store
 
 __all__ = ["HeaderTimeoutH11Protocol", "preflight", "serve"]
@@ -80,9 +81,22 @@ def preflight(settings: Settings) -> None:
         card = WeightsCard.from_metadata(read_metadata(settings.weights))
     except OSError as exc:
         raise OAMLError(f"cannot read the weights {settings.weights}: {exc.strerror or exc}") from exc
-    store = open_store(settings, card.model_version)
+    store = open_store(settings, card.model_version)  # a store that cannot be written is served read-only
     try:
-        store.check_version()  # a store that cannot be written is served read-only (see service.gallery)
+        shelf = {card.model_version}
+        folder = settings.weights_dir or settings.weights.resolve().parent
+        for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            try:
+                shelf.add(str(read_metadata(path)["model_version"]))
+            except (OAMLError, KeyError, ValueError):
+                continue
+        for record in store.collections():
+            if record.model_version and record.model_version not in shelf:
+                raise GalleryVersionError(
+                    f"collection {record.name!r} is matched with model {record.model_version}, whose weights are "
+                    "not in OAML_WEIGHTS_DIR: put them there, or serve a gallery without that collection",
+                    internal=f"looked in {folder}",
+                )
     finally:
         store.close()
 

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from service.config import Settings
 from service.engine import Engine
 from service.gallery import Gallery
+from service.migration import Migrations
 from service.store import SQLiteGalleryStore
 from service.store_pg import ChangeFollower, PostgresGalleryStore
 
@@ -63,6 +64,7 @@ class AppState:
     metrics: Metrics
     ready: bool = False
     follower: ChangeFollower | None = None  # with a shared (PostgreSQL) store: applies other replicas' changes
+    migrations: Migrations | None = None  # collections moving between model versions
 
 
 def open_store(settings: Settings, model_version: str) -> SQLiteGalleryStore | PostgresGalleryStore:

@@ -23,6 +23,7 @@ here touches torch: the store holds numpy arrays and bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from service.errors import (
     FaceNotFound,
     GalleryStoreError,
     GalleryVersionError,
+    MigrationIncomplete,
     SubjectNotFound,
 )
 
@@ -53,6 +55,7 @@ __all__ = [
     "DEFAULT_COLLECTION",
     "COLLECTION_PATTERN",
     "CollectionRecord",
+    "FaceEmbedding",
     "FaceRecord",
     "SubjectRecord",
     "Enrolment",
@@ -68,6 +71,17 @@ __all__ = [
     "IDEMPOTENCY_TTL_S",
     "face_row",
     "face_from_row",
+    "embedding_row",
+    "embedding_from_row",
+    "at_versions",
+    "collection_from_row",
+    "collection_changes",
+    "COLLECTION_VERSION_COLUMNS",
+    "VERSIONED_FACES",
+    "FACES_TO_EMBED",
+    "VERSION_COVERAGE",
+    "WITHOUT_CROPS",
+    "EMBEDDING_COLUMNS",
     "subject_from_row",
     "subject_missing",
     "COLLECTION_COUNTS",
@@ -87,7 +101,24 @@ IDEMPOTENCY_TTL_S = 24 * 3600
 
 
 @dataclass
+class FaceEmbedding:
+    """What one model version says about a face: a collection keeps one per version it holds (its active one,
+    a migration's target, the previous one until it is dropped)."""
+
+    model_version: str
+    embedding: np.ndarray  # [512] float32
+    feature_map: np.ndarray  # [C, 7, 7] float16
+    occlusion: np.ndarray  # [7, 7] float32
+    norm: float
+    quality: float
+
+
+@dataclass
 class FaceRecord:
+    """A face: who, where in its photo, its crop when kept, and its data at ``model_version`` (the version it
+    was read at, or enrolled with); ``others``: the same face at further versions, written with it (an
+    enrolment during a migration, or while a previous version is kept for rollback)."""
+
     face_id: str
     subject: str
     embedding: np.ndarray  # [512] float32
@@ -100,6 +131,14 @@ class FaceRecord:
     created_at: float
     crop: bytes | None = None  # aligned crop (JPEG) when the service stores crops
     collection: str = DEFAULT_COLLECTION
+    model_version: str = ""  # empty: the store's default version (what it was opened with)
+    others: list[FaceEmbedding] = field(default_factory=list)
+
+    def at(self, version: str) -> FaceEmbedding | None:
+        """This face's data at ``version``, if it has it."""
+        if version == self.model_version:
+            return FaceEmbedding(version, self.embedding, self.feature_map, self.occlusion, self.norm, self.quality)
+        return next((e for e in self.others if e.model_version == version), None)
 
 
 @dataclass
@@ -114,12 +153,27 @@ class SubjectRecord:
 
 @dataclass(frozen=True)
 class CollectionRecord:
-    """A named, isolated gallery: its subjects and faces are searched, listed and deleted only through it."""
+    """A named, isolated gallery: its subjects and faces are searched, listed and deleted only through it.
+
+    Attributes:
+        model_version: the weights its faces are matched with (None: a collection made before versions were
+            recorded that has no face yet: it takes the service's default weights with its first face).
+        previous_version: the version it was switched from, whose data is kept for rollback until dropped.
+        migration: a re-embedding in progress or done and waiting (``to``, ``state``, counts; see
+            :mod:`service.migration`), or None.
+        store_crops: whether its faces' crops are kept (None: the service's ``OAML_STORE_CROPS``).
+        switched_at: when it last switched version (the previous one's retention counts from there).
+    """
 
     name: str
     created_at: float
     subjects: int = 0
     faces: int = 0
+    model_version: str | None = None
+    previous_version: str | None = None
+    migration: dict[str, Any] | None = None
+    store_crops: bool | None = None
+    switched_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -160,8 +214,6 @@ class GalleryStore(Protocol):
 
     model_version: str
 
-    def check_version(self) -> None: ...
-
     def check_writable(self) -> None: ...
 
     def enrol(
@@ -178,7 +230,25 @@ class GalleryStore(Protocol):
 
     def update_subject(self, subject: str, changes: dict[str, Any], collection: str = DEFAULT_COLLECTION) -> None: ...
 
-    def create_collection(self, name: str) -> CollectionRecord: ...
+    def create_collection(self, name: str, model_version: str | None = None) -> CollectionRecord: ...
+
+    def update_collection(self, name: str, changes: dict[str, Any]) -> CollectionRecord: ...
+
+    def faces_for(self, collection: str, version: str) -> Iterator[FaceRecord]: ...
+
+    def put_embeddings(
+        self, collection: str, items: Sequence[tuple[str, FaceEmbedding]], migration: dict[str, Any] | None
+    ) -> int: ...
+
+    def faces_to_embed(self, collection: str, version: str, after: str, limit: int) -> list[tuple[str, bytes]]: ...
+
+    def version_coverage(self, collection: str, version: str) -> tuple[int, int]: ...
+
+    def faces_without_crops(self, collection: str, version: str) -> dict[str, int]: ...
+
+    def switch_version(self, name: str, to: str, drop_missing: bool = False) -> tuple[CollectionRecord, list[str]]: ...
+
+    def drop_version(self, name: str, version: str) -> CollectionRecord: ...
 
     def delete_collection(self, name: str) -> list[str]: ...
 
@@ -188,7 +258,7 @@ class GalleryStore(Protocol):
 
     def face_ids(self) -> set[str]: ...
 
-    def faces_by_id(self, face_ids: list[str]) -> list[FaceRecord]: ...
+    def faces_by_id(self, face_ids: list[str], versions: dict[str, str] | None = None) -> list[FaceRecord]: ...
 
     def subject(self, subject: str, collection: str = DEFAULT_COLLECTION) -> SubjectRecord: ...
 
@@ -196,17 +266,20 @@ class GalleryStore(Protocol):
         self, offset: int, limit: int, collection: str | None = DEFAULT_COLLECTION
     ) -> tuple[list[SubjectRecord], int]: ...
 
-    def faces_of(self, subject: str, collection: str = DEFAULT_COLLECTION) -> list[FaceRecord]: ...
+    def faces_of(
+        self, subject: str, collection: str = DEFAULT_COLLECTION, version: str | None = None
+    ) -> list[FaceRecord]: ...
 
-    def face(self, face_id: str) -> FaceRecord: ...
+    def face(self, face_id: str, version: str | None = None) -> FaceRecord: ...
 
     def iter_faces(self) -> Iterator[FaceRecord]: ...
 
     def close(self) -> None: ...
 
 
-#: The schema's version (``meta.schema_version``): 1 had one gallery; 2 has collections.
-SCHEMA_VERSION = 2
+#: The schema's version (``meta.schema_version``): 1 had one gallery; 2 has collections; 3 has model versions per
+#: collection and faces' data at more than one version (migration, rollback).
+SCHEMA_VERSION = 3
 
 #: The subjects' and faces' columns (schema 2), as both the schema and the migration to it create them.
 _SUBJECT_COLUMNS = """(
@@ -223,9 +296,17 @@ _FACE_TABLE_COLUMNS = """(
     FOREIGN KEY (collection, subject) REFERENCES subjects(collection, subject) ON DELETE CASCADE
 )"""
 
+#: What schema 3 adds to a collection: its versions, a migration's state, its crops policy (both stores).
+COLLECTION_VERSION_COLUMNS = (
+    "model_version", "previous_version", "migration", "store_crops", "switched_at"
+)  # fmt: skip
+
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS collections (name TEXT PRIMARY KEY, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS collections (
+    name TEXT PRIMARY KEY, created_at REAL NOT NULL, model_version TEXT, previous_version TEXT, migration TEXT,
+    store_crops INTEGER, switched_at REAL
+);
 CREATE TABLE IF NOT EXISTS subjects {_SUBJECT_COLUMNS};
 CREATE TABLE IF NOT EXISTS faces {_FACE_TABLE_COLUMNS};
 CREATE INDEX IF NOT EXISTS faces_subject ON faces(collection, subject);
@@ -235,6 +316,24 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency(created_at);
 CREATE INDEX IF NOT EXISTS idempotency_subject ON idempotency(collection, subject);
+CREATE TABLE IF NOT EXISTS face_embeddings (
+    face_id TEXT NOT NULL REFERENCES faces(face_id) ON DELETE CASCADE, model_version TEXT NOT NULL,
+    embedding BLOB NOT NULL, feature_map BLOB NOT NULL, fmap_shape TEXT NOT NULL, occlusion BLOB NOT NULL,
+    norm REAL NOT NULL, quality REAL NOT NULL, PRIMARY KEY (face_id, model_version)
+);
+"""
+
+#: Schema 2 to 3: each collection records the version of its faces (one per collection: schema 2 refused a
+#: gallery of mixed versions), empty ones none yet; faces at other versions go into face_embeddings (made by
+#: the schema above).
+_MIGRATE_TO_3 = """
+ALTER TABLE collections ADD COLUMN model_version TEXT;
+ALTER TABLE collections ADD COLUMN previous_version TEXT;
+ALTER TABLE collections ADD COLUMN migration TEXT;
+ALTER TABLE collections ADD COLUMN store_crops INTEGER;
+ALTER TABLE collections ADD COLUMN switched_at REAL;
+UPDATE collections SET model_version =
+    (SELECT f.model_version FROM faces f WHERE f.collection = collections.name LIMIT 1);
 """
 
 #: Schema 1 (one gallery) to 2 (collections): the tables are rebuilt with the collection in their keys and every
@@ -276,12 +375,43 @@ _SUBJECTS = (
     "SELECT s.subject, s.name, s.metadata, s.created_at, COUNT(f.face_id), s.collection FROM subjects s "
     "LEFT JOIN faces f ON f.collection = s.collection AND f.subject = s.subject"
 )
-#: A collection with its counts (both stores: their tables differ only by a prefix).
+#: A collection with its counts and versions (both stores: their tables differ only by a prefix).
 COLLECTION_COUNTS = (
     "SELECT c.name, c.created_at, "
     "(SELECT COUNT(*) FROM {p}subjects s WHERE s.collection = c.name), "
-    "(SELECT COUNT(*) FROM {p}faces f WHERE f.collection = c.name) FROM {p}collections c"
+    "(SELECT COUNT(*) FROM {p}faces f WHERE f.collection = c.name), "
+    "c.model_version, c.previous_version, c.migration, c.store_crops, c.switched_at FROM {p}collections c"
 )
+#: A face's columns (:data:`FACE_COLUMNS`' order) with its data at one model version: its own row's where the face
+#: is of that version, else its face_embeddings row of it (both stores; ``{p}`` the table prefix, ``{q}`` the
+#: placeholder; the first two parameters are that version). ``{first}``: a column before them (the order key).
+VERSIONED_FACES = (
+    "SELECT {first}, f.face_id, f.subject, COALESCE(e.model_version, f.model_version), "
+    "COALESCE(e.embedding, f.embedding), COALESCE(e.feature_map, f.feature_map), "
+    "COALESCE(e.fmap_shape, f.fmap_shape), COALESCE(e.occlusion, f.occlusion), COALESCE(e.norm, f.norm), "
+    "COALESCE(e.quality, f.quality), f.detection_score, f.box, f.crop, f.created_at, f.collection "
+    "FROM {p}faces f LEFT JOIN {p}face_embeddings e ON e.face_id = f.face_id AND e.model_version = {q} "
+    "WHERE (f.model_version = {q} OR e.face_id IS NOT NULL)"
+)
+#: Faces of a collection with a crop and without data at a version, after a face id (a migration's next batch).
+FACES_TO_EMBED = (
+    "SELECT f.face_id, f.crop FROM {p}faces f WHERE f.collection = {q} AND f.face_id > {q} AND f.crop IS NOT NULL "
+    "AND f.model_version <> {q} AND NOT EXISTS (SELECT 1 FROM {p}face_embeddings e WHERE e.face_id = f.face_id "
+    "AND e.model_version = {q}) ORDER BY f.face_id LIMIT {q}"
+)
+#: Faces of a collection (with their subjects) that have data at a version, and all of them.
+VERSION_COVERAGE = (
+    "SELECT COUNT(*) FILTER (WHERE f.model_version = {q} OR EXISTS (SELECT 1 FROM {p}face_embeddings e "
+    "WHERE e.face_id = f.face_id AND e.model_version = {q})), COUNT(*) FROM {p}faces f WHERE f.collection = {q}"
+)
+#: Subjects of a collection with faces that lack data at a version and have no crop to make it from.
+WITHOUT_CROPS = (
+    "SELECT f.subject, COUNT(*) FROM {p}faces f WHERE f.collection = {q} AND f.crop IS NULL AND f.model_version <> {q} "
+    "AND NOT EXISTS (SELECT 1 FROM {p}face_embeddings e WHERE e.face_id = f.face_id AND e.model_version = {q}) "
+    "GROUP BY f.subject ORDER BY f.subject"
+)
+#: The columns of a face's data at a version (face_embeddings; the faces table has them too).
+EMBEDDING_COLUMNS = "face_id, model_version, embedding, feature_map, fmap_shape, occlusion, norm, quality"
 
 #: A deleted subject's keys keep only the request's fingerprint: a late retry of its enrolment is refused
 #: (422) instead of enrolling the deleted subject again, and no answer (face ids, boxes, file names) remains.
@@ -350,8 +480,13 @@ class SQLiteGalleryStore:
             self._db = self._open_writer()
         except (OSError, sqlite3.Error) as exc:
             self._db = self._open_read_only(exc)
-        if self.open_mode:
-            return  # served as it is: no migration, no schema change (check_version still reads it)
+        if self.open_mode:  # served as it is: no migration, no schema change
+            if not (self._schema_current() and self._versions_recorded()):
+                raise GalleryStoreError(
+                    f"the gallery {self.path} is of an older schema and cannot be written ({self.open_mode}): "
+                    "upgrading it needs the file writable once"
+                )
+            return
         self._migrate()
         try:
             self._db.executescript(_SCHEMA)
@@ -424,9 +559,44 @@ class SQLiteGalleryStore:
         logger.info("gallery %s can be written again: reopened read-write", self.path)
 
     def _migrate(self) -> None:
+        """Bring an older gallery to this schema, each step one transaction (:meth:`_migrate_to_2`,
+        :meth:`_migrate_to_3`). A gallery of a newer schema than this code knows is refused (an older service
+        would corrupt it)."""
+        self._migrate_to_2()
+        self._migrate_to_3()
+
+    def _versions_recorded(self) -> bool:
+        """Whether the collections record their model versions (schema 3), or the file is new."""
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(collections)").fetchall()}
+        return not columns or "model_version" in columns
+
+    def _migrate_to_3(self) -> None:
+        """Schema 2 to 3: each collection records the version of its faces; faces' data at other versions gets a
+        table of its own (made with the schema). One transaction; nothing of the faces is rewritten."""
+        if self._versions_recorded():
+            return
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if not self._versions_recorded():  # of processes starting together, one migrates
+                    for statement in _MIGRATE_TO_3.split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise GalleryStoreError(
+                f"the gallery {self.path} could not be brought to schema 3 (model versions per collection): {exc}; "
+                "nothing was changed"
+            ) from exc
+        logger.info("gallery %s: migrated to schema 3: each collection records its faces' model version", self.path)
+
+    def _migrate_to_2(self) -> None:
         """Bring a gallery of schema 1 (one gallery, no collections) to schema 2 in one transaction: its
-        subjects, faces and stored answers go into the default collection, nothing is lost or reordered. A
-        gallery of a newer schema than this code knows is refused (an older service would corrupt it)."""
+        subjects, faces and stored answers go into the default collection, nothing is lost or reordered."""
         try:
             row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.Error:  # no meta table: a new file
@@ -462,7 +632,7 @@ class SQLiteGalleryStore:
                 raise
         except sqlite3.Error as exc:
             raise GalleryStoreError(
-                f"the gallery {self.path} is of schema 1 and could not be migrated to schema {SCHEMA_VERSION} "
+                f"the gallery {self.path} is of schema 1 and could not be migrated to schema 2 "
                 f"(collections): {exc}. Migrating needs the file writable and free space about its size; nothing "
                 "was changed"
             ) from exc
@@ -471,7 +641,7 @@ class SQLiteGalleryStore:
         logger.info(
             "gallery %s: migrated to schema %d (collections): %d subjects and %d faces are in collection %r",
             self.path,
-            SCHEMA_VERSION,
+            2,
             subjects,
             faces,
             DEFAULT_COLLECTION,
@@ -583,17 +753,6 @@ class SQLiteGalleryStore:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_opened', ?)", (str(time.time()),))
 
-    def check_version(self) -> None:
-        """Refuse a store made by other weights (the embeddings would be meaningless)."""
-        with self._read() as db:
-            versions = {r[0] for r in db.execute("SELECT DISTINCT model_version FROM faces").fetchall()}
-        if versions - {self.model_version}:
-            raise GalleryVersionError(
-                f"the gallery holds faces embedded by model version(s) {sorted(versions)}, but the service runs "
-                f"{self.model_version}; re-enrol into a new OAML_DATA_DIR, or serve the matching weights",
-                internal=f"gallery {self.path}",
-            )
-
     def enrol(
         self, enrolment: Enrolment, key: str | None = None, request_hash: str = "", render: Render | None = None
     ) -> EnrolCommit:
@@ -637,6 +796,16 @@ class SQLiteGalleryStore:
             f"INSERT INTO faces({FACE_COLUMNS}) VALUES ({', '.join('?' * FACE_COLUMN_COUNT)})",
             [face_row(f, self.model_version, e.collection) for f in e.faces],
         )
+        db.executemany(
+            f"INSERT INTO face_embeddings({EMBEDDING_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [embedding_row(f.face_id, other) for f in e.faces for other in f.others],
+        )
+        if e.faces:  # a collection without a version yet takes its first face's
+            version = e.faces[0].model_version or self.model_version
+            db.execute(
+                "UPDATE collections SET model_version = ? WHERE name = ? AND model_version IS NULL",
+                (version, e.collection),
+            )
 
     def answer_for(self, key: str) -> StoredAnswer | None:
         """The answer recorded under ``key`` (within :data:`IDEMPOTENCY_TTL_S`), if any."""
@@ -689,13 +858,152 @@ class SQLiteGalleryStore:
 
     # -- collections -----------------------------------------------------------------------------
 
-    def create_collection(self, name: str) -> CollectionRecord:
+    def create_collection(self, name: str, model_version: str | None = None) -> CollectionRecord:
         with self._tx() as db:
             if db.execute("SELECT 1 FROM collections WHERE name = ?", (name,)).fetchone() is not None:
                 raise CollectionExists(f"collection {name!r} exists already")
             created = time.time()
-            db.execute("INSERT INTO collections(name, created_at) VALUES (?, ?)", (name, created))
-        return CollectionRecord(name, created)
+            db.execute(
+                "INSERT INTO collections(name, created_at, model_version) VALUES (?, ?, ?)",
+                (name, created, model_version),
+            )
+        return CollectionRecord(name, created, model_version=model_version)
+
+    def update_collection(self, name: str, changes: dict[str, Any]) -> CollectionRecord:
+        """Set any of :data:`COLLECTION_VERSION_COLUMNS` (``migration`` a dict or None)."""
+        with self._tx() as db:
+            self._require_collection(db, name)
+            for column, value in collection_changes(changes):
+                db.execute(f"UPDATE collections SET {column} = ? WHERE name = ?", (value, name))
+        return self.collection(name)
+
+    @staticmethod
+    def _require_collection(db: sqlite3.Connection, name: str) -> tuple[Any, ...]:
+        row = db.execute(f"{COLLECTION_COUNTS.format(p='')} WHERE c.name = ?", (name,)).fetchone()
+        if row is None:
+            raise CollectionNotFound(f"collection {name!r} does not exist")
+        return tuple(row)
+
+    # -- model versions: a collection's faces at more than one version ------------------------
+
+    def faces_for(self, collection: str, version: str) -> Iterator[FaceRecord]:
+        """The collection's faces at ``version`` (those that have it), in enrolment order, a page at a time."""
+        query = VERSIONED_FACES.format(first="f.rowid", p="", q="?")
+        last = 0
+        while True:
+            with self._read() as db:
+                rows = db.execute(
+                    f"{query} AND f.collection = ? AND f.rowid > ? ORDER BY f.rowid LIMIT 256",
+                    (version, version, collection, last),
+                ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield face_from_row(row[1:])
+            last = rows[-1][0]
+
+    def put_embeddings(
+        self, collection: str, items: Sequence[tuple[str, FaceEmbedding]], migration: dict[str, Any] | None
+    ) -> int:
+        """Faces' data at another version (a migration's batch), for those faces still enrolled in
+        ``collection``, with the migration's progress in the same transaction; returns how many were written."""
+        with self._tx() as db:
+            written = 0
+            for face_id, data in items:
+                cursor = db.execute(
+                    f"INSERT OR REPLACE INTO face_embeddings({EMBEDDING_COLUMNS}) SELECT ?, ?, ?, ?, ?, ?, ?, ? "
+                    "WHERE EXISTS (SELECT 1 FROM faces WHERE face_id = ? AND collection = ? AND model_version <> ?)",
+                    (*embedding_row(face_id, data), face_id, collection, data.model_version),
+                )
+                written += cursor.rowcount
+            if migration is not None:
+                db.execute("UPDATE collections SET migration = ? WHERE name = ?", (json.dumps(migration), collection))
+        return written
+
+    def faces_to_embed(self, collection: str, version: str, after: str, limit: int) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` faces (id, crop) of the collection that lack ``version`` and have a crop to make it
+        from, after face id ``after`` (a migration's next batch, resumable from any point)."""
+        with self._read() as db:
+            rows = db.execute(
+                FACES_TO_EMBED.format(p="", q="?"), (collection, after, version, version, limit)
+            ).fetchall()
+        return [(r[0], bytes(r[1])) for r in rows]
+
+    def version_coverage(self, collection: str, version: str) -> tuple[int, int]:
+        """(faces of the collection that have data at ``version``, all its faces)."""
+        with self._read() as db:
+            row = db.execute(VERSION_COVERAGE.format(p="", q="?"), (version, version, collection)).fetchone()
+        return int(row[0]), int(row[1])
+
+    def faces_without_crops(self, collection: str, version: str) -> dict[str, int]:
+        """Subject -> faces of it that lack ``version`` and have no crop to make it from."""
+        with self._read() as db:
+            rows = db.execute(WITHOUT_CROPS.format(p="", q="?"), (collection, version, version)).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def switch_version(self, name: str, to: str, drop_missing: bool = False) -> tuple[CollectionRecord, list[str]]:
+        """Make ``to`` the collection's version in one transaction, keeping the old one as ``previous_version``
+        (rollback). Every face must have data at ``to``; with ``drop_missing`` the faces that do not are deleted
+        (listed in the answer), else :class:`MigrationIncomplete`."""
+        with self._tx() as db:
+            record = collection_from_row(self._require_collection(db, name))
+            have, total = (int(x) for x in db.execute(VERSION_COVERAGE.format(p="", q="?"), (to, to, name)).fetchone())
+            dropped: list[str] = []
+            if have < total:
+                if not drop_missing:
+                    raise MigrationIncomplete(f"{total - have} of {total} faces of {name!r} have no data at {to}")
+                missing = (
+                    "SELECT face_id FROM faces f WHERE f.collection = ? AND f.model_version <> ? AND NOT EXISTS "
+                    "(SELECT 1 FROM face_embeddings e WHERE e.face_id = f.face_id AND e.model_version = ?)"
+                )
+                dropped = [r[0] for r in db.execute(missing, (name, to, to))]
+                db.executemany("DELETE FROM faces WHERE face_id = ?", [(fid,) for fid in dropped])
+                for fid in dropped:
+                    db.execute(
+                        "UPDATE idempotency SET response = '', subject = '' WHERE instr(response, ?) > 0", (fid,)
+                    )
+                self._wal_dirty = bool(dropped)
+            previous = record.model_version if record.model_version != to else record.previous_version
+            db.execute(
+                "UPDATE collections SET model_version = ?, previous_version = ?, migration = NULL, switched_at = ? "
+                "WHERE name = ?",
+                (to, previous, time.time(), name),
+            )
+        return self.collection(name), dropped
+
+    def drop_version(self, name: str, version: str) -> CollectionRecord:
+        """Erase the collection's data at ``version`` (not its active one): faces whose own row holds it take
+        the active version's data into it; the rest of it is deleted (zeroed in the file, as deletions are)."""
+        with self._tx() as db:
+            record = collection_from_row(self._require_collection(db, name))
+            active = record.model_version
+            if version == active:
+                raise ValueError(f"{version} is the version collection {name!r} is matched with")
+            if active is not None:
+                db.execute(
+                    "UPDATE faces SET (model_version, embedding, feature_map, fmap_shape, occlusion, norm, quality) = "
+                    "(SELECT e.model_version, e.embedding, e.feature_map, e.fmap_shape, e.occlusion, e.norm, e.quality "
+                    "FROM face_embeddings e WHERE e.face_id = faces.face_id AND e.model_version = ?) "
+                    "WHERE collection = ? AND model_version = ? AND EXISTS (SELECT 1 FROM face_embeddings e "
+                    "WHERE e.face_id = faces.face_id AND e.model_version = ?)",
+                    (active, name, version, active),
+                )
+                db.execute(
+                    "DELETE FROM face_embeddings WHERE model_version = ? AND face_id IN "
+                    "(SELECT face_id FROM faces WHERE collection = ? AND model_version = ?)",
+                    (active, name, active),
+                )
+            db.execute(
+                "DELETE FROM face_embeddings WHERE model_version = ? AND face_id IN "
+                "(SELECT face_id FROM faces WHERE collection = ?)",
+                (version, name),
+            )
+            if record.previous_version == version:
+                db.execute("UPDATE collections SET previous_version = NULL WHERE name = ?", (name,))
+            if (record.migration or {}).get("to") == version:
+                db.execute("UPDATE collections SET migration = NULL WHERE name = ?", (name,))
+            self._wal_dirty = True
+        return self.collection(name)
 
     def delete_collection(self, name: str) -> list[str]:
         """Delete the collection with every subject and face in it (erased from the files, as a subject's
@@ -716,12 +1024,12 @@ class SQLiteGalleryStore:
             row = db.execute(f"{COLLECTION_COUNTS.format(p='')} WHERE c.name = ?", (name,)).fetchone()
         if row is None:
             raise CollectionNotFound(f"collection {name!r} does not exist")
-        return CollectionRecord(*row)
+        return collection_from_row(row)
 
     def collections(self) -> list[CollectionRecord]:
         with self._read() as db:
             rows = db.execute(f"{COLLECTION_COUNTS.format(p='')} ORDER BY c.name").fetchall()
-        return [CollectionRecord(*r) for r in rows]
+        return [collection_from_row(r) for r in rows]
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -749,37 +1057,61 @@ class SQLiteGalleryStore:
             ).fetchall()
         return [subject_from_row(r) for r in rows], total
 
-    def faces_of(self, subject: str, collection: str = DEFAULT_COLLECTION) -> list[FaceRecord]:
+    def faces_of(
+        self, subject: str, collection: str = DEFAULT_COLLECTION, version: str | None = None
+    ) -> list[FaceRecord]:
+        """The subject's faces, in enrolment order: as stored, or at ``version`` (those that have it)."""
         self.subject(subject, collection)
         with self._read() as db:
-            rows = db.execute(
-                f"SELECT {FACE_COLUMNS} FROM faces WHERE collection = ? AND subject = ? ORDER BY created_at, rowid",
-                (collection, subject),
-            ).fetchall()
-        return [face_from_row(r) for r in rows]
+            if version is None:
+                rows = db.execute(
+                    f"SELECT 0, {FACE_COLUMNS} FROM faces WHERE collection = ? AND subject = ? "
+                    "ORDER BY created_at, rowid",
+                    (collection, subject),
+                ).fetchall()
+            else:
+                rows = db.execute(
+                    f"{VERSIONED_FACES.format(first='0', p='', q='?')} AND f.collection = ? AND f.subject = ? "
+                    "ORDER BY f.created_at, f.rowid",
+                    (version, version, collection, subject),
+                ).fetchall()
+        return [face_from_row(r[1:]) for r in rows]
 
-    def face(self, face_id: str) -> FaceRecord:
+    def face(self, face_id: str, version: str | None = None) -> FaceRecord:
+        """One face, as stored or at ``version`` (FaceNotFound when it lacks it)."""
         with self._read() as db:
-            row = db.execute(f"SELECT {FACE_COLUMNS} FROM faces WHERE face_id = ?", (face_id,)).fetchone()
+            if version is None:
+                row = db.execute(f"SELECT 0, {FACE_COLUMNS} FROM faces WHERE face_id = ?", (face_id,)).fetchone()
+            else:
+                query = f"{VERSIONED_FACES.format(first='0', p='', q='?')} AND f.face_id = ?"
+                row = db.execute(query, (version, version, face_id)).fetchone()
         if row is None:
             raise FaceNotFound(f"face {face_id!r} is not enrolled")
-        return face_from_row(row)
+        return face_from_row(row[1:])
 
     def face_ids(self) -> set[str]:
         """Every enrolled face's id (reconciling the index with the store)."""
         with self._read() as db:
             return {r[0] for r in db.execute("SELECT face_id FROM faces")}
 
-    def faces_by_id(self, face_ids: list[str]) -> list[FaceRecord]:
-        """The faces among ``face_ids`` that are still enrolled, in enrolment order."""
+    def faces_by_id(self, face_ids: list[str], versions: dict[str, str] | None = None) -> list[FaceRecord]:
+        """The faces among ``face_ids`` that are still enrolled, in enrolment order; with ``versions`` (collection
+        -> version), each at its collection's version (a face without it is left out)."""
         found: list[tuple[Any, ...]] = []
+        others: list[tuple[Any, ...]] = []
         with self._read() as db:
             for start in range(0, len(face_ids), 500):
                 part = face_ids[start : start + 500]
+                marks = ", ".join("?" * len(part))
                 found += db.execute(
-                    f"SELECT rowid, {FACE_COLUMNS} FROM faces WHERE face_id IN ({', '.join('?' * len(part))})", part
+                    f"SELECT rowid, {FACE_COLUMNS} FROM faces WHERE face_id IN ({marks})", part
                 ).fetchall()
-        return [face_from_row(r[1:]) for r in sorted(found, key=lambda r: r[0])]
+                if versions is not None:
+                    others += db.execute(
+                        f"SELECT {EMBEDDING_COLUMNS} FROM face_embeddings WHERE face_id IN ({marks})", part
+                    ).fetchall()
+        records = [face_from_row(r[1:]) for r in sorted(found, key=lambda r: r[0])]
+        return records if versions is None else at_versions(records, others, versions)
 
     def iter_faces(self) -> Iterator[FaceRecord]:
         """Every face in enrolment order, a page at a time (no read transaction held across pages)."""
@@ -829,11 +1161,12 @@ def subject_from_row(row: Sequence[Any]) -> SubjectRecord:
 
 
 def face_row(f: FaceRecord, model_version: str, collection: str | None = None) -> tuple[Any, ...]:
-    """A face as stored: arrays as raw little-endian bytes (maps in float16), shapes and boxes as JSON."""
+    """A face as stored: arrays as raw little-endian bytes (maps in float16), shapes and boxes as JSON; its data
+    at its own version (``f.model_version``), else at ``model_version`` (the store's default)."""
     return (
         f.face_id,
         f.subject,
-        model_version,
+        f.model_version or model_version,
         f.embedding.astype(np.float32).tobytes(),
         f.feature_map.astype(np.float16).tobytes(),
         json.dumps(list(f.feature_map.shape)),
@@ -863,7 +1196,96 @@ def face_from_row(row: Sequence[Any]) -> FaceRecord:
         crop=bytes(row[11]) if row[11] is not None else None,
         created_at=row[12],
         collection=row[13],
+        model_version=row[2],
     )
+
+
+def embedding_row(face_id: str, e: FaceEmbedding) -> tuple[Any, ...]:
+    """A face's data at one version as face_embeddings stores it (:data:`EMBEDDING_COLUMNS`)."""
+    return (
+        face_id,
+        e.model_version,
+        e.embedding.astype(np.float32).tobytes(),
+        e.feature_map.astype(np.float16).tobytes(),
+        json.dumps(list(e.feature_map.shape)),
+        e.occlusion.astype(np.float32).tobytes(),
+        e.norm,
+        e.quality,
+    )
+
+
+def embedding_from_row(row: Sequence[Any]) -> tuple[str, FaceEmbedding]:
+    """The inverse of :func:`embedding_row`: (face id, its data at one version)."""
+    return row[0], FaceEmbedding(
+        model_version=row[1],
+        embedding=np.frombuffer(row[2], dtype=np.float32).copy(),
+        feature_map=np.frombuffer(row[3], dtype=np.float16).reshape(json.loads(row[4])).copy(),
+        occlusion=np.frombuffer(row[5], dtype=np.float32).reshape(7, 7).copy(),
+        norm=row[6],
+        quality=row[7],
+    )
+
+
+def at_versions(
+    records: Sequence[FaceRecord], embedding_rows: Sequence[Sequence[Any]], versions: dict[str, str]
+) -> list[FaceRecord]:
+    """Each face at its collection's version (``versions``): its own data where it is of that version, else its
+    face_embeddings row of it; faces of collections not in ``versions``, or without that version, left out."""
+    extra: dict[tuple[str, str], FaceEmbedding] = {}
+    for row in embedding_rows:
+        face_id, data = embedding_from_row(row)
+        extra[(face_id, data.model_version)] = data
+    out = []
+    for r in records:
+        version = versions.get(r.collection)
+        if version is None:
+            continue
+        if r.model_version == version:
+            out.append(r)
+        elif (r.face_id, version) in extra:
+            e = extra[(r.face_id, version)]
+            out.append(
+                dataclasses.replace(
+                    r,
+                    model_version=version,
+                    embedding=e.embedding,
+                    feature_map=e.feature_map,
+                    occlusion=e.occlusion,
+                    norm=e.norm,
+                    quality=e.quality,
+                )
+            )
+    return out
+
+
+def collection_from_row(row: Sequence[Any]) -> CollectionRecord:
+    """A row of :data:`COLLECTION_COUNTS` (both stores)."""
+    return CollectionRecord(
+        name=row[0],
+        created_at=row[1],
+        subjects=int(row[2]),
+        faces=int(row[3]),
+        model_version=row[4],
+        previous_version=row[5],
+        migration=json.loads(row[6]) if row[6] else None,
+        store_crops=bool(row[7]) if row[7] is not None else None,
+        switched_at=row[8],
+    )
+
+
+def collection_changes(changes: dict[str, Any]) -> list[tuple[str, Any]]:
+    """``changes`` to a collection's :data:`COLLECTION_VERSION_COLUMNS` as (column, stored value) pairs."""
+    unknown = set(changes) - set(COLLECTION_VERSION_COLUMNS)
+    if unknown:
+        raise ValueError(f"not a collection's setting: {sorted(unknown)}")
+    out = []
+    for column, value in changes.items():
+        if column == "migration":
+            value = json.dumps(value) if value is not None else None
+        elif column == "store_crops":
+            value = None if value is None else int(bool(value))
+        out.append((column, value))
+    return out
 
 
 def new_face_id() -> str:

@@ -47,26 +47,36 @@ from service.errors import (
     CollectionNotFound,
     FaceNotFound,
     GalleryStoreError,
-    GalleryVersionError,
+    MigrationIncomplete,
     SubjectNotFound,
 )
 from service.store import (
     BUSY,
     COLLECTION_COUNTS,
     DEFAULT_COLLECTION,
+    EMBEDDING_COLUMNS,
     FACE_COLUMN_COUNT,
     FACE_COLUMNS,
+    FACES_TO_EMBED,
     FORGET_FACE_ANSWERS,
     IDEMPOTENCY_TTL_S,
     READ_FAILED,
+    VERSION_COVERAGE,
+    VERSIONED_FACES,
+    WITHOUT_CROPS,
     WRITE_FAILED,
     CollectionRecord,
     EnrolCommit,
     Enrolment,
+    FaceEmbedding,
     FaceRecord,
     Render,
     StoredAnswer,
     SubjectRecord,
+    at_versions,
+    collection_changes,
+    collection_from_row,
+    embedding_row,
     face_from_row,
     face_row,
     subject_from_row,
@@ -142,6 +152,23 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         ALTER TABLE oaml_idempotency ADD COLUMN collection text NOT NULL DEFAULT 'default';
         DROP INDEX oaml_idempotency_subject;
         CREATE INDEX oaml_idempotency_subject ON oaml_idempotency(collection, subject);
+        """,
+    ),
+    (
+        4,
+        # Model versions per collection (a database of one version: schema 3 refused mixed ones), faces' data at
+        # further versions (migration, rollback), and the versions each replica holds (a switch waits for all).
+        """
+        ALTER TABLE oaml_collections ADD COLUMN model_version text, ADD COLUMN previous_version text,
+            ADD COLUMN migration text, ADD COLUMN store_crops boolean, ADD COLUMN switched_at double precision;
+        UPDATE oaml_collections c SET model_version =
+            (SELECT f.model_version FROM oaml_faces f WHERE f.collection = c.name LIMIT 1);
+        CREATE TABLE oaml_face_embeddings (
+            face_id text NOT NULL REFERENCES oaml_faces(face_id) ON DELETE CASCADE, model_version text NOT NULL,
+            embedding bytea NOT NULL, feature_map bytea NOT NULL, fmap_shape text NOT NULL, occlusion bytea NOT NULL,
+            norm double precision NOT NULL, quality double precision NOT NULL, PRIMARY KEY (face_id, model_version)
+        );
+        ALTER TABLE oaml_replicas ADD COLUMN versions text NOT NULL DEFAULT '';
         """,
     ),
 )
@@ -292,16 +319,6 @@ class PostgresGalleryStore:
                 (str(time.time()),),
             )
 
-    def check_version(self) -> None:
-        with self._read() as conn:
-            versions = {r[0] for r in conn.execute("SELECT DISTINCT model_version FROM oaml_faces").fetchall()}
-        if versions - {self.model_version}:
-            raise GalleryVersionError(
-                f"the gallery holds faces embedded by model version(s) {sorted(versions)}, but the service runs "
-                f"{self.model_version}; use a new database, or serve the matching weights",
-                internal=self.path,
-            )
-
     def enrol(
         self, enrolment: Enrolment, key: str | None = None, request_hash: str = "", render: Render | None = None
     ) -> EnrolCommit:
@@ -351,6 +368,16 @@ class PostgresGalleryStore:
                     f"INSERT INTO oaml_faces({FACE_COLUMNS}) VALUES ({', '.join(['%s'] * FACE_COLUMN_COUNT)})",
                     [face_row(f, self.model_version, e.collection) for f in e.faces],
                 )
+                others = [embedding_row(f.face_id, other) for f in e.faces for other in f.others]
+                if others:
+                    cur.executemany(
+                        f"INSERT INTO oaml_face_embeddings({EMBEDDING_COLUMNS}) VALUES ({', '.join(['%s'] * 8)})",
+                        others,
+                    )
+            conn.execute(
+                "UPDATE oaml_collections SET model_version = %s WHERE name = %s AND model_version IS NULL",
+                (e.faces[0].model_version or self.model_version, e.collection),
+            )
         self._log(conn, e.collection, [("subject", e.subject, None)] + [("add", e.subject, f.face_id) for f in e.faces])
 
     def answer_for(self, key: str) -> StoredAnswer | None:
@@ -409,18 +436,163 @@ class PostgresGalleryStore:
 
     # -- collections -------------------------------------------------------------------------
 
-    def create_collection(self, name: str) -> CollectionRecord:
+    def create_collection(self, name: str, model_version: str | None = None) -> CollectionRecord:
         created = time.time()
         with self._write() as conn:
             row = conn.execute(
-                "INSERT INTO oaml_collections(name, created_at) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING "
-                "RETURNING name",
-                (name, created),
+                "INSERT INTO oaml_collections(name, created_at, model_version) VALUES (%s, %s, %s) "
+                "ON CONFLICT (name) DO NOTHING RETURNING name",
+                (name, created, model_version),
             ).fetchone()
             if row is None:
                 raise CollectionExists(f"collection {name!r} exists already")
             self._log(conn, name, [("collection", "", None)])
-        return CollectionRecord(name, created)
+        return CollectionRecord(name, created, model_version=model_version)
+
+    def update_collection(self, name: str, changes: dict[str, Any]) -> CollectionRecord:
+        """Set any of :data:`~service.store.COLLECTION_VERSION_COLUMNS`; other replicas re-read the collection."""
+        with self._write() as conn:
+            self._require_collection(conn, name)
+            for column, value in collection_changes(changes):
+                if column == "store_crops" and value is not None:
+                    value = bool(value)
+                conn.execute(f"UPDATE oaml_collections SET {column} = %s WHERE name = %s", (value, name))
+            self._log(conn, name, [("collection", "", None)])
+        return self.collection(name)
+
+    @staticmethod
+    def _require_collection(conn: Any, name: str) -> CollectionRecord:
+        row = conn.execute(f"{COLLECTION_COUNTS.format(p='oaml_')} WHERE c.name = %s", (name,)).fetchone()
+        if row is None:
+            raise CollectionNotFound(f"collection {name!r} does not exist")
+        return collection_from_row(row)
+
+    # -- model versions: a collection's faces at more than one version ------------------------
+
+    def faces_for(self, collection: str, version: str) -> Iterator[FaceRecord]:
+        """The collection's faces at ``version`` (those that have it), in enrolment order, streamed."""
+        query = VERSIONED_FACES.format(first="f.position", p="oaml_", q="%s")
+        with self._read() as conn, conn.transaction(), conn.cursor(name="oaml_faces_at") as cur:
+            cur.itersize = 256
+            cur.execute(f"{query} AND f.collection = %s ORDER BY f.position", (version, version, collection))
+            for row in cur:
+                yield face_from_row(row[1:])
+
+    def put_embeddings(
+        self, collection: str, items: Sequence[tuple[str, FaceEmbedding]], migration: dict[str, Any] | None
+    ) -> int:
+        """Faces' data at another version (a migration's batch) for those still enrolled in ``collection``, with
+        the migration's progress in the same transaction; returns how many were written."""
+        with self._write() as conn:
+            written = 0
+            for face_id, data in items:
+                cursor = conn.execute(
+                    f"INSERT INTO oaml_face_embeddings({EMBEDDING_COLUMNS}) SELECT %s, %s, %s, %s, %s, %s, %s, %s "
+                    "WHERE EXISTS (SELECT 1 FROM oaml_faces WHERE face_id = %s AND collection = %s "
+                    "AND model_version <> %s) ON CONFLICT (face_id, model_version) DO UPDATE SET "
+                    "embedding = excluded.embedding, feature_map = excluded.feature_map, "
+                    "fmap_shape = excluded.fmap_shape, occlusion = excluded.occlusion, norm = excluded.norm, "
+                    "quality = excluded.quality",
+                    (*embedding_row(face_id, data), face_id, collection, data.model_version),
+                )
+                written += cursor.rowcount
+            if migration is not None:
+                conn.execute(
+                    "UPDATE oaml_collections SET migration = %s WHERE name = %s", (json.dumps(migration), collection)
+                )
+        return written
+
+    def faces_to_embed(self, collection: str, version: str, after: str, limit: int) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` faces (id, crop) of the collection that lack ``version`` and have a crop, after
+        ``after`` (face ids in order: a migration resumes from any point)."""
+        query = FACES_TO_EMBED.format(p="oaml_", q="%s").replace("ORDER BY f.face_id", 'ORDER BY f.face_id COLLATE "C"')
+        query = query.replace("f.face_id > %s", 'f.face_id COLLATE "C" > %s')
+        with self._read() as conn:
+            rows = conn.execute(query, (collection, after, version, version, limit)).fetchall()
+        return [(r[0], bytes(r[1])) for r in rows]
+
+    def version_coverage(self, collection: str, version: str) -> tuple[int, int]:
+        """(faces of the collection that have data at ``version``, all its faces)."""
+        with self._read() as conn:
+            row = conn.execute(VERSION_COVERAGE.format(p="oaml_", q="%s"), (version, version, collection)).fetchone()
+        return int(row[0]), int(row[1])
+
+    def faces_without_crops(self, collection: str, version: str) -> dict[str, int]:
+        """Subject -> faces of it that lack ``version`` and have no crop to make it from."""
+        with self._read() as conn:
+            query = WITHOUT_CROPS.format(p="oaml_", q="%s").replace(
+                "ORDER BY f.subject", 'ORDER BY f.subject COLLATE "C"'
+            )
+            rows = conn.execute(query, (collection, version, version)).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def switch_version(self, name: str, to: str, drop_missing: bool = False) -> tuple[CollectionRecord, list[str]]:
+        """Make ``to`` the collection's version in one transaction (the old one kept as ``previous_version``);
+        every replica reloads the collection at ``to`` when it applies the logged change. Faces without data
+        at ``to``: deleted with ``drop_missing`` (and listed), else :class:`MigrationIncomplete`."""
+        with self._write() as conn:
+            record = self._require_collection(conn, name)
+            have, total = (
+                int(x) for x in conn.execute(VERSION_COVERAGE.format(p="oaml_", q="%s"), (to, to, name)).fetchone()
+            )
+            dropped: list[str] = []
+            if have < total:
+                if not drop_missing:
+                    raise MigrationIncomplete(f"{total - have} of {total} faces of {name!r} have no data at {to}")
+                dropped = [
+                    r[0]
+                    for r in conn.execute(
+                        "DELETE FROM oaml_faces f WHERE f.collection = %s AND f.model_version <> %s AND NOT EXISTS "
+                        "(SELECT 1 FROM oaml_face_embeddings e WHERE e.face_id = f.face_id AND e.model_version = %s) "
+                        "RETURNING f.face_id",
+                        (name, to, to),
+                    )
+                ]
+                for fid in dropped:
+                    conn.execute(
+                        "UPDATE oaml_idempotency SET response = '', subject = '' WHERE strpos(response, %s) > 0", (fid,)
+                    )
+            previous = record.model_version if record.model_version != to else record.previous_version
+            conn.execute(
+                "UPDATE oaml_collections SET model_version = %s, previous_version = %s, migration = NULL, "
+                "switched_at = %s WHERE name = %s",
+                (to, previous, time.time(), name),
+            )
+            self._log(conn, name, [("delete", "", fid) for fid in dropped] + [("collection", "", None)])
+        return self.collection(name), dropped
+
+    def drop_version(self, name: str, version: str) -> CollectionRecord:
+        """Erase the collection's data at ``version`` (not its active one): faces whose own row holds it take
+        the active version's data into it; the rest of it is deleted."""
+        with self._write() as conn:
+            record = self._require_collection(conn, name)
+            active = record.model_version
+            if version == active:
+                raise ValueError(f"{version} is the version collection {name!r} is matched with")
+            if active is not None:
+                conn.execute(
+                    "UPDATE oaml_faces f SET model_version = e.model_version, embedding = e.embedding, "
+                    "feature_map = e.feature_map, fmap_shape = e.fmap_shape, occlusion = e.occlusion, norm = e.norm, "
+                    "quality = e.quality FROM oaml_face_embeddings e WHERE e.face_id = f.face_id "
+                    "AND e.model_version = %s AND f.collection = %s AND f.model_version = %s",
+                    (active, name, version),
+                )
+                conn.execute(
+                    "DELETE FROM oaml_face_embeddings e USING oaml_faces f WHERE e.face_id = f.face_id "
+                    "AND e.model_version = %s AND f.collection = %s AND f.model_version = %s",
+                    (active, name, active),
+                )
+            conn.execute(
+                "DELETE FROM oaml_face_embeddings e USING oaml_faces f WHERE e.face_id = f.face_id "
+                "AND e.model_version = %s AND f.collection = %s",
+                (version, name),
+            )
+            if record.previous_version == version:
+                conn.execute("UPDATE oaml_collections SET previous_version = NULL WHERE name = %s", (name,))
+            if (record.migration or {}).get("to") == version:
+                conn.execute("UPDATE oaml_collections SET migration = NULL WHERE name = %s", (name,))
+            self._log(conn, name, [("collection", "", None)])
+        return self.collection(name)
 
     def delete_collection(self, name: str) -> list[str]:
         """Delete the collection with every subject and face in it and forget its stored answers; other
@@ -441,12 +613,12 @@ class PostgresGalleryStore:
             row = conn.execute(f"{COLLECTION_COUNTS.format(p='oaml_')} WHERE c.name = %s", (name,)).fetchone()
         if row is None:
             raise CollectionNotFound(f"collection {name!r} does not exist")
-        return CollectionRecord(*row)
+        return collection_from_row(row)
 
     def collections(self) -> list[CollectionRecord]:
         with self._read() as conn:
             rows = conn.execute(f'{COLLECTION_COUNTS.format(p="oaml_")} ORDER BY c.name COLLATE "C"').fetchall()
-        return [CollectionRecord(*r) for r in rows]
+        return [collection_from_row(r) for r in rows]
 
     _SUBJECTS = (
         "SELECT s.subject, s.name, s.metadata, s.created_at, COUNT(f.face_id), s.collection FROM oaml_subjects s "
@@ -477,31 +649,58 @@ class PostgresGalleryStore:
             ).fetchall()
         return [subject_from_row(r) for r in rows], total
 
-    def faces_of(self, subject: str, collection: str = DEFAULT_COLLECTION) -> list[FaceRecord]:
+    def faces_of(
+        self, subject: str, collection: str = DEFAULT_COLLECTION, version: str | None = None
+    ) -> list[FaceRecord]:
+        """The subject's faces, in enrolment order: as stored, or at ``version`` (those that have it)."""
         self.subject(subject, collection)
         with self._read() as conn:
-            rows = conn.execute(
-                f"SELECT {FACE_COLUMNS} FROM oaml_faces WHERE collection = %s AND subject = %s ORDER BY position",
-                (collection, subject),
-            ).fetchall()
-        return [face_from_row(r) for r in rows]
+            if version is None:
+                rows = conn.execute(
+                    f"SELECT 0, {FACE_COLUMNS} FROM oaml_faces WHERE collection = %s AND subject = %s "
+                    "ORDER BY position",
+                    (collection, subject),
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"{VERSIONED_FACES.format(first='0', p='oaml_', q='%s')} AND f.collection = %s AND f.subject = %s "
+                    "ORDER BY f.position",
+                    (version, version, collection, subject),
+                ).fetchall()
+        return [face_from_row(r[1:]) for r in rows]
 
-    def face(self, face_id: str) -> FaceRecord:
+    def face(self, face_id: str, version: str | None = None) -> FaceRecord:
+        """One face, as stored or at ``version`` (FaceNotFound when it lacks it)."""
         with self._read() as conn:
-            row = conn.execute(f"SELECT {FACE_COLUMNS} FROM oaml_faces WHERE face_id = %s", (face_id,)).fetchone()
+            if version is None:
+                row = conn.execute(
+                    f"SELECT 0, {FACE_COLUMNS} FROM oaml_faces WHERE face_id = %s", (face_id,)
+                ).fetchone()
+            else:
+                query = f"{VERSIONED_FACES.format(first='0', p='oaml_', q='%s')} AND f.face_id = %s"
+                row = conn.execute(query, (version, version, face_id)).fetchone()
         if row is None:
             raise FaceNotFound(f"face {face_id!r} is not enrolled")
-        return face_from_row(row)
+        return face_from_row(row[1:])
 
-    def faces_by_id(self, face_ids: list[str]) -> list[FaceRecord]:
-        """The faces among ``face_ids`` that are still enrolled, in enrolment order."""
+    def faces_by_id(self, face_ids: list[str], versions: dict[str, str] | None = None) -> list[FaceRecord]:
+        """The faces among ``face_ids`` that are still enrolled, in enrolment order; with ``versions`` (collection
+        -> version), each at its collection's version (a face without it is left out)."""
         if not face_ids:
             return []
         with self._read() as conn:
             rows = conn.execute(
                 f"SELECT {FACE_COLUMNS} FROM oaml_faces WHERE face_id = ANY(%s) ORDER BY position", (face_ids,)
             ).fetchall()
-        return [face_from_row(r) for r in rows]
+            others = (
+                conn.execute(
+                    f"SELECT {EMBEDDING_COLUMNS} FROM oaml_face_embeddings WHERE face_id = ANY(%s)", (face_ids,)
+                ).fetchall()
+                if versions is not None
+                else []
+            )
+        records = [face_from_row(r) for r in rows]
+        return records if versions is None else at_versions(records, others, versions)
 
     def face_ids(self) -> set[str]:
         """Every enrolled face's id (a replica reconciling its index after a gap in the change log)."""
@@ -540,14 +739,15 @@ class PostgresGalleryStore:
             ).fetchone()
         return int(row[0])
 
-    def heartbeat(self, replica: str, seq: int, stale_after_s: float) -> int:
-        """Record that ``replica`` has applied every change through ``seq``; forget replicas silent for
-        ``stale_after_s``; delete the entries every remaining replica has applied. Returns how many."""
+    def heartbeat(self, replica: str, seq: int, stale_after_s: float, versions: Sequence[str] = ()) -> int:
+        """Record that ``replica`` has applied every change through ``seq`` and holds model ``versions``; forget
+        replicas silent for ``stale_after_s``; delete the entries every remaining replica has applied. Returns how
+        many."""
         with self._read() as conn, conn.transaction():
             conn.execute(
-                "INSERT INTO oaml_replicas(replica, seq, seen_at) VALUES (%s, %s, now()) "
-                "ON CONFLICT (replica) DO UPDATE SET seq = excluded.seq, seen_at = now()",
-                (replica, seq),
+                "INSERT INTO oaml_replicas(replica, seq, seen_at, versions) VALUES (%s, %s, now(), %s) "
+                "ON CONFLICT (replica) DO UPDATE SET seq = excluded.seq, seen_at = now(), versions = excluded.versions",
+                (replica, seq, ",".join(versions)),
             )
             conn.execute(
                 "DELETE FROM oaml_replicas WHERE seen_at < now() - make_interval(secs => %s)", (stale_after_s,)
@@ -563,6 +763,12 @@ class PostgresGalleryStore:
                     (str(horizon),),
                 )
         return int(pruned)
+
+    def replica_versions(self) -> dict[str, set[str]]:
+        """Each live replica's loaded model versions (as it last reported them)."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT replica, versions FROM oaml_replicas").fetchall()
+        return {r[0]: set(filter(None, r[1].split(","))) for r in rows}
 
     def notify(self) -> None:
         """Wake every follower (each reads the log once)."""
@@ -617,10 +823,12 @@ class ChangeFollower:
         poll_s: float = 1.0,
         stale_after_s: float = 600.0,
         replica: str | None = None,
+        versions: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         self.store = store
         self.apply = apply
         self.resync = resync
+        self.versions = versions or (lambda: ())
         self.replica = replica or f"replica-{uuid.uuid4().hex[:12]}"
         try:
             self.seq = store.register(self.replica)
@@ -636,6 +844,7 @@ class ChangeFollower:
         self.reconnects = 0
         self.resyncs = 0
         self._reported = (self.seq, time.monotonic())
+        self._versions: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="oaml-gallery-follower", daemon=True)
 
@@ -678,10 +887,12 @@ class ChangeFollower:
         """Tell the store how far this replica is (when it moved, or every :attr:`HEARTBEAT_S`), which lets
         it prune what every replica has applied."""
         seq, at = self._reported
-        if seq == self.seq and time.monotonic() - at < self.HEARTBEAT_S:
+        versions = list(self.versions())
+        if seq == self.seq and versions == self._versions and time.monotonic() - at < self.HEARTBEAT_S:
             return
+        self._versions = versions
         try:
-            pruned = self.store.heartbeat(self.replica, self.seq, self.stale_after_s)
+            pruned = self.store.heartbeat(self.replica, self.seq, self.stale_after_s, versions)
         except GalleryStoreError as exc:  # e.g. a read-only database: following matters more than pruning
             logger.warning("replica %s could not report its position: %s", self.replica, exc.full)
             pruned = 0

@@ -29,7 +29,7 @@ from service.config import Settings
 from service.engine import BatchStats
 from service.index import GalleryIndex
 from service.render import BAR_WIDTH
-from service.store import Enrolment, FaceRecord, GalleryVersionError, SQLiteGalleryStore
+from service.store import Enrolment, FaceRecord, SQLiteGalleryStore
 from tests.servers import free_port, start_server, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -647,15 +647,15 @@ class TestGalleryStore:
             time.time(),
         )
 
-    def test_other_model_versions_are_refused(self, tmp_path: Path) -> None:
+    def test_a_collection_keeps_the_model_version_of_its_faces(self, tmp_path: Path) -> None:
         store = SQLiteGalleryStore(tmp_path / "g.sqlite3", "ir_18-aaaa")
         store.enrol(Enrolment("s", None, None, [self.record("f1", "s", 0)]))
         store.close()
-        with pytest.raises(GalleryVersionError, match="ir_18-aaaa"):
-            SQLiteGalleryStore(tmp_path / "g.sqlite3", "ir_18-bbbb").check_version()
-        again = SQLiteGalleryStore(tmp_path / "g.sqlite3", "ir_18-aaaa")
-        again.check_version()
-        loaded = again.face("f1")
+        other = SQLiteGalleryStore(tmp_path / "g.sqlite3", "ir_18-bbbb")  # a service with other default weights
+        assert other.collection("default").model_version == "ir_18-aaaa"  # not taken over by the new default
+        assert [f.face_id for f in other.faces_for("default", "ir_18-bbbb")] == []  # no data at the new version
+        loaded = next(other.faces_for("default", "ir_18-aaaa"))
+        assert loaded.model_version == "ir_18-aaaa"
         np.testing.assert_array_equal(loaded.feature_map, self.record("f1", "s", 0).feature_map)
 
     def test_index_search_survives_deletes(self) -> None:
@@ -689,7 +689,7 @@ class TestGalleryStore:
         assert found["qaconv"][0] == pytest.approx(float(full[0, 0]), abs=0.05)
 
 
-def test_enrolments_survive_sigkill_and_other_weights_are_refused(
+def test_enrolments_survive_sigkill_and_other_weights_serve_them_only_beside_their_own(
     weights: Path, tmp_path: Path, photos: dict[str, bytes]
 ) -> None:
     port = free_port()
@@ -730,5 +730,20 @@ def test_enrolments_survive_sigkill_and_other_weights_are_refused(
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 2  # refused before the port is bound, in one line
-    assert "holds faces embedded by model version" in out and "Traceback" not in out
+    assert proc.returncode == 2  # refused before the port is bound, in one line: the gallery's weights are missing
+    assert "collection 'default' is matched with model ir_18-" in out and "OAML_WEIGHTS_DIR" in out
+    assert "Traceback" not in out
+    proc = start_server(other, tmp_path, port, OAML_WEIGHTS_DIR=str(weights.parent))  # its weights found there
+    try:
+        wait_ready(proc, port)
+        info = httpx.get(f"http://127.0.0.1:{port}/collections/default", timeout=10).json()
+        assert info["model_version"] != httpx.get(f"http://127.0.0.1:{port}/info", timeout=10).json()["model_version"]
+        found = httpx.post(
+            f"http://127.0.0.1:{port}/identify",
+            files={"image": ("a.png", photos["astronaut"], "image/png")},
+            timeout=60,
+        ).json()
+        assert found["candidates"][0]["face_id"] == face_id and found["model_version"] == info["model_version"]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
-from service.errors import FaceNotFound, GalleryStoreError, GalleryVersionError, SubjectNotFound
+from service.errors import FaceNotFound, GalleryStoreError, SubjectNotFound
 from service.store import EnrolCommit, Enrolment, FaceRecord, SQLiteGalleryStore
 from tests.conftest import fake_face
 from tests.pg import PostgresServer, running_postgres
@@ -87,24 +87,24 @@ class TestStore:
         assert store.delete_subject("bob") == ["f2"]
         with pytest.raises(FaceNotFound):
             store.face("f2")
-        store.check_version()
+        assert store.collection("default").model_version == "v1"  # the version of its faces, recorded
         store.close()
 
     def test_migrations_apply_once_when_replicas_start_together(self, url: str) -> None:
         with ThreadPoolExecutor(4) as pool:
             stores = list(pool.map(lambda _: PostgresGalleryStore(url, "v1"), range(4)))
         with psycopg.connect(url) as conn:
-            assert sorted(conn.execute("SELECT version FROM oaml_migrations").fetchall()) == [(1,), (2,), (3,)]
+            assert sorted(conn.execute("SELECT version FROM oaml_migrations").fetchall()) == [(1,), (2,), (3,), (4,)]
         for s in stores:
             s.close()
 
-    def test_a_gallery_of_other_weights_is_refused(self, url: str) -> None:
+    def test_a_collection_keeps_the_version_of_its_faces_under_other_weights(self, url: str) -> None:
         store = PostgresGalleryStore(url, "v1")
         store.enrol(Enrolment("bob", None, None, [record("f1", "bob", 1)]))
         store.close()
-        other = PostgresGalleryStore(url, "v2")
-        with pytest.raises(GalleryVersionError, match="model version"):
-            other.check_version()
+        other = PostgresGalleryStore(url, "v2")  # a replica with other default weights
+        assert other.collection("default").model_version == "v1"
+        assert list(other.faces_for("default", "v2")) == [] and len(list(other.faces_for("default", "v1"))) == 1
         other.close()
 
     def test_an_unreachable_server_is_a_store_error_without_the_password(self) -> None:
@@ -271,8 +271,8 @@ def test_a_local_delete_racing_the_follower_is_not_undone(
     after: list[tuple[bool, bool]] = []  # (the delete had been answered, the face is indexed), after each apply
     answered = threading.Event()
 
-    def paused(ids: list[str]) -> list[FaceRecord]:
-        rows = fetch(ids)
+    def paused(ids: list[str], versions: dict[str, str] | None = None) -> list[FaceRecord]:
+        rows = fetch(ids, versions)
         if rows:
             read.set()  # the follower read the face ... and is slow to index it
             go.wait(30)

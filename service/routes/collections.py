@@ -15,7 +15,15 @@ from fastapi import APIRouter, Path, Request, Response
 from service import usecases
 from service.problems import ApiError, problem_responses
 from service.routes.deps import AdminRole, CollectionAdmin, StateDep, granted_collections
-from service.schemas import CollectionCreate, CollectionDeleted, CollectionInfo, CollectionPage
+from service.schemas import (
+    CollectionCreate,
+    CollectionDeleted,
+    CollectionInfo,
+    CollectionPage,
+    CollectionUpdate,
+    MigrationRequest,
+    MigrationStatus,
+)
 from service.store import COLLECTION_PATTERN
 
 __all__ = ["router"]
@@ -41,7 +49,7 @@ def _may_see(request: Request, name: str) -> None:
 )
 async def create_collection(state: StateDep, response: Response, body: CollectionCreate) -> CollectionInfo:
     """Create an empty collection (409 `COLLECTION_EXISTS` if the name is taken)."""
-    created = await usecases.create_collection(state, body.name)
+    created = await usecases.create_collection(state, body.name, body.store_crops)
     response.headers["Location"] = f"/collections/{created.name}"
     return created
 
@@ -59,7 +67,7 @@ async def list_collections(state: StateDep, request: Request) -> CollectionPage:
     responses=problem_responses(404),
 )
 async def get_collection(state: StateDep, request: Request, name: CollectionName) -> CollectionInfo:
-    """One collection: its sizes and /identify's preset thresholds for its current size."""
+    """One collection: its sizes, model version, migration and /identify's preset thresholds for its size."""
     _may_see(request, name)
     return await usecases.get_collection(state, name)
 
@@ -75,3 +83,95 @@ async def delete_collection(state: StateDep, name: CollectionName) -> Collection
     """Delete a collection with every subject and face in it (erased from the store as a subject's deletion
     is). The default collection cannot be deleted (409 `COLLECTION_PROTECTED`)."""
     return await usecases.delete_collection(state, name)
+
+
+@router.patch(
+    "/collections/{name}",
+    response_model=CollectionInfo,
+    operation_id="update_collection",
+    responses=problem_responses(404),
+)
+async def update_collection(
+    state: StateDep, request: Request, name: CollectionName, body: CollectionUpdate
+) -> CollectionInfo:
+    """Change a collection's settings: `store_crops` keeps (or stops keeping) the crops of faces enrolled from
+    now on, which a later migration re-embeds from."""
+    _may_see(request, name)
+    return await usecases.update_collection(state, name, body.model_dump(exclude_unset=True))
+
+
+@router.get(
+    "/collections/{name}/migration",
+    response_model=MigrationStatus,
+    operation_id="migration_status",
+    responses=problem_responses(404),
+)
+async def migration_status(state: StateDep, request: Request, name: CollectionName) -> MigrationStatus:
+    """The collection's model version, the previous one kept for rollback, and its migration with its progress
+    (faces per second, seconds left) and, once every face is re-embedded, its report."""
+    _may_see(request, name)
+    return await usecases.migration_status(state, name)
+
+
+@router.post(
+    "/collections/{name}/migration",
+    response_model=MigrationStatus,
+    status_code=202,
+    operation_id="start_migration",
+    responses=problem_responses(404, 409),
+    dependencies=[CollectionAdmin],
+)
+async def start_migration(state: StateDep, name: CollectionName, body: MigrationRequest) -> MigrationStatus:
+    """Re-embed every face of the collection with model `to`, in the background, from the faces' stored crops;
+    matching goes on with the collection's own version until the switch (`switch=false`: a dry run that stops
+    with its report). 409 `FACES_WITHOUT_CROPS` lists the subjects whose faces cannot be moved, `MODEL_NOT_AVAILABLE`
+    when the service has no weights of `to`, `MIGRATION_CONFLICT` when one runs already."""
+    return await usecases.start_migration(state, name, body.to, body.switch, body.missing)
+
+
+@router.post(
+    "/collections/{name}/migration/switch",
+    response_model=MigrationStatus,
+    operation_id="switch_migration",
+    responses=problem_responses(404, 409),
+    dependencies=[CollectionAdmin],
+)
+async def switch_migration(state: StateDep, name: CollectionName) -> MigrationStatus:
+    """Switch a migration that is `ready` (a dry run's) now."""
+    return await usecases.switch_migration(state, name)
+
+
+@router.delete(
+    "/collections/{name}/migration",
+    response_model=MigrationStatus,
+    operation_id="cancel_migration",
+    responses=problem_responses(404, 409),
+    dependencies=[CollectionAdmin],
+)
+async def cancel_migration(state: StateDep, name: CollectionName) -> MigrationStatus:
+    """Stop a migration and erase what it wrote; the collection stays on its version."""
+    return await usecases.cancel_migration(state, name)
+
+
+@router.post(
+    "/collections/{name}/rollback",
+    response_model=MigrationStatus,
+    operation_id="rollback_collection",
+    responses=problem_responses(404, 409),
+    dependencies=[CollectionAdmin],
+)
+async def rollback(state: StateDep, name: CollectionName) -> MigrationStatus:
+    """Match the collection with its previous model version again (instant: that version's data was kept)."""
+    return await usecases.rollback(state, name)
+
+
+@router.delete(
+    "/collections/{name}/previous",
+    response_model=MigrationStatus,
+    operation_id="drop_previous_version",
+    responses=problem_responses(404, 409),
+    dependencies=[CollectionAdmin],
+)
+async def drop_previous(state: StateDep, name: CollectionName) -> MigrationStatus:
+    """Erase the previous model version's data of the collection (no rollback after this)."""
+    return await usecases.drop_previous(state, name)

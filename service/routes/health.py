@@ -97,7 +97,9 @@ async def info(state: StateDep, request: Request) -> InfoResponse:
         calibration="fitted on held-out identities" if cal.fitted else "default (uncalibrated)",
         presets=presets,
         probability_prior=PRIOR,
-        identify_presets=usecases.identify_presets(engine, len(default.index)) if sees_default else None,
+        identify_presets=(
+            usecases.identify_presets(engine.model_for(default.version), len(default.index)) if sees_default else None
+        ),
         identify_model=cal.identify_model.source,
         identify_prior=IDENTIFY_PRIOR,
         flip_test=engine.embedder.flip,
