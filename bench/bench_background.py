@@ -101,6 +101,7 @@ def augment(data_root: Path, batches: int, steps: int) -> None:
         for name in paths
     }
     report["load_average"] = os.getloadavg()  # type: ignore[assignment]
+    shutil.rmtree(cfg.out, ignore_errors=True)
     say(json.dumps(report, indent=1))
 
 
