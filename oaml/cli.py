@@ -775,9 +775,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("weights", type=Path)
     p.set_defaults(func=_cmd_info)
 
+    from oaml.bulk import add_parser as add_bulk_enrol
     from oaml.migrate import add_parser as add_migrate
 
     add_migrate(sub)
+    add_bulk_enrol(sub)
     return parser
 
 
