@@ -21,9 +21,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:  # httpx is not a dependency of the service: imported when the command runs
+    import httpx
 
 __all__ = ["add_parser", "run", "report_table"]
 
@@ -66,6 +67,8 @@ def _version(to: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import httpx
+
     headers = {"X-API-Key": args.key} if args.key else {}
     base = f"{args.url.rstrip('/')}/collections/{args.collection}"
     with httpx.Client(headers=headers, timeout=60) as client:
