@@ -28,6 +28,7 @@ __all__ = [
     "usable_cores",
     "is_loopback",
     "invalid_settings",
+    "parse_rate_limits",
     "DEFAULT_WEIGHTS",
 ]
 
@@ -142,6 +143,14 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(15 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=10_000)
     max_images_per_request: int = Field(20, ge=1)
+    max_import_mb: int = Field(
+        4096,
+        ge=1,
+        description=(
+            "most MiB a collection import (POST /collections/{name}/import) may carry: an export is ~3.5 KB a face, "
+            "~10 KB more with its crop"
+        ),
+    )
     decode_max_side: int = Field(
         2560,
         ge=0,
@@ -194,6 +203,25 @@ class Settings(BaseSettings):
             "(`+`-separated collection names the key is limited to); empty disables auth"
         ),
     )
+    rate_limits: str = Field(
+        "match=20/40,admin=10/20",
+        description=(
+            "requests per second each API key may make, sustained/burst, by role (`role=rate/burst`, comma-separated; "
+            "a rate of 0: no limit for that role); beyond it 429 RATE_LIMITED with Retry-After and RateLimit-* "
+            "headers. Counted per replica; without API keys there is no limit"
+        ),
+    )
+    enrol_faces_per_day: int = Field(
+        10_000,
+        ge=0,
+        description=(
+            "faces each API key may enrol in 24 hours (0: no limit); beyond it 429 QUOTA_EXCEEDED. Counted from the "
+            "audit log, so on PostgreSQL every replica shares it"
+        ),
+    )
+    audit_retention_days: float = Field(
+        365.0, ge=0, description="audit log entries older than this are deleted (0: kept for ever)"
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated; empty disables CORS"
     )
@@ -245,6 +273,12 @@ class Settings(BaseSettings):
         keys = [_key_entry(entry)[0] for entry in value]
         if len(set(keys)) != len(keys):
             raise ValueError("API keys must differ: two entries share a key")
+        return value
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _rate_limits(cls, value: str) -> str:
+        parse_rate_limits(value)
         return value
 
     @field_validator("gallery_url")
@@ -394,6 +428,18 @@ def _cuda_visible() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def parse_rate_limits(value: str) -> dict[str, tuple[float, float]]:
+    """``match=20/40,admin=10/20`` -> role -> (requests a second, burst); a rate of 0 means no limit."""
+    limits: dict[str, tuple[float, float]] = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        match = re.fullmatch(r"(admin|match)=(\d+(?:\.\d+)?)(?:/(\d+(?:\.\d+)?))?", part)
+        if match is None:
+            raise ValueError(f"rate_limits entries are role=rate/burst with role admin or match, got {part!r}")
+        rate = float(match.group(2))
+        limits[match.group(1)] = (rate, float(match.group(3) or max(1.0, 2 * rate)))
+    return limits
 
 
 def invalid_settings(exc: ValidationError) -> str:

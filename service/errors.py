@@ -24,6 +24,7 @@ __all__ = [
     "MigrationIncomplete",
     "MigrationConflict",
     "ModelNotAvailable",
+    "QuotaExceeded",
 ]
 
 
@@ -116,3 +117,9 @@ class ModelNotAvailable(OAMLError, LookupError):
     """No weights of that model version are where the service looks (``OAML_WEIGHTS_DIR``)."""
 
     code = "MODEL_NOT_AVAILABLE"
+
+
+class QuotaExceeded(OAMLError, RuntimeError):
+    """A key enrolled its faces of the day (``OAML_ENROL_FACES_PER_DAY``): 429 with when to retry."""
+
+    code = "QUOTA_EXCEEDED"

@@ -15,12 +15,18 @@ make the server write gigabytes. :class:`RequestGuard` sits in front of the app:
   that grace at least ``OAML_BODY_MIN_RATE`` bytes a second on average, else 408 and the connection is closed
   (a client sending a byte every few seconds would otherwise hold a connection, and a place among
   ``OAML_LIMIT_CONCURRENCY``, for as long as it likes; uvicorn has no such timer of its own).
+- **Rate limits** (``OAML_RATE_LIMITS``): each key may make so many requests a second (a token bucket per key,
+  sustained rate and burst by its role); beyond it 429 ``RATE_LIMITED`` before the body is read, with
+  ``Retry-After``. Every answer to a limited key carries the IETF ``RateLimit-Limit``, ``-Remaining``, ``-Reset``
+  and ``-Policy`` fields. Counted per replica.
 - **Response hygiene**: every response carries ``X-Content-Type-Options: nosniff``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -28,7 +34,8 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from service.config import Settings, grant_for
+from service import audit
+from service.config import Settings, grant_for, parse_rate_limits
 from service.problems import problem
 
 __all__ = ["RequestGuard", "PUBLIC_PATHS", "ROLES", "body_limit", "BodyTooLarge", "BodyTooSlow", "BodyPace"]
@@ -68,6 +75,32 @@ class BodyTooSlow(HTTPException):
         )
 
 
+class TokenBuckets:
+    """A token bucket per key: ``rate`` tokens a second up to ``burst``; a request takes one (thread-safe)."""
+
+    def __init__(self, limits: dict[str, tuple[float, float]]) -> None:
+        self.limits = limits
+        self._state: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key_id: str, role: str) -> tuple[bool, float, float, float] | None:
+        """(allowed, seconds until the next token, burst, tokens left) for one request of ``key_id``; None when
+        its role has no limit."""
+        rate, burst = self.limits.get(role, (0.0, 0.0))
+        if rate <= 0:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            tokens, then = self._state.get(key_id, (burst, now))
+            tokens = min(burst, tokens + (now - then) * rate)
+            allowed = tokens >= 1.0
+            if allowed:
+                tokens -= 1.0
+            self._state[key_id] = (tokens, now)
+        wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / rate
+        return allowed, wait, burst, tokens
+
+
 class BodyPace:
     """When the next body chunk must have arrived: within ``grace`` seconds of the last, and with at least
     ``min_rate`` bytes a second on average once ``grace`` has passed since the body started."""
@@ -93,6 +126,8 @@ def body_limit(settings: Settings, method: str, path: str) -> int:
     count = images.get(path, 0) if method == "POST" else 0
     if method == "POST" and path.startswith("/gallery/") and path.endswith("/verify"):  # /gallery/{subject}/verify
         count = 1
+    if method == "POST" and path.startswith("/collections/") and path.endswith("/import"):
+        return settings.max_import_mb * 1024 * 1024
     return count * settings.max_image_bytes + FORM_OVERHEAD
 
 
@@ -111,6 +146,7 @@ class RequestGuard:
         self.app = app
         self.settings = settings
         self.grants = settings.key_grants()
+        self.buckets = TokenBuckets(parse_rate_limits(settings.rate_limits))
         self.on_body = on_body  # told how many body bytes each request had read (metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -126,6 +162,31 @@ class RequestGuard:
                 await problem("UNAUTHORIZED", "missing or invalid API key (send X-API-Key)")(scope, receive, send)
                 return
             scope.setdefault("state", {})["oaml_grant"] = grant
+            audit.key_id_var.set(grant.key_id)  # who the audit log names (an id, never the key)
+            taken = self.buckets.take(grant.key_id, grant.role)
+            if taken is not None:
+                allowed, wait, burst, left = taken
+                rate = self.buckets.limits[grant.role][0]
+                policy = f"{burst:g};w={burst / rate:g}"
+                if not allowed:
+                    await problem(
+                        "RATE_LIMITED",
+                        f"this API key may make {rate:g} requests a second (bursts of {burst:g}); retry later",
+                        retry_after=math.ceil(wait),
+                        limit=f"{burst:g}",
+                        remaining=0,
+                        policy=policy,
+                    )(scope, receive, send)
+                    return
+                send = _with_headers(
+                    send,
+                    {
+                        "RateLimit-Limit": f"{burst:g}",
+                        "RateLimit-Remaining": str(int(left)),
+                        "RateLimit-Reset": str(math.ceil(wait)),
+                        "RateLimit-Policy": policy,
+                    },
+                )
         limit = body_limit(self.settings, method, path)
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -159,6 +220,18 @@ class RequestGuard:
         finally:
             if self.on_body is not None:
                 self.on_body(pace.received)
+
+
+def _with_headers(send: Send, headers: dict[str, str]) -> Send:
+    extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            names = {k for k, _ in extra}
+            message["headers"] = [*(h for h in message.get("headers", []) if h[0].lower() not in names), *extra]
+        await send(message)
+
+    return wrapped
 
 
 def _with_nosniff(send: Send) -> Send:

@@ -37,6 +37,7 @@ STATUS: dict[str, int] = {
     "MIGRATION_INCOMPLETE": 409,
     "MIGRATION_CONFLICT": 409,
     "MODEL_NOT_AVAILABLE": 409,
+    "MODEL_VERSION_MISMATCH": 409,
     "NOT_FOUND": 404,
     "METHOD_NOT_ALLOWED": 405,
     "REQUEST_TIMEOUT": 408,
@@ -51,6 +52,8 @@ STATUS: dict[str, int] = {
     "FACE_TOO_SMALL": 422,
     "IDEMPOTENCY_KEY_REUSED": 422,
     "VALIDATION_ERROR": 422,
+    "RATE_LIMITED": 429,
+    "QUOTA_EXCEEDED": 429,
     "GALLERY_EMPTY": 409,
     "OVERLOADED": 503,
     "NOT_READY": 503,
@@ -71,6 +74,7 @@ _TITLES = {
     413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
+    429: "Too Many Requests",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -129,6 +133,13 @@ def problem(
         headers["WWW-Authenticate"] = 'ApiKey header="X-API-Key"'
     if status == 503:
         headers["Retry-After"] = str(RETRY_AFTER_S)
+    if status == 429:  # when to come back, and the limit that was hit (IETF RateLimit header fields)
+        headers["Retry-After"] = str(max(1, int(extra.get("retry_after", 1))))
+        if "limit" in extra:
+            headers["RateLimit-Limit"] = str(extra["limit"])
+            headers["RateLimit-Remaining"] = str(extra.get("remaining", 0))
+            headers["RateLimit-Reset"] = headers["Retry-After"]
+            headers["RateLimit-Policy"] = str(extra.get("policy", extra["limit"]))
     return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
 
 

@@ -29,6 +29,14 @@ __all__ = [
     "PresetInfo",
     "InfoResponse",
     "HealthResponse",
+    "SubjectMerge",
+    "FacesMove",
+    "IdentityReview",
+    "DuplicatePair",
+    "MixedSubject",
+    "AuditEntryInfo",
+    "AuditPage",
+    "ImportResult",
     "CollectionCreate",
     "CollectionUpdate",
     "MigrationRequest",
@@ -181,6 +189,30 @@ class SubjectUpdate(BaseModel):
     name: str | None = Field(None, max_length=256, description="the display name; null clears it")
     metadata: dict[str, Any] | None = Field(
         None, description="a JSON object that replaces the stored one (at most 16 KiB, nested at most 16 deep)"
+    )
+
+
+class SubjectMerge(BaseModel):
+    """``POST /gallery/{subject}/merge``."""
+
+    model_config = {"extra": "forbid"}
+
+    from_: str = Field(
+        alias="from",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$",
+        description="the subject whose faces join this one (it is deleted)",
+    )
+
+
+class FacesMove(BaseModel):
+    """``POST /gallery/{subject}/faces/move``."""
+
+    model_config = {"extra": "forbid"}
+
+    faces: list[str] = Field(min_length=1, max_length=1000, description="face ids of this subject to move")
+    to: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$",
+        description="the subject they move to (made if it does not exist)",
     )
 
 
@@ -378,6 +410,69 @@ class MigrationStatus(BaseModel):
             "is re-embedded its `report` (how decisions move: per subject, per preset)"
         )
     )
+
+
+class DuplicatePair(BaseModel):
+    subjects: list[str] = Field(description="two subjects that are probably the same person")
+    score: float = Field(description="their best cross score (fused, the collection's model)")
+    faces: list[str] = Field(description="the two faces that scored it, one of each subject")
+
+
+class MixedSubject(BaseModel):
+    subject: str
+    faces: int
+    lowest_score: float = Field(description="the fused score of its two least similar faces")
+    pair: list[str] = Field(description="those two faces")
+
+
+class IdentityReview(BaseModel):
+    collection: str
+    model_version: str
+    threshold: float = Field(description="what a cross score must pass to list a pair (score units)")
+    threshold_preset: str | None
+    fpir: float = Field(description="the FPIR that threshold means at this collection's size")
+    faces: int
+    probes: int = Field(description="faces searched as probes (a sample in a collection of over 5,000)")
+    duplicates: list[DuplicatePair] = Field(description="pairs of subjects that are probably one person, best first")
+    duplicates_found: int
+    mixed: list[MixedSubject] = Field(
+        description="subjects whose own faces do not match each other (probably two people), worst first"
+    )
+    mixed_found: int
+    mixed_subjects_checked: int = Field(
+        description="subjects with two faces or more whose faces were compared (a sample of 5,000 beyond that)"
+    )
+    mixed_threshold: float = Field(description="the 1:1 `lenient` threshold their least similar pair falls below")
+
+
+class AuditEntryInfo(BaseModel):
+    seq: int = Field(description="the entry's position in the log")
+    at: float = Field(description="when (seconds since the epoch)")
+    key_id: str = Field(
+        description="the API key's id (`key-` and 12 hex digits of its SHA-256), `anonymous` without keys"
+    )
+    action: str
+    collection: str | None
+    subject: str | None = Field(description="the subject's id, or its pseudonym once it was deleted")
+    other_subject: str | None = Field(
+        description="a merge's source (a pseudonym: merged away) or a move's destination, pseudonymised as `subject`"
+    )
+    faces: int = Field(description="faces the operation added, moved or deleted")
+    outcome: str = Field(description="`ok`, or the error code that refused it")
+    detail: dict[str, Any] = Field(description="counts and ids of the operation; never images, embeddings or names")
+
+
+class AuditPage(BaseModel):
+    entries: list[AuditEntryInfo]
+    next: int | None = Field(description="pass as `after` for the next page; null on the last one")
+
+
+class ImportResult(BaseModel):
+    collection: str
+    model_version: str = Field(description="the model the collection is matched with")
+    subjects: int
+    faces: int
+    embedded_again: int = Field(description="faces embedded again from their crops (the file was of another model)")
 
 
 class CollectionInfo(BaseModel):

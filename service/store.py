@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -40,6 +41,8 @@ from urllib.parse import quote
 
 import numpy as np
 
+from service import audit
+from service.audit import AUDIT_COLUMNS
 from service.deadline import time_left
 from service.errors import (
     CollectionExists,
@@ -82,6 +85,10 @@ __all__ = [
     "VERSION_COVERAGE",
     "WITHOUT_CROPS",
     "EMBEDDING_COLUMNS",
+    "AUDIT_SELECT",
+    "AUDIT_INSERT",
+    "ENROLLED_SINCE",
+    "audit_query",
     "subject_from_row",
     "subject_missing",
     "COLLECTION_COUNTS",
@@ -250,6 +257,26 @@ class GalleryStore(Protocol):
 
     def drop_version(self, name: str, version: str) -> CollectionRecord: ...
 
+    def merge_subjects(self, collection: str, into: str, source: str) -> list[str]: ...
+
+    def move_faces(self, collection: str, face_ids: Sequence[str], source: str, to: str) -> list[str]: ...
+
+    def append_audit(self, entry: audit.AuditEntry) -> None: ...
+
+    def audit_entries(
+        self,
+        after: int = 0,
+        limit: int = 100,
+        since: float | None = None,
+        until: float | None = None,
+        action: str | None = None,
+        collection: str | None = None,
+    ) -> list[dict[str, Any]]: ...
+
+    def prune_audit(self, before: float) -> int: ...
+
+    def faces_enrolled_since(self, key_id: str, since: float) -> int: ...
+
     def delete_collection(self, name: str) -> list[str]: ...
 
     def collection(self, name: str) -> CollectionRecord: ...
@@ -316,6 +343,15 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency(created_at);
 CREATE INDEX IF NOT EXISTS idempotency_subject ON idempotency(collection, subject);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, key_id TEXT NOT NULL, action TEXT NOT NULL,
+    collection TEXT, subject TEXT, other_subject TEXT, faces INTEGER NOT NULL DEFAULT 0, outcome TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '{{}}'
+);
+CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
+CREATE INDEX IF NOT EXISTS audit_key ON audit(key_id, action, at);
+CREATE INDEX IF NOT EXISTS audit_subject ON audit(collection, subject);
+CREATE INDEX IF NOT EXISTS audit_other ON audit(collection, other_subject);
 CREATE TABLE IF NOT EXISTS face_embeddings (
     face_id TEXT NOT NULL REFERENCES faces(face_id) ON DELETE CASCADE, model_version TEXT NOT NULL,
     embedding BLOB NOT NULL, feature_map BLOB NOT NULL, fmap_shape TEXT NOT NULL, occlusion BLOB NOT NULL,
@@ -409,6 +445,13 @@ WITHOUT_CROPS = (
     "SELECT f.subject, COUNT(*) FROM {p}faces f WHERE f.collection = {q} AND f.crop IS NULL AND f.model_version <> {q} "
     "AND NOT EXISTS (SELECT 1 FROM {p}face_embeddings e WHERE e.face_id = f.face_id AND e.model_version = {q}) "
     "GROUP BY f.subject ORDER BY f.subject"
+)
+#: The audit log (both stores): entries after a position, filtered; the enrolled faces a key added since a time.
+AUDIT_INSERT = f"INSERT INTO {{p}}audit({AUDIT_COLUMNS}) VALUES ({', '.join(['{q}'] * audit.AUDIT_COLUMN_COUNT)})"
+AUDIT_SELECT = f"SELECT seq, {AUDIT_COLUMNS} FROM {{p}}audit WHERE seq > {{q}}"
+ENROLLED_SINCE = (
+    "SELECT COALESCE(SUM(faces), 0) FROM {p}audit WHERE key_id = {q} AND action = 'enrol' AND outcome = 'ok' "
+    "AND at >= {q}"
 )
 #: The columns of a face's data at a version (face_embeddings; the faces table has them too).
 EMBEDDING_COLUMNS = "face_id, model_version, embedding, feature_map, fmap_shape, occlusion, norm, quality"
@@ -710,10 +753,18 @@ class SQLiteGalleryStore:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._db
+                    entry = audit.current()  # the operation's audit entry, committed with it
+                    if entry is not None and not entry.recorded:
+                        self._db.execute(
+                            f"INSERT INTO audit({AUDIT_COLUMNS}) VALUES ({', '.join('?' * audit.AUDIT_COLUMN_COUNT)})",
+                            entry.row(),
+                        )
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
+                if entry is not None:
+                    entry.recorded = True
             except sqlite3.Error as exc:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
@@ -830,8 +881,99 @@ class SQLiteGalleryStore:
             db.execute(f"DELETE FROM faces {where}", (collection, subject))
             db.execute(_FORGET_ANSWERS, (collection, subject))
             db.execute(f"DELETE FROM subjects {where}", (collection, subject))
+            self._forget_in_audit(db, collection, [subject], faces=len(ids))
             self._wal_dirty = True
         return ids
+
+    def _secret(self, db: sqlite3.Connection) -> bytes:
+        """The gallery's own key for the audit log's pseudonyms (made once, kept in ``meta``)."""
+        row = db.execute("SELECT value FROM meta WHERE key = 'audit_secret'").fetchone()
+        if row is None:
+            value = secrets.token_hex(32)
+            db.execute("INSERT INTO meta(key, value) VALUES ('audit_secret', ?)", (value,))
+            return bytes.fromhex(value)
+        return bytes.fromhex(row[0])
+
+    def _forget_in_audit(self, db: sqlite3.Connection, collection: str, subjects: Sequence[str], faces: int) -> None:
+        """Deleted subjects' ids become pseudonyms in the log, in this deletion's own entry too."""
+        audit.pseudonymise(db.execute, self._secret(db), "", "?", collection, subjects)
+        audit.note(faces=faces)
+
+    # -- the audit log ----------------------------------------------------------------------------
+
+    def append_audit(self, entry: audit.AuditEntry) -> None:
+        """Record an entry on its own (a refused operation, a read such as an export)."""
+        with audit.pending(entry), self._tx():
+            pass
+
+    def audit_entries(
+        self,
+        after: int = 0,
+        limit: int = 100,
+        since: float | None = None,
+        until: float | None = None,
+        action: str | None = None,
+        collection: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Entries after position ``after``, oldest first, filtered."""
+        query, args = audit_query("", "?", after, since, until, action, collection)
+        with self._read() as db:
+            rows = db.execute(f"{query} ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
+        return [audit.entry_from_row(tuple(r)) for r in rows]
+
+    def prune_audit(self, before: float) -> int:
+        """Delete the entries older than ``before`` (the retention); returns how many."""
+        with self._tx() as db:
+            return int(db.execute("DELETE FROM audit WHERE at < ?", (before,)).rowcount)
+
+    def faces_enrolled_since(self, key_id: str, since: float) -> int:
+        """Faces the key enrolled since ``since`` (its daily quota), from the log."""
+        with self._read() as db:
+            return int(db.execute(ENROLLED_SINCE.format(p="", q="?"), (key_id, since)).fetchone()[0])
+
+    # -- identity hygiene: merging subjects, moving faces -------------------------------------------
+
+    def merge_subjects(self, collection: str, into: str, source: str) -> list[str]:
+        """Move every face of ``source`` to ``into`` and delete ``source`` (its name taken by ``into`` when it has
+        none), in one transaction; answers stored under ``source``'s keys are forgotten. Returns the moved ids."""
+        with self._tx() as db:
+            self._require_subject(db, collection, into)
+            self._require_subject(db, collection, source)
+            where = "WHERE collection = ? AND subject = ?"
+            ids = [r[0] for r in db.execute(f"SELECT face_id FROM faces {where}", (collection, source))]
+            db.execute(f"UPDATE faces SET subject = ? {where}", (into, collection, source))
+            db.execute(
+                "UPDATE subjects SET name = COALESCE(name, (SELECT name FROM subjects WHERE collection = ? "
+                "AND subject = ?)) WHERE collection = ? AND subject = ?",
+                (collection, source, collection, into),
+            )
+            db.execute(_FORGET_ANSWERS, (collection, source))
+            db.execute(f"DELETE FROM subjects {where}", (collection, source))
+            self._forget_in_audit(db, collection, [source], faces=len(ids))  # an id that is no more
+        return ids
+
+    def move_faces(self, collection: str, face_ids: Sequence[str], source: str, to: str) -> list[str]:
+        """Move faces of ``source`` to subject ``to`` (made if new), in one transaction; answers that listed them
+        are forgotten. Raises FaceNotFound for a face that is not ``source``'s."""
+        with self._tx() as db:
+            self._require_subject(db, collection, source)
+            for fid in face_ids:
+                found = db.execute(
+                    "SELECT 1 FROM faces WHERE face_id = ? AND collection = ? AND subject = ?",
+                    (fid, collection, source),
+                ).fetchone()
+                if found is None:
+                    raise FaceNotFound(f"face {fid!r} does not belong to subject {source!r}")
+            db.execute(
+                "INSERT OR IGNORE INTO subjects(collection, subject, name, metadata, created_at) "
+                "VALUES (?, ?, NULL, '{}', ?)",
+                (collection, to, time.time()),
+            )
+            for fid in face_ids:
+                db.execute("UPDATE faces SET subject = ? WHERE face_id = ?", (to, fid))
+                db.execute(FORGET_FACE_ANSWERS.format(p="", q="?", pct="%"), (collection, source, fid))
+            audit.note(faces=len(face_ids))
+        return list(face_ids)
 
     def update_subject(self, subject: str, changes: dict[str, Any], collection: str = DEFAULT_COLLECTION) -> None:
         """Set the subject's ``name`` (None clears it) and/or ``metadata`` (replaced whole), as ``changes`` has them."""
@@ -963,6 +1105,7 @@ class SQLiteGalleryStore:
                         "UPDATE idempotency SET response = '', subject = '' WHERE instr(response, ?) > 0", (fid,)
                     )
                 self._wal_dirty = bool(dropped)
+            audit.note(faces=len(dropped))
             previous = record.model_version if record.model_version != to else record.previous_version
             db.execute(
                 "UPDATE collections SET model_version = ?, previous_version = ?, migration = NULL, switched_at = ? "
@@ -1014,6 +1157,8 @@ class SQLiteGalleryStore:
             ids = [r[0] for r in db.execute("SELECT face_id FROM faces WHERE collection = ?", (name,))]
             db.execute("DELETE FROM faces WHERE collection = ?", (name,))
             db.execute("UPDATE idempotency SET response = '', subject = '' WHERE collection = ?", (name,))
+            subjects = [r[0] for r in db.execute("SELECT subject FROM subjects WHERE collection = ?", (name,))]
+            self._forget_in_audit(db, name, subjects, faces=len(ids))
             db.execute("DELETE FROM subjects WHERE collection = ?", (name,))
             db.execute("DELETE FROM collections WHERE name = ?", (name,))
             self._wal_dirty = True
@@ -1198,6 +1343,30 @@ def face_from_row(row: Sequence[Any]) -> FaceRecord:
         collection=row[13],
         model_version=row[2],
     )
+
+
+def audit_query(
+    p: str,
+    q: str,
+    after: int,
+    since: float | None,
+    until: float | None,
+    action: str | None,
+    collection: str | None,
+) -> tuple[str, list[Any]]:
+    """The audit log's query with its filters (both stores)."""
+    query = AUDIT_SELECT.format(p=p, q=q)
+    args: list[Any] = [after]
+    for column, op, value in (
+        ("at", ">=", since),
+        ("at", "<", until),
+        ("action", "=", action),
+        ("collection", "=", collection),
+    ):
+        if value is not None:
+            query += f" AND {column} {op} {q}"
+            args.append(value)
+    return query, args
 
 
 def embedding_row(face_id: str, e: FaceEmbedding) -> tuple[Any, ...]:

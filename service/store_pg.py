@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import threading
 import time
 import uuid
@@ -41,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from service import audit
 from service.deadline import time_left
 from service.errors import (
     CollectionExists,
@@ -51,10 +53,12 @@ from service.errors import (
     SubjectNotFound,
 )
 from service.store import (
+    AUDIT_INSERT,
     BUSY,
     COLLECTION_COUNTS,
     DEFAULT_COLLECTION,
     EMBEDDING_COLUMNS,
+    ENROLLED_SINCE,
     FACE_COLUMN_COUNT,
     FACE_COLUMNS,
     FACES_TO_EMBED,
@@ -74,6 +78,7 @@ from service.store import (
     StoredAnswer,
     SubjectRecord,
     at_versions,
+    audit_query,
     collection_changes,
     collection_from_row,
     embedding_row,
@@ -169,6 +174,21 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             norm double precision NOT NULL, quality double precision NOT NULL, PRIMARY KEY (face_id, model_version)
         );
         ALTER TABLE oaml_replicas ADD COLUMN versions text NOT NULL DEFAULT '';
+        """,
+    ),
+    (
+        5,
+        # The audit log of biometric operations (service/audit.py): append-only, no biometric data or names.
+        """
+        CREATE TABLE oaml_audit (
+            seq bigserial PRIMARY KEY, at double precision NOT NULL, key_id text NOT NULL, action text NOT NULL,
+            collection text, subject text, other_subject text, faces integer NOT NULL DEFAULT 0,
+            outcome text NOT NULL, detail text NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX oaml_audit_at ON oaml_audit(at);
+        CREATE INDEX oaml_audit_key ON oaml_audit(key_id, action, at);
+        CREATE INDEX oaml_audit_subject ON oaml_audit(collection, subject);
+        CREATE INDEX oaml_audit_other ON oaml_audit(collection, other_subject);
         """,
     ),
 )
@@ -292,6 +312,14 @@ class PostgresGalleryStore:
                 conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(int(self.timeout_s * 6000)),))
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
                 yield conn
+                entry = audit.current()  # the operation's audit entry, committed with it
+                if entry is not None and not entry.recorded:
+                    conn.execute(
+                        AUDIT_INSERT.format(p="oaml_", q="%s"),
+                        entry.row(),
+                    )
+            if entry is not None:
+                entry.recorded = True
         except self._lock_errors as exc:
             raise GalleryStoreError(BUSY, internal=f"writing {self.path}: {_one_line(exc)}") from exc
         except self._errors as exc:
@@ -404,8 +432,112 @@ class PostgresGalleryStore:
             ids = [r[0] for r in conn.execute(f"DELETE FROM oaml_faces {where} RETURNING face_id", args)]
             conn.execute(f"UPDATE oaml_idempotency SET response = '', subject = '' {where}", args)
             conn.execute(f"DELETE FROM oaml_subjects {where}", args)
+            self._forget_in_audit(conn, collection, [subject], faces=len(ids))
             self._log(conn, collection, [("delete", subject, fid) for fid in ids] + [("subject", subject, None)])
         return ids
+
+    @staticmethod
+    def _secret(conn: Any) -> bytes:
+        """The gallery's own key for the audit log's pseudonyms (made once, kept in ``oaml_meta``)."""
+        conn.execute(
+            "INSERT INTO oaml_meta(key, value) VALUES ('audit_secret', %s) ON CONFLICT (key) DO NOTHING",
+            (secrets.token_hex(32),),
+        )
+        return bytes.fromhex(conn.execute("SELECT value FROM oaml_meta WHERE key = 'audit_secret'").fetchone()[0])
+
+    def _forget_in_audit(self, conn: Any, collection: str, subjects: Sequence[str], faces: int) -> None:
+        """Deleted subjects' ids become pseudonyms in the log, in this deletion's own entry too."""
+        audit.pseudonymise(conn.execute, self._secret(conn), "oaml_", "%s", collection, subjects)
+        audit.note(faces=faces)
+
+    # -- the audit log ----------------------------------------------------------------------------
+
+    def append_audit(self, entry: audit.AuditEntry) -> None:
+        """Record an entry on its own (a refused operation, a read such as an export)."""
+        with audit.pending(entry), self._write():
+            pass
+
+    def audit_entries(
+        self,
+        after: int = 0,
+        limit: int = 100,
+        since: float | None = None,
+        until: float | None = None,
+        action: str | None = None,
+        collection: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Entries after position ``after``, oldest first, filtered."""
+        query, args = audit_query("oaml_", "%s", after, since, until, action, collection)
+        with self._read() as conn:
+            rows = conn.execute(f"{query} ORDER BY seq LIMIT %s", (*args, limit)).fetchall()
+        return [audit.entry_from_row(tuple(r)) for r in rows]
+
+    def prune_audit(self, before: float) -> int:
+        """Delete the entries older than ``before`` (the retention); returns how many."""
+        with self._write() as conn:
+            return int(conn.execute("DELETE FROM oaml_audit WHERE at < %s", (before,)).rowcount)
+
+    def faces_enrolled_since(self, key_id: str, since: float) -> int:
+        """Faces the key enrolled since ``since`` (its daily quota, shared by every replica), from the log."""
+        with self._read() as conn:
+            return int(conn.execute(ENROLLED_SINCE.format(p="oaml_", q="%s"), (key_id, since)).fetchone()[0])
+
+    # -- identity hygiene: merging subjects, moving faces -------------------------------------------
+
+    def merge_subjects(self, collection: str, into: str, source: str) -> list[str]:
+        """Move every face of ``source`` to ``into`` and delete ``source`` in one transaction (see the SQLite
+        store); other replicas re-index the moved faces from the change log."""
+        with self._write() as conn:
+            self._require_subject(conn, collection, into)
+            self._require_subject(conn, collection, source)
+            where = "WHERE collection = %s AND subject = %s"
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    f"UPDATE oaml_faces SET subject = %s {where} RETURNING face_id", (into, collection, source)
+                )
+            ]
+            conn.execute(
+                "UPDATE oaml_subjects t SET name = COALESCE(t.name, s.name) FROM oaml_subjects s "
+                "WHERE t.collection = %s AND t.subject = %s AND s.collection = %s AND s.subject = %s",
+                (collection, into, collection, source),
+            )
+            conn.execute(f"UPDATE oaml_idempotency SET response = '', subject = '' {where}", (collection, source))
+            conn.execute(f"DELETE FROM oaml_subjects {where}", (collection, source))
+            self._forget_in_audit(conn, collection, [source], faces=len(ids))  # an id that is no more
+            self._log(
+                conn,
+                collection,
+                [("move", into, fid) for fid in ids] + [("subject", into, None), ("subject", source, None)],
+            )
+        return ids
+
+    def move_faces(self, collection: str, face_ids: Sequence[str], source: str, to: str) -> list[str]:
+        """Move faces of ``source`` to subject ``to`` (made if new) in one transaction."""
+        with self._write() as conn:
+            self._require_subject(conn, collection, source)
+            for fid in face_ids:
+                found = conn.execute(
+                    "SELECT 1 FROM oaml_faces WHERE face_id = %s AND collection = %s AND subject = %s",
+                    (fid, collection, source),
+                ).fetchone()
+                if found is None:
+                    raise FaceNotFound(f"face {fid!r} does not belong to subject {source!r}")
+            conn.execute(
+                "INSERT INTO oaml_subjects(collection, subject, name, metadata, created_at) "
+                "VALUES (%s, %s, NULL, '{}', %s) ON CONFLICT (collection, subject) DO NOTHING",
+                (collection, to, time.time()),
+            )
+            for fid in face_ids:
+                conn.execute("UPDATE oaml_faces SET subject = %s WHERE face_id = %s", (to, fid))
+                conn.execute(FORGET_FACE_ANSWERS.format(p="oaml_", q="%s", pct="%%"), (collection, source, fid))
+            audit.note(faces=len(face_ids))
+            self._log(
+                conn,
+                collection,
+                [("move", to, fid) for fid in face_ids] + [("subject", to, None), ("subject", source, None)],
+            )
+        return list(face_ids)
 
     def update_subject(self, subject: str, changes: dict[str, Any], collection: str = DEFAULT_COLLECTION) -> None:
         """Set the subject's ``name`` (None clears it) and/or ``metadata`` (replaced whole); other replicas
@@ -552,6 +684,7 @@ class PostgresGalleryStore:
                     conn.execute(
                         "UPDATE oaml_idempotency SET response = '', subject = '' WHERE strpos(response, %s) > 0", (fid,)
                     )
+            audit.note(faces=len(dropped))
             previous = record.model_version if record.model_version != to else record.previous_version
             conn.execute(
                 "UPDATE oaml_collections SET model_version = %s, previous_version = %s, migration = NULL, "
@@ -603,6 +736,8 @@ class PostgresGalleryStore:
             deleted = conn.execute("DELETE FROM oaml_faces WHERE collection = %s RETURNING face_id", (name,))
             ids = [r[0] for r in deleted]
             conn.execute("UPDATE oaml_idempotency SET response = '', subject = '' WHERE collection = %s", (name,))
+            subjects = [r[0] for r in conn.execute("SELECT subject FROM oaml_subjects WHERE collection = %s", (name,))]
+            self._forget_in_audit(conn, name, subjects, faces=len(ids))
             conn.execute("DELETE FROM oaml_subjects WHERE collection = %s", (name,))
             conn.execute("DELETE FROM oaml_collections WHERE name = %s", (name,))
             self._log(conn, name, [("delete", "", fid) for fid in ids] + [("collection", "", None)])

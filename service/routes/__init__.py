@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.routes import collections, demo, explain, gallery, health, identify, occlusion, verify
+from service.routes import audit, collections, demo, explain, gallery, health, identify, occlusion, verify
 
 __all__ = ["public", "protected"]
 
@@ -19,6 +19,7 @@ protected: list[APIRouter] = [
     explain.router,
     gallery.router,
     collections.router,
+    audit.router,
     identify.router,
     occlusion.router,
 ]

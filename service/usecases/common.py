@@ -7,8 +7,9 @@ default weights' for ``/verify``, a collection's own for what matches against th
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -23,6 +24,7 @@ from model.errors import (
     OAMLError,
     UnsupportedImageFormatError,
 )
+from service import audit
 from service.engine import FaceFeatures
 from service.models import ServedModel
 from service.problems import ApiError
@@ -44,7 +46,10 @@ __all__ = [
     "face_info",
     "crop_jpeg",
     "detection_of",
+    "write_audited",
 ]
+
+T = TypeVar("T")
 
 #: Probes less visible than this get a longer QAConv shortlist: their global cosine is less reliable.
 OCCLUDED_VISIBILITY = 0.7
@@ -164,3 +169,8 @@ def detection_of(found: Any) -> dict[str, Any]:
         "landmarks": np.round(found.face.landmarks, 1).tolist(),
         "detection_score": round(found.face.score, 4),
     }
+
+
+async def write_audited(state: AppState, entry: audit.AuditEntry, fn: Callable[..., T], *args: Any) -> T:
+    """:func:`service.audit.write` on the service's gallery."""
+    return await audit.write(state.gallery, entry, fn, *args)
