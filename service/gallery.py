@@ -26,6 +26,7 @@ never sees another's faces, and the open-set thresholds follow each one's size.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import threading
@@ -153,7 +154,10 @@ class Gallery:
         """``fn(*args)`` in a store-write thread, holding the writer's lock, refused once ``timeout_s`` has
         passed since this call (503 ``STORE_UNAVAILABLE``) or while the gallery is read-only (503)."""
         asked = time.monotonic()
-        return await asyncio.get_running_loop().run_in_executor(self.writes, self._exclusive, asked, fn, args)
+        context = contextvars.copy_context()  # the caller's audit entry and key go along to the write thread
+        return await asyncio.get_running_loop().run_in_executor(
+            self.writes, context.run, self._exclusive, asked, fn, args
+        )
 
     def _exclusive(self, asked: float, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         deadline = asked + self.timeout_s
@@ -272,6 +276,34 @@ class Gallery:
         target = self.collection(collection)
         self.store.delete_face(subject, face_id, collection)
         self._after_commit(target.index.remove, [face_id])
+
+    def merge_subjects(self, collection: str, into: str, source: str) -> list[str]:
+        """Every face of ``source`` becomes ``into``'s and ``source`` is gone (store, then index, then names)."""
+        target = self.collection(collection)
+        ids = self.store.merge_subjects(collection, into, source)
+        self._reindex(target, ids)
+        target.names.pop(source, None)
+        target.names[into] = self.store.subject(into, collection).name
+        return ids
+
+    def move_faces(self, collection: str, face_ids: list[str], source: str, to: str) -> list[str]:
+        """Faces of ``source`` become ``to``'s (a subject made if new)."""
+        target = self.collection(collection)
+        ids = self.store.move_faces(collection, face_ids, source, to)
+        self._reindex(target, ids)
+        target.names.setdefault(to, None)
+        return ids
+
+    def _reindex(self, target: Collection, face_ids: list[str]) -> None:
+        """Index ``face_ids`` again as the store has them now (their subject changed): read here, in the write
+        thread, then swapped in the index by the engine's worker."""
+        records = self.store.faces_by_id(face_ids, {target.name: target.version or self.default_version})
+
+        def swap() -> None:
+            target.index.remove(face_ids)
+            target.index.add_records(records)
+
+        self._after_commit(swap)
 
     def update_subject(self, subject: str, changes: dict[str, Any], collection: str = DEFAULT_COLLECTION) -> None:
         target = self.collection(collection)
@@ -468,13 +500,17 @@ class Gallery:
         so catching up never resurrects a deletion. Collections created or deleted are read from the store
         too, so the replica holds the collections the store has now.
         """
-        removed = {c.face_id for c in changes if c.op == "delete" and c.face_id}
-        wanted = [c.face_id for c in changes if c.op == "add" and c.face_id and c.face_id not in removed]
+        deleted = {c.face_id for c in changes if c.op == "delete" and c.face_id}
+        moved = {c.face_id for c in changes if c.op == "move" and c.face_id} - deleted  # to another subject
+        removed = deleted | moved
+        wanted = [c.face_id for c in changes if c.op == "add" and c.face_id and c.face_id not in deleted]
         renamed = sorted({c.collection for c in changes if c.op == "collection"})
         with self._lock:
             if renamed:
                 self._sync_collections()
-            records = store.faces_by_id([fid for fid in wanted if not self._indexed(fid)], self.versions())
+            # moved faces are removed below and read again with their new subject, indexed or not
+            wanted = [fid for fid in wanted if not self._indexed(fid) and fid not in moved] + sorted(moved)
+            records = store.faces_by_id(wanted, self.versions())
             for target in self.collections.values():
                 self.engine.call_device(target.index.remove, sorted(removed))
             self._index_records(records)

@@ -408,6 +408,11 @@ class GalleryIndex:
             self.subjects += subjects
             self.faces_per_subject.update(subjects)
 
+    def members(self) -> tuple[list[str], dict[str, int]]:
+        """The indexed face ids and each subject's face count, read together (a consistent snapshot)."""
+        with self._lock:
+            return list(self.face_ids), dict(self.faces_per_subject)
+
     def __contains__(self, face_id: object) -> bool:
         return face_id in self._slot
 

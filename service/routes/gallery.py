@@ -19,7 +19,15 @@ from service.routes.deps import (
     parse_selection,
     read_photo,
 )
-from service.schemas import DeleteResponse, EnrolResponse, SubjectDetail, SubjectPage, SubjectUpdate
+from service.schemas import (
+    DeleteResponse,
+    EnrolResponse,
+    FacesMove,
+    SubjectDetail,
+    SubjectMerge,
+    SubjectPage,
+    SubjectUpdate,
+)
 from service.store import DEFAULT_COLLECTION
 
 __all__ = ["router"]
@@ -177,3 +185,28 @@ async def delete_subject(state: StateDep, subject: str, collection: CollectionDe
 async def delete_face(state: StateDep, subject: str, face_id: str, collection: CollectionDep) -> DeleteResponse:
     """Remove one face of a subject (the subject stays, even with no faces left)."""
     return await usecases.delete_face(state, subject, face_id, collection)
+
+
+@router.post(
+    "/gallery/{subject}/merge",
+    response_model=SubjectDetail,
+    operation_id="merge_subjects",
+    responses=problem_responses(404),
+)
+async def merge_subjects(state: StateDep, subject: str, body: SubjectMerge, collection: CollectionDep) -> SubjectDetail:
+    """One person enrolled twice: every face of `from` becomes this subject's and `from` is deleted (its name taken
+    when this subject has none), in one transaction, on every replica. Answers stored under `from`'s
+    Idempotency-Keys are forgotten (a late retry is 422)."""
+    return await usecases.merge_subjects(state, subject, body.from_, collection)
+
+
+@router.post(
+    "/gallery/{subject}/faces/move",
+    response_model=SubjectDetail,
+    operation_id="move_faces",
+    responses=problem_responses(404),
+)
+async def move_faces(state: StateDep, subject: str, body: FacesMove, collection: CollectionDep) -> SubjectDetail:
+    """One subject holding two people: the faces named become subject `to`'s (made if new), in one transaction;
+    answers the subject that `to` now is."""
+    return await usecases.move_faces(state, subject, body.faces, body.to, collection)

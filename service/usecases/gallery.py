@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from model.align import FaceSelection
+from service import audit
 from service.engine import FaceFeatures
-from service.errors import IdempotencyKeyReused
+from service.errors import IdempotencyKeyReused, QuotaExceeded
 from service.models import ServedModel
 from service.problems import ApiError
 from service.schemas import (
@@ -41,7 +42,7 @@ from service.store import (
     SubjectRecord,
     new_face_id,
 )
-from service.usecases.common import PER_PHOTO_ERRORS, FoundFace, Photo, crop_jpeg, find_face
+from service.usecases.common import PER_PHOTO_ERRORS, FoundFace, Photo, crop_jpeg, find_face, write_audited
 
 __all__ = [
     "Enrolled",
@@ -51,6 +52,8 @@ __all__ = [
     "update_subject",
     "delete_subject",
     "delete_face",
+    "merge_subjects",
+    "move_faces",
 ]
 
 
@@ -125,6 +128,7 @@ async def enrol(
         earlier = await gallery.read(gallery.store.answer_for, idempotency_key)
         if earlier is not None:
             return _replay(earlier, request_hash)
+    await _within_quota(state, len(photos))
     rejected: list[RejectedImage] = []
 
     def reject(i: int, code: str, reason: str) -> None:
@@ -210,7 +214,10 @@ async def enrol(
             total_faces=total,
         ).model_dump_json()
 
-    done = await gallery.write(
+    entry = audit.AuditEntry("enrol", collection, subject, faces=len(records), detail={"rejected": len(rejected)})
+    done = await write_audited(
+        state,
+        entry,
         gallery.commit,
         Enrolment(subject, name, metadata, records, collection),
         idempotency_key,
@@ -270,20 +277,71 @@ async def update_subject(
     state: AppState, subject: str, changes: dict[str, Any], collection: str = DEFAULT_COLLECTION
 ) -> SubjectDetail:
     """Set a subject's name (None clears it) or metadata; the faces are untouched."""
-    await state.gallery.write(state.gallery.update_subject, subject, changes, collection)
+    entry = audit.AuditEntry("update_subject", collection, subject, detail={"fields": sorted(changes)})
+    await write_audited(state, entry, state.gallery.update_subject, subject, changes, collection)
     return await get_subject(state, subject, collection)
 
 
 async def delete_subject(state: AppState, subject: str, collection: str = DEFAULT_COLLECTION) -> DeleteResponse:
-    ids = await state.gallery.write(state.gallery.delete_subject, subject, collection)
+    entry = audit.AuditEntry("delete_subject", collection, subject)
+    ids = await write_audited(state, entry, state.gallery.delete_subject, subject, collection)
     return DeleteResponse(subject=subject, collection=collection, deleted_faces=ids)
 
 
 async def delete_face(
     state: AppState, subject: str, face_id: str, collection: str = DEFAULT_COLLECTION
 ) -> DeleteResponse:
-    await state.gallery.write(state.gallery.delete_face, subject, face_id, collection)
+    entry = audit.AuditEntry("delete_face", collection, subject, faces=1, detail={"face_id": face_id})
+    await write_audited(state, entry, state.gallery.delete_face, subject, face_id, collection)
     return DeleteResponse(subject=subject, collection=collection, deleted_faces=[face_id])
+
+
+async def merge_subjects(
+    state: AppState, subject: str, source: str, collection: str = DEFAULT_COLLECTION
+) -> SubjectDetail:
+    """Every face of ``source`` becomes ``subject``'s and ``source`` is deleted (one person enrolled twice)."""
+    if source == subject:
+        raise ApiError("VALIDATION_ERROR", "a subject cannot be merged into itself", field="from")
+    await state.gallery.find(collection)
+    entry = audit.AuditEntry("merge_subjects", collection, subject, other_subject=source)
+    await write_audited(state, entry, state.gallery.merge_subjects, collection, subject, source)
+    return await get_subject(state, subject, collection)
+
+
+async def move_faces(
+    state: AppState, subject: str, face_ids: list[str], to: str, collection: str = DEFAULT_COLLECTION
+) -> SubjectDetail:
+    """Faces of ``subject`` become ``to``'s (a subject made if new): one subject that held two people."""
+    if to == subject:
+        raise ApiError("VALIDATION_ERROR", "the faces already belong to that subject", field="to")
+    await state.gallery.find(collection)
+    entry = audit.AuditEntry("move_faces", collection, subject, other_subject=to, detail={"face_ids": sorted(face_ids)})
+    await write_audited(state, entry, state.gallery.move_faces, collection, face_ids, subject, to)
+    return await get_subject(state, to, collection)
+
+
+#: The window of the enrolment quota.
+QUOTA_WINDOW_S = 24 * 3600
+
+
+async def _within_quota(state: AppState, photos: int) -> None:
+    """The key's enrolment quota (``OAML_ENROL_FACES_PER_DAY`` faces in 24 hours, counted from the audit log, so
+    shared by every replica of a shared store): 429 ``QUOTA_EXCEEDED`` before any detection when these photos
+    could pass it. Without API keys there is no quota."""
+    limit = state.settings.enrol_faces_per_day
+    if not limit or not state.settings.authenticated:
+        return
+    key = audit.key_id_var.get()
+    gallery = state.gallery
+    used = await gallery.read(gallery.store.faces_enrolled_since, key, time.time() - QUOTA_WINDOW_S)
+    if used + photos > limit:
+        raise QuotaExceeded(
+            f"this API key enrolled {used} faces in the last 24 hours, of {limit} allowed (OAML_ENROL_FACES_PER_DAY)",
+            retry_after=3600,
+            limit=limit,
+            remaining=max(0, limit - used),
+            policy=f"{limit};w={QUOTA_WINDOW_S}",
+        )
 
 
 def _at(model: ServedModel, f: FaceFeatures) -> FaceEmbedding:
