@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from model.openset import IDENTIFY_PRESETS
+from service import audit
 from service.errors import MigrationConflict, Overloaded
 from service.gallery import Collection
 from service.index import GalleryIndex
@@ -88,12 +89,14 @@ class Migrations:
     def resume(self) -> None:
         """Start the background work a restart interrupted (migrations that were running) and the retention
         sweep of previous versions."""
+        audit.key_id_var.set("service")  # what the log names for work the service resumes by itself
         for name, held in self.state.gallery.collections.items():
             migration = (held.record.migration if held.record is not None else None) or {}
             if migration.get("state") in ("running", "switching"):
                 logger.info("resuming the migration of collection %r to %s", name, migration.get("to"))
                 self._launch(name)
-        if self.state.settings.keep_previous_days > 0:
+        settings = self.state.settings
+        if settings.keep_previous_days > 0 or settings.audit_retention_days > 0:
             self._retention = asyncio.create_task(self._sweep(), name="oaml-retention")
 
     async def stop(self) -> None:
@@ -162,7 +165,10 @@ class Migrations:
             "without_crops": sum(without.values()),
             "subjects_without_crops": sorted(without),
         }
-        await gallery.write(gallery.update_collection, name, {"migration": migration})
+        entry = audit.AuditEntry(
+            "migration_start", name, faces=total, detail={"to": to, "from": current, "switch": switch}
+        )
+        await audit.write(gallery, entry, gallery.update_collection, name, {"migration": migration})
         self._launch(name)
         return self.status(name)
 
@@ -206,7 +212,8 @@ class Migrations:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        await gallery.write(gallery.drop_version, name, migration["to"])
+        entry = audit.AuditEntry("migration_cancel", name, detail={"to": migration["to"]})
+        await audit.write(gallery, entry, gallery.drop_version, name, migration["to"])
         return self.status(name)
 
     async def rollback(self, name: str) -> dict[str, Any]:
@@ -221,7 +228,8 @@ class Migrations:
             raise MigrationConflict(f"collection {name!r} is migrating: cancel that first")
         await asyncio.to_thread(gallery.prepare_version, previous)
         await self._wait_for_replicas(name, previous)
-        await gallery.write(gallery.switch_version, name, previous)
+        entry = audit.AuditEntry("rollback", name, detail={"to": previous, "from": held.version})
+        await audit.write(gallery, entry, gallery.switch_version, name, previous)
         logger.info("collection %r rolled back to model %s", name, previous)
         return self.status(name)
 
@@ -232,7 +240,8 @@ class Migrations:
         previous = held.record.previous_version if held.record is not None else None
         if previous is None:
             raise MigrationConflict(f"collection {name!r} keeps no previous version")
-        await gallery.write(gallery.drop_version, name, previous)
+        entry = audit.AuditEntry("drop_previous", name, detail={"version": previous})
+        await audit.write(gallery, entry, gallery.drop_version, name, previous)
         return self.status(name)
 
     # -- the background work --------------------------------------------------------------------
@@ -253,7 +262,7 @@ class Migrations:
                 )
                 if not batch:
                     break
-                crops = await engine.run_cpu(_decode_crops, [crop for _, crop in batch])
+                crops = await engine.run_cpu(decode_crops, [crop for _, crop in batch])
                 feats = await _embed_patiently(engine, crops, to)
                 items = [(fid, _data(model, f)) for (fid, _), f in zip(batch, feats, strict=True)]
                 have, _ = await gallery.read(gallery.store.version_coverage, name, to)
@@ -287,7 +296,10 @@ class Migrations:
         migration["state"] = "switching"
         await gallery.write(gallery.update_collection, name, {"migration": migration})
         await self._wait_for_replicas(name, to)
-        record, dropped = await gallery.write(gallery.switch_version, name, to, migration.get("missing") == "drop")
+        entry = audit.AuditEntry("migration_switch", name, detail={"to": to, "from": migration.get("from")})
+        record, dropped = await audit.write(
+            gallery, entry, gallery.switch_version, name, to, migration.get("missing") == "drop"
+        )
         logger.info(
             "collection %r switched to model %s (%d faces%s); %s kept for rollback",
             name,
@@ -328,10 +340,23 @@ class Migrations:
         )
 
     async def _sweep(self) -> None:
-        """Drop each collection's previous version ``OAML_KEEP_PREVIOUS_DAYS`` after its switch (hourly)."""
-        keep = self.state.settings.keep_previous_days * 86400
+        """Hourly: drop each collection's previous version ``OAML_KEEP_PREVIOUS_DAYS`` after its switch, and the
+        audit log's entries older than ``OAML_AUDIT_RETENTION_DAYS``."""
+        settings, gallery = self.state.settings, self.state.gallery
+        keep = settings.keep_previous_days * 86400
         while True:
-            for name, held in list(self.state.gallery.collections.items()):
+            if settings.audit_retention_days > 0:
+                try:
+                    gone = await gallery.write(
+                        gallery.store.prune_audit, time.time() - settings.audit_retention_days * 86400
+                    )
+                    if gone:
+                        logger.info(
+                            "audit log: %d entries older than %g days deleted", gone, settings.audit_retention_days
+                        )
+                except Exception:
+                    logger.exception("could not prune the audit log")
+            for name, held in list(self.state.gallery.collections.items()) if keep > 0 else []:
                 record = held.record
                 if record is None or record.previous_version is None or record.switched_at is None:
                     continue
@@ -358,7 +383,7 @@ async def _embed_patiently(engine: Any, crops: np.ndarray, version: str) -> list
             await asyncio.sleep(0.5)
 
 
-def _decode_crops(crops: list[bytes]) -> np.ndarray:
+def decode_crops(crops: list[bytes]) -> np.ndarray:
     """Stored crops (JPEG) as ``[n, 112, 112, 3]`` RGB."""
     return np.stack([np.asarray(Image.open(io.BytesIO(c), formats=["JPEG"]).convert("RGB")) for c in crops])
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
 from service import usecases
 from service.problems import ApiError, problem_responses
@@ -21,6 +22,8 @@ from service.schemas import (
     CollectionInfo,
     CollectionPage,
     CollectionUpdate,
+    IdentityReview,
+    ImportResult,
     MigrationRequest,
     MigrationStatus,
 )
@@ -175,3 +178,68 @@ async def rollback(state: StateDep, name: CollectionName) -> MigrationStatus:
 async def drop_previous(state: StateDep, name: CollectionName) -> MigrationStatus:
     """Erase the previous model version's data of the collection (no rollback after this)."""
     return await usecases.drop_previous(state, name)
+
+
+@router.get(
+    "/collections/{name}/duplicates",
+    response_model=IdentityReview,
+    operation_id="review_identities",
+    responses=problem_responses(404),
+)
+async def review_identities(
+    state: StateDep,
+    request: Request,
+    name: CollectionName,
+    threshold: Annotated[
+        str | None, Query(description="a preset (`lenient`, `balanced`, `strict`: /identify's FPIR) or a score")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> IdentityReview:
+    """Identity hygiene: pairs of subjects that are probably one person (their faces match across subjects above
+    /identify's threshold at this collection's size), and subjects whose own faces do not match each other
+    (probably two people). Merge the first (`POST /gallery/{subject}/merge`), split the second (`POST
+    /gallery/{subject}/faces/move`)."""
+    _may_see(request, name)
+    return await usecases.review_identities(state, name, threshold, limit)
+
+
+@router.get(
+    "/collections/{name}/export",
+    operation_id="export_collection",
+    responses={
+        200: {"content": {"application/x-ndjson": {}}, "description": "the collection as JSON lines"},
+        **problem_responses(404),
+    },
+    response_class=StreamingResponse,
+)
+async def export_collection(state: StateDep, request: Request, name: CollectionName) -> StreamingResponse:
+    """The collection as JSON lines, for a backup or another OAML service: a header (format, model version,
+    counts), each subject (id, name, metadata), each face (box, quality, embedding, maps and visibility at the
+    collection's model version, and its crop when kept). Biometric data: the export is written to the audit log.
+    `POST /collections/{name}/import` reads it back."""
+    _may_see(request, name)
+    lines = await usecases.export_collection(state, name)
+    disposition = f'attachment; filename="{name}.oaml.jsonl"'
+    return StreamingResponse(lines, media_type="application/x-ndjson", headers={"Content-Disposition": disposition})
+
+
+@router.post(
+    "/collections/{name}/import",
+    response_model=ImportResult,
+    status_code=201,
+    operation_id="import_collection",
+    responses=problem_responses(404, 409, 413, 422),
+    dependencies=[CollectionAdmin],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/x-ndjson": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def import_collection(state: StateDep, request: Request, name: CollectionName) -> ImportResult:
+    """Read an export (`GET /collections/{name}/export`, the body as sent) into collection `name`, new or
+    empty. Faces keep their data when the file's model version is the collection's; otherwise they are embedded
+    again from their crops, and a file whose faces lack crops gets 409 `MODEL_VERSION_MISMATCH`. All or nothing:
+    a failed import leaves the collection as it was. At most `OAML_MAX_IMPORT_MB` (413 beyond)."""
+    return await usecases.import_collection(state, name, request.stream())
