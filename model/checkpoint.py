@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 #: Submodules that are OAML additions; absent from AdaFace checkpoints.
-HEAD_PREFIXES = ("occlusion_head.", "qaconv.")
+HEAD_PREFIXES = ("occlusion_head.", "qaconv.", "qaconv_proj.")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -68,6 +68,7 @@ def default_metadata(model: OAMLNet) -> dict[str, Any]:
             },
             "qaconv": {
                 "num_features": model.qaconv.num_features,
+                "projected_from": model.feature_channels if model.qaconv_proj is not None else None,
                 "height": model.qaconv.height,
                 "width": model.qaconv.width,
                 "occlusion_method": model.qaconv.occlusion_method,
@@ -187,6 +188,7 @@ def load_checkpoint(
         input_size=meta.get("input", {}).get("size", [112])[0],
         occlusion_hidden=heads.get("occlusion", {}).get("hidden_channels", 256),
         occlusion_method=qa.get("occlusion_method", "scaling"),
+        qaconv_channels=qa.get("num_features") if qa.get("projected_from") else None,
     )
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
     try:

@@ -270,7 +270,7 @@ class Embedder:
             crops = crops[None]
         parts = [self.forward(crops[s : s + self.batch_size]) for s in range(0, len(crops), self.batch_size)]
         if not parts:
-            c = self.model.feature_channels
+            c = self.model.qaconv.num_features
             return Features(
                 torch.zeros(0, self.model.embedding_size), torch.zeros(0), torch.zeros(0, 7, 7), torch.zeros(0, c, 7, 7)
             )

@@ -185,7 +185,7 @@ class OAMLOutput(NamedTuple):
     embedding: torch.Tensor  # [B, 512], L2-normalised
     norm: torch.Tensor  # [B, 1], AdaFace feature norm (quality signal)
     occlusion: torch.Tensor  # [B, 1, 7, 7], 1 = visible
-    feature_map: torch.Tensor  # [B, C, 7, 7], output of the last body unit
+    feature_map: torch.Tensor  # [B, C, 7, 7]: what QAConv matches (the last body unit's map, or its projection)
 
 
 class OAMLNet(nn.Module):
@@ -200,6 +200,9 @@ class OAMLNet(nn.Module):
         input_size: square face size; 112 gives the 7x7 map QAConv and the occlusion head expect.
         occlusion_hidden: hidden channels of the occlusion head.
         occlusion_method: QAConv visibility weighting, ``'scaling'`` or ``'outer'``.
+        qaconv_channels: QAConv's local descriptors: ``None`` (the last unit's own channels), or this many,
+            projected from them by a learned 1x1 convolution and BatchNorm (:attr:`qaconv_proj`): a gallery keeps
+            ``qaconv_channels x 7 x 7`` maps per face instead of ``512 x 7 x 7``.
         nan_guard: see :attr:`nan_guard`.
     """
 
@@ -213,6 +216,7 @@ class OAMLNet(nn.Module):
         input_size: int = 112,
         occlusion_hidden: int = 256,
         occlusion_method: str = "scaling",
+        qaconv_channels: int | None = None,
         nan_guard: bool = False,
     ) -> None:
         super().__init__()
@@ -250,7 +254,13 @@ class OAMLNet(nn.Module):
         )
         self._init_backbone_weights()
         self.occlusion_head = OcclusionHead(channels, occlusion_hidden)
-        self.qaconv = QAConv(channels, self.map_size, self.map_size, occlusion_method=occlusion_method)
+        self.qaconv_proj: nn.Sequential | None = None
+        if qaconv_channels is not None:
+            self.qaconv_proj = nn.Sequential(
+                nn.Conv2d(channels, qaconv_channels, kernel_size=1, bias=False), nn.BatchNorm2d(qaconv_channels)
+            )
+        local = qaconv_channels or channels
+        self.qaconv = QAConv(local, self.map_size, self.map_size, occlusion_method=occlusion_method)
         self._gallery: PreparedGallery | None = None
 
     def _init_backbone_weights(self) -> None:
@@ -289,12 +299,16 @@ class OAMLNet(nn.Module):
         """Visibility map. The input is detached: the occlusion loss must not shape the backbone."""
         return self.occlusion_head(feature_map.detach())
 
+    def forward_local(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """What QAConv matches: the last unit's map, or its learned projection (:attr:`qaconv_proj`)."""
+        return feature_map if self.qaconv_proj is None else self.qaconv_proj(feature_map)
+
     def forward_all(self, x: torch.Tensor) -> OAMLOutput:
-        """Embedding, norm, occlusion map and feature map from one pass through the body."""
+        """Embedding, norm, occlusion map and QAConv's map from one pass through the body."""
         feature_map = self.forward_features(x)
         embedding, norm = self.forward_head(feature_map)
         occlusion = self.forward_occlusion(feature_map).float()
-        return OAMLOutput(embedding, norm, occlusion, feature_map)
+        return OAMLOutput(embedding, norm, occlusion, self.forward_local(feature_map))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.forward_all(x)

@@ -485,6 +485,37 @@ def _cmd_eval_identify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_heads(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from model.training.heads import HeadCache, build_cache, export_heads, load_heads, run_recipes
+    from model.training.train import read_exclusions
+
+    torch.set_num_threads(args.threads)
+    root = Path(args.data_root)
+    if args.step == "cache":
+        build_cache(
+            args.weights,
+            [str(root / c) for c in args.labelled],
+            [str(root / c) for c in args.unlabelled],
+            args.out,
+            root / "occluders",
+            views=args.views,
+            exclude=read_exclusions(args.exclude),
+            max_views=args.max_views,
+        )
+    elif args.step == "train":
+        report = run_recipes(HeadCache(args.cache), args.weights, args.out, steps=args.steps)
+        sys.stdout.write(json.dumps({k: v["validation"] for k, v in report["recipes"].items()}, indent=2) + "\n")
+    else:
+        base, _ = load_checkpoint(args.weights)
+        heads = load_heads(args.heads, base)
+        written = export_heads(args.weights, heads, args.out, {"heads": str(args.heads)})
+        sys.stdout.write(written["model_version"] + "\n")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -774,6 +805,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print the metadata of an OAML weights file")
     p.add_argument("weights", type=Path)
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser(
+        "heads",
+        help="the occlusion-aware heads on a frozen backbone: cache its trunk maps of training views, train the "
+        "recipe and its ablation on them, export the chosen heads as new weights",
+    )
+    p.add_argument("step", choices=["cache", "train", "export"])
+    p.add_argument("weights", type=Path, help="the weights whose backbone stays frozen")
+    p.add_argument("--data-root", type=Path, default=Path("../oaml_data"))
+    p.add_argument("--labelled", nargs="+", default=["celeba", "afdb", "lag", "fgnet"])
+    p.add_argument("--unlabelled", nargs="*", default=["mask_unlabeled", "aflw2000"])
+    p.add_argument("--exclude", nargs="*", default=["configs/overlap/lag_eval.txt"])
+    p.add_argument("--views", type=int, default=4, help="views per labelled face: one clean, the rest occluded")
+    p.add_argument("--max-views", type=int, default=None, help="cap on the labelled views cached (cache)")
+    p.add_argument("--cache", type=Path, help="the cache folder (train)")
+    p.add_argument("--heads", type=Path, help="the trained heads to export (export)")
+    p.add_argument("--steps", type=int, default=None, help="steps per recipe (default: the recipe's)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=_cmd_heads)
 
     from oaml.bulk import add_parser as add_bulk_enrol
     from oaml.migrate import add_parser as add_migrate

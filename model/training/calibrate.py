@@ -27,10 +27,11 @@ __all__ = [
     "cross_validated_reliability",
     "draw_reliability",
     "export_check",
+    "logistic_fit",
 ]
 
 
-def _logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iterations: int = 50) -> tuple[np.ndarray, float]:
+def logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iterations: int = 50) -> tuple[np.ndarray, float]:
     """Class-balanced L2-regularised logistic regression by Newton's method."""
     n, d = x.shape
     xb = np.hstack([x, np.ones((n, 1))])
@@ -71,7 +72,7 @@ def fit_calibration(cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray, sam
         fitted=True,
         pairs=int(len(same)),
     )
-    coef, intercept = _logistic_fit(cal.features(cos, qa, visibility), same.astype(np.float64))
+    coef, intercept = logistic_fit(cal.features(cos, qa, visibility), same.astype(np.float64))
     cal.coef, cal.intercept = [float(c) for c in coef], intercept
     fused = cal.score(cos, qa, visibility)
     cal.thresholds = {name: threshold_at_far(fused[imp], far) for name, far in PRESETS.items()}
