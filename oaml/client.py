@@ -103,6 +103,12 @@ __all__ = [
     "CollectionPage",
     "CollectionDeleted",
     "MigrationStatus",
+    "DuplicatePair",
+    "MixedSubject",
+    "IdentityReview",
+    "AuditEntryInfo",
+    "AuditPage",
+    "ImportResult",
     # errors
     "OAMLError",
     "OAMLConnectionError",
@@ -130,6 +136,8 @@ __all__ = [
     "FaceTooSmall",
     "IdempotencyKeyReused",
     "RateLimited",
+    "QuotaExceeded",
+    "ModelVersionMismatch",
     "ServerError",
     "Unavailable",
     "Overloaded",
@@ -535,6 +543,67 @@ class MigrationStatus(Model):
     migration: dict[str, Any] | None
 
 
+@dataclass(frozen=True, kw_only=True)
+class DuplicatePair(Model):
+    subjects: list[str]
+    score: float
+    faces: list[str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixedSubject(Model):
+    subject: str
+    faces: int
+    lowest_score: float
+    pair: list[str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class IdentityReview(Model):
+    collection: str
+    model_version: str
+    threshold: float
+    threshold_preset: str | None
+    fpir: float
+    faces: int
+    probes: int
+    duplicates: list[DuplicatePair]
+    duplicates_found: int
+    mixed: list[MixedSubject]
+    mixed_found: int
+    mixed_subjects_checked: int
+    mixed_threshold: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditEntryInfo(Model):
+    seq: int
+    at: float
+    key_id: str
+    action: str
+    collection: str | None
+    subject: str | None
+    other_subject: str | None
+    faces: int
+    outcome: str
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditPage(Model):
+    entries: list[AuditEntryInfo]
+    next: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportResult(Model):
+    collection: str
+    model_version: str
+    subjects: int
+    faces: int
+    embedded_again: int
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 
 
@@ -619,6 +688,10 @@ class Conflict(OAMLAPIError):
     """409: ``COLLECTION_EXISTS``, ``SUBJECT_HAS_NO_FACES``, ``MIGRATION_CONFLICT``, ``FACES_WITHOUT_CROPS``..."""
 
 
+class ModelVersionMismatch(Conflict):
+    """409 ``MODEL_VERSION_MISMATCH``: an import of another model's faces without the crops to embed them."""
+
+
 class PayloadTooLarge(OAMLAPIError):
     """413."""
 
@@ -664,7 +737,12 @@ class IdempotencyKeyReused(ValidationFailed):
 
 
 class RateLimited(OAMLAPIError):
-    """429 (a proxy's rate limit)."""
+    """429 ``RATE_LIMITED``: the key's requests per second (``OAML_RATE_LIMITS``), or a proxy's limit."""
+
+
+class QuotaExceeded(RateLimited):
+    """429 ``QUOTA_EXCEEDED``: the key enrolled its faces of the day (``OAML_ENROL_FACES_PER_DAY``);
+    ``retry_after`` says when the day turns."""
 
 
 class ServerError(OAMLAPIError):
@@ -708,6 +786,9 @@ _BY_CODE: dict[str, type[OAMLAPIError]] = {
     "NOT_READY": NotReady,
     "STORE_UNAVAILABLE": StoreUnavailable,
     "STORE_READ_ONLY": StoreReadOnly,
+    "QUOTA_EXCEEDED": QuotaExceeded,
+    "MODEL_VERSION_MISMATCH": ModelVersionMismatch,
+    "COLLECTION_NOT_EMPTY": Conflict,
 }
 _BY_STATUS: dict[int, type[OAMLAPIError]] = {
     400: BadRequest,
@@ -820,6 +901,54 @@ def _text(response: httpx.Response) -> str:
     return response.text
 
 
+#: What an export is written to: a path (created or truncated) or a binary file object (left open).
+Destination = str | os.PathLike[str] | IO[bytes]
+#: What an import reads: the export's bytes, a path, or a binary file object.
+Source = bytes | str | os.PathLike[str] | IO[bytes]
+_CHUNK = 1 << 20
+
+
+class _Sink:
+    """The destination of a download: a path opened (and closed) here, or the caller's file object."""
+
+    def __init__(self, destination: Destination) -> None:
+        self._own = isinstance(destination, (str, os.PathLike))
+        if isinstance(destination, (str, os.PathLike)):
+            self.file: IO[bytes] = open(destination, "wb")  # noqa: SIM115  # closed by close()
+        else:
+            self.file = destination
+        self.written = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.file.write(chunk)
+        self.written += len(chunk)
+
+    def close(self) -> None:
+        if self._own:
+            self.file.close()
+
+
+def _chunks(source: Source) -> Iterator[bytes]:
+    """An import's body, a megabyte at a time (a file is never read whole)."""
+    if isinstance(source, bytes):
+        yield source
+        return
+    file: IO[bytes] = open(source, "rb") if isinstance(source, (str, os.PathLike)) else source  # noqa: SIM115
+    try:
+        while chunk := file.read(_CHUNK):
+            yield chunk
+    finally:
+        if file is not source:
+            file.close()
+
+
+async def _achunks(source: Source) -> AsyncIterator[bytes]:
+    """:func:`_chunks` for the async client, each read in a worker thread."""
+    chunks = _chunks(source)
+    while chunk := await asyncio.to_thread(next, chunks, b""):
+        yield chunk
+
+
 _UNSET: Any = object()
 
 
@@ -835,6 +964,8 @@ class _Call(Generic[T]):
     files: list[tuple[str, tuple[str, bytes, str]]] | None = None
     json: Any = None
     headers: dict[str, str] | None = None
+    #: A raw body (bytes or an iterator of them: an import read from a file as it is sent).
+    content: Any = None
     #: Safe to send again after a connection error that may have come after the service got it.
     idempotent: bool = True
     #: Retried at all (``ready()`` is not: a loading service answers 503 and that is the answer).
@@ -1020,6 +1151,46 @@ class _Routes:
         return _Call(method, f"/collections/{_seg(name)}{suffix}", _model(cls), idempotent=idempotent)
 
     @staticmethod
+    def merge_subjects(subject: str, from_: str, collection: str | None) -> _Call[SubjectDetail]:
+        path = f"/gallery/{_seg(subject)}/merge"
+        return _Call("POST", path, _model(SubjectDetail), _params(collection), json={"from": from_}, idempotent=False)
+
+    @staticmethod
+    def move_faces(subject: str, faces: Sequence[str], to: str, collection: str | None) -> _Call[SubjectDetail]:
+        return _Call(
+            "POST",
+            f"/gallery/{_seg(subject)}/faces/move",
+            _model(SubjectDetail),
+            _params(collection),
+            json={"faces": list(faces), "to": to},
+            idempotent=False,
+        )
+
+    @staticmethod
+    def review_identities(name: str, threshold: str | float | None, limit: int) -> _Call[IdentityReview]:
+        params = {"limit": str(limit)} | ({} if threshold is None else {"threshold": str(threshold)})
+        return _Call("GET", f"/collections/{_seg(name)}/duplicates", _model(IdentityReview), params)
+
+    @staticmethod
+    def audit_params(
+        since: float | None, until: float | None, action: str | None, collection: str | None
+    ) -> dict[str, str]:
+        given = {"since": since, "until": until, "action": action, "collection": collection}
+        return {k: str(v) for k, v in given.items() if v is not None}
+
+    @staticmethod
+    def import_collection(name: str, body: Any) -> _Call[ImportResult]:
+        return _Call(
+            "POST",
+            f"/collections/{_seg(name)}/import",
+            _model(ImportResult),
+            content=body,
+            headers={"Content-Type": "application/x-ndjson"},
+            idempotent=False,
+            retry=False,
+        )
+
+    @staticmethod
     def start_migration(name: str, to: str, switch: bool, missing: str) -> _Call[MigrationStatus]:
         return _Call(
             "POST",
@@ -1116,6 +1287,13 @@ OPERATIONS: dict[str, str] = {
     "ready": "ready",
     "info": "info",
     "metrics": "metrics",
+    "merge_subjects": "merge_subjects",
+    "move_faces": "move_faces",
+    "review_identities": "review_identities",
+    "audit_log": "audit_log",
+    "export_audit_log": "export_audit_log",
+    "export_collection": "export_collection",
+    "import_collection": "import_collection",
 }
 
 
@@ -1163,6 +1341,7 @@ class OAMLClient(_Base):
                     data=call.data,
                     files=call.files,
                     json=call.json,
+                    content=call.content,
                     headers=call.headers,
                 )
             except httpx.TransportError as exc:
@@ -1374,6 +1553,107 @@ class OAMLClient(_Base):
         """``DELETE /collections/{name}/previous``: erase the previous version's data (no rollback after)."""
         return self._send(_Routes.collection("DELETE", name, "/previous", MigrationStatus))
 
+    # identity hygiene, the audit log, exports
+
+    def merge_subjects(self, subject: str, from_: str, *, collection: str | None = None) -> SubjectDetail:
+        """``POST /gallery/{subject}/merge``: every face of ``from_`` becomes ``subject``'s and ``from_`` is
+        deleted, in one transaction (not sent again after a lost answer: :meth:`get_subject` tells)."""
+        return self._send(_Routes.merge_subjects(subject, from_, collection))
+
+    def move_faces(
+        self, subject: str, faces: Sequence[str], to: str, *, collection: str | None = None
+    ) -> SubjectDetail:
+        """``POST /gallery/{subject}/faces/move``: ``faces`` of ``subject`` become ``to``'s (made if new);
+        answers ``to``."""
+        return self._send(_Routes.move_faces(subject, faces, to, collection))
+
+    def review_identities(self, name: str, *, threshold: str | float | None = None, limit: int = 100) -> IdentityReview:
+        """``GET /collections/{name}/duplicates``: subjects that look like one person, and subjects whose faces
+        look like two (``threshold``: a preset or a score; the collection's ``balanced`` preset by default)."""
+        return self._send(_Routes.review_identities(name, threshold, limit))
+
+    def audit_log(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        action: str | None = None,
+        collection: str | None = None,
+        after: int = 0,
+        limit: int = 100,
+    ) -> AuditPage:
+        """``GET /audit``: a page of the audit log, oldest first (``after``: the previous page's ``next``)."""
+        params = _Routes.audit_params(since, until, action, collection) | {"after": str(after), "limit": str(limit)}
+        return self._send(_Call("GET", "/audit", _model(AuditPage), params))
+
+    def iter_audit_log(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        action: str | None = None,
+        collection: str | None = None,
+        page_size: int = 1000,
+    ) -> Iterator[AuditEntryInfo]:
+        """Every entry of the audit log that the filters keep, page after page."""
+        after: int | None = 0
+        while after is not None:
+            page = self.audit_log(
+                since=since, until=until, action=action, collection=collection, after=after, limit=page_size
+            )
+            yield from page.entries
+            after = page.next
+
+    def export_audit_log(
+        self,
+        destination: Destination,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        action: str | None = None,
+        collection: str | None = None,
+    ) -> int:
+        """``GET /audit/export``: the log as JSON lines written to ``destination``; returns the bytes written."""
+        return self._download("/audit/export", _Routes.audit_params(since, until, action, collection), destination)
+
+    def export_collection(self, name: str, destination: Destination) -> int:
+        """``GET /collections/{name}/export``: the collection (subjects, faces with their embeddings, maps and
+        crops) as JSON lines streamed to ``destination``; returns the bytes written. Biometric data: keep the
+        file as the gallery is kept."""
+        return self._download(f"/collections/{_seg(name)}/export", {}, destination)
+
+    def import_collection(self, name: str, source: Source) -> ImportResult:
+        """``POST /collections/{name}/import``: an export (bytes, a path or a file object, streamed) into
+        collection ``name``, new or empty. Not retried (the body is read as it is sent); a failed import leaves
+        the collection as it was, so calling again is safe."""
+        return self._send(_Routes.import_collection(name, _chunks(source)))
+
+    def _download(self, path: str, params: dict[str, str], destination: Destination) -> int:
+        """GET ``path`` streamed to ``destination``; retried as a read until its body starts, not after."""
+        call = _Call("GET", path, _bytes, params)
+        attempt = 0
+        while True:
+            try:
+                with self._http.stream("GET", path, params=params) as response:
+                    wait = self._after_answer(call, attempt, response)
+                    if wait is None:
+                        if response.is_error:
+                            response.read()
+                            raise error_from_response(response)
+                        sink = _Sink(destination)
+                        try:
+                            for chunk in response.iter_bytes(_CHUNK):
+                                sink.write(chunk)
+                        except httpx.TransportError as exc:
+                            raise OAMLConnectionError(f"GET {self.base_url}{path}: cut off: {exc!r}") from exc
+                        finally:
+                            sink.close()
+                        return sink.written
+            except httpx.TransportError as exc:
+                wait = self._after_error(call, attempt, exc)
+            time.sleep(wait)
+            attempt += 1
+
     # the service
 
     def health(self) -> HealthResponse:
@@ -1439,6 +1719,7 @@ class AsyncOAMLClient(_Base):
                     data=call.data,
                     files=call.files,
                     json=call.json,
+                    content=call.content,
                     headers=call.headers,
                 )
             except httpx.TransportError as exc:
@@ -1652,6 +1933,85 @@ class AsyncOAMLClient(_Base):
     async def drop_previous(self, name: str) -> MigrationStatus:
         """See :meth:`OAMLClient.drop_previous`."""
         return await self._send(_Routes.collection("DELETE", name, "/previous", MigrationStatus))
+
+    # identity hygiene, the audit log, exports
+
+    async def merge_subjects(self, subject: str, from_: str, *, collection: str | None = None) -> SubjectDetail:
+        """See :meth:`OAMLClient.merge_subjects`."""
+        return await self._send(_Routes.merge_subjects(subject, from_, collection))
+
+    async def move_faces(
+        self, subject: str, faces: Sequence[str], to: str, *, collection: str | None = None
+    ) -> SubjectDetail:
+        """See :meth:`OAMLClient.move_faces`."""
+        return await self._send(_Routes.move_faces(subject, faces, to, collection))
+
+    async def review_identities(
+        self, name: str, *, threshold: str | float | None = None, limit: int = 100
+    ) -> IdentityReview:
+        """See :meth:`OAMLClient.review_identities`."""
+        return await self._send(_Routes.review_identities(name, threshold, limit))
+
+    async def audit_log(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        action: str | None = None,
+        collection: str | None = None,
+        after: int = 0,
+        limit: int = 100,
+    ) -> AuditPage:
+        """See :meth:`OAMLClient.audit_log`."""
+        params = _Routes.audit_params(since, until, action, collection) | {"after": str(after), "limit": str(limit)}
+        return await self._send(_Call("GET", "/audit", _model(AuditPage), params))
+
+    async def export_audit_log(
+        self,
+        destination: Destination,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        action: str | None = None,
+        collection: str | None = None,
+    ) -> int:
+        """See :meth:`OAMLClient.export_audit_log`."""
+        params = _Routes.audit_params(since, until, action, collection)
+        return await self._download("/audit/export", params, destination)
+
+    async def export_collection(self, name: str, destination: Destination) -> int:
+        """See :meth:`OAMLClient.export_collection`."""
+        return await self._download(f"/collections/{_seg(name)}/export", {}, destination)
+
+    async def import_collection(self, name: str, source: Source) -> ImportResult:
+        """See :meth:`OAMLClient.import_collection`."""
+        return await self._send(_Routes.import_collection(name, _achunks(source)))
+
+    async def _download(self, path: str, params: dict[str, str], destination: Destination) -> int:
+        """See :meth:`OAMLClient._download`."""
+        call = _Call("GET", path, _bytes, params)
+        attempt = 0
+        while True:
+            try:
+                async with self._http.stream("GET", path, params=params) as response:
+                    wait = self._after_answer(call, attempt, response)
+                    if wait is None:
+                        if response.is_error:
+                            await response.aread()
+                            raise error_from_response(response)
+                        sink = _Sink(destination)
+                        try:
+                            async for chunk in response.aiter_bytes(_CHUNK):
+                                sink.write(chunk)
+                        except httpx.TransportError as exc:
+                            raise OAMLConnectionError(f"GET {self.base_url}{path}: cut off: {exc!r}") from exc
+                        finally:
+                            sink.close()
+                        return sink.written
+            except httpx.TransportError as exc:
+                wait = self._after_error(call, attempt, exc)
+            await asyncio.sleep(wait)
+            attempt += 1
 
     # the service
 

@@ -312,7 +312,8 @@ def test_a_collection_exported_and_imported_matches_as_before(keyed: TestClient,
     assert best("copy") == best("site")
     # into a collection that is not empty: refused, nothing added
     r = c.post("/collections/copy/import", content=exported.content, headers=a)
-    assert r.status_code == 422 and c.get("/collections/copy", headers=a).json()["face_count"] == 2
+    assert r.status_code == 409 and r.json()["code"] == "COLLECTION_NOT_EMPTY"
+    assert c.get("/collections/copy", headers=a).json()["face_count"] == 2
     # a file cut short or malformed leaves no collection behind
     broken = exported.content.rsplit(b"\n", 2)[0] + b'\n{"type": "face", "subject": "eileen"}\n'
     r = c.post("/collections/broken/import", content=broken, headers=a)

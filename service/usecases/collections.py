@@ -249,7 +249,7 @@ async def import_collection(state: AppState, name: str, body: AsyncIterator[byte
         await audit.write(gallery, entry, gallery.create_collection, name, version)
     held = await gallery.find(name)
     if len(held.index) or held.names:
-        raise ApiError("VALIDATION_ERROR", f"collection {name!r} is not empty: import into a new one", field="name")
+        raise ApiError("COLLECTION_NOT_EMPTY", f"collection {name!r} has faces: import into a new or empty one")
     version = held.version or gallery.default_version
     model = engine.model_for(version)
     entry = audit.AuditEntry("import", name, detail={"from_model_version": source, "model_version": version})
