@@ -105,6 +105,16 @@ def augment(data_root: Path, batches: int, steps: int) -> None:
     say(json.dumps(report, indent=1))
 
 
+def _nice_session() -> None:
+    """In the child, after its setsid: nice the new session's scheduler autogroup too (as ``make
+    train-background`` does); else, where autogroups are on, the run gets a session's equal share whatever its
+    nice."""
+    try:
+        Path("/proc/self/autogroup").write_text("19")
+    except OSError:
+        pass
+
+
 def _start_run(out: Path, data_root: Path, background: bool, log: Path) -> subprocess.Popen[bytes]:
     command = [str(ROOT / ".venv" / "bin" / "oaml"), "train", "--config", str(CONFIG), "--data-root", str(data_root)]
     command += ["--out", str(out), "--init-from", str(WEIGHTS), "--preemptible"]
@@ -112,7 +122,15 @@ def _start_run(out: Path, data_root: Path, background: bool, log: Path) -> subpr
         command = ["nice", "-n", "19", *(["ionice", "-c3"] if shutil.which("ionice") else []), *command]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
     with log.open("wb") as f:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_nice_session if background else None,  # noqa: PLW1509  # writes one /proc file
+        )
 
 
 def _rows(out: Path) -> list[dict[str, float]]:
