@@ -199,3 +199,29 @@ def test_enrol_list_identify_and_delete(page: tuple[Browser, str], photo_files: 
     browser.wait("return document.querySelector('#gallery-list').rows.length === 1")
     image = Image.open(io.BytesIO(base64.b64decode(browser.command("GET", "/screenshot"))))
     assert image.size[0] >= 1000
+
+
+def test_the_review_finds_a_person_enrolled_twice_and_merges_them(
+    page: tuple[Browser, str], photo_files: dict[str, Path]
+) -> None:
+    browser, url = page
+    headers = {"X-API-Key": "demo-key"}
+    for subject, photo in (("eileen", photo_files["a"]), ("eileen-2", photo_files["b"])):
+        r = httpx.post(
+            f"{url}/gallery",
+            data={"subject": subject},
+            files={"images": (photo.name, photo.read_bytes())},
+            headers=headers,
+            timeout=120,
+        )
+        assert r.status_code == 201, r.text
+    browser.open(f"{url}/demo/")
+    browser.type("#key", "demo-key")
+    browser.click("nav button[data-tab=review]")
+    browser.click("#review-go")
+    found = browser.wait("const r = document.querySelector('#review-result'); return !r.hidden && r.innerText")
+    assert "1 suspected duplicate(s)" in found and "eileen-2" in found, found
+    browser.click("#review-pairs button")
+    browser.wait("return document.querySelector('#review-result').innerText.includes('No suspected duplicates')")
+    faces = {s: httpx.get(f"{url}/gallery/{s}", headers=headers).json().get("faces") for s in ("eileen", "eileen-2")}
+    assert sorted(faces.values(), key=str) == [2, None]  # one holds both faces, the other is gone

@@ -14,6 +14,10 @@ function showError(problem) {
 async function call(method, path, body) {
   showError(null);
   const headers = apiKey ? { "X-API-Key": apiKey } : {};
+  if (body && !(body instanceof FormData)) {  // a JSON body (merge, move)
+    headers["Content-Type"] = "application/json";
+    body = JSON.stringify(body);
+  }
   const response = await fetch(path, { method, headers, body });
   const type = response.headers.get("content-type") || "";
   const payload = type.includes("json") ? await response.json() : await response.blob();
@@ -134,3 +138,45 @@ async function loadGallery() {
 $("#gallery-refresh").addEventListener("click", loadGallery);
 $("#gallery-prev").addEventListener("click", () => { page.offset = Math.max(0, page.offset - page.limit); loadGallery(); });
 $("#gallery-next").addEventListener("click", () => { if (page.offset + page.limit < page.total) { page.offset += page.limit; loadGallery(); } });
+
+// review: suspected duplicates (merge one into the other) and subjects that look like two people
+async function loadReview() {
+  const form = new FormData($("#review-form"));
+  const collection = form.get("collection");
+  const query = `threshold=${encodeURIComponent(form.get("threshold"))}`;
+  const r = await call("GET", `/collections/${encodeURIComponent(collection)}/duplicates?${query}`);
+  const box = $("#review-result");
+  const note = document.createElement("p");
+  note.className = "note";
+  note.textContent = `${r.faces} faces, ${r.probes} searched; a pair is listed above ${fixed(r.threshold, 2)} `
+    + `(${r.threshold_preset || "custom"}: strangers pass it ${(100 * r.fpir).toPrecision(2)}% of the time)`;
+  const pairs = document.createElement("table");
+  pairs.id = "review-pairs";
+  pairs.append(row("subject", "probably also", "score", ""));
+  r.duplicates.forEach((d) => {
+    const [keep, other] = d.subjects;
+    const tr = row(keep, other, fixed(d.score, 2));
+    const merge = document.createElement("button");
+    merge.textContent = `Merge ${other} into ${keep}`;
+    merge.addEventListener("click", async () => {
+      await call("POST", `/gallery/${encodeURIComponent(keep)}/merge?collection=${encodeURIComponent(collection)}`, { from: other });
+      loadReview();
+    });
+    const td = document.createElement("td");
+    td.append(merge);
+    tr.append(td);
+    pairs.append(tr);
+  });
+  const title = document.createElement("p");
+  title.textContent = r.duplicates.length ? `${r.duplicates_found} suspected duplicate(s)` : "No suspected duplicates";
+  const mixedTitle = document.createElement("p");
+  mixedTitle.textContent = r.mixed.length
+    ? `${r.mixed_found} subject(s) whose faces may be two people (split with POST /gallery/{subject}/faces/move)`
+    : `No subject looks like two people (${r.mixed_subjects_checked} checked)`;
+  const mixed = document.createElement("table");
+  mixed.append(row("subject", "faces", "least similar pair (score)"));
+  r.mixed.forEach((m) => mixed.append(row(m.subject, String(m.faces), fixed(m.lowest_score, 2))));
+  box.replaceChildren(note, title, pairs, mixedTitle, mixed);
+  box.hidden = false;
+}
+$("#review-form").addEventListener("submit", (event) => { event.preventDefault(); loadReview(); });
