@@ -59,7 +59,7 @@ COPY weights ./weights
 RUN --mount=type=secret,id=pip_cert \
     set -e; \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
-    pip install -e ".[postgres]"; \
+    pip install -e ".[server,postgres]"; \
     ov_dir="$(python -c 'import importlib.util as u; print(u.find_spec("openvino").submodule_search_locations[0])')"; \
     rm -rf "$ov_dir/include" "$ov_dir"/libs/libopenvino_intel_gpu_plugin.so "$ov_dir"/libs/libopenvino_intel_npu_plugin.so \
         "$ov_dir"/libs/cache.json; \

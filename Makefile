@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 			echo "no GPU: installing $(TORCH_CPU)"; $(BIN)/pip install -q "$(TORCH_CPU)"; \
 		fi; \
 	fi
-	$(BIN)/pip install -q -e ".[test,train,lint,postgres]"
+	$(BIN)/pip install -q -e ".[server,client,test,train,lint,postgres]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -840,7 +840,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     func: Callable[[argparse.Namespace], int] = args.func
-    return func(args)
+    try:
+        return func(args)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] in ("oaml", "model", "service"):
+            raise
+        # a client-only install (pip install 'oaml[client]') has httpx and nothing of the server
+        logger.error("oaml %s needs %s, which is not installed: pip install 'oaml[server]'", args.command, exc.name)
+        return 2
 
 
 if __name__ == "__main__":

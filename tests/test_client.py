@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -149,6 +150,37 @@ def test_the_client_imports_nothing_of_the_server() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_client_install_pulls_httpx_alone_and_oaml_enrol_runs_on_it() -> None:
+    """``pip install 'oaml[client]'``: the package requires nothing by default and the client extra only httpx
+    (read from pyproject.toml, what pip reads); and ``oaml enrol`` starts where the server's modules cannot be
+    imported (an import hook refuses them), while a server command says what to install."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["dependencies"] == []
+    assert [r.split(">")[0].split("=")[0] for r in project["optional-dependencies"]["client"]] == ["httpx"]
+    heavy = ("torch", "numpy", "fastapi", "cv2", "starlette", "pydantic", "PIL", "uvicorn", "safetensors")
+    block = (
+        "import sys, importlib.abc\n"
+        "class Refuse(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        f"        if name.split('.')[0] in {heavy!r}: raise ModuleNotFoundError(name=name.split('.')[0])\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "from oaml.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    enrol = subprocess.run(
+        [sys.executable, "-c", block, "enrol", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert enrol.returncode == 0 and "FOLDER" in enrol.stdout.upper(), enrol.stderr
+    info = subprocess.run(
+        [sys.executable, "-c", block, "info", "weights/oaml_ir18.safetensors"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert info.returncode == 2 and "pip install 'oaml[server]'" in info.stderr, info.stderr
 
 
 def _refs(schema: Any) -> set[str]:
