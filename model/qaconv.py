@@ -191,11 +191,12 @@ class QAConv(nn.Module):
         """
         p = self._locations(probe_fea)
         g = self._locations(gal_fea)
-        corr = torch.einsum("psc,grc->pgsr", p, g)
         wp = self.visibility_weights(probe_occ, p.shape[0], p.device)
         wg = self.visibility_weights(gal_occ, g.shape[0], g.device)
-        weight = wp[:, None, :, None] * wg[None, :, None, :]
-        return self._tail(self._pool(corr * weight))
+        # the outer product of the weightings, folded into each side's locations first: the same numbers as
+        # weighting the [P, G, hw, hw] correlations, without a second tensor of that size (and its backward)
+        corr = torch.einsum("psc,grc->pgsr", p * wp[:, :, None], g * wg[:, :, None])
+        return self._tail(self._pool(corr))
 
     def match_grouped(
         self, probe_fea: torch.Tensor, groups: torch.Tensor, probe_occ: torch.Tensor | None = None
