@@ -39,10 +39,14 @@ KEY = "bench-bulk-admin-key-0123456789"
 
 
 def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
+    """The CPU's name and the flags that choose the backbone's path (native bf16, AVX-512, VNNI, AMX)."""
+    text = Path("/proc/cpuinfo").read_text()
+    lines = text.splitlines()
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown CPU")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+    feats = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+    said = ", ".join(f"{f}: {'yes' if f in flags else 'no'}" for f in feats)
+    return f"{name} ({said})"
 
 
 def write_photos(folder: Path, count: int) -> None:
@@ -82,7 +86,9 @@ def reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def start_server(data_dir: Path, weights: Path | None, threads: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    data_dir: Path, weights: Path | None, threads: int, rate_limits: str | None
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
@@ -94,6 +100,8 @@ def start_server(data_dir: Path, weights: Path | None, threads: int) -> tuple[su
     }
     if weights is not None:
         env["OAML_WEIGHTS"] = str(weights)
+    if rate_limits is not None:
+        env["OAML_RATE_LIMITS"] = rate_limits
     with open(data_dir / "server.log", "wb") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen([sys.executable, "-m", "oaml", "serve"], cwd=ROOT, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
@@ -142,6 +150,11 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,2,4", help="comma-separated concurrencies")
     parser.add_argument("--weights", type=Path, default=None, help="default: the service's (the shipped weights)")
     parser.add_argument("--threads", type=int, default=2, help="OAML_TORCH_THREADS of the server")
+    parser.add_argument(
+        "--rate-limits",
+        default=None,
+        help="OAML_RATE_LIMITS of the server (default: the service's, admin keys 10 requests/s; admin=0: none)",
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     rows: list[str] = []
@@ -149,7 +162,7 @@ def main() -> None:
         folder, data_dir = Path(tmp) / "photos", Path(tmp) / "data"
         data_dir.mkdir()
         write_photos(folder, args.photos)
-        proc, url = start_server(data_dir, args.weights, args.threads)
+        proc, url = start_server(data_dir, args.weights, args.threads, args.rate_limits)
         try:
             with OAMLClient(url, KEY) as oaml:
                 info = oaml.info()
@@ -179,10 +192,13 @@ def main() -> None:
         SECTION,
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs; server: `oaml serve`, model {info.model_version} "
-        f"({info.engine} {info.precision}), OAML_TORCH_THREADS={args.threads}, on the same machine as the client.",
+        f"({info.engine} {info.precision}), OAML_TORCH_THREADS={args.threads}, "
+        f"OAML_RATE_LIMITS={args.rate_limits or 'the default (admin=10/20)'}, on the same machine as the client.",
         "",
         f"Command: `.venv/bin/python bench/bench_bulk_enrol.py --photos {args.photos} "
-        f"--concurrency {args.concurrency}`; each run is `oaml enrol URL FOLDER --collection C --concurrency N` "
+        f"--concurrency {args.concurrency}"
+        + (f" --rate-limits {args.rate_limits}" if args.rate_limits else "")
+        + "`; each run is `oaml enrol URL FOLDER --collection C --concurrency N` "
         f"({args.photos} JPEG photos of 384 to 1024 pixels, four per subject, one request per photo), timed from "
         "start to exit (the command's own start-up and its check of the collection included).",
         "",
