@@ -66,10 +66,10 @@ class SlotRows:
         self.capacity = 0
 
     def ensure(self, rows: int) -> None:
-        """Room for ``rows`` rows in all."""
+        """Room for ``rows`` rows in all, zeroed: a row never written holds nothing (not a freed buffer's leftovers)."""
         while self.capacity < rows:
             size = min(max(FIRST_CHUNK_ROWS, self.capacity), self.chunk_rows)
-            self.chunks.append(torch.empty((size, *self.row_shape), dtype=self.dtype, device=self.device))
+            self.chunks.append(torch.zeros((size, *self.row_shape), dtype=self.dtype, device=self.device))
             self._starts.append(self.capacity)
             self.capacity += size
 

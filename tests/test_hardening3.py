@@ -221,9 +221,16 @@ def test_a_removed_face_is_zeroed_in_the_index_and_the_inverted_file(tmp_path: P
     code_size = ivf.index.code_size
     # the list's bytes up to its old end (the vector keeps its storage when faiss shortens it)
     raw = faiss.rev_swig_ptr(ivf.index.invlists.get_codes(lst), size * code_size).copy().reshape(size, code_size)
-    encoded = np.zeros(code_size, dtype=np.uint8)
-    ivf.index.sa_encode(gone.embedding[None], faiss.swig_ptr(encoded))
-    assert not any((row == encoded).all() for row in raw)
+    # its own code, as the list stores it: the standalone encoding ends with it (after the list number)
+    encoded = ivf.index.sa_encode(np.ascontiguousarray(gone.embedding[None], dtype=np.float32))[0][-code_size:]
+    assert len(encoded) == code_size and not any((row == encoded).all() for row in raw)
+    # the same comparison finds a face still enrolled in its list (so the one above can fail)
+    kept = records[58]
+    lo = ivf.index.direct_map.get(int(index.cosine._keys[index._slot[kept.face_id]]))
+    lst, size = faiss.lo_listno(lo), ivf.index.invlists.list_size(faiss.lo_listno(lo))
+    raw = faiss.rev_swig_ptr(ivf.index.invlists.get_codes(lst), size * code_size).copy().reshape(size, code_size)
+    mine = ivf.index.sa_encode(np.ascontiguousarray(kept.embedding[None], dtype=np.float32))[0][-code_size:]
+    assert any((row == mine).all() for row in raw)
 
 
 # -- keys, metrics, documentation and the demo page -----------------------------------------------------------
@@ -296,7 +303,7 @@ def test_a_write_waits_at_most_the_store_timeout_in_all(tmp_path: Path) -> None:
     from service.gallery import Gallery
 
     store = SQLiteGalleryStore(tmp_path / "g.sqlite3", "v1", timeout_s=2.0)
-    gallery = Gallery(store, lambda: None, None, timeout_s=2.0)  # type: ignore[arg-type,return-value]
+    gallery = Gallery(store, lambda _version: None, None, timeout_s=2.0)  # type: ignore[arg-type,return-value]
     holder = sqlite3.connect(tmp_path / "g.sqlite3", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another process holds the database's write lock throughout
 

@@ -29,7 +29,7 @@ from tests.servers import Server, free_port, start_server, wait_ready
 from tests.test_lifecycle import match_while_writes_wait
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[postgres]')")
-from service.store_pg import Change, ChangeFollower, PostgresGalleryStore  # noqa: E402
+from service.store_pg import MIGRATIONS, Change, ChangeFollower, PostgresGalleryStore  # noqa: E402
 
 
 @pytest.fixture()
@@ -94,7 +94,8 @@ class TestStore:
         with ThreadPoolExecutor(4) as pool:
             stores = list(pool.map(lambda _: PostgresGalleryStore(url, "v1"), range(4)))
         with psycopg.connect(url) as conn:
-            assert sorted(conn.execute("SELECT version FROM oaml_migrations").fetchall()) == [(1,), (2,), (3,), (4,)]
+            applied = sorted(conn.execute("SELECT version FROM oaml_migrations").fetchall())
+        assert applied == [(version,) for version, _ in MIGRATIONS]  # each once, though four replicas raced
         for s in stores:
             s.close()
 

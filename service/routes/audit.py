@@ -30,7 +30,9 @@ async def audit_log(
     until: Until = None,
     action: Action = None,
     collection: InCollection = None,
-    after: Annotated[int, Query(ge=0, description="entries after this position (`next` of the previous page)")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=2**63 - 1, description="entries after this position (`next` of the previous page)")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:
     """Who (a key's id, never the key) did what (enrol, delete, merge, migrate, create or delete a collection,
