@@ -506,7 +506,7 @@ def _cmd_heads(args: argparse.Namespace) -> int:
             max_views=args.max_views,
         )
     elif args.step == "train":
-        report = run_recipes(HeadCache(args.cache), args.weights, args.out, steps=args.steps)
+        report = run_recipes(HeadCache(args.cache), args.weights, args.out, steps=args.steps, data_root=root)
         sys.stdout.write(json.dumps({k: v["validation"] for k, v in report["recipes"].items()}, indent=2) + "\n")
     else:
         base, _ = load_checkpoint(args.weights)

@@ -462,12 +462,14 @@ RECIPES: dict[str, HeadConfig] = {
     "shipped QAConv, fine-tuned (512 channels)": HeadConfig(
         channels=None, w_distill=0.0, unlabelled_per_batch=0, train_occlusion=False, steps=1000
     ),
-    "projection to 64 channels": HeadConfig(channels=64, w_distill=0.0, unlabelled_per_batch=0, train_occlusion=False),
+    "projection to 64 channels": HeadConfig(
+        channels=64, w_distill=0.0, unlabelled_per_batch=0, train_occlusion=False, steps=1500
+    ),
     "+ privileged distillation (SFace on the clean views)": HeadConfig(
-        channels=64, w_distill=1.0, unlabelled_per_batch=0, train_occlusion=False
+        channels=64, w_distill=1.0, unlabelled_per_batch=0, train_occlusion=False, steps=1500
     ),
     "+ unlabelled real masks and poses in the distillation": HeadConfig(
-        channels=64, w_distill=1.0, unlabelled_per_batch=16, train_occlusion=False
+        channels=64, w_distill=1.0, unlabelled_per_batch=16, train_occlusion=False, steps=1500
     ),
 }
 
@@ -479,17 +481,23 @@ def run_recipes(
     recipes: dict[str, HeadConfig] | None = None,
     steps: int | None = None,
     occlusion_steps: int = 600,
+    data_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Tune the occlusion head, then train and evaluate every recipe on it, on the same split (held-out
     identities); write ``report.json``, the head (``occlusion.pt``) and each recipe's heads (``<n>.pt``) to
     ``out``; returns the report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base, _ = load_checkpoint(base_weights)
+    base, meta = load_checkpoint(base_weights)
     train_rows, val_rows = cache.split()
+    kept_out: list[int] = []
+    if data_root is not None:  # the identities that calibrate the weights stay unseen by the heads too
+        kept_out = calibration_labels(cache, meta, data_root)
+        train_rows = train_rows[~np.isin(cache.data["label"][train_rows], kept_out)]
     report: dict[str, Any] = {
         "train_views": int(len(train_rows)),
         "validation_views": int(len(val_rows)),
+        "identities_kept_out": len(kept_out),
         "recipes": {},
     }
     shipped = Heads(base, HeadConfig(channels=None))
@@ -524,6 +532,19 @@ def run_recipes(
         (out / "report.json").write_text(json.dumps(report, indent=2))
         logger.info("%s: %s", name, json.dumps(result))
     return report
+
+
+def calibration_labels(cache: HeadCache, meta: dict[str, Any], data_root: str | Path) -> list[int]:
+    """The cache's labels of the weights' own validation identities (what ``oaml calibrate`` fits the fusion and
+    the presets on), so that head training can leave them out. The cache's labelled sets begin with the
+    weights' training sets, in order, so their labels coincide; checked here, image by image."""
+    from model.training.evaluate import _training_split
+
+    data, _, val_idx = _training_split(meta["training"]["config"], data_root)
+    rows = cache.labelled[cache.data["image"][cache.labelled] < len(data.labels)]
+    if not np.array_equal(cache.data["label"][rows], data.labels[cache.data["image"][rows]]):
+        raise ValueError("the cache's labelled sets do not begin with the weights' training sets, in order")
+    return sorted({int(x) for x in data.labels[val_idx]})
 
 
 def load_heads(path: str | Path, base: OAMLNet) -> Heads:
