@@ -845,8 +845,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.split(".")[0] in ("oaml", "model", "service"):
             raise
-        # a client-only install (pip install 'oaml[client]') has httpx and nothing of the server
-        logger.error("oaml %s needs %s, which is not installed: pip install 'oaml[server]'", args.command, exc.name)
+        # a client-only install (pip install '.[client]') has httpx and nothing of the server
+        logger.error(
+            "oaml %s needs %s, which is not installed: pip install '.[server]' in a checkout of OAML (make install)",
+            args.command,
+            exc.name,
+        )
         return 2
 
 

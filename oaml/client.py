@@ -1,7 +1,7 @@
 """A Python client for the OAML service: one method per route, typed answers, retries, typed errors.
 
-It needs only ``httpx`` (``pip install oaml[client]``) and imports nothing of the server (no torch, numpy or
-FastAPI), so it runs wherever the service's callers do::
+It needs only ``httpx`` (``pip install '.[client]'`` in a checkout) and imports nothing of the server (no torch,
+numpy or FastAPI), so it runs wherever the service's callers do::
 
     from oaml.client import OAMLClient
 

@@ -153,7 +153,7 @@ def test_the_client_imports_nothing_of_the_server() -> None:
 
 
 def test_a_client_install_pulls_httpx_alone_and_oaml_enrol_runs_on_it() -> None:
-    """``pip install 'oaml[client]'``: the package requires nothing by default and the client extra only httpx
+    """``pip install '.[client]'``: the package requires nothing by default and the client extra only httpx
     (read from pyproject.toml, what pip reads); and ``oaml enrol`` starts where the server's modules cannot be
     imported (an import hook refuses them), while a server command says what to install."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -180,7 +180,7 @@ def test_a_client_install_pulls_httpx_alone_and_oaml_enrol_runs_on_it() -> None:
         text=True,
         timeout=60,
     )
-    assert info.returncode == 2 and "pip install 'oaml[server]'" in info.stderr, info.stderr
+    assert info.returncode == 2 and "pip install '.[server]'" in info.stderr, info.stderr
 
 
 def _refs(schema: Any) -> set[str]:
