@@ -148,17 +148,19 @@ train-default: prepare-data
 # class, its own session (setsid; train.pid holds its process group, train.log its output) whose scheduler autogroup
 # is niced too (with autogroups, on by default in most kernels, a new session otherwise gets an equal share of the
 # CPU with every other session whatever its processes' nice: measured here, 95% of a core against 60% for a nice 5
-# job in the login session before, 6% after), the first process the
+# job in the login session before, 6% after); the trainer (not the loop that restarts it) is the first process the
 # kernel kills when memory runs out (oom_score_adj 1000), resumed RESTART_S after such a kill; checkpoints every 3
-# minutes and on SIGTERM.
+# minutes and on SIGTERM. (The loop once carried the 1000 too: a later out-of-memory event killed it, tiny as it
+# was, and with it the restarts.)
 RESTART_S ?= 300
 train-background: prepare-data
 	@mkdir -p $(RUN_BACKGROUND)
 	@if $(BIN)/oaml train-control $(RUN_BACKGROUND) check >/dev/null; then \
 		echo "already running: $$($(BIN)/oaml train-control $(RUN_BACKGROUND) check) (make train-status)"; exit 0; fi; \
 	setsid nohup nice -n 19 $(IONICE) sh -c 'echo $$$$ > "$(RUN_BACKGROUND)/train.pid"; \
-		echo 1000 > /proc/self/oom_score_adj 2>/dev/null; echo 19 > /proc/self/autogroup 2>/dev/null; \
-		while :; do $(abspath $(BIN))/oaml train --config $(BACKGROUND_CONFIG) --data-root $(DATA) \
+		echo 19 > /proc/self/autogroup 2>/dev/null; \
+		while :; do sh -c "echo 1000 > /proc/self/oom_score_adj 2>/dev/null; exec \"\$$0\" \"\$$@\"" \
+			$(abspath $(BIN))/oaml train --config $(BACKGROUND_CONFIG) --data-root $(DATA) \
 			--out $(RUN_BACKGROUND) --init-from $(WEIGHTS) --preemptible < /dev/null; rc=$$?; \
 			[ $$rc -eq 137 ] || exit $$rc; \
 			echo "$$(date -Is) killed (SIGKILL: out of memory?): resuming in $(RESTART_S) s"; sleep $(RESTART_S); \
