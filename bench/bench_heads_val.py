@@ -1,0 +1,94 @@
+"""The trained heads of ``oaml heads train`` on a larger draw of its held-out identities (bench/RESULTS.md,
+"Occlusion-aware heads on the frozen backbone"): every clean view against every occluded view of another photo
+of the same identity, ``--pairs`` of them drawn, and as many impostors; the fusion refitted on half the
+identities and every number measured on the other half. The report's own validation has a few hundred pairs;
+this one resolves a few tenths of a point.
+
+    .venv/bin/python bench/bench_heads_val.py --cache ../oaml_runs/heads_cache --run ../oaml_runs/heads_run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.checkpoint import load_checkpoint  # noqa: E402
+from model.training.heads import HeadCache, HeadConfig, Heads, _fusion, load_heads  # noqa: E402
+from model.training.metrics import verification_report  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--run", type=Path, required=True, help="the folder of oaml heads train (<n>.pt)")
+    parser.add_argument("--weights", type=Path, default=ROOT / "weights" / "oaml_ir18.safetensors")
+    parser.add_argument("--pairs", type=int, default=8000, help="genuine pairs drawn (and as many impostors)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    cache = HeadCache(args.cache)
+    base, _ = load_checkpoint(args.weights)
+    _, val = cache.split()
+    d = cache.data
+    rng = np.random.default_rng(5)
+    clean, occ = val[d["view"][val] == 0], val[d["view"][val] > 0]
+    genuine = [
+        (r, m) for r in clean for m in occ[(d["label"][occ] == d["label"][r]) & (d["image"][occ] != d["image"][r])]
+    ]
+    chosen = rng.choice(len(genuine), size=min(args.pairs, len(genuine)), replace=False)
+    a = [genuine[i][0] for i in chosen]
+    b = [genuine[i][1] for i in chosen]
+    for _ in range(len(chosen)):
+        r = rng.choice(clean)
+        a.append(r)
+        b.append(rng.choice(occ[d["label"][occ] != d["label"][r]]))
+    same = np.repeat([1, 0], len(chosen))
+    ia, ib = np.array(a), np.array(b)
+    ba, bb = cache.batch(ia), cache.batch(ib)
+    cos = (F.normalize(ba["emb"], dim=1) * F.normalize(bb["emb"], dim=1)).sum(1).numpy()
+    labels = d["label"][ia]
+    half = np.isin(labels, np.unique(labels)[::2])
+    test = ~half
+    folds = np.arange(int(test.sum())) % 10
+
+    def cell(scores: np.ndarray) -> str:
+        x = verification_report(scores[test], same[test], folds)
+        return f"{100 * x['accuracy']:.2f}% / {x['tar_far_1e-3']:.3f} / {x['auc']:.4f}"
+
+    out = [
+        f"{len(genuine)} genuine pairs, {len(chosen)} drawn, {len(chosen)} impostors; {int(test.sum())} measured",
+        "",
+        "| heads | QAConv | fused | cosine alone |",
+        "|---|---|---|---|",
+    ]
+    heads = {"shipped": Heads(base, HeadConfig(channels=None)).eval()}
+    heads.update({p.stem: load_heads(p, base) for p in sorted(args.run.glob("[0-9]*.pt"))})
+    for n, (name, h) in enumerate(heads.items()):
+        with torch.no_grad():
+            va, vb = h.occlusion(ba["maps"]), h.occlusion(bb["maps"])
+            qa = torch.cat(
+                [
+                    h.qaconv.match_pairs(
+                        h.local(ba["maps"][s : s + 256]),
+                        h.local(bb["maps"][s : s + 256]),
+                        va[s : s + 256],
+                        vb[s : s + 256],
+                    )
+                    for s in range(0, len(ia), 256)
+                ]
+            ).numpy()
+            vis = torch.minimum(va.reshape(len(ia), -1).mean(1), vb.reshape(len(ia), -1).mean(1)).numpy()
+        fused = _fusion(cos, qa, vis, same, half)
+        out.append(f"| {name} | {cell(qa)} | {cell(fused)} | {cell(cos) if n == 0 else ''} |")
+    sys.stdout.write("\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()
