@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.checkpoint import load_checkpoint  # noqa: E402
-from model.training.heads import HeadCache, HeadConfig, Heads, _fusion, load_heads  # noqa: E402
+from model.training.heads import HeadCache, HeadConfig, Heads, _fusion, load_heads, pair_scores  # noqa: E402
 from model.training.metrics import verification_report  # noqa: E402
 
 
@@ -52,7 +51,6 @@ def main() -> None:
     same = np.repeat([1, 0], len(chosen))
     ia, ib = np.array(a), np.array(b)
     ba, bb = cache.batch(ia), cache.batch(ib)
-    cos = (F.normalize(ba["emb"], dim=1) * F.normalize(bb["emb"], dim=1)).sum(1).numpy()
     labels = d["label"][ia]
     half = np.isin(labels, np.unique(labels)[::2])
     test = ~half
@@ -71,20 +69,7 @@ def main() -> None:
     heads = {"shipped": Heads(base, HeadConfig(channels=None)).eval()}
     heads.update({p.stem: load_heads(p, base) for p in sorted(args.run.glob("[0-9]*.pt"))})
     for n, (name, h) in enumerate(heads.items()):
-        with torch.no_grad():
-            va, vb = h.occlusion(ba["maps"]), h.occlusion(bb["maps"])
-            qa = torch.cat(
-                [
-                    h.qaconv.match_pairs(
-                        h.local(ba["maps"][s : s + 256]),
-                        h.local(bb["maps"][s : s + 256]),
-                        va[s : s + 256],
-                        vb[s : s + 256],
-                    )
-                    for s in range(0, len(ia), 256)
-                ]
-            ).numpy()
-            vis = torch.minimum(va.reshape(len(ia), -1).mean(1), vb.reshape(len(ia), -1).mean(1)).numpy()
+        cos, qa, vis = pair_scores(h, ba, bb)
         fused = _fusion(cos, qa, vis, same, half)
         out.append(f"| {name} | {cell(qa)} | {cell(fused)} | {cell(cos) if n == 0 else ''} |")
     sys.stdout.write("\n".join(out) + "\n")

@@ -390,12 +390,11 @@ def _pairs(cache: HeadCache, rows: np.ndarray, seed: int, n: int = 3000) -> tupl
 
 
 @torch.no_grad()
-def evaluate_heads(cache: HeadCache, heads: Heads, rows: np.ndarray, seed: int = 1) -> dict[str, Any]:
-    """Accuracy (10-fold best threshold) and TAR at FAR 1e-2/1e-3 of the cosine, QAConv and their fusion (a
-    logistic regression on cosine, QAConv and the pair's visibility with its interactions, fitted on half the
-    identities and measured on the other half) on held-out one-face-occluded pairs."""
-    a, b, same = _pairs(cache, rows, seed)
-    ba, bb = cache.batch(a), cache.batch(b)
+def pair_scores(
+    heads: Heads, ba: dict[str, torch.Tensor], bb: dict[str, torch.Tensor]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each pair's (cosine, QAConv score, lower mean visibility) from two :meth:`HeadCache.batch` of the same
+    length, as the service scores a pair (QAConv weighted by the heads' predicted visibility)."""
     cos = (F.normalize(ba["emb"], dim=1) * F.normalize(bb["emb"], dim=1)).sum(1).numpy()
     va, vb = heads.occlusion(ba["maps"]), heads.occlusion(bb["maps"])
     qa = torch.cat(
@@ -406,10 +405,20 @@ def evaluate_heads(cache: HeadCache, heads: Heads, rows: np.ndarray, seed: int =
                 va[s : s + 256],
                 vb[s : s + 256],
             )
-            for s in range(0, len(a), 256)
+            for s in range(0, len(cos), 256)
         ]
     ).numpy()
-    vis = torch.minimum(va.reshape(len(a), -1).mean(1), vb.reshape(len(a), -1).mean(1)).numpy()
+    vis = torch.minimum(va.reshape(len(cos), -1).mean(1), vb.reshape(len(cos), -1).mean(1)).numpy()
+    return cos, qa, vis
+
+
+@torch.no_grad()
+def evaluate_heads(cache: HeadCache, heads: Heads, rows: np.ndarray, seed: int = 1) -> dict[str, Any]:
+    """Accuracy (10-fold best threshold) and TAR at FAR 1e-2/1e-3 of the cosine, QAConv and their fusion (a
+    logistic regression on cosine, QAConv and the pair's visibility with its interactions, fitted on half the
+    identities and measured on the other half) on held-out one-face-occluded pairs."""
+    a, b, same = _pairs(cache, rows, seed)
+    cos, qa, vis = pair_scores(heads, cache.batch(a), cache.batch(b))
     labels = cache.data["label"][a]
     half = np.isin(labels, np.unique(labels)[::2])
     fused = _fusion(cos, qa, vis, same, half)
