@@ -269,6 +269,20 @@ class TestCheckpointGenerations:
         # step 3 after its validation, step 3 before it, step 2: whole generations, the corrupt one gone
         assert [json.loads(k[0]["state"])["global_step"] for k in kept if k] == [3, 3, 2]
 
+    def test_a_run_killed_before_its_first_checkpoint_starts_its_logs_over(self, tmp_path: Path, cache: Path) -> None:
+        cfg = tiny_config(cache, tmp_path / "run", max_steps=3, epochs=1000, checkpoint_every=100, preemptible=True)
+        run = tmp_path / "run"
+        run.mkdir()
+        # what a SIGKILL at step 2 leaves when no checkpoint was written yet (found so by CI on a slower machine)
+        (run / "steps.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2)))
+        (run / "epochs.csv").write_text("global_step,score\n2,0.5\n")
+        trainer = Trainer(cfg)
+        assert trainer.state["global_step"] == 0
+        assert (run / "steps.jsonl").read_text() == "" and not (run / "epochs.csv").exists()
+        trainer.fit()
+        steps = [json.loads(line)["step"] for line in (run / "steps.jsonl").read_text().splitlines()]
+        assert steps == [1, 2, 3]
+
     def test_generations_rotate_and_none_whole_refuses_to_start_again(self, tmp_path: Path) -> None:
         path = tmp_path / "last.pt"
         for i in range(5):

@@ -602,7 +602,8 @@ class Trainer:
     def _maybe_resume(self) -> None:
         path = self.out / "last.pt"
         found = load_newest(path, self.cfg.keep_checkpoints, map_location=self.device)
-        if found is None:
+        if found is None:  # a fresh start, or a run killed before its first checkpoint: its logs start over too
+            self._rewind_logs()
             return
         ckpt, path = found
         saved_cfg = json.loads(ckpt["config"])
