@@ -506,7 +506,9 @@ def _cmd_heads(args: argparse.Namespace) -> int:
             max_views=args.max_views,
         )
     elif args.step == "train":
-        report = run_recipes(HeadCache(args.cache), args.weights, args.out, steps=args.steps, data_root=root)
+        report = run_recipes(
+            HeadCache(args.cache), args.weights, args.out, steps=args.steps, data_root=root, only=args.recipe
+        )
         sys.stdout.write(json.dumps({k: v["validation"] for k, v in report["recipes"].items()}, indent=2) + "\n")
     else:
         base, _ = load_checkpoint(args.weights)
@@ -822,6 +824,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, help="the cache folder (train)")
     p.add_argument("--heads", type=Path, help="the trained heads to export (export)")
     p.add_argument("--steps", type=int, default=None, help="steps per recipe (default: the recipe's)")
+    p.add_argument(
+        "--recipe", type=int, action="append", help="train only this recipe, by its number (repeatable; train)"
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=_cmd_heads)

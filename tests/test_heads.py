@@ -20,7 +20,9 @@ from model.training.heads import (
     evaluate_heads,
     export_heads,
     load_heads,
+    pca_projection,
     run_recipes,
+    set_projection,
     train_heads,
 )
 
@@ -129,6 +131,51 @@ def test_recipes_write_a_report_and_heads_that_load_again(weights: Path, cache: 
     base, _ = load_checkpoint(weights)
     heads = load_heads(tmp_path / "1.pt", base)
     assert heads.proj is not None and heads.qaconv.num_features == 16
+
+
+def test_principal_directions_keep_qaconv_when_the_locations_span_few_of_them(weights: Path) -> None:
+    """Maps whose location vectors lie in 16 of 512 dimensions: the 16 principal directions are orthonormal, span
+    that subspace, and QAConv on the projected maps scores pairs as it does on the full maps (cosines kept)."""
+    gen = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(512, 16, generator=gen)).Q  # [512, 16], orthonormal columns
+    maps = torch.einsum("ck,nkhw->nchw", basis, torch.randn(40, 16, 7, 7, generator=gen))
+    directions = pca_projection(maps, 16, chunk=7)
+    assert directions.shape == (16, 512)
+    torch.testing.assert_close(directions @ directions.T, torch.eye(16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(directions.T @ (directions @ basis), basis, atol=1e-4, rtol=0)  # the same subspace
+    base, _ = load_checkpoint(weights)
+    heads = Heads(base, HeadConfig(channels=16)).eval()
+    assert heads.proj is not None
+    set_projection(heads.proj, directions)
+    heads.qaconv.load_state_dict(base.qaconv.state_dict())
+    full = Heads(base, HeadConfig(channels=None)).eval()
+    with torch.no_grad():
+        projected = heads.qaconv.match_pairs(heads.local(maps[:20]), heads.local(maps[20:]))
+        reference = full.qaconv.match_pairs(maps[:20], maps[20:])
+    torch.testing.assert_close(projected, reference, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="channels"):
+        pca_projection(maps, 513)
+
+
+def test_the_principal_directions_recipe_learns_nothing_from_labels(weights: Path, cache: HeadCache) -> None:
+    """steps=0 with init='pca': the projection is the training views' principal directions and the tail is the
+    shipped QAConv's, whatever the identity labels say (relabelled views give the same heads)."""
+    cfg = HeadConfig(channels=16, init="pca", steps=0, train_occlusion=False, pca_views=200)
+    base, _ = load_checkpoint(weights)
+    train, _ = cache.split()
+    heads, curve = train_heads(cache, base, cfg, train)
+    assert curve == [] and heads.proj is not None
+    for name, value in base.qaconv.state_dict().items():
+        assert torch.equal(heads.qaconv.state_dict()[name], value), name
+    saved = cache.data["label"].copy()
+    try:
+        cache.data["label"][cache.labelled] = np.random.default_rng(0).permutation(saved[cache.labelled])
+        again, _ = train_heads(cache, base, cfg, train)
+    finally:
+        cache.data["label"] = saved
+    assert torch.equal(heads.proj[0].weight, again.proj[0].weight)  # type: ignore[index]
+    with pytest.raises(ValueError, match="projection"):
+        train_heads(cache, base, HeadConfig(channels=None, init="pca", steps=0), train)
 
 
 def _trained_heads(weights: Path, channels: int) -> Heads:

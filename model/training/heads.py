@@ -195,6 +195,13 @@ class HeadConfig:
     occlusion_method: str = "scaling"
     seed: int = 0
     log_every: int = 100
+    #: how the projection starts: ``"random"`` (orthogonal) or ``"pca"``: the principal directions of the
+    #: training views' location vectors (:func:`pca_projection`), with the shipped QAConv's tail; with
+    #: ``steps=0`` nothing is learnt from identity labels
+    init: str = "random"
+    pca_views: int = 3000
+    #: QAConv weighted by the occlusion head tuned once for all recipes (else the weights' own head)
+    tuned_occlusion: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -220,6 +227,37 @@ class Heads(nn.Module):
 
     def local(self, maps: torch.Tensor) -> torch.Tensor:
         return maps if self.proj is None else self.proj(maps)
+
+
+@torch.no_grad()
+def pca_projection(maps: torch.Tensor, channels: int, chunk: int = 256) -> torch.Tensor:
+    """The ``channels`` principal directions ``[channels, C]`` of the location vectors of ``maps`` ``[N, C, H, W]``,
+    each L2-normalised first and not centred: QAConv compares locations by their cosine, and the directions that
+    keep most of the unit vectors' second moment keep most of those cosines. Unsupervised: on a frozen trunk a
+    learned projection fits the few hundred identities it is trained on (bench/RESULTS.md), these cannot."""
+    c = maps.shape[1]
+    if not 0 < channels <= c:
+        raise ValueError(f"channels must be in 1..{c}, got {channels}")
+    moment = torch.zeros(c, c, dtype=torch.float64)
+    count = 0
+    for s in range(0, len(maps), chunk):
+        x = maps[s : s + chunk].float()
+        x = F.normalize(x.permute(0, 2, 3, 1).reshape(-1, c), dim=1).double()
+        moment += x.T @ x
+        count += len(x)
+    _, vectors = torch.linalg.eigh(moment / max(count, 1))  # ascending eigenvalues
+    return vectors.flip(1)[:, :channels].T.float().contiguous()
+
+
+def set_projection(proj: nn.Sequential, directions: torch.Tensor) -> None:
+    """A projection (1x1 convolution, BatchNorm) that is exactly ``directions @ x`` at each location in eval mode."""
+    conv, bn = proj[0], proj[1]
+    assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        conv.weight.copy_(directions.reshape(conv.weight.shape))
+        bn.reset_parameters()
+        assert bn.running_var is not None
+        bn.running_var.fill_(1.0 - bn.eps)
 
 
 def _sample(cache: HeadCache, rows: np.ndarray, cfg: HeadConfig, rng: np.random.Generator) -> np.ndarray:
@@ -309,6 +347,15 @@ def train_heads(
     heads = Heads(base, cfg)
     if occlusion is not None:
         heads.occlusion.load_state_dict(occlusion.state_dict())
+    if cfg.init == "pca":
+        if heads.proj is None:
+            raise ValueError("init='pca' needs a projection (channels)")
+        views = np.concatenate([train_rows, cache.unlabelled])
+        picked = np.sort(rng.choice(views, size=min(cfg.pca_views, len(views)), replace=False))
+        set_projection(
+            heads.proj, pca_projection(torch.from_numpy(cache.data["maps"][picked]), heads.qaconv.num_features)
+        )
+        heads.qaconv.load_state_dict(base.qaconv.state_dict())  # the tail reads 2 x 49 maxima, whatever the channels
     params = [
         p
         for n, p in heads.named_parameters()
@@ -455,7 +502,12 @@ def export_heads(base_weights: str | Path, heads: Heads, out: str | Path, extra:
     if heads.proj is not None:
         state.update({f"qaconv_proj.{k}": v for k, v in heads.proj.state_dict().items()})
     model.load_state_dict(state, strict=True)
-    keep: dict[str, Any] = {k: meta[k] for k in ("training", "quality") if k in meta}
+    # what depends on the trunk alone stays true: its training, the norm's quality scale, the int8 recipe (the
+    # trunk's activation ranges); the attributes' thresholds too while the occlusion head is the weights' own
+    kept = ["training", "quality", "int8"]
+    if all(torch.equal(v, base.occlusion_head.state_dict()[k]) for k, v in heads.occlusion.state_dict().items()):
+        kept.append("attributes")
+    keep: dict[str, Any] = {k: meta[k] for k in kept if k in meta}
     keep["heads_training"] = extra
     keep["base_model_version"] = meta["model_version"]
     return save_checkpoint(model.eval(), out, keep, dtype=getattr(torch, str(meta.get("dtype", "float32"))))
@@ -466,7 +518,8 @@ def config_dict(cfg: HeadConfig) -> dict[str, Any]:
 
 
 #: The recipe and its ablation: each row changes one thing from the one before (bench/RESULTS.md). Every row
-#: trains QAConv on the same tuned occlusion head, frozen (:func:`train_occlusion_head`).
+#: but the last weights QAConv by the same tuned occlusion head, frozen (:func:`train_occlusion_head`); the last
+#: (what ships) keeps the weights' own head, by which QAConv scored better.
 RECIPES: dict[str, HeadConfig] = {
     "shipped QAConv, fine-tuned (512 channels)": HeadConfig(
         channels=None, w_distill=0.0, unlabelled_per_batch=0, train_occlusion=False, steps=1000
@@ -480,6 +533,12 @@ RECIPES: dict[str, HeadConfig] = {
     "+ unlabelled real masks and poses in the distillation": HeadConfig(
         channels=64, w_distill=1.0, unlabelled_per_batch=16, train_occlusion=False, steps=1500
     ),
+    "principal directions to 64 channels, shipped tail (no labels)": HeadConfig(
+        channels=64, init="pca", steps=0, train_occlusion=False
+    ),
+    "+ the shipped occlusion head": HeadConfig(
+        channels=64, init="pca", steps=0, train_occlusion=False, tuned_occlusion=False
+    ),
 }
 
 
@@ -491,10 +550,11 @@ def run_recipes(
     steps: int | None = None,
     occlusion_steps: int = 600,
     data_root: str | Path | None = None,
+    only: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Tune the occlusion head, then train and evaluate every recipe on it, on the same split (held-out
-    identities); write ``report.json``, the head (``occlusion.pt``) and each recipe's heads (``<n>.pt``) to
-    ``out``; returns the report."""
+    """Tune the occlusion head, then train and evaluate every recipe on it (or the recipes numbered ``only``), on
+    the same split (held-out identities); write ``report.json``, the head (``occlusion.pt``) and each recipe's
+    heads (``<n>.pt``, numbered as in the recipes) to ``out``; returns the report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base, meta = load_checkpoint(base_weights)
@@ -523,12 +583,14 @@ def run_recipes(
     }
     torch.save(occlusion.state_dict(), out / "occlusion.pt")
     for n, (name, cfg) in enumerate((recipes or RECIPES).items()):
-        if steps is not None:
+        if only is not None and n not in only:
+            continue
+        if steps is not None and cfg.steps:
             cfg = HeadConfig(**{**asdict(cfg), "steps": steps})
         if cfg.unlabelled_per_batch and not len(cache.unlabelled):
             cfg = HeadConfig(**{**asdict(cfg), "unlabelled_per_batch": 0})
         started = time.perf_counter()
-        heads, curve = train_heads(cache, base, cfg, train_rows, occlusion)
+        heads, curve = train_heads(cache, base, cfg, train_rows, occlusion if cfg.tuned_occlusion else None)
         result = evaluate_heads(cache, heads, val_rows)
         torch.save({"config": asdict(cfg), "state": heads.state_dict()}, out / f"{n}.pt")
         report["recipes"][name] = {
