@@ -66,11 +66,11 @@ def synthetic(n: int, start: int, rng: np.random.Generator) -> list[FaceRecord]:
     ]
 
 
-def bytes_per_face(dtype: torch.dtype, faces: int) -> tuple[float, float]:
+def bytes_per_face(dtype: torch.dtype, faces: int, channels: int = 512) -> tuple[float, float]:
     """Resident memory a face adds once enrolled (maps, embedding, ids and dicts), and at the peak while
-    ``faces`` are enrolled 1,000 at a time, in a fresh process."""
+    ``faces`` are enrolled 1,000 at a time, in a fresh process, with QAConv maps of ``channels``."""
     name = next(k for k, v in DTYPES.items() if v == dtype)
-    grown = run_child(["--child", "grow", "--faces", str(faces), "--dtype", name])
+    grown = run_child(["--child", "grow", "--faces", str(faces), "--dtype", name, "--child-channels", str(channels)])
     n = grown["faces"]
     return (grown["final"] - grown["baseline"]) / n, (grown["peak"] - grown["baseline"]) / n
 
@@ -91,10 +91,10 @@ def face_bytes(dtype: torch.dtype, channels: int = 512, hw: int = 49) -> int:
     return channels * hw * dtype.itemsize + 512 * 4 + 4 + 8
 
 
-def _child_grow(faces: int, dtype: torch.dtype) -> dict[str, float]:
+def _child_grow(faces: int, dtype: torch.dtype, channels: int = 512) -> dict[str, float]:
     """In a fresh process: enrol ``faces`` synthetic faces 1,000 at a time (maps drawn from one block of
     1,000, as only their bytes matter), then report the baseline, peak and final resident memory."""
-    qaconv = build_model("ir_18").qaconv.eval()
+    qaconv = build_model("ir_18", qaconv_channels=None if channels == 512 else channels).qaconv.eval()
     index = GalleryIndex(qaconv, torch.device("cpu"), dtype)
     g = torch.Generator().manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(1000, 512, generator=g), dim=1)
@@ -209,6 +209,38 @@ def _peak_row(label: str, what: str, m: dict[str, float], per_face: int) -> str:
     return f"| {label} | {what} | {data / 2**30:.2f} | {peak / 2**30:.2f} | {final / 2**30:.2f} | {peak / data:.2f}x |"
 
 
+CHANNELS_SECTION = "## Gallery memory by QAConv channels (bench/bench_gallery.py --channels)"
+
+
+def channel_rows(channels: list[int], faces: int, threads: int) -> str:
+    """The section of ``--channels``: each channel count's bytes per enrolled face, once enrolled and at the peak,
+    with ``faces`` enrolled 1,000 at a time in a fresh process, and what a million faces take at that peak."""
+    rows = [
+        CHANNELS_SECTION,
+        "",
+        f"- {machine_line(threads)}",
+        f"- Command: `python bench/bench_gallery.py --out bench/RESULTS.md --channels {' '.join(map(str, channels))} "
+        f"--faces {faces} --threads {threads}`.",
+        "",
+        f"Enrolling {faces:,} synthetic faces 1,000 at a time in a fresh process (the index alone: the service needs "
+        "its own memory on top); the faces' data is maps, embedding (2 KB), visibility and key; the rest is "
+        "Python's per-face ids and dicts.",
+        "",
+        "| QAConv channels | map precision | maps per face | faces' data per face | bytes per face once enrolled "
+        "| peak bytes per face | a million faces at that peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in channels:
+        for name, dtype in (("bf16 (CPU default)", torch.bfloat16), ("fp16 (CUDA default)", torch.float16)):
+            per_face, peak = bytes_per_face(dtype, faces, c)
+            rows.append(
+                f"| {c} | {name} | {c * 49 * dtype.itemsize:,} | {face_bytes(dtype, c):,} | {per_face:,.0f} | "
+                f"{peak:,.0f} | {peak * 1e6 / 2**30:.1f} GiB |"
+            )
+            print(rows[-1], flush=True)  # noqa: T201
+    return "\n".join(rows) + "\n"
+
+
 def cosine_stage_ms(n: int, chunked: bool, shortlist: int, seconds: float) -> float:
     """One probe against ``n`` fp32 embeddings, top ``shortlist``: the service's :class:`CosineStage` (chunks
     of :data:`~service.index.CHUNK_ROWS`), or one matrix as the index kept them before."""
@@ -252,6 +284,14 @@ def main() -> None:
     parser.add_argument("--child", choices=["grow", "load"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help=argparse.SUPPRESS)
+    parser.add_argument("--child-channels", type=int, default=512, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--channels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="only the memory per face for these QAConv channel counts, --faces of each (its own section)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child is not None:  # a measurement in this fresh process: one JSON line
@@ -259,10 +299,13 @@ def main() -> None:
 
         with torch.inference_mode():
             if args.child == "grow":
-                result = _child_grow(args.faces, DTYPES[args.dtype])
+                result = _child_grow(args.faces, DTYPES[args.dtype], args.child_channels)
             else:
                 result = _child_load(args.store, "bench", torch.bfloat16)
         print(json.dumps(result))  # noqa: T201
+        return
+    if args.channels is not None:
+        emit(channel_rows(args.channels, args.faces, args.threads), args.out)
         return
     rows = [
         SECTION,

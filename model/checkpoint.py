@@ -28,6 +28,7 @@ from model.net import OAMLNet, build_model
 __all__ = [
     "FORMAT_VERSION",
     "HEAD_PREFIXES",
+    "trunk_digest",
     "content_hash",
     "default_metadata",
     "save_checkpoint",
@@ -52,6 +53,12 @@ def content_hash(state_dict: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def trunk_digest(model: OAMLNet) -> str:
+    """:func:`content_hash` of everything but the heads (:data:`HEAD_PREFIXES`): two weights files with the same
+    trunk digest give every face the same embedding, norm and trunk map, whatever their heads."""
+    return content_hash({k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)})
 
 
 def default_metadata(model: OAMLNet) -> dict[str, Any]:

@@ -4,9 +4,10 @@ A collection is matched with one model version (:class:`service.gallery.Collecti
 
 1. **Start** (:meth:`Migrations.start`): the target's weights are loaded (``OAML_WEIGHTS_DIR``), and the faces
    that cannot be moved are counted first: a face is re-embedded from its stored crop, so faces enrolled without
-   one (``OAML_STORE_CROPS`` off, the default) cannot. Then the choice is explicit: refuse (409
-   ``FACES_WITHOUT_CROPS``, listing the subjects to re-enrol), or ``missing="drop"``: move the rest and delete
-   those faces at the switch (named in the status).
+   one (``OAML_STORE_CROPS`` off, the default) cannot, unless the target only changes the heads of a model that
+   stored its trunk's own maps (:func:`derives_from`): then every face's new data is made from its stored data.
+   Then the choice is explicit: refuse (409 ``FACES_WITHOUT_CROPS``, listing the subjects to re-enrol), or
+   ``missing="drop"``: move the rest and delete those faces at the switch (named in the status).
 2. **Re-embed** (:meth:`Migrations._run`): in the background, a batch at a time, each batch's data at the target
    version written with the migration's progress in one transaction (``face_embeddings``). The collection keeps
    being matched with its own version meanwhile; enrolments write both versions, deletions delete both. A
@@ -38,6 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.checkpoint import trunk_digest
+from model.net import OAMLNet
 from model.openset import IDENTIFY_PRESETS
 from service import audit
 from service.errors import MigrationConflict, Overloaded
@@ -48,7 +51,7 @@ from service.problems import ApiError
 from service.store import FaceEmbedding, FaceRecord
 from service.store_pg import PostgresGalleryStore
 
-__all__ = ["Migrations", "decision_report", "REPORT_PROBES"]
+__all__ = ["Migrations", "decision_report", "derive_data", "derives_from", "REPORT_PROBES"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +143,9 @@ class Migrations:
         if to == current:
             raise MigrationConflict(f"collection {name!r} is matched with {to} already")
         await asyncio.to_thread(gallery.prepare_version, to)  # ModelNotAvailable when its weights are not there
-        without = await gallery.read(gallery.store.faces_without_crops, name, to)
+        engine = self.state.engine
+        derive = await asyncio.to_thread(derives_from, engine.model_for(current).model, engine.model_for(to).model)
+        without = {} if derive else await gallery.read(gallery.store.faces_without_crops, name, to)
         if without and missing == "refuse":
             faces = sum(without.values())
             raise ApiError(
@@ -164,6 +169,8 @@ class Migrations:
             "done": have,
             "without_crops": sum(without.values()),
             "subjects_without_crops": sorted(without),
+            # the target's data is made from the stored data at `from` (same trunk): every face moves, crop or not
+            "derived_from": current if derive else None,
         }
         entry = audit.AuditEntry(
             "migration_start", name, faces=total, detail={"to": to, "from": current, "switch": switch}
@@ -256,19 +263,23 @@ class Migrations:
             await asyncio.to_thread(gallery.prepare_version, to)
             model: ServedModel = engine.model_for(to)
             after = ""
+            size, source = self.state.settings.migration_batch, migration.get("derived_from")
             while True:
-                batch = await gallery.read(
-                    gallery.store.faces_to_embed, name, to, after, self.state.settings.migration_batch
-                )
-                if not batch:
+                if source:
+                    faces = await gallery.read(gallery.store.faces_to_derive, name, source, to, after, size)
+                    made = await engine.run_device(derive_data, model, faces)
+                    items = list(zip([f.face_id for f in faces], made, strict=True))
+                else:
+                    batch = await gallery.read(gallery.store.faces_to_embed, name, to, after, size)
+                    crops = await engine.run_cpu(decode_crops, [crop for _, crop in batch]) if batch else []
+                    feats = await _embed_patiently(engine, crops, to) if batch else []
+                    items = [(fid, _data(model, f)) for (fid, _), f in zip(batch, feats, strict=True)]
+                if not items:
                     break
-                crops = await engine.run_cpu(decode_crops, [crop for _, crop in batch])
-                feats = await _embed_patiently(engine, crops, to)
-                items = [(fid, _data(model, f)) for (fid, _), f in zip(batch, feats, strict=True)]
                 have, _ = await gallery.read(gallery.store.version_coverage, name, to)
                 migration["done"] = have + len(items)
                 await gallery.write(gallery.put_embeddings, name, items, dict(migration))
-                after = batch[-1][0]
+                after = items[-1][0]
                 self.progress[name].marks.append((time.monotonic(), migration["done"]))
             have, total = await gallery.read(gallery.store.version_coverage, name, to)
             migration.update(done=have, faces=total)
@@ -381,6 +392,44 @@ async def _embed_patiently(engine: Any, crops: np.ndarray, version: str) -> list
             return list(await engine.embed(crops, version))
         except Overloaded:
             await asyncio.sleep(0.5)
+
+
+def derives_from(source: OAMLNet, target: OAMLNet) -> bool:
+    """Whether ``target``'s data for a face can be made from what ``source`` stored for it, without its crop:
+    the same trunk (so the same embedding and norm; :func:`model.checkpoint.trunk_digest`), and ``source``
+    storing the trunk's own map (no projection), from which ``target``'s occlusion head and QAConv projection
+    compute theirs. A heads-only release (``oaml heads export``) moves every gallery this way."""
+    return (
+        source.qaconv_proj is None
+        and source.embedding_size == target.embedding_size
+        and source.feature_channels == target.feature_channels
+        and trunk_digest(source) == trunk_digest(target)
+    )
+
+
+@torch.inference_mode()
+def derive_data(model: ServedModel, faces: list[FaceRecord]) -> list[FaceEmbedding]:
+    """``model``'s data for faces from their stored trunk maps (see :func:`derives_from`): the embedding and norm
+    as stored, the visibility from ``model``'s occlusion head, the maps through its projection (fp16, as
+    enrolment stores them), the quality by ``model``'s calibration."""
+    if not faces:
+        return []
+    net = model.model.eval()
+    param = next(net.occlusion_head.parameters())
+    maps = torch.from_numpy(np.stack([f.feature_map for f in faces])).to(param.device, param.dtype)
+    occlusion = net.forward_occlusion(maps)[:, 0].float().cpu().numpy()
+    local = net.forward_local(maps).float().cpu().numpy().astype(np.float16)
+    return [
+        FaceEmbedding(
+            model_version=model.version,
+            embedding=f.embedding,
+            feature_map=local[i],
+            occlusion=occlusion[i],
+            norm=f.norm,
+            quality=model.quality(f.norm),
+        )
+        for i, f in enumerate(faces)
+    ]
 
 
 def decode_crops(crops: list[bytes]) -> np.ndarray:

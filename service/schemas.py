@@ -406,8 +406,10 @@ class MigrationStatus(BaseModel):
     migration: dict[str, Any] | None = Field(
         description=(
             "a migration: `to`, `from`, `state` (`running`, `ready`: re-embedded and waiting, `switching`, "
-            "`failed`), `faces`, `done`, `without_crops`, `faces_per_second`, `seconds_left`, and once every face "
-            "is re-embedded its `report` (how decisions move: per subject, per preset)"
+            "`failed`), `faces`, `done`, `without_crops`, `derived_from` (the version whose stored data the new "
+            "data is made from, when the target only changes the heads; else null: re-embedded from crops), "
+            "`faces_per_second`, `seconds_left`, and once every face is re-embedded its `report` (how decisions "
+            "move: per subject, per preset)"
         )
     )
 

@@ -82,6 +82,7 @@ __all__ = [
     "COLLECTION_VERSION_COLUMNS",
     "VERSIONED_FACES",
     "FACES_TO_EMBED",
+    "FACES_TO_DERIVE",
     "VERSION_COVERAGE",
     "WITHOUT_CROPS",
     "EMBEDDING_COLUMNS",
@@ -248,6 +249,10 @@ class GalleryStore(Protocol):
     ) -> int: ...
 
     def faces_to_embed(self, collection: str, version: str, after: str, limit: int) -> list[tuple[str, bytes]]: ...
+
+    def faces_to_derive(
+        self, collection: str, source: str, version: str, after: str, limit: int
+    ) -> list[FaceRecord]: ...
 
     def version_coverage(self, collection: str, version: str) -> tuple[int, int]: ...
 
@@ -434,6 +439,13 @@ FACES_TO_EMBED = (
     "SELECT f.face_id, f.crop FROM {p}faces f WHERE f.collection = {q} AND f.face_id > {q} AND f.crop IS NOT NULL "
     "AND f.model_version <> {q} AND NOT EXISTS (SELECT 1 FROM {p}face_embeddings e WHERE e.face_id = f.face_id "
     "AND e.model_version = {q}) ORDER BY f.face_id LIMIT {q}"
+)
+#: Faces of a collection without data at a version, with their data at another (the source of a derived migration),
+#: after a face id.
+FACES_TO_DERIVE = (
+    VERSIONED_FACES.format(first="f.face_id", p="{p}", q="{q}")
+    + " AND f.collection = {q} AND f.face_id > {q} AND f.model_version <> {q} AND NOT EXISTS (SELECT 1 FROM "
+    "{p}face_embeddings d WHERE d.face_id = f.face_id AND d.model_version = {q}) ORDER BY f.face_id LIMIT {q}"
 )
 #: Faces of a collection (with their subjects) that have data at a version, and all of them.
 VERSION_COVERAGE = (
@@ -1070,6 +1082,15 @@ class SQLiteGalleryStore:
                 FACES_TO_EMBED.format(p="", q="?"), (collection, after, version, version, limit)
             ).fetchall()
         return [(r[0], bytes(r[1])) for r in rows]
+
+    def faces_to_derive(self, collection: str, source: str, version: str, after: str, limit: int) -> list[FaceRecord]:
+        """Up to ``limit`` faces of the collection that lack ``version``, with their data at ``source``, after face
+        id ``after`` (a derived migration's next batch: no crop needed)."""
+        with self._read() as db:
+            rows = db.execute(
+                FACES_TO_DERIVE.format(p="", q="?"), (source, source, collection, after, version, version, limit)
+            ).fetchall()
+        return [face_from_row(r[1:]) for r in rows]
 
     def version_coverage(self, collection: str, version: str) -> tuple[int, int]:
         """(faces of the collection that have data at ``version``, all its faces)."""

@@ -61,6 +61,7 @@ from service.store import (
     ENROLLED_SINCE,
     FACE_COLUMN_COUNT,
     FACE_COLUMNS,
+    FACES_TO_DERIVE,
     FACES_TO_EMBED,
     FORGET_FACE_ANSWERS,
     IDEMPOTENCY_TTL_S,
@@ -637,11 +638,18 @@ class PostgresGalleryStore:
     def faces_to_embed(self, collection: str, version: str, after: str, limit: int) -> list[tuple[str, bytes]]:
         """Up to ``limit`` faces (id, crop) of the collection that lack ``version`` and have a crop, after
         ``after`` (face ids in order: a migration resumes from any point)."""
-        query = FACES_TO_EMBED.format(p="oaml_", q="%s").replace("ORDER BY f.face_id", 'ORDER BY f.face_id COLLATE "C"')
-        query = query.replace("f.face_id > %s", 'f.face_id COLLATE "C" > %s')
+        query = _in_byte_order(FACES_TO_EMBED.format(p="oaml_", q="%s"))
         with self._read() as conn:
             rows = conn.execute(query, (collection, after, version, version, limit)).fetchall()
         return [(r[0], bytes(r[1])) for r in rows]
+
+    def faces_to_derive(self, collection: str, source: str, version: str, after: str, limit: int) -> list[FaceRecord]:
+        """Up to ``limit`` faces of the collection that lack ``version``, with their data at ``source``, after
+        ``after`` (face ids in byte order, as :meth:`faces_to_embed`)."""
+        query = _in_byte_order(FACES_TO_DERIVE.format(p="oaml_", q="%s"))
+        with self._read() as conn:
+            rows = conn.execute(query, (source, source, collection, after, version, version, limit)).fetchall()
+        return [face_from_row(r[1:]) for r in rows]
 
     def version_coverage(self, collection: str, version: str) -> tuple[int, int]:
         """(faces of the collection that have data at ``version``, all its faces)."""
@@ -1079,3 +1087,11 @@ def redacted(text: str) -> str:
     pair (``password=secret``)."""
     text = re.sub(r"(postgres(?:ql)?://[^:/?#@\s]*:)[^@/\s]*@", r"\1***@", text)  # libpq: only @ and / end it
     return _KEY_VALUE_PASSWORD.sub(r"\1***", text)
+
+
+def _in_byte_order(query: str) -> str:
+    """A batch query over face ids made to compare and sort them byte by byte, as SQLite does (a migration's
+    ``after`` cursor must mean the same in both stores, whatever the database's collation)."""
+    return query.replace("ORDER BY f.face_id", 'ORDER BY f.face_id COLLATE "C"').replace(
+        "f.face_id > %s", 'f.face_id COLLATE "C" > %s'
+    )

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from model.checkpoint import load_checkpoint, read_metadata, save_checkpoint
@@ -212,6 +213,70 @@ def test_faces_without_crops_stay_on_their_model_and_say_so(
             s["subject"]: s["face_count"] for s in c.get("/gallery", params={"collection": "site"}).json()["subjects"]
         }
         assert subjects == {"cameraman": 0, "eileen": 0, "eileen-kept": 1}  # their faces deleted, as asked
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_a_heads_only_release_moves_faces_without_crops_from_their_stored_maps(
+    weights_dir: Path,
+    versions: tuple[str, str],
+    people: dict[str, tuple[bytes, bytes, bool]],
+    tmp_path: Path,
+    store: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """C: the shipped trunk with new heads (a 64-channel projection and another occlusion head), as `oaml heads
+    export` makes. A collection of A enrolled without crops moves to C in full: C's data is made from what A
+    stored (the trunk's own maps), and matches what C makes of the same photo, within the engines' rounding."""
+    from model.training.heads import HeadConfig, Heads, export_heads
+
+    a, _ = versions
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "oaml_ir18.safetensors").symlink_to(SHIPPED)
+    base, _ = load_checkpoint(SHIPPED)
+    heads = Heads(base, HeadConfig(channels=64)).eval()
+    with torch.no_grad():
+        for p in heads.occlusion.parameters():
+            p.mul_(1.5)  # another occlusion head: the visibility must come from C's, not be copied from A's
+    c_version = export_heads(SHIPPED, heads, folder / "heads64.safetensors", {})["model_version"]
+    subjects = ("eileen", "cameraman")
+    extra: dict[str, Any] = {}
+    if store == "postgresql":
+        pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[postgres]')")
+        extra["gallery_url"] = request.getfixturevalue("pg_url")
+    with TestClient(create_app(settings(folder, tmp_path / "a", **extra))) as c:  # crops not kept: the default
+        c.post("/collections", json={"name": "site"})
+        for subject in subjects:
+            photo, _, aligned = people[subject]
+            assert enrol(c, subject, photo, aligned).status_code == 201
+        r = c.post("/collections/site/migration", json={"to": c_version})
+        assert r.status_code == 202, r.text
+        assert r.json()["migration"]["without_crops"] == 0 and r.json()["migration"]["derived_from"] == a
+        done = until(lambda: (s := migration_state(c))["migration"] is None and s)
+        assert done["model_version"] == c_version and done["previous_version"] == a
+        everyone_found(c, {k: people[k] for k in subjects}, c_version)
+        held = c.app.state.oaml.gallery.store  # type: ignore[attr-defined]
+        derived = {f.subject: f for f in held.faces_for("site", c_version)}
+        stored = {f.subject: f for f in held.faces_for("site", a)}
+    on_c = Settings(weights=folder / "heads64.safetensors", data_dir=tmp_path / "c", torch_threads=2)  # type: ignore[call-arg]
+    with TestClient(create_app(on_c)) as c:
+        for subject in subjects:  # the same photos enrolled afresh by C: what a re-embedding would have made
+            photo, _, aligned = people[subject]
+            assert enrol(c, subject, photo, aligned, collection="default").status_code == 201
+        fresh = {f.subject: f for f in c.app.state.oaml.gallery.store.faces_for("default", c_version)}  # type: ignore[attr-defined]
+
+    def cosine(x: np.ndarray, y: np.ndarray) -> float:
+        x, y = x.astype(np.float64).ravel(), y.astype(np.float64).ravel()
+        return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+
+    for subject in subjects:
+        d, f, s = derived[subject], fresh[subject], stored[subject]
+        assert d.feature_map.shape == f.feature_map.shape == (64, 7, 7) and s.feature_map.shape == (512, 7, 7)
+        assert np.array_equal(d.embedding, s.embedding) and d.norm == s.norm  # the trunk's: as stored
+        assert cosine(d.embedding, f.embedding) > 0.99 and cosine(d.feature_map, f.feature_map) > 0.99
+        # the int8 default engine of one service against the fp32 second engine of the other: measured 0.07 at most
+        assert np.abs(d.occlusion - f.occlusion).max() < 0.15 and np.abs(d.occlusion - f.occlusion).mean() < 0.01
+        assert np.abs(d.occlusion - s.occlusion).max() > 0.05  # C's occlusion head, not A's
 
 
 def test_enrolments_and_deletions_during_a_migration_land_in_both_versions(
