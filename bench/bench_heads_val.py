@@ -5,6 +5,11 @@ identities and every number measured on the other half. The report's own validat
 this one resolves a few tenths of a point.
 
     .venv/bin/python bench/bench_heads_val.py --cache ../oaml_runs/heads_cache --run ../oaml_runs/heads_run
+    .venv/bin/python bench/bench_heads_val.py --cache ../oaml_runs/heads_cache --pca 32 64 96 128
+
+``--pca``: QAConv on that many principal directions of the training views' location vectors (the recipe
+``init="pca"``, steps 0: the shipped tail and occlusion head), made from the same training rows as ``oaml heads
+train`` (the calibration identities left out), one row each.
 """
 
 from __future__ import annotations
@@ -20,21 +25,32 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.checkpoint import load_checkpoint  # noqa: E402
-from model.training.heads import HeadCache, HeadConfig, Heads, _fusion, load_heads, pair_scores  # noqa: E402
+from model.training.heads import (  # noqa: E402
+    HeadCache,
+    HeadConfig,
+    Heads,
+    _fusion,
+    calibration_labels,
+    load_heads,
+    pair_scores,
+    train_heads,
+)
 from model.training.metrics import verification_report  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cache", type=Path, required=True)
-    parser.add_argument("--run", type=Path, required=True, help="the folder of oaml heads train (<n>.pt)")
+    parser.add_argument("--run", type=Path, default=None, help="the folder of oaml heads train (<n>.pt)")
+    parser.add_argument("--pca", type=int, nargs="*", default=[], help="principal-direction heads of these channels")
+    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "oaml_data", help="for the calibration ids")
     parser.add_argument("--weights", type=Path, default=ROOT / "weights" / "oaml_ir18.safetensors")
     parser.add_argument("--pairs", type=int, default=8000, help="genuine pairs drawn (and as many impostors)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     cache = HeadCache(args.cache)
-    base, _ = load_checkpoint(args.weights)
-    _, val = cache.split()
+    base, meta = load_checkpoint(args.weights)
+    train, val = cache.split()
     d = cache.data
     rng = np.random.default_rng(5)
     clean, occ = val[d["view"][val] == 0], val[d["view"][val] > 0]
@@ -67,7 +83,13 @@ def main() -> None:
         "|---|---|---|---|",
     ]
     heads = {"shipped": Heads(base, HeadConfig(channels=None)).eval()}
-    heads.update({p.stem: load_heads(p, base) for p in sorted(args.run.glob("[0-9]*.pt"))})
+    if args.run is not None:
+        heads.update({p.stem: load_heads(p, base) for p in sorted(args.run.glob("[0-9]*.pt"))})
+    if args.pca:  # the training rows of `oaml heads train`: the weights' calibration identities left out
+        train = train[~np.isin(d["label"][train], calibration_labels(cache, meta, args.data_root))]
+    for k in args.pca:
+        cfg = HeadConfig(channels=k, init="pca", steps=0, train_occlusion=False, tuned_occlusion=False)
+        heads[f"principal directions, {k} channels"] = train_heads(cache, base, cfg, train)[0]
     for n, (name, h) in enumerate(heads.items()):
         cos, qa, vis = pair_scores(h, ba, bb)
         fused = _fusion(cos, qa, vis, same, half)

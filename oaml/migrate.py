@@ -146,6 +146,8 @@ def _summary(status: dict[str, Any]) -> str:
         line += f" (previous {status['previous_version']} kept for rollback)"
     if migration:
         line += f"; migration to {migration.get('to')}: {migration.get('state')}"
+        if migration.get("derived_from"):
+            line += f" (made from the faces' stored data at {migration['derived_from']}: no crops needed)"
         if migration.get("error"):
             line += f" ({migration['error']})"
     return line

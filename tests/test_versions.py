@@ -436,3 +436,13 @@ def test_a_gallery_of_schema_2_gets_its_collections_versions(tmp_path: Path) -> 
     assert again.collection("empty").model_version is None  # no face: it takes the default with its first
     assert [f.face_id for f in again.faces_for("default", "ir_18-aaaa")] == ["f1"]
     again.close()
+
+
+def test_the_migrate_command_says_where_a_derived_migration_takes_its_data() -> None:
+    from oaml.migrate import _summary
+
+    status = {"collection": "site", "model_version": "ir_18-a", "previous_version": None}
+    running = {**status, "migration": {"to": "ir_18-b", "state": "running", "derived_from": "ir_18-a"}}
+    assert "stored data at ir_18-a: no crops needed" in _summary(running)
+    embedded = {**status, "migration": {"to": "ir_18-b", "state": "running", "derived_from": None}}
+    assert "stored data" not in _summary(embedded) and "running" in _summary(embedded)
