@@ -513,7 +513,8 @@ def _cmd_heads(args: argparse.Namespace) -> int:
     else:
         base, _ = load_checkpoint(args.weights)
         heads = load_heads(args.heads, base)
-        written = export_heads(args.weights, heads, args.out, {"heads": str(args.heads)})
+        recipe = torch.load(args.heads, weights_only=True)["config"]  # what the card's metadata says was trained
+        written = export_heads(args.weights, heads, args.out, {"heads": str(args.heads), "recipe": recipe})
         sys.stdout.write(written["model_version"] + "\n")
     return 0
 

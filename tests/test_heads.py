@@ -251,3 +251,19 @@ def test_a_service_on_projected_weights_keeps_the_smaller_maps(weights: Path, tm
     finally:
         store.close()
     assert record[0].feature_map.shape == (16, 7, 7)
+
+
+def test_the_export_command_records_the_recipe_in_the_weights(weights: Path, tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from model.checkpoint import read_metadata
+    from oaml.cli import main
+
+    cfg = HeadConfig(channels=16, init="pca", steps=0)
+    torch.save({"config": asdict(cfg), "state": _trained_heads(weights, 16).state_dict()}, tmp_path / "5.pt")
+    out = tmp_path / "q16.safetensors"
+    assert main(["heads", "export", str(weights), "--heads", str(tmp_path / "5.pt"), "--out", str(out)]) == 0
+    meta = read_metadata(out)
+    assert meta["heads_training"]["recipe"] == asdict(cfg) and meta["heads"]["qaconv"]["num_features"] == 16
+    assert meta["base_model_version"] == read_metadata(weights)["model_version"]
+    assert meta.get("int8") == read_metadata(weights).get("int8")  # the trunk's int8 recipe holds for its trunk
