@@ -271,9 +271,7 @@ class Migrations:
                     items = list(zip([f.face_id for f in faces], made, strict=True))
                 else:
                     batch = await gallery.read(gallery.store.faces_to_embed, name, to, after, size)
-                    crops = await engine.run_cpu(decode_crops, [crop for _, crop in batch]) if batch else []
-                    feats = await _embed_patiently(engine, crops, to) if batch else []
-                    items = [(fid, _data(model, f)) for (fid, _), f in zip(batch, feats, strict=True)]
+                    items = await _reembed(engine, model, batch) if batch else []
                 if not items:
                     break
                 have, _ = await gallery.read(gallery.store.version_coverage, name, to)
@@ -383,6 +381,13 @@ class Migrations:
                     except Exception:
                         logger.exception("could not drop the previous version of collection %r", name)
             await asyncio.sleep(3600)
+
+
+async def _reembed(engine: Any, model: ServedModel, batch: list[tuple[str, bytes]]) -> list[tuple[str, FaceEmbedding]]:
+    """``model``'s data for faces ``(id, stored crop)``, re-embedded from their crops."""
+    crops = await engine.run_cpu(decode_crops, [crop for _, crop in batch])
+    feats = await _embed_patiently(engine, crops, model.version)
+    return [(fid, _data(model, f)) for (fid, _), f in zip(batch, feats, strict=True)]
 
 
 async def _embed_patiently(engine: Any, crops: np.ndarray, version: str) -> list[Any]:
