@@ -29,6 +29,7 @@ __all__ = [
     "FORMAT_VERSION",
     "HEAD_PREFIXES",
     "trunk_digest",
+    "derives_from",
     "content_hash",
     "default_metadata",
     "save_checkpoint",
@@ -59,6 +60,20 @@ def trunk_digest(model: OAMLNet) -> str:
     """:func:`content_hash` of everything but the heads (:data:`HEAD_PREFIXES`): two weights files with the same
     trunk digest give every face the same embedding, norm and trunk map, whatever their heads."""
     return content_hash({k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)})
+
+
+def derives_from(source: OAMLNet, target: OAMLNet) -> bool:
+    """Whether ``target``'s data for a face can be made from what ``source`` stored for it, without its crop:
+    the same trunk (so the same embedding and norm; :func:`trunk_digest`), and ``source``
+    storing the trunk's own map (no projection), from which ``target``'s occlusion head and QAConv projection
+    compute theirs. A heads-only release (``oaml heads export``) moves every gallery this way
+    (:mod:`service.migration`), and ``oaml eval --also`` scores it from the same pass."""
+    return (
+        source.qaconv_proj is None
+        and source.embedding_size == target.embedding_size
+        and source.feature_channels == target.feature_channels
+        and trunk_digest(source) == trunk_digest(target)
+    )
 
 
 def default_metadata(model: OAMLNet) -> dict[str, Any]:

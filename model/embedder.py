@@ -127,6 +127,21 @@ class Features:
             index = torch.from_numpy(index)
         return Features(self.embedding[index], self.norm[index], self.occlusion[index], self.feature_map[index])
 
+    @torch.inference_mode()
+    def through(self, net: OAMLNet) -> Features:
+        """These faces as ``net`` sees them, made from these features instead of the crops: the embedding and norm
+        as they are, the visibility and QAConv's map from ``net``'s heads applied to :attr:`feature_map`. True when
+        :func:`model.checkpoint.derives_from` holds for the model that made them and ``net`` (the same trunk, and
+        this map the trunk's own); the maps are then exactly those ``net``'s own pass makes, at this precision."""
+        param = next(net.occlusion_head.parameters())
+        maps = self.feature_map.to(param.device, param.dtype)
+        return Features(
+            self.embedding,
+            self.norm,
+            net.eval().forward_occlusion(maps)[:, 0].float().cpu(),
+            net.forward_local(maps).float().cpu(),
+        )
+
     def split(self) -> list[Features]:
         """One :class:`Features` per face (views, no copies)."""
         return [self.take(i) for i in range(len(self))]

@@ -426,7 +426,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_public(args: argparse.Namespace, embedder: Any, cal: Any, peer: Any, meta: dict[str, Any]) -> int:
     """``--suite public``: LFW, CFP-FP and CFP-FF, clean and occluded, one table (see model.training.suite)."""
-    from model.training.suite import CARD_BEGIN, public_sets, run_suite, suite_table, write_card_table
+    from model.calibration import Calibration
+    from model.checkpoint import load_checkpoint
+    from model.training.suite import CARD_BEGIN, SuiteModel, public_sets, run_suite, suite_table, write_card_table
 
     shared = args.shared
     sets = public_sets(
@@ -442,12 +444,28 @@ def _eval_public(args: argparse.Namespace, embedder: Any, cal: Any, peer: Any, m
         sets = [s.subset(int(f) for f in args.folds.split(",")) for s in sets]
     elif args.record and len(sets) < 3:
         raise SystemExit("--record takes the whole suite: LFW, CFP-FP and CFP-FF must all be there")
+    if args.also and args.record:
+        raise SystemExit("--record stores one model's report: run it without --also")
     occluders = Path(args.occluders) if args.occluders else shared / "occluders"
-    report = run_suite(sets, embedder, occluders, cal, peer=peer, subset=not args.folds)
-    report["weights"] = {"file": str(args.weights), "model_version": meta["model_version"]}
-    table = suite_table(report)
-    (args.out / "suite.json").write_text(json.dumps(report, indent=2))
-    (args.out / "suite.md").write_text(table + "\n")
+    also, files = [], [(args.weights, meta, args.out)]
+    for path in args.also:
+        net, their = load_checkpoint(path)
+        cal_of = Calibration.from_dict(their["calibration"]) if "calibration" in their else None
+        also.append(SuiteModel(str(path), net, cal_of))
+        files.append((path, their, args.out / path.stem))
+    try:
+        reports = run_suite(sets, embedder, occluders, cal, peer=peer, subset=not args.folds, also=also)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    for report, (path, their, out) in zip(reports, files, strict=True):
+        report["weights"] = {"file": str(path), "model_version": their["model_version"]}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "suite.json").write_text(json.dumps(report, indent=2))
+        (out / "suite.md").write_text(suite_table(report) + "\n")
+        if len(files) > 1:
+            sys.stdout.write(f"{path} ({their['model_version']}):\n")
+        sys.stdout.write(suite_table(report) + "\n")
+    report, table = reports[0], suite_table(reports[0])
     if args.record:
         _record_metrics(args.weights, "suite", report)
         card = args.card or args.weights.parent / "README.md"  # the model card beside the weights
@@ -457,7 +475,6 @@ def _eval_public(args: argparse.Namespace, embedder: Any, cal: Any, peer: Any, m
             logging.getLogger(__name__).warning(
                 "no model card with a suite table at %s: only the weights record it", card
             )
-    sys.stdout.write(table + "\n")
     return 0
 
 
@@ -756,6 +773,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --record, the model card whose suite table is replaced (default: README.md beside the weights)",
     )
     p.add_argument("--peer", choices=["none", "sface"], default="none")
+    p.add_argument(
+        "--also",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="public suite: more weights with the same trunk (heads-only releases, `oaml heads export`), scored "
+        "from the same pass; each report in <out>/<file stem>/",
+    )
     _add_embedding_options(p)
     p.add_argument(
         "--flip",

@@ -5,7 +5,8 @@ A collection is matched with one model version (:class:`service.gallery.Collecti
 1. **Start** (:meth:`Migrations.start`): the target's weights are loaded (``OAML_WEIGHTS_DIR``), and the faces
    that cannot be moved are counted first: a face is re-embedded from its stored crop, so faces enrolled without
    one (``OAML_STORE_CROPS`` off, the default) cannot, unless the target only changes the heads of a model that
-   stored its trunk's own maps (:func:`derives_from`): then every face's new data is made from its stored data.
+   stored its trunk's own maps (:func:`model.checkpoint.derives_from`): then every face's new data is made from
+   its stored data.
    Then the choice is explicit: refuse (409 ``FACES_WITHOUT_CROPS``, listing the subjects to re-enrol), or
    ``missing="drop"``: move the rest and delete those faces at the switch (named in the status).
 2. **Re-embed** (:meth:`Migrations._run`): in the background, a batch at a time, each batch's data at the target
@@ -39,8 +40,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.checkpoint import trunk_digest
-from model.net import OAMLNet
+from model.checkpoint import derives_from
+from model.embedder import Features
 from model.openset import IDENTIFY_PRESETS
 from service import audit
 from service.errors import MigrationConflict, Overloaded
@@ -51,7 +52,7 @@ from service.problems import ApiError
 from service.store import FaceEmbedding, FaceRecord
 from service.store_pg import PostgresGalleryStore
 
-__all__ = ["Migrations", "decision_report", "derive_data", "derives_from", "REPORT_PROBES"]
+__all__ = ["Migrations", "decision_report", "derive_data", "REPORT_PROBES"]
 
 logger = logging.getLogger(__name__)
 
@@ -399,31 +400,20 @@ async def _embed_patiently(engine: Any, crops: np.ndarray, version: str) -> list
             await asyncio.sleep(0.5)
 
 
-def derives_from(source: OAMLNet, target: OAMLNet) -> bool:
-    """Whether ``target``'s data for a face can be made from what ``source`` stored for it, without its crop:
-    the same trunk (so the same embedding and norm; :func:`model.checkpoint.trunk_digest`), and ``source``
-    storing the trunk's own map (no projection), from which ``target``'s occlusion head and QAConv projection
-    compute theirs. A heads-only release (``oaml heads export``) moves every gallery this way."""
-    return (
-        source.qaconv_proj is None
-        and source.embedding_size == target.embedding_size
-        and source.feature_channels == target.feature_channels
-        and trunk_digest(source) == trunk_digest(target)
-    )
-
-
-@torch.inference_mode()
 def derive_data(model: ServedModel, faces: list[FaceRecord]) -> list[FaceEmbedding]:
-    """``model``'s data for faces from their stored trunk maps (see :func:`derives_from`): the embedding and norm
-    as stored, the visibility from ``model``'s occlusion head, the maps through its projection (fp16, as
-    enrolment stores them), the quality by ``model``'s calibration."""
+    """``model``'s data for faces from their stored trunk maps (see :func:`model.checkpoint.derives_from`): the
+    embedding and norm as stored, the visibility and the maps from ``model``'s heads (:meth:`Features.through`;
+    maps fp16, as enrolment stores them), the quality by ``model``'s calibration."""
     if not faces:
         return []
-    net = model.model.eval()
-    param = next(net.occlusion_head.parameters())
-    maps = torch.from_numpy(np.stack([f.feature_map for f in faces])).to(param.device, param.dtype)
-    occlusion = net.forward_occlusion(maps)[:, 0].float().cpu().numpy()
-    local = net.forward_local(maps).float().cpu().numpy().astype(np.float16)
+    stored = Features(
+        torch.from_numpy(np.stack([f.embedding for f in faces])),
+        torch.tensor([f.norm for f in faces]),
+        torch.zeros(len(faces), 0),  # the source's visibility: not used
+        torch.from_numpy(np.stack([f.feature_map for f in faces]).astype(np.float32)),
+    )
+    derived = stored.through(model.model)
+    occlusion, local = derived.occlusion.numpy(), derived.feature_map.numpy().astype(np.float16)
     return [
         FaceEmbedding(
             model_version=model.version,

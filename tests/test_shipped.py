@@ -235,7 +235,7 @@ def test_a_fresh_suite_run_on_the_fixed_subset_gives_the_recorded_numbers() -> N
     embedder = Embedder(model, precision=setting, flip=recorded["embedding"]["flip"])
     fresh = run_suite(
         sets, embedder, SHARED_DATA / "occluders", Calibration.from_dict(meta["calibration"]), SFaceTeacher(threads=2)
-    )
+    )[0]
     for name, entry in fresh["sets"].items():
         for condition in ("clean", "occluded"):
             want, got = recorded["subset"][name][condition], entry[condition]

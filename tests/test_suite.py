@@ -20,6 +20,7 @@ from model.training.face import EvaluationDataError
 from model.training.suite import (
     CARD_BEGIN,
     CARD_END,
+    SuiteModel,
     card_table,
     cfp_set,
     run_suite,
@@ -88,7 +89,7 @@ def test_the_suite_scores_every_set_counts_missing_faces_and_keeps_a_subset(weig
     assert pairs.subset([1]).keys == sorted(pairs.keys) and len(pairs.subset([1, 2]).same) == 24
     model, _ = load_checkpoint(weights)
     embedder = Embedder(model, device="cpu", precision="fp32", flip=False)
-    report = run_suite([pairs], embedder, write_templates(tmp_path / "occluders"))
+    report = run_suite([pairs], embedder, write_templates(tmp_path / "occluders"))[0]
     entry = report["sets"]["CFP-FP"]
     assert entry["photos_without_face"] == 1
     for condition in ("clean", "occluded"):
@@ -103,12 +104,12 @@ def test_the_suite_scores_every_set_counts_missing_faces_and_keeps_a_subset(weig
 
     occluders = evaluation_occluders(tmp_path / "occluders")
     emb = _embed_cache(cache, keys, embedder, occluders, None)
-    moved = (emb.clean.embedding - emb.occluded.embedding).abs().amax(1).numpy() > 1e-4
+    moved = (emb.clean[0].embedding - emb.occluded[0].embedding).abs().amax(1).numpy() > 1e-4
     assert (moved == emb.found).all()
     again = _embed_cache(cache, keys, embedder, occluders, None)
-    assert (again.occluded.embedding == emb.occluded.embedding).all()
+    assert (again.occluded[0].embedding == emb.occluded[0].embedding).all()
     part = _embed_cache(cache, keys[3:9], embedder, occluders, None)  # a subset occludes each photo alike
-    torch.testing.assert_close(part.occluded.embedding, emb.occluded.embedding[3:9], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(part.occluded[0].embedding, emb.occluded[0].embedding[3:9], atol=1e-5, rtol=1e-5)
     table = suite_table(report)
     assert re.search(r"\| CFP-FP \| clean \| 36 \| 3 \| [\d.]+% / [\d.]+ \|", table), table
     assert "| CFP-FP | occluded | 36 | 3 |" in table
@@ -130,10 +131,55 @@ def test_a_pair_whose_face_is_missing_is_a_non_match(weights: Path, tmp_path: Pa
     for missing in ((), ("001/p02",)):
         cache = write_cache(tmp_path / f"c{len(missing)}", photos, "cfp", missing)
         (cache / "pairs_ff.txt").write_text("\n".join(lines) + "\n")
-        report = run_suite([cfp_set(cache, "ff")], embedder, occluders)
+        report = run_suite([cfp_set(cache, "ff")], embedder, occluders)[0]
         scores[len(missing)] = report["sets"]["CFP-FF"]["clean"]
     assert scores[0]["pairs_without_face"] == 0 and scores[1]["pairs_without_face"] == 4
     assert scores[1]["adaface"]["auc"] < scores[0]["adaface"]["auc"]
+
+
+def test_a_heads_only_variant_scored_from_the_same_pass_is_what_its_own_run_gives(
+    weights: Path, tmp_path: Path
+) -> None:
+    """``--also``: a release that differs in its heads alone (16 projected channels, another occlusion head) is
+    scored from the trunk maps of the weights' pass, and every number is what its own run gives."""
+    from model.net import build_model
+    from model.training.heads import export_heads
+    from tests.test_heads import _trained_heads
+
+    photos = faces(6, 3, seed=4)
+    cache = write_cache(tmp_path / "cfp", photos, source_prefix="cfp")
+    lines = ["# fold\tpath_a\tpath_b\tsame"]
+    for fold in (1, 2, 3):
+        for i in range(1, 7):
+            lines.append(f"{fold}\t{i:03d}/f01.jpg\t{i:03d}/p03.jpg\t1")
+            lines.append(f"{fold}\t{i:03d}/f02.jpg\t{(i % 6) + 1:03d}/p03.jpg\t0")
+    (cache / "pairs_fp.txt").write_text("\n".join(lines) + "\n")
+    pairs, occluders = cfp_set(cache, "fp"), write_templates(tmp_path / "occluders")
+    export_heads(weights, _trained_heads(weights, 16), tmp_path / "projected.safetensors", {})
+    base, _ = load_checkpoint(weights)
+    variant, _ = load_checkpoint(tmp_path / "projected.safetensors")
+    both = run_suite(
+        [pairs], Embedder(base, device="cpu", precision="fp32", flip=False), occluders, also=[SuiteModel("c", variant)]
+    )
+    alone = run_suite([pairs], Embedder(variant, device="cpu", precision="fp32", flip=False), occluders)[0]
+    assert len(both) == 2
+    for condition in ("clean", "occluded"):
+        got, want = both[1]["sets"]["CFP-FP"][condition], alone["sets"]["CFP-FP"][condition]
+        for matcher in ("adaface", "qaconv", "fused"):
+            for metric in ("accuracy", "auc", "tar_far_1e-2"):
+                assert got[matcher][metric] == pytest.approx(want[matcher][metric], abs=1e-9), (matcher, metric)
+        # the base's own report is its own: another QAConv on other maps
+        assert both[0]["sets"]["CFP-FP"][condition]["adaface"] == got["adaface"]
+        assert both[0]["sets"]["CFP-FP"][condition]["qaconv"] != got["qaconv"]
+    crops = np.stack(list(photos.values())[:4])
+    derived = Embedder(base, device="cpu", precision="fp32", flip=False)(crops).through(variant)
+    own = Embedder(variant, device="cpu", precision="fp32", flip=False)(crops)
+    torch.testing.assert_close(derived.feature_map, own.feature_map, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(derived.occlusion, own.occlusion, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(1)
+    other = build_model("ir_18").eval()  # another trunk: its faces cannot be made from the base's pass
+    with pytest.raises(ValueError, match="does not share the trunk"):
+        run_suite([pairs], Embedder(base, device="cpu", flip=False), occluders, also=[SuiteModel("x", other)])
 
 
 def test_the_table_keeps_the_suites_order_whatever_the_reports() -> None:

@@ -34,7 +34,10 @@ from typing import Any
 import numpy as np
 
 from model.calibration import DEFAULT_CALIBRATION, Calibration
+from model.checkpoint import derives_from
 from model.embedder import Embedder, Features, score_pairs
+from model.net import OAMLNet
+from model.qaconv import QAConv
 from model.training.evaluate import cached_crops, evaluation_occluders, read_lfw_pairs
 from model.training.metrics import verification_report
 from model.training.occlusion import Occluder
@@ -47,6 +50,7 @@ __all__ = [
     "cfp_set",
     "public_sets",
     "run_suite",
+    "SuiteModel",
     "suite_table",
     "MATCHERS",
     "CARD_BEGIN",
@@ -150,21 +154,39 @@ def public_sets(lfw_cache: Path, lfw_pairs: Path, cfp_root: Path) -> list[PairSe
     return sets
 
 
+@dataclass(frozen=True)
+class SuiteModel:
+    """A heads-only variant scored from the same pass (``oaml eval --also``): a model with the embedder's trunk
+    (:func:`model.checkpoint.derives_from`), whose features are the pass's through its heads
+    (:meth:`model.embedder.Features.through`), exactly what its own pass at that precision makes. Two releases
+    that differ in their heads alone are measured for the price of one."""
+
+    name: str
+    net: OAMLNet
+    calibration: Calibration | None = None
+
+
 @dataclass
 class _Embedded:
-    """One cache's photos, embedded clean and occluded (each photo once per condition, shared by its sets)."""
+    """One cache's photos, embedded clean and occluded (each photo once per condition, shared by its sets): the
+    features of every model scored, the embedder's first."""
 
     keys: list[str]
     found: np.ndarray
-    clean: Features
-    occluded: Features
+    clean: list[Features]
+    occluded: list[Features]
     peer_clean: np.ndarray | None = None
     peer_occluded: np.ndarray | None = None
     index: dict[str, int] = field(default_factory=dict)
 
 
 def _embed_cache(
-    cache: Path, keys: list[str], embedder: Embedder, occluders: dict[str, Occluder], peer: Any | None
+    cache: Path,
+    keys: list[str],
+    embedder: Embedder,
+    occluders: dict[str, Occluder],
+    peer: Any | None,
+    also: Sequence[SuiteModel] = (),
 ) -> _Embedded:
     crops, found, landmarks = cached_crops(cache, keys)
     kinds = list(occluders.values())
@@ -173,17 +195,26 @@ def _embed_cache(
         if found[i]:
             tag = zlib.crc32(key.encode())
             occluded[i], _ = kinds[tag % len(kinds)](crops[i], landmarks[i], np.random.default_rng([2026, 22, tag]))
-    done = _Embedded(keys, found, embedder(crops), embedder(occluded), index={k: i for i, k in enumerate(keys)})
+    clean, occ = embedder(crops), embedder(occluded)
+    done = _Embedded(
+        keys,
+        found,
+        [clean, *(clean.through(m.net) for m in also)],
+        [occ, *(occ.through(m.net) for m in also)],
+        index={k: i for i, k in enumerate(keys)},
+    )
     if peer is not None:
         done.peer_clean, done.peer_occluded = peer.embed(crops), peer.embed(occluded)
     return done
 
 
-def _rows(pairs: PairSet, emb: _Embedded, occluded: bool, embedder: Embedder, cal: Calibration) -> dict[str, Any]:
+def _rows(
+    pairs: PairSet, emb: _Embedded, occluded: bool, model: int, qaconv: QAConv, cal: Calibration
+) -> dict[str, Any]:
     ia = np.array([emb.index[pairs.keys[i]] for i in pairs.a], dtype=np.int64)
     ib = np.array([emb.index[pairs.keys[i]] for i in pairs.b], dtype=np.int64)
-    side_b = emb.occluded if occluded else emb.clean
-    s = score_pairs(embedder.model.qaconv, emb.clean, side_b, ia, ib)
+    side_b = emb.occluded[model] if occluded else emb.clean[model]
+    s = score_pairs(qaconv, emb.clean[model], side_b, ia, ib)
     fused = cal.score(s.cos, s.qa, s.visibility)
     valid = emb.found[ia] & emb.found[ib]
     scores = {"adaface": s.cos, "qaconv": s.qa, "fused": fused}
@@ -206,46 +237,57 @@ def run_suite(
     calibration: Calibration | None = None,
     peer: Any | None = None,
     subset: bool = True,
-) -> dict[str, Any]:
-    """Score every set clean and occluded; the report (JSON-ready), with the metrics of the fixed subset
-    (:data:`SUBSET_FOLDS`) as well when ``subset`` (the sets are whole)."""
-    cal = calibration or DEFAULT_CALIBRATION
+    also: Sequence[SuiteModel] = (),
+) -> list[dict[str, Any]]:
+    """Score every set clean and occluded; one report (JSON-ready) per model, the embedder's first and then each
+    of ``also``, with the metrics of the fixed subset (:data:`SUBSET_FOLDS`) as well when ``subset`` (the sets
+    are whole)."""
+    for variant in also:
+        if not derives_from(embedder.model, variant.net):
+            raise ValueError(f"{variant.name} does not share the trunk of the weights evaluated: it needs its own run")
     occluders = evaluation_occluders(occluder_root)
     started = time.perf_counter()
     by_cache: dict[Path, list[str]] = {}
     for s in sets:
         by_cache.setdefault(s.cache, [])
         by_cache[s.cache] = sorted(set(by_cache[s.cache]) | set(s.keys))
-    report: dict[str, Any] = {"embedding": embedder.describe(), "sets": {}, "subset": {"folds": list(SUBSET_FOLDS)}}
+    models = [(embedder.model.qaconv, calibration or DEFAULT_CALIBRATION)]
+    models += [(v.net.qaconv, v.calibration or DEFAULT_CALIBRATION) for v in also]
+    reports: list[dict[str, Any]] = [
+        {"embedding": embedder.describe(), "sets": {}, "subset": {"folds": list(SUBSET_FOLDS)}} for _ in models
+    ]
     for cache, keys in by_cache.items():
         t0 = time.perf_counter()
-        emb = _embed_cache(cache, keys, embedder, occluders, peer)
+        emb = _embed_cache(cache, keys, embedder, occluders, peer, also)
         logger.info(
             "embedded %d photos of %s (clean and occluded) in %.0fs", len(keys), cache, time.perf_counter() - t0
         )
         for s in (s for s in sets if s.cache == cache):
             missing = sorted({s.keys[i] for i in np.concatenate([s.a, s.b]) if not emb.found[emb.index[s.keys[i]]]})
-            entry: dict[str, Any] = {
-                "measures": SUITE_SETS.get(s.name, ""),
-                "photos": len(s.keys),
-                "photos_without_face": len(missing),
-                "official_pairs_dropped": s.dropped,
-            }
-            for condition in ("clean", "occluded"):
-                entry[condition] = _rows(s, emb, condition == "occluded", embedder, cal)
-            report["sets"][s.name] = entry
             sub = s.subset(SUBSET_FOLDS)
-            if subset and len(sub.same):
-                rows = {c: _rows(sub, emb, c == "occluded", embedder, cal) for c in ("clean", "occluded")}
-                report["subset"][s.name] = rows
-            logger.info("%s: %s", s.name, json.dumps({c: entry[c]["fused"]["accuracy"] for c in ("clean", "occluded")}))
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    report["calibration"] = "fitted" if cal.fitted else "default"
-    report["occluded_protocol"] = (
-        "the second photo of every pair wears an evaluation-only occluder, a mask or sunglasses (about half each), "
-        "chosen and drawn by a hash of the photo's name"
-    )
-    return report
+            for m, (qaconv, cal) in enumerate(models):
+                entry: dict[str, Any] = {
+                    "measures": SUITE_SETS.get(s.name, ""),
+                    "photos": len(s.keys),
+                    "photos_without_face": len(missing),
+                    "official_pairs_dropped": s.dropped,
+                }
+                for condition in ("clean", "occluded"):
+                    entry[condition] = _rows(s, emb, condition == "occluded", m, qaconv, cal)
+                reports[m]["sets"][s.name] = entry
+                if subset and len(sub.same):
+                    rows = {c: _rows(sub, emb, c == "occluded", m, qaconv, cal) for c in ("clean", "occluded")}
+                    reports[m]["subset"][s.name] = rows
+                fused = {c: entry[c]["fused"]["accuracy"] for c in ("clean", "occluded")}
+                logger.info("%s (model %d): %s", s.name, m, json.dumps(fused))
+    for report, (_, cal) in zip(reports, models, strict=True):
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        report["calibration"] = "fitted" if cal.fitted else "default"
+        report["occluded_protocol"] = (
+            "the second photo of every pair wears an evaluation-only occluder, a mask or sunglasses (about half "
+            "each), chosen and drawn by a hash of the photo's name"
+        )
+    return reports
 
 
 def suite_table(report: dict[str, Any]) -> str:
