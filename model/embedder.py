@@ -299,6 +299,7 @@ class PairScores:
     cos: np.ndarray
     qa: np.ndarray
     visibility: np.ndarray  # of the less visible face of each pair
+    norm: np.ndarray  # the lower AdaFace feature norm of each pair: the less certain face's quality
 
     def __len__(self) -> int:
         return len(self.cos)
@@ -340,4 +341,5 @@ def score_pairs(
             .numpy()
         )
     vis = torch.minimum(a.visibility[ia], b.visibility[ib]).double().numpy()
-    return PairScores(cos, np.concatenate(qa) if qa else np.zeros(0), vis)
+    norm = torch.minimum(a.norm[ia], b.norm[ib]).double().numpy()
+    return PairScores(cos, np.concatenate(qa) if qa else np.zeros(0), vis, norm)

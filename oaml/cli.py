@@ -426,40 +426,51 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_public(args: argparse.Namespace, embedder: Any, cal: Any, peer: Any, meta: dict[str, Any]) -> int:
     """``--suite public``: LFW, CFP-FP and CFP-FF, clean and occluded, one table (see model.training.suite)."""
+    import numpy as np
+
     from model.calibration import Calibration
     from model.checkpoint import load_checkpoint
     from model.training.suite import CARD_BEGIN, SuiteModel, public_sets, run_suite, suite_table, write_card_table
 
-    shared = args.shared
-    sets = public_sets(
-        args.lfw_cache or args.data_root / "lfw",
-        args.pairs or shared / "eval/lfw/pairs.txt",
-        args.cfp or shared / "eval/cfp",
-    )
-    if not sets:
-        raise SystemExit("no evaluation set found: run `make prepare-data` (LFW) and check --shared (CFP)")
-    if args.folds:
-        if args.record:
-            raise SystemExit("--record takes the whole suite: not with --folds")
-        sets = [s.subset(int(f) for f in args.folds.split(",")) for s in sets]
-    elif args.record and len(sets) < 3:
-        raise SystemExit("--record takes the whole suite: LFW, CFP-FP and CFP-FF must all be there")
-    if args.also and args.record:
-        raise SystemExit("--record stores one model's report: run it without --also")
-    occluders = Path(args.occluders) if args.occluders else shared / "occluders"
-    also, files = [], [(args.weights, meta, args.out)]
-    for path in args.also:
-        net, their = load_checkpoint(path)
-        cal_of = Calibration.from_dict(their["calibration"]) if "calibration" in their else None
-        also.append(SuiteModel(str(path), net, cal_of))
-        files.append((path, their, args.out / path.stem))
-    try:
-        reports = run_suite(sets, embedder, occluders, cal, peer=peer, subset=not args.folds, also=also)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from exc
+    if args.also and (args.record or args.rescore):
+        raise SystemExit("--also scores more models in one run: not with --record (one model's) or --rescore")
+    files = [(args.weights, meta, args.out)]
+    if args.rescore is not None:
+        reports = [_rescored(args.rescore, meta, cal)]
+        if args.record and (len(reports[0]["sets"]) < 3 or len(reports[0].get("subset", {})) < 4):
+            raise SystemExit("--record takes the whole suite: the rescored run was not")
+    else:
+        shared = args.shared
+        sets = public_sets(
+            args.lfw_cache or args.data_root / "lfw",
+            args.pairs or shared / "eval/lfw/pairs.txt",
+            args.cfp or shared / "eval/cfp",
+        )
+        if not sets:
+            raise SystemExit("no evaluation set found: run `make prepare-data` (LFW) and check --shared (CFP)")
+        if args.folds:
+            if args.record:
+                raise SystemExit("--record takes the whole suite: not with --folds")
+            sets = [s.subset(int(f) for f in args.folds.split(",")) for s in sets]
+        elif args.record and len(sets) < 3:
+            raise SystemExit("--record takes the whole suite: LFW, CFP-FP and CFP-FF must all be there")
+        occluders = Path(args.occluders) if args.occluders else shared / "occluders"
+        also = []
+        for path in args.also:
+            net, their = load_checkpoint(path)
+            cal_of = Calibration.from_dict(their["calibration"]) if "calibration" in their else None
+            also.append(SuiteModel(str(path), net, cal_of))
+            files.append((path, their, args.out / path.stem))
+        try:
+            reports = run_suite(sets, embedder, occluders, cal, peer=peer, subset=not args.folds, also=also)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from exc
     for report, (path, their, out) in zip(reports, files, strict=True):
         report["weights"] = {"file": str(path), "model_version": their["model_version"]}
         out.mkdir(parents=True, exist_ok=True)
+        pairs = report.pop("_pairs", None)
+        if pairs:
+            np.savez_compressed(out / "pairs.npz", **pairs)
         (out / "suite.json").write_text(json.dumps(report, indent=2))
         (out / "suite.md").write_text(suite_table(report) + "\n")
         if len(files) > 1:
@@ -476,6 +487,27 @@ def _eval_public(args: argparse.Namespace, embedder: Any, cal: Any, peer: Any, m
                 "no model card with a suite table at %s: only the weights record it", card
             )
     return 0
+
+
+def _rescored(folder: Path, meta: dict[str, Any], cal: Any) -> dict[str, Any]:
+    """``--rescore``: a kept run's report (``suite.json``, ``pairs.npz``) with the weights' calibration now."""
+    import numpy as np
+
+    from model.calibration import DEFAULT_CALIBRATION
+    from model.training.suite import rescore
+
+    try:
+        report = json.loads((folder / "suite.json").read_text())
+        with np.load(folder / "pairs.npz") as kept:
+            pairs = {k: kept[k] for k in kept.files}
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--rescore needs {folder}/suite.json and pairs.npz of an earlier run: {exc}") from exc
+    if report.get("weights", {}).get("model_version") != meta["model_version"]:
+        raise SystemExit(
+            f"{folder} holds the scores of {report.get('weights', {}).get('model_version')}, not of "
+            f"{meta['model_version']}: the calibration of one model version rescores only its own run"
+        )
+    return rescore(report, pairs, cal or DEFAULT_CALIBRATION)
 
 
 def _cmd_eval_identify(args: argparse.Namespace) -> int:
@@ -773,6 +805,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --record, the model card whose suite table is replaced (default: README.md beside the weights)",
     )
     p.add_argument("--peer", choices=["none", "sface"], default="none")
+    p.add_argument(
+        "--rescore",
+        type=Path,
+        default=None,
+        help="public suite: measure the weights' calibration on the component scores an earlier run of the same "
+        "model version kept in that folder (suite.json, pairs.npz), embedding nothing",
+    )
     p.add_argument(
         "--also",
         type=Path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tomllib
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from model.align import ARCFACE_TEMPLATE
+from model.calibration import DEFAULT_CALIBRATION
 from model.checkpoint import load_checkpoint
 from model.embedder import Embedder
 from model.training.bundle import make_bundle
@@ -23,6 +25,7 @@ from model.training.suite import (
     SuiteModel,
     card_table,
     cfp_set,
+    rescore,
     run_suite,
     suite_table,
     write_card_table,
@@ -98,6 +101,23 @@ def test_the_suite_scores_every_set_counts_missing_faces_and_keeps_a_subset(weig
         for matcher in ("adaface", "qaconv", "fused"):
             assert 0.0 <= rows[matcher]["accuracy"] <= 1.0 and 0.0 <= rows[matcher]["auc"] <= 1.0
     assert report["subset"]["CFP-FP"]["clean"]["pairs"] == 24 and report["subset"]["folds"] == [1, 2]
+    # the component scores it kept measure the same again, and another fusion without embedding a photo
+    kept = report["_pairs"]
+    assert kept["CFP-FP/clean/valid"].sum() == 33 and len(kept["CFP-FP/occluded/norm"]) == 36
+    again = rescore(report, kept, DEFAULT_CALIBRATION)
+    assert "_pairs" not in again
+    for part in ("sets", "subset"):
+        for condition in ("clean", "occluded"):
+            want, got = report[part]["CFP-FP"][condition], again[part]["CFP-FP"][condition]
+            for matcher in ("adaface", "qaconv", "fused"):
+                for metric in ("accuracy", "auc", "tar_far_1e-2"):
+                    assert got[matcher][metric] == pytest.approx(want[matcher][metric], abs=1e-9)
+    qaconv_only = dataclasses.replace(DEFAULT_CALIBRATION, coef=[0.0, 1.0, 0.0, 0.0], intercept=0.0)
+    other = rescore(report, kept, qaconv_only)["sets"]["CFP-FP"]["clean"]
+    assert other["fused"]["auc"] == pytest.approx(entry["clean"]["qaconv"]["auc"], abs=1e-9)
+    assert other["adaface"] == entry["clean"]["adaface"]
+    with pytest.raises(ValueError, match="no component scores"):
+        rescore(report, {k: v for k, v in kept.items() if not k.startswith("CFP-FP/occluded")}, qaconv_only)
     # the occluded condition occludes every photo that has a face (and only those), the same way every time
     from model.training.evaluate import evaluation_occluders
     from model.training.suite import _embed_cache

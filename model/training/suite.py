@@ -22,11 +22,12 @@ photo's occluder depends on the photo alone, so a subset embeds it exactly as th
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ __all__ = [
     "cfp_set",
     "public_sets",
     "run_suite",
+    "rescore",
+    "rows_of",
     "SuiteModel",
     "suite_table",
     "MATCHERS",
@@ -208,26 +211,52 @@ def _embed_cache(
     return done
 
 
-def _rows(
-    pairs: PairSet, emb: _Embedded, occluded: bool, model: int, qaconv: QAConv, cal: Calibration
-) -> dict[str, Any]:
+def _components(pairs: PairSet, emb: _Embedded, occluded: bool, model: int, qaconv: QAConv) -> dict[str, np.ndarray]:
+    """Every pair's component scores (what :func:`rows_of` fuses and measures): kept in ``pairs.npz`` beside the
+    report, so that a refitted fusion is measured again without embedding a photo (:func:`rescore`)."""
     ia = np.array([emb.index[pairs.keys[i]] for i in pairs.a], dtype=np.int64)
     ib = np.array([emb.index[pairs.keys[i]] for i in pairs.b], dtype=np.int64)
     side_b = emb.occluded[model] if occluded else emb.clean[model]
     s = score_pairs(qaconv, emb.clean[model], side_b, ia, ib)
-    fused = cal.score(s.cos, s.qa, s.visibility)
-    valid = emb.found[ia] & emb.found[ib]
-    scores = {"adaface": s.cos, "qaconv": s.qa, "fused": fused}
+    out = {
+        "adaface": s.cos,
+        "qaconv": s.qa,
+        "visibility": s.visibility,
+        "norm": s.norm,
+        "same": np.asarray(pairs.same),
+        "folds": np.asarray(pairs.folds),
+        "valid": emb.found[ia] & emb.found[ib],
+    }
     if emb.peer_clean is not None:
         peer_b = emb.peer_occluded if occluded else emb.peer_clean
         assert peer_b is not None
-        scores["sface_peer"] = (emb.peer_clean[ia] * peer_b[ib]).sum(1)
-    out: dict[str, Any] = {"pairs": int(len(ia)), "pairs_without_face": int((~valid).sum())}
-    for name, v in scores.items():  # a pair whose face was not found is a non-match: the lowest score
-        # one fold (a quick look with --folds 1) has no other folds to choose a threshold on: the best one
-        folds = pairs.folds if len(np.unique(pairs.folds)) > 1 else None
-        out[name] = verification_report(np.where(valid, v, -1e9), pairs.same, folds)
+        out["sface_peer"] = (emb.peer_clean[ia] * peer_b[ib]).sum(1)
     return out
+
+
+def rows_of(components: dict[str, np.ndarray], cal: Calibration) -> dict[str, Any]:
+    """One set and condition's metrics per matcher, the fused score by ``cal``."""
+    valid, same = components["valid"].astype(bool), components["same"]
+    scores = {
+        "adaface": components["adaface"],
+        "qaconv": components["qaconv"],
+        "fused": cal.score(components["adaface"], components["qaconv"], components["visibility"]),
+    }
+    if "sface_peer" in components:
+        scores["sface_peer"] = components["sface_peer"]
+    out: dict[str, Any] = {"pairs": int(len(same)), "pairs_without_face": int((~valid).sum())}
+    # one fold (a quick look with --folds 1) has no other folds to choose a threshold on: the best one
+    folds = components["folds"] if len(np.unique(components["folds"])) > 1 else None
+    for name, v in scores.items():  # a pair whose face was not found is a non-match: the lowest score
+        out[name] = verification_report(np.where(valid, v, -1e9), same, folds)
+    return out
+
+
+def _rows(
+    pairs: PairSet, emb: _Embedded, occluded: bool, model: int, qaconv: QAConv, cal: Calibration
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    components = _components(pairs, emb, occluded, model, qaconv)
+    return rows_of(components, cal), components
 
 
 def run_suite(
@@ -239,9 +268,10 @@ def run_suite(
     subset: bool = True,
     also: Sequence[SuiteModel] = (),
 ) -> list[dict[str, Any]]:
-    """Score every set clean and occluded; one report (JSON-ready) per model, the embedder's first and then each
-    of ``also``, with the metrics of the fixed subset (:data:`SUBSET_FOLDS`) as well when ``subset`` (the sets
-    are whole)."""
+    """Score every set clean and occluded; one report per model, the embedder's first and then each of ``also``,
+    with the metrics of the fixed subset (:data:`SUBSET_FOLDS`) as well when ``subset`` (the sets are whole).
+    Each report is JSON-ready but for ``_pairs``: every pair's component scores by ``set/condition/name``
+    (``oaml eval`` writes them to ``pairs.npz``; :func:`rescore`)."""
     for variant in also:
         if not derives_from(embedder.model, variant.net):
             raise ValueError(f"{variant.name} does not share the trunk of the weights evaluated: it needs its own run")
@@ -254,7 +284,8 @@ def run_suite(
     models = [(embedder.model.qaconv, calibration or DEFAULT_CALIBRATION)]
     models += [(v.net.qaconv, v.calibration or DEFAULT_CALIBRATION) for v in also]
     reports: list[dict[str, Any]] = [
-        {"embedding": embedder.describe(), "sets": {}, "subset": {"folds": list(SUBSET_FOLDS)}} for _ in models
+        {"embedding": embedder.describe(), "sets": {}, "subset": {"folds": list(SUBSET_FOLDS)}, "_pairs": {}}
+        for _ in models
     ]
     for cache, keys in by_cache.items():
         t0 = time.perf_counter()
@@ -273,10 +304,11 @@ def run_suite(
                     "official_pairs_dropped": s.dropped,
                 }
                 for condition in ("clean", "occluded"):
-                    entry[condition] = _rows(s, emb, condition == "occluded", m, qaconv, cal)
+                    entry[condition], kept = _rows(s, emb, condition == "occluded", m, qaconv, cal)
+                    reports[m]["_pairs"].update({f"{s.name}/{condition}/{k}": v for k, v in kept.items()})
                 reports[m]["sets"][s.name] = entry
                 if subset and len(sub.same):
-                    rows = {c: _rows(sub, emb, c == "occluded", m, qaconv, cal) for c in ("clean", "occluded")}
+                    rows = {c: _rows(sub, emb, c == "occluded", m, qaconv, cal)[0] for c in ("clean", "occluded")}
                     reports[m]["subset"][s.name] = rows
                 fused = {c: entry[c]["fused"]["accuracy"] for c in ("clean", "occluded")}
                 logger.info("%s (model %d): %s", s.name, m, json.dumps(fused))
@@ -288,6 +320,25 @@ def run_suite(
             "each), chosen and drawn by a hash of the photo's name"
         )
     return reports
+
+
+def rescore(report: dict[str, Any], pairs: Mapping[str, np.ndarray], cal: Calibration) -> dict[str, Any]:
+    """``report`` again with ``cal``'s fusion, from the component scores its run kept (``pairs.npz``): every set
+    and the fixed subset, without embedding a photo. The components are the model's (its trunk and heads), so
+    they hold for any calibration of the same model version: how a refitted fusion is measured on the suite."""
+    out = copy.deepcopy({k: v for k, v in report.items() if not k.startswith("_")})
+    for name, entry in out["sets"].items():
+        for condition in ("clean", "occluded"):
+            prefix = f"{name}/{condition}/"
+            comp = {k.removeprefix(prefix): np.asarray(pairs[k]) for k in pairs if k.startswith(prefix)}
+            if not comp:
+                raise ValueError(f"no component scores of {name} {condition}: the run kept none")
+            entry[condition] = rows_of(comp, cal)
+            if name in out.get("subset", {}):
+                keep = np.isin(comp["folds"], SUBSET_FOLDS)
+                out["subset"][name][condition] = rows_of({k: v[keep] for k, v in comp.items()}, cal)
+    out["calibration"] = "fitted" if cal.fitted else "default"
+    return out
 
 
 def suite_table(report: dict[str, Any]) -> str:
