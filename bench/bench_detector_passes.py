@@ -129,7 +129,9 @@ class LFW:
         whether the scores the calibration's thresholds apply to moved, not only how well they separate."""
         s = score_pairs(self.model.qaconv, a[0], b[0], self.ia, self.ib)
         valid = a[1][self.ia] & b[1][self.ib]
-        fused = np.where(valid, self.card.calibration.score(s.cos, s.qa, s.visibility), -1e9)  # no face: rejected
+        fused = np.where(
+            valid, self.card.calibration.score(s.cos, s.qa, s.visibility, s.norm), -1e9
+        )  # no face: rejected
         accuracy = float(verification_report(fused, self.same, self.folds)["accuracy"])
         genuine, impostor = fused[self.same & valid].mean(), fused[~self.same & valid].mean()
         cells = [f"{100 * accuracy:.2f}%", f"{genuine:.2f}", f"{impostor:.2f}"]

@@ -8,8 +8,20 @@ score is a logistic-regression logit over
 
 where ``v`` is the mean visibility of the less visible face of the pair. The visibility terms let
 the fit shift weight from the global cosine to QAConv's visible-region matching as faces get
-occluded. Thresholds for the named presets are the fused scores at which the impostor pairs of
-the calibration set reach FAR 1e-2 (``lenient``), 1e-3 (``balanced``) and 1e-4 (``strict``).
+occluded.
+
+The **quality form** (``oaml calibrate --fusion quality``) adds the pair's quality: with ``n`` the
+lower AdaFace feature norm of the two faces (the less certain one; AdaFace's norm is its image-quality
+signal, as in QMagFace), standardised on a log scale as ``z_n``, the features gain
+
+    [z_n, z_cos * z_n, z_qa * z_n]
+
+so that the fit can ask for less cosine from a degraded face and more from a clear one, instead of one
+threshold for both. A calibration of this form needs each pair's norms wherever it scores
+(:attr:`Calibration.uses_quality`); the stored faces keep theirs.
+
+Thresholds for the named presets are the fused scores at which the impostor pairs of the calibration
+set reach FAR 1e-2 (``lenient``), 1e-3 (``balanced``) and 1e-4 (``strict``).
 
 Probability. The logistic fit weights genuine and impostor pairs equally, so
 ``probability = sigmoid(score)`` estimates P(same person | scores) for a pair drawn with a 1:1
@@ -56,15 +68,25 @@ class Calibration:
     cos_std: float
     qa_mean: float
     qa_std: float
-    coef: list[float]  # weights of [z_cos, z_qa, z_cos*(1-v), z_qa*(1-v)]
+    coef: list[float]  # weights of [z_cos, z_qa, z_cos*(1-v), z_qa*(1-v)] (+ [z_n, z_cos*z_n, z_qa*z_n])
     intercept: float
     thresholds: dict[str, float] = field(default_factory=dict)  # preset -> fused-score threshold
     fitted: bool = False
     pairs: int = 0
     open_set: dict[str, Any] | None = None  # the stranger population for /identify (model.openset)
+    # the quality form: mean and deviation of log(lower feature norm); None for the visibility form
+    norm_mean: float | None = None
+    norm_std: float | None = None
 
     def __post_init__(self) -> None:
         self._open_set: OpenSetModel | None = None
+        if len(self.coef) != (7 if self.uses_quality else 4) or (self.norm_mean is None) != (self.norm_std is None):
+            raise ValueError(f"a calibration of the {self.form} form with {len(self.coef)} weights")
+
+    @property
+    def form(self) -> str:
+        """``quality`` or ``visibility`` (see the module's docstring)."""
+        return "quality" if self.uses_quality else "visibility"
 
     @property
     def identify_model(self) -> OpenSetModel:
@@ -78,15 +100,47 @@ class Calibration:
             )
         return self._open_set
 
-    def features(self, cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray) -> np.ndarray:
+    @property
+    def uses_quality(self) -> bool:
+        """Whether this is the quality form: its scores need each pair's lower feature norm."""
+        return self.norm_mean is not None
+
+    def quality(self, norm: np.ndarray | float) -> np.ndarray:
+        """``z_n``: the standardised log of a pair's lower feature norm (the quality form only)."""
+        if self.norm_mean is None or self.norm_std is None:
+            raise ValueError("this calibration is of the visibility form: it has no quality term")
+        return (np.log(np.maximum(np.asarray(norm, dtype=np.float64), 1e-6)) - self.norm_mean) / self.norm_std
+
+    def features(
+        self, cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray, norm: np.ndarray | None = None
+    ) -> np.ndarray:
         zc = (np.asarray(cos, dtype=np.float64) - self.cos_mean) / self.cos_std
         zq = (np.asarray(qa, dtype=np.float64) - self.qa_mean) / self.qa_std
         occ = 1.0 - np.clip(np.asarray(visibility, dtype=np.float64), 0.0, 1.0)
-        return np.stack([zc, zq, zc * occ, zq * occ], axis=-1)
+        columns = [zc, zq, zc * occ, zq * occ]
+        if self.uses_quality:
+            if norm is None:
+                raise ValueError("this calibration weighs the pair's quality: pass its lower feature norm")
+            zn = np.broadcast_to(self.quality(norm), zc.shape)
+            columns += [zn, zc * zn, zq * zn]
+        return np.stack(columns, axis=-1)
 
-    def score(self, cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray) -> np.ndarray:
-        """Fused score (a logit): higher = more likely the same person."""
-        return self.features(cos, qa, visibility) @ np.asarray(self.coef) + self.intercept
+    def score(
+        self, cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray, norm: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Fused score (a logit): higher = more likely the same person. ``norm``: each pair's lower feature
+        norm (needed by the quality form, ignored by the visibility form)."""
+        return self.features(cos, qa, visibility, norm) @ np.asarray(self.coef) + self.intercept
+
+    def score_found(self, found: dict[str, Any], visibility: float, norm: float) -> np.ndarray:
+        """Fused scores of one probe (its visibility and feature norm) against the enrolled faces an index search
+        found (:meth:`service.index.GalleryIndex.search`: their cosine, QAConv, visibility and norm)."""
+        return self.score(
+            found["cosine"],
+            found["qaconv"],
+            np.minimum(found["visibility"], visibility),
+            np.minimum(found["norm"], norm),
+        )
 
     def probability(self, score: np.ndarray | float) -> np.ndarray:
         """P(same person) under the 1:1 :data:`PRIOR`; strictly increasing in the score."""
@@ -96,15 +150,22 @@ class Calibration:
         """The probability a score must exceed to pass ``threshold``: ``match == probability > this``."""
         return float(self.probability(threshold))
 
-    def weights(self, visibility: float) -> dict[str, float]:
-        """Effective weights on the standardised cosine and QAConv scores at a visibility."""
+    def weights(self, visibility: float, norm: float | None = None) -> dict[str, float]:
+        """Effective weights on the standardised cosine and QAConv scores at a visibility (and, for the quality
+        form, the pair's lower feature norm)."""
         occ = 1.0 - min(max(visibility, 0.0), 1.0)
-        return {"adaface": self.coef[0] + self.coef[2] * occ, "qaconv": self.coef[1] + self.coef[3] * occ}
+        out = {"adaface": self.coef[0] + self.coef[2] * occ, "qaconv": self.coef[1] + self.coef[3] * occ}
+        if self.uses_quality and norm is not None:
+            zn = float(self.quality(norm))
+            out["adaface"] += self.coef[5] * zn
+            out["qaconv"] += self.coef[6] * zn
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         raw = asdict(self)
-        if raw.get("open_set") is None:
-            raw.pop("open_set", None)
+        for optional in ("open_set", "norm_mean", "norm_std"):
+            if raw.get(optional) is None:
+                raw.pop(optional, None)
         return raw
 
     @classmethod

@@ -114,8 +114,8 @@ def self_check(candidate: Embedder, reference: Embedder, qaconv: QAConv, calibra
     served = score_pairs(qaconv, got, got, ia, ib)
     exact = score_pairs(qaconv, want, want, ia, ib)
     drift = np.abs(
-        calibration.score(served.cos, served.qa, served.visibility)
-        - calibration.score(exact.cos, exact.qa, exact.visibility)
+        calibration.score(served.cos, served.qa, served.visibility, served.norm)
+        - calibration.score(exact.cos, exact.qa, exact.visibility, exact.norm)
     )
     return SelfCheck(
         path=f"{candidate.engine} {candidate.precision}",

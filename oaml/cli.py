@@ -181,9 +181,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     served = Embedder(served_model, device=args.device, precision=args.precision)
     seed = int(meta["training"]["config"].get("seed", 0))
     pairs = {"seed": seed, "max_genuine": args.genuine_pairs, "max_impostor": args.impostor_pairs}
-    scores = validation_scores(served, images, labels, landmarks, occluders, **pairs)
-    cal = fit_calibration(scores["cos"], scores["qa"], scores["visibility"], scores["same"])
-    fused = cal.score(scores["cos"], scores["qa"], scores["visibility"])
+    scores = _calibration_scores(
+        args, meta, pairs, served, lambda: validation_scores(served, images, labels, landmarks, occluders, **pairs)
+    )
+    norm = scores["norm"] if args.fusion == "quality" else None
+    cal = fit_calibration(scores["cos"], scores["qa"], scores["visibility"], scores["same"], norm)
+    fused = cal.score(scores["cos"], scores["qa"], scores["visibility"], norm)
     in_sample = reliability(cal.probability(fused), scores["same"])
     held_out = cross_validated_reliability(
         scores["cos"],
@@ -193,6 +196,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         scores["identity_a"],
         scores["identity_b"],
         seed=seed,
+        norm=norm,
     )
     n_ids = len(np.unique(labels))
     meta["calibration"] = {
@@ -233,6 +237,33 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
+
+
+def _calibration_scores(
+    args: argparse.Namespace, meta: dict[str, Any], pairs: dict[str, Any], served: Any, compute: Callable[[], Any]
+) -> dict[str, Any]:
+    """The held-out pairs' component scores: computed (and kept in ``--scores`` when given), or read back from
+    ``--scores`` when it holds this model version's scores of the same pairs on the same path, so that another
+    fusion form is fitted in seconds instead of embedding every face again."""
+    import numpy as np
+
+    key = {
+        "model_version": meta["model_version"],
+        "pairs": pairs,
+        "holdout": [str(Path(h).name) for h in args.holdout],
+        "embedding": served.describe(),
+        "dtype": args.dtype,
+    }
+    if args.scores is not None and args.scores.is_file():
+        with np.load(args.scores) as kept:
+            if json.loads(str(kept["key"])) == key:
+                logging.getLogger(__name__).info("pair scores read back from %s", args.scores)
+                return {k: kept[k] for k in kept.files if k != "key"}
+        raise SystemExit(f"{args.scores} holds other scores (another model, pairs or path): remove it to recompute")
+    scores: dict[str, Any] = compute()
+    if args.scores is not None:
+        np.savez_compressed(args.scores, key=json.dumps(key), **scores)
+    return scores
 
 
 def _cmd_check_engine(args: argparse.Namespace) -> int:
@@ -753,6 +784,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genuine-pairs", type=int, default=30000, help="most genuine pairs sampled")
     p.add_argument("--impostor-pairs", type=int, default=300000, help="most impostor pairs sampled")
     p.add_argument("--plot", type=Path, default=None, help="write the reliability diagram (PNG) here")
+    p.add_argument(
+        "--scores",
+        type=Path,
+        default=None,
+        help="an .npz that keeps the pairs' component scores: written when absent, read back (no embedding) when "
+        "it holds this model version's scores of the same pairs on the same path",
+    )
+    p.add_argument(
+        "--fusion",
+        choices=["visibility", "quality"],
+        default="visibility",
+        help="the fusion's form: visibility (cosine and QAConv weighted by the pair's visibility) or quality "
+        "(also by the pair's lower AdaFace feature norm); see model.calibration",
+    )
     p.add_argument(
         "--export-check", action="store_true", help="also score the pairs at full precision and record the drift"
     )

@@ -81,8 +81,7 @@ def review(
             )
             if not found["face_ids"]:
                 continue
-            vis = np.minimum(found["visibility"], float(face.occlusion.mean()))
-            fused = model.calibration.score(found["cosine"], found["qaconv"], vis)
+            fused = model.calibration.score_found(found, float(face.occlusion.mean()), face.norm)
             for fid, subject, score in zip(found["face_ids"], found["subjects"], fused, strict=True):
                 if subject == face.subject or score <= threshold:
                     continue

@@ -329,7 +329,8 @@ class GalleryIndex:
         self._lock = threading.RLock()
         self.cosine = CosineStage(device, embedding_size, ann_min_faces, ann_probe)
         self._maps = SlotRows((self.channels, self.hw), map_dtype, device)  # [face, C, hw], visibility folded in
-        self._vis = torch.zeros(0, device=device)
+        # per face: mean visibility and AdaFace feature norm (NaN: not known), what the fusion needs beside the scores
+        self._face = torch.zeros(0, 2, device=device)
         self.face_ids: list[str] = []
         self.subjects: list[str] = []
         self._slot: dict[str, int] = {}
@@ -367,14 +368,14 @@ class GalleryIndex:
         with self._lock:
             self._maps.ensure(faces)
             self.cosine.reserve(faces)
-            if faces > len(self._vis):  # 4 bytes a face: doubling is cheap
-                vis = torch.zeros(max(faces, 2 * len(self._vis)), device=self.device)
-                vis[: self.count] = self._vis[: self.count]
-                self._vis = vis
+            if faces > len(self._face):  # 8 bytes a face: doubling is cheap
+                face = torch.zeros(max(faces, 2 * len(self._face)), 2, device=self.device)
+                face[: self.count] = self._face[: self.count]
+                self._face = face
 
     def memory_bytes(self) -> int:
-        """Bytes the index's tensors hold (maps, embeddings, visibility; not the id lists)."""
-        return self._maps.nbytes() + self.cosine.emb.nbytes() + self._vis.numel() * 4
+        """Bytes the index's tensors hold (maps, embeddings, visibility and norms; not the id lists)."""
+        return self._maps.nbytes() + self.cosine.emb.nbytes() + self._face.numel() * 4
 
     def add(
         self,
@@ -383,8 +384,10 @@ class GalleryIndex:
         embeddings: torch.Tensor,
         feature_maps: torch.Tensor,
         occlusion: torch.Tensor,
+        norms: torch.Tensor | None = None,
     ) -> None:
-        """Append faces: embeddings ``[n, 512]``, maps ``[n, C, 7, 7]``, occlusion ``[n, 1, 7, 7]``."""
+        """Append faces: embeddings ``[n, 512]``, maps ``[n, C, 7, 7]``, occlusion ``[n, 1, 7, 7]``, feature
+        norms ``[n]`` (None: unknown, NaN; a quality-form calibration cannot score such faces)."""
         n = len(face_ids)
         if n == 0:
             return
@@ -400,7 +403,10 @@ class GalleryIndex:
                 )
                 rows = prepared.maps.reshape(self.channels, prepared.count, self.hw).permute(1, 0, 2)
                 self._maps.write(start + s, rows)
-            self._vis[start : start + n] = occlusion.reshape(n, -1).float().mean(1).to(self.device)
+            self._face[start : start + n, 0] = occlusion.reshape(n, -1).float().mean(1).to(self.device)
+            self._face[start : start + n, 1] = (
+                torch.full((n,), float("nan")) if norms is None else norms.reshape(n).float()
+            ).to(self.device)
             self.cosine.append(embeddings)
             for i, fid in enumerate(face_ids):
                 self._slot[fid] = start + i
@@ -428,6 +434,7 @@ class GalleryIndex:
                 torch.from_numpy(np.stack([r.embedding for r in part])),
                 torch.from_numpy(np.stack([r.feature_map for r in part]).astype(np.float32)),
                 torch.from_numpy(np.stack([r.occlusion for r in part]))[:, None],
+                torch.tensor([r.norm for r in part]),
             )
 
     def remove(self, face_ids: list[str]) -> None:
@@ -444,25 +451,36 @@ class GalleryIndex:
                 self.cosine.remove(slot)
                 if slot != last:  # move the last face into the hole
                     self._maps.move(slot, last)
-                    self._vis[slot] = self._vis[last]
+                    self._face[slot] = self._face[last]
                     moved = self.face_ids[last]
                     self.face_ids[slot], self.subjects[slot] = moved, self.subjects[last]
                     self._slot[moved] = slot
                 self._maps.clear(last)  # no deleted face's maps left behind in memory
-                self._vis[last] = 0
+                self._face[last] = 0
                 self.face_ids.pop()
                 self.subjects.pop()
             self._maps.trim(self.count)
 
+    def _face_columns(self, slots: torch.Tensor) -> dict[str, np.ndarray]:
+        face = self._face[slots.to(self.device)].float().cpu().numpy()
+        return {"visibility": face[:, 0], "norm": face[:, 1]}
+
     def score_faces(
         self, face_ids: list[str], embedding: torch.Tensor, feature_map: torch.Tensor, occlusion: torch.Tensor
     ) -> dict[str, Any]:
-        """Cosine, QAConv and visibility of one probe against the given enrolled faces (those still indexed)."""
+        """Cosine, QAConv, visibility and feature norm of one probe against the given enrolled faces (those still
+        indexed)."""
         with self._lock:
             ids = [f for f in face_ids if f in self._slot]
             slots = torch.tensor([self._slot[f] for f in ids], dtype=torch.long)
             if not ids:
-                return {"face_ids": [], "cosine": np.zeros(0), "qaconv": np.zeros(0), "visibility": np.zeros(0)}
+                return {
+                    "face_ids": [],
+                    "cosine": np.zeros(0),
+                    "qaconv": np.zeros(0),
+                    "visibility": np.zeros(0),
+                    "norm": np.zeros(0),
+                }
             cos = self.cosine.emb.gather(slots, self.count) @ embedding.to(self.device).float()
             maps = self._maps.gather(slots, self.count, layout="columns")
             qa = self.qaconv.match(
@@ -474,7 +492,7 @@ class GalleryIndex:
                 "face_ids": ids,
                 "cosine": cos.float().cpu().numpy(),
                 "qaconv": qa.float().cpu().numpy(),
-                "visibility": self._vis[slots.to(self.device)].float().cpu().numpy(),
+                **self._face_columns(slots),
             }
 
     def search(
@@ -483,7 +501,7 @@ class GalleryIndex:
         """Cosine shortlist (:meth:`CosineStage.top`), then QAConv on the top ``shortlist`` faces.
 
         Returns the shortlisted slots' face ids, subjects, cosine and QAConv scores and the
-        visibility of each gallery face, plus timings.
+        visibility and feature norm of each gallery face, plus timings.
         """
         with self._lock:
             if self.count == 0:
@@ -493,6 +511,7 @@ class GalleryIndex:
                     "cosine": np.zeros(0),
                     "qaconv": np.zeros(0),
                     "visibility": np.zeros(0),
+                    "norm": np.zeros(0),
                     "gallery_faces": 0,
                     "subject_faces": {},
                     "ms": {},
@@ -514,7 +533,7 @@ class GalleryIndex:
                 "subjects": [self.subjects[s] for s in slots],
                 "cosine": cos.float().cpu().numpy(),
                 "qaconv": qa.float().cpu().numpy(),
-                "visibility": self._vis[top].float().cpu().numpy(),
+                **self._face_columns(top),
                 "gallery_faces": self.count,  # what the decision's threshold is set for (read under the lock)
                 "subject_faces": {self.subjects[s]: self.faces_per_subject[self.subjects[s]] for s in slots},
                 "ms": {"cosine": 1000 * (t1 - t0), "qaconv": 1000 * (t2 - t1)},

@@ -457,8 +457,7 @@ def _scores(faces: list[FaceRecord], model: ServedModel, shortlist: int, probes:
             torch.from_numpy(face.occlusion),
             shortlist + 1,
         )
-        vis = np.minimum(found["visibility"], float(face.occlusion.mean()))
-        fused = model.calibration.score(found["cosine"], found["qaconv"], vis)
+        fused = model.calibration.score_found(found, float(face.occlusion.mean()), face.norm)
         best: dict[str, float] = {}
         for fid, subject, score in zip(found["face_ids"], found["subjects"], fused, strict=True):
             if fid != face.face_id and score > best.get(subject, -np.inf):

@@ -117,11 +117,12 @@ class ServedModel:
     ) -> dict[str, np.ndarray]:
         """Component scores, fused score and probability of pairs ``(a[ia[k]], b[ib[k]])``: the calibrated path."""
         s = score_pairs(self.model.qaconv, a, b, ia, ib)
-        fused = self.calibration.score(s.cos, s.qa, s.visibility)
+        fused = self.calibration.score(s.cos, s.qa, s.visibility, s.norm)
         return {
             "adaface": s.cos,
             "qaconv": s.qa,
             "visibility": s.visibility,
+            "norm": s.norm,
             "fused": fused,
             "probability": self.calibration.probability(fused),
         }

@@ -80,7 +80,8 @@ class ScoreBreakdown(BaseModel):
     adaface: float = Field(description="cosine of the AdaFace embeddings")
     qaconv: float = Field(description="occlusion-weighted QAConv logit")
     weights: dict[str, float] = Field(
-        description="effective fusion weights on the standardised scores at this pair's visibility"
+        description="effective fusion weights on the standardised scores at this pair's visibility (and, for a "
+        "quality-form calibration, at its faces' lower feature norm)"
     )
 
 

@@ -101,6 +101,28 @@ class TestCalibration:
         assert Calibration.from_dict({**cal.to_dict(), "source": "validation split"}) == cal  # as stored in metadata
         assert not DEFAULT_CALIBRATION.fitted
 
+    def test_the_quality_form_asks_less_of_a_degraded_face(self) -> None:
+        """Pairs whose weaker face has a low norm have lower genuine cosines: one threshold for all pairs fits
+        neither, the quality form's does both (and it needs the norms wherever it scores)."""
+        cos, qa, vis, same = self.make_pairs(20000)
+        rng = np.random.default_rng(3)
+        norm = np.where(rng.random(len(same)) < 0.5, 8.0, 30.0)
+        cos = cos + np.where(same & (norm > 10), 0.4, 0.0)  # a clear face's genuine cosine is higher
+        plain, quality = fit_calibration(cos, qa, vis, same), fit_calibration(cos, qa, vis, same, norm)
+        assert plain.form == "visibility" and quality.form == "quality" and len(quality.coef) == 7
+        assert auc(quality.score(cos, qa, vis, norm), same) > auc(plain.score(cos, qa, vis), same) + 0.003
+        assert quality.weights(1.0, 30.0)["adaface"] > quality.weights(1.0, 8.0)["adaface"]
+        with pytest.raises(ValueError, match="lower feature norm"):
+            quality.score(cos, qa, vis)
+        assert Calibration.from_dict(quality.to_dict()) == quality
+        assert "norm_mean" not in plain.to_dict()  # the visibility form is stored as before
+        with pytest.raises(ValueError, match="quality form with 4 weights"):
+            Calibration.from_dict({**quality.to_dict(), "coef": quality.coef[:4]})
+        found = {"cosine": cos[:5], "qaconv": qa[:5], "visibility": np.ones(5), "norm": np.full(5, 30.0)}
+        np.testing.assert_allclose(
+            quality.score_found(found, 0.9, 8.0), quality.score(cos[:5], qa[:5], np.full(5, 0.9), np.full(5, 8.0))
+        )
+
     def test_needs_both_kinds_of_pairs(self) -> None:
         with pytest.raises(ValueError):
             fit_calibration(np.ones(3), np.ones(3), np.ones(3), np.ones(3, dtype=bool))

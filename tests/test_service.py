@@ -658,6 +658,34 @@ class TestGalleryStore:
         assert loaded.model_version == "ir_18-aaaa"
         np.testing.assert_array_equal(loaded.feature_map, self.record("f1", "s", 0).feature_map)
 
+    def test_the_index_keeps_each_faces_norm_for_the_fusion_through_deletes(self) -> None:
+        """The quality-form fusion needs each enrolled face's feature norm beside its scores: the index keeps it
+        per slot, moved with the face when a delete fills the hole."""
+        import dataclasses
+
+        qa = build_model("ir_18").qaconv.eval()
+        index = GalleryIndex(qa, torch.device("cpu"), torch.float32)
+        recs = [dataclasses.replace(self.record(f"f{i}", f"s{i}", i), norm=10.0 + i) for i in range(70)]
+        index.add_records(recs)
+        index.remove(["f3", "f10"])  # f69 moves into slot 3
+        for probe in (recs[69], recs[11]):
+            found = index.search(
+                torch.from_numpy(probe.embedding),
+                torch.from_numpy(probe.feature_map).float(),
+                torch.from_numpy(probe.occlusion),
+                70,
+            )
+            norms = dict(zip(found["face_ids"], found["norm"], strict=True))
+            assert len(norms) == 68 and "f3" not in norms and norms["f69"] == 79.0 and norms["f11"] == 21.0
+            vis = dict(zip(found["face_ids"], found["visibility"], strict=True))
+            assert vis["f69"] == pytest.approx(float(recs[69].occlusion.mean()))
+        scored = index.score_faces(
+            ["f69", "f5", "f3"], torch.from_numpy(recs[5].embedding), torch.zeros(512, 7, 7), torch.ones(7, 7)
+        )
+        assert scored["face_ids"] == ["f69", "f5"] and scored["norm"].tolist() == [79.0, 15.0]
+        index.add(["x"], ["x"], torch.zeros(1, 512), torch.zeros(1, 512, 7, 7), torch.ones(1, 1, 7, 7))
+        assert np.isnan(index.score_faces(["x"], torch.zeros(512), torch.zeros(512, 7, 7), torch.ones(7, 7))["norm"][0])
+
     def test_index_search_survives_deletes(self) -> None:
         qa = build_model("ir_18").qaconv.eval()
         index = GalleryIndex(qa, torch.device("cpu"), torch.bfloat16)
@@ -747,3 +775,43 @@ def test_enrolments_survive_sigkill_and_other_weights_serve_them_only_beside_the
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_a_quality_form_calibration_scores_alike_on_every_path(weights: Path, tmp_path: Path, photo: bytes) -> None:
+    """Weights whose fusion weighs the pair's lower feature norm (``oaml calibrate --fusion quality``): /verify of
+    two photos, /identify against the gallery and the subject's /verify give the pair one fused score, and the
+    norm term is in it (the same calibration without it scores otherwise)."""
+    from model.calibration import Calibration
+    from model.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(weights)
+    quality = Calibration(0.0, 0.1, 0.0, 1.0, [0.5, 0.5, -0.25, 0.25, 0.8, 0.1, 0.0], -2.5, norm_mean=1.0, norm_std=0.5)
+    quality.thresholds = {"lenient": -0.853, "balanced": -0.315, "strict": 0.130}
+    path = tmp_path / "weights" / "quality.safetensors"
+    path.parent.mkdir()
+    save_checkpoint(
+        model,
+        path,
+        {k: v for k, v in meta.items() if k not in ("model_version", "content_sha256")}
+        | {"calibration": quality.to_dict()},
+    )
+    settings = Settings(weights=path, data_dir=tmp_path / "data", torch_threads=1)
+    with TestClient(create_app(settings)) as c:
+        enrolled = c.post("/gallery", data={"subject": "eileen"}, files={"images": ("a.png", photo, "image/png")})
+        assert enrolled.status_code == 201, enrolled.text
+        pair = c.post(
+            "/verify", files={"image_a": ("a.png", photo, "image/png"), "image_b": ("b.png", photo, "image/png")}
+        )
+        found = c.post("/identify", data={"threshold": "-1000"}, files={"image": ("q.png", photo, "image/png")})
+        own = c.post("/gallery/eileen/verify", files={"image": ("q.png", photo, "image/png")})
+        assert pair.status_code == found.status_code == own.status_code == 200, (pair.text, found.text, own.text)
+    for answer in (pair.json(), own.json()):  # each score is the quality form's of its own components
+        s, a, b = answer["scores"], answer["face_a"], answer["face_b"]
+        visibility, norm = min(a["visibility"], b["visibility"]), min(a["quality"]["norm"], b["quality"]["norm"])
+        assert answer["score"] == pytest.approx(
+            float(quality.score(s["adaface"], s["qaconv"], visibility, norm)), abs=2e-3
+        )
+        without = Calibration(**{**quality.to_dict(), "coef": quality.coef[:4], "norm_mean": None, "norm_std": None})
+        assert abs(float(without.score(s["adaface"], s["qaconv"], visibility)) - answer["score"]) > 0.01
+    # /identify fuses the same stored face as the subject's /verify does
+    assert found.json()["candidates"][0]["score"] == pytest.approx(own.json()["score"], abs=1e-4)

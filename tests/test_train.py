@@ -200,7 +200,9 @@ class TestTrainer:
         with pytest.raises(ValueError, match="unknown"):
             TrainConfig.from_dict({"train": ["x"], "learning_rate": 1})
 
-    def test_exact_resume_and_serving_export(self, tmp_path: Path, astronaut: np.ndarray) -> None:
+    def test_exact_resume_and_serving_export(
+        self, tmp_path: Path, astronaut: np.ndarray, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         cache = write_fake_cache(tmp_path / "cache", astronaut)
         straight = Trainer(tiny_config(cache, tmp_path / "a"))
         straight.fit()
@@ -269,6 +271,25 @@ class TestTrainer:
         assert 0 < check["max_abs_fused_diff"] < 0.5  # rounding moves scores a little, not much
         assert set(check) >= {"lenient", "balanced", "strict"}
         assert 0 <= check["balanced"]["far_served"] <= 1
+        # the quality form, its pairs' scores kept; a refit reads them back instead of embedding again
+        kept = tmp_path / "scores.npz"
+        quality = [*args[:6], "--precision", "fp32", "--genuine-pairs", "200", "--impostor-pairs", "400"]
+        quality += ["--fusion", "quality", "--scores", str(kept), "--out", str(tmp_path / "q.safetensors")]
+        assert main(quality) == 0 and kept.is_file()
+        first = load_checkpoint(tmp_path / "q.safetensors")[1]["calibration"]
+        assert len(first["coef"]) == 7 and first["norm_mean"] > 0 and first["pairs"] == cal["pairs"]
+        import model.training.evaluate as evaluate
+
+        def no_embedding(*_: object, **__: object) -> None:
+            raise AssertionError("the kept scores were not read back")
+
+        monkeypatch.setattr(evaluate, "validation_scores", no_embedding)
+        assert main(quality) == 0
+        again = load_checkpoint(tmp_path / "q.safetensors")[1]["calibration"]
+        assert again["coef"] == first["coef"] and again["thresholds"] == first["thresholds"]
+        with pytest.raises(SystemExit, match="holds other scores"):  # other pairs: not these scores
+            main([*quality[:-6], "--genuine-pairs", "100", *quality[-6:]])
+        monkeypatch.undo()
         # /identify's stranger model, on the shipped file (more unseen identities: a gallery needs ten or more)
         extra = write_fake_cache(tmp_path / "extra", astronaut, identities=14, per_identity=2)
         args = ["calibrate-identify", str(out), "--data-root", str(tmp_path), "--holdout", str(extra)]

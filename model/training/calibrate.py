@@ -51,13 +51,17 @@ def logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iterations: int
     return w[:-1], float(w[-1])
 
 
-def fit_calibration(cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray, same: np.ndarray) -> Calibration:
-    """Fit standardisation, fusion weights and preset thresholds on labelled pairs.
+def fit_calibration(
+    cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray, same: np.ndarray, norm: np.ndarray | None = None
+) -> Calibration:
+    """Fit standardisation, fusion weights and preset thresholds on labelled pairs: the visibility form, or with
+    ``norm`` (each pair's lower feature norm) the quality form (:mod:`model.calibration`).
 
     The scores must come from the served path (:class:`model.embedder.Embedder`): thresholds are
     quantiles of this very distribution.
     """
     cos, qa, visibility = (np.asarray(a, dtype=np.float64) for a in (cos, qa, visibility))
+    log_norm = None if norm is None else np.log(np.maximum(np.asarray(norm, dtype=np.float64), 1e-6))
     same = np.asarray(same, dtype=bool)
     if same.all() or not same.any():
         raise ValueError("calibration needs genuine and impostor pairs")
@@ -67,14 +71,16 @@ def fit_calibration(cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray, sam
         cos_std=float(max(cos[imp].std(), 1e-6)),
         qa_mean=float(qa[imp].mean()),
         qa_std=float(max(qa[imp].std(), 1e-6)),
-        coef=[0.0, 0.0, 0.0, 0.0],
+        coef=[0.0] * (4 if log_norm is None else 7),
         intercept=0.0,
         fitted=True,
         pairs=int(len(same)),
+        norm_mean=None if log_norm is None else float(log_norm.mean()),
+        norm_std=None if log_norm is None else float(max(log_norm.std(), 1e-6)),
     )
-    coef, intercept = logistic_fit(cal.features(cos, qa, visibility), same.astype(np.float64))
+    coef, intercept = logistic_fit(cal.features(cos, qa, visibility, norm), same.astype(np.float64))
     cal.coef, cal.intercept = [float(c) for c in coef], intercept
-    fused = cal.score(cos, qa, visibility)
+    fused = cal.score(cos, qa, visibility, norm)
     cal.thresholds = {name: threshold_at_far(fused[imp], far) for name, far in PRESETS.items()}
     return cal
 
@@ -137,8 +143,9 @@ def cross_validated_reliability(
     identity_b: np.ndarray,
     folds: int = 5,
     seed: int = 0,
+    norm: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Reliability of probabilities on identities the fit never saw.
+    """Reliability of probabilities on identities the fit never saw (the quality form with ``norm``).
 
     Identities are dealt into ``folds`` groups; for each, the calibration is fitted on pairs that
     involve none of the group's identities and applied to pairs whose first face is in it. The
@@ -154,8 +161,11 @@ def cross_validated_reliability(
         test = ga == f
         if not test.any() or same[train].all() or not same[train].any():
             continue  # too few identities for this fold (tiny sets): its pairs go unscored
-        cal = fit_calibration(cos[train], qa[train], visibility[train], same[train])
-        prob[test] = cal.probability(cal.score(cos[test], qa[test], visibility[test]))
+        fit_norm = None if norm is None else norm[train]
+        cal = fit_calibration(cos[train], qa[train], visibility[train], same[train], fit_norm)
+        prob[test] = cal.probability(
+            cal.score(cos[test], qa[test], visibility[test], None if norm is None else norm[test])
+        )
     keep = ~np.isnan(prob)
     report = (
         reliability(prob[keep], same[keep])
@@ -210,8 +220,8 @@ def export_check(
     service's autocast, ``served_as``). The calibration is fitted on ``served``; this says how far
     the numbers would move on a device that serves at full precision.
     """
-    a = cal.score(reference["cos"], reference["qa"], reference["visibility"])
-    b = cal.score(served["cos"], served["qa"], served["visibility"])
+    a = cal.score(reference["cos"], reference["qa"], reference["visibility"], reference.get("norm"))
+    b = cal.score(served["cos"], served["qa"], served["visibility"], served.get("norm"))
     same = reference["same"]
     report: dict[str, Any] = {
         "served_as": served_as,

@@ -150,7 +150,7 @@ def evaluate_lfw(
 
     def rows(emb_b: Features, b_index: np.ndarray, peer_b: np.ndarray | None) -> dict[str, Any]:
         s = score_pairs(qa, clean, emb_b, ia, b_index)
-        fused = cal.score(s.cos, s.qa, s.visibility)
+        fused = cal.score(s.cos, s.qa, s.visibility, s.norm)
         valid = found[ia] & found[b_index]
         # a pair whose face was not found counts as a rejection (lowest score), as the protocol requires
         out: dict[str, Any] = {}
@@ -333,7 +333,8 @@ def validation_scores(
     max_genuine: int = 20000,
     max_impostor: int = 40000,
 ) -> dict[str, np.ndarray]:
-    """Cosine, QAConv, pair visibility, labels and identities of pairs of held-out faces, for calibration.
+    """Cosine, QAConv, pair visibility and lower norm, labels and identities of pairs of held-out faces, for
+    calibration.
 
     Every image is embedded clean and once occluded; half of the pairs compare clean with clean,
     half clean with occluded (:func:`sample_pairs`). ``identity_a``/``identity_b`` let a caller
@@ -346,6 +347,7 @@ def validation_scores(
         "cos": s.cos,
         "qa": s.qa,
         "visibility": s.visibility,
+        "norm": s.norm,
         "same": pairs.same,
         "occluded": pairs.occluded,
         "identity_a": pairs.identity_a,
@@ -403,7 +405,8 @@ def open_set_scores(
             for s in range(0, len(probes), 64)
         ]
     )
-    fused = calibration.score(cos, qa, vis)
+    norm = torch.minimum(views.norm[probes][:, None], views.norm[gallery_at][None]).double().numpy()
+    fused = calibration.score(cos, qa, vis, norm)
     rows = [fused[j][labels[g_idx] != labels[face]] for j, face in enumerate(rest.tolist())]
     return rows, labels[rest]
 

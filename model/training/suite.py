@@ -240,7 +240,7 @@ def rows_of(components: dict[str, np.ndarray], cal: Calibration) -> dict[str, An
     scores = {
         "adaface": components["adaface"],
         "qaconv": components["qaconv"],
-        "fused": cal.score(components["adaface"], components["qaconv"], components["visibility"]),
+        "fused": cal.score(components["adaface"], components["qaconv"], components["visibility"], components["norm"]),
     }
     if "sface_peer" in components:
         scores["sface_peer"] = components["sface_peer"]

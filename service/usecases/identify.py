@@ -144,7 +144,7 @@ async def _identify_face(
     faces, subjects = found["gallery_faces"], max(len(searched.names), 1)
     thr, preset, fpir = model.resolve_identify_threshold(threshold, faces)
     cal = model.calibration
-    fused = cal.score(found["cosine"], found["qaconv"], np.minimum(found["visibility"], feats.visibility))
+    fused = cal.score_found(found, feats.visibility, feats.norm)
     best: dict[str, int] = {}
     for i, subject in enumerate(found["subjects"]):
         if subject not in best or fused[i] > fused[best[subject]]:
@@ -167,7 +167,10 @@ async def _identify_face(
                 adaface=round(float(found["cosine"][i]), 5),
                 qaconv=round(float(found["qaconv"][i]), 5),
                 weights={
-                    k: round(v, 4) for k, v in cal.weights(min(float(found["visibility"][i]), feats.visibility)).items()
+                    k: round(v, 4)
+                    for k, v in cal.weights(
+                        min(float(found["visibility"][i]), feats.visibility), min(float(found["norm"][i]), feats.norm)
+                    ).items()
                 },
             ),
             adaface=round(float(found["cosine"][i]), 5),

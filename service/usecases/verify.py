@@ -88,7 +88,7 @@ async def _verify_pair(state: AppState, request: PairRequest) -> _Pair:
         scores=ScoreBreakdown(
             adaface=round(s["adaface"], 5),
             qaconv=round(s["qaconv"], 5),
-            weights={k: round(v, 4) for k, v in cal.weights(s["visibility"]).items()},
+            weights={k: round(v, 4) for k, v in cal.weights(s["visibility"], s["norm"]).items()},
         ),
         face_a=face_info(model, fa, fa_face.detection),
         face_b=face_info(model, fb, fb_face.detection),
@@ -134,10 +134,10 @@ async def verify_subject(
         thr += openset.threshold(far, k) - openset.threshold(far, 1)
     else:
         far = cal.identify_model.fpir(thr, k)
-    fused = cal.score(s["cosine"], s["qaconv"], np.minimum(s["visibility"], feats.visibility))
+    fused = cal.score_found(s, feats.visibility, feats.norm)
     best = int(np.argmax(fused))
     stored = next(f for f in faces if f.face_id == s["face_ids"][best])
-    visibility = min(float(s["visibility"][best]), feats.visibility)
+    visibility, norm = min(float(s["visibility"][best]), feats.visibility), min(float(s["norm"][best]), feats.norm)
     return SubjectVerifyResponse(
         match=bool(fused[best] > thr),
         score=round(float(fused[best]), 5),
@@ -149,7 +149,7 @@ async def verify_subject(
         scores=ScoreBreakdown(
             adaface=round(float(s["cosine"][best]), 5),
             qaconv=round(float(s["qaconv"][best]), 5),
-            weights={key: round(v, 4) for key, v in cal.weights(visibility).items()},
+            weights={key: round(v, 4) for key, v in cal.weights(visibility, norm).items()},
         ),
         face_a=face_info(model, feats, face.detection),
         face_b=FaceInfo(
