@@ -47,13 +47,18 @@ import numpy as np
 
 from model.openset import OpenSetModel
 
-__all__ = ["PRESETS", "PRIOR", "Calibration", "DEFAULT_CALIBRATION", "sigmoid"]
+__all__ = ["PRESETS", "PRIOR", "Calibration", "DEFAULT_CALIBRATION", "log_norm", "sigmoid"]
 
 #: Named operating points: preset -> false-accept rate.
 PRESETS: dict[str, float] = {"lenient": 1e-2, "balanced": 1e-3, "strict": 1e-4}
 
 #: P(same person) before looking at the faces, under which ``probability`` is calibrated.
 PRIOR = 0.5
+
+
+def log_norm(norm: np.ndarray | float) -> np.ndarray:
+    """The quality form's scale for a feature norm (its log; norms are positive, floored at 1e-6)."""
+    return np.log(np.maximum(np.asarray(norm, dtype=np.float64), 1e-6))
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -109,7 +114,7 @@ class Calibration:
         """``z_n``: the standardised log of a pair's lower feature norm (the quality form only)."""
         if self.norm_mean is None or self.norm_std is None:
             raise ValueError("this calibration is of the visibility form: it has no quality term")
-        return (np.log(np.maximum(np.asarray(norm, dtype=np.float64), 1e-6)) - self.norm_mean) / self.norm_std
+        return (log_norm(norm) - self.norm_mean) / self.norm_std
 
     def features(
         self, cos: np.ndarray, qa: np.ndarray, visibility: np.ndarray, norm: np.ndarray | None = None

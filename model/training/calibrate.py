@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from model.calibration import PRESETS, PRIOR, Calibration, sigmoid
+from model.calibration import PRESETS, PRIOR, Calibration, log_norm, sigmoid
 from model.openset import IDENTIFY_PRESETS, MAX_PROBES, OpenSetModel
 from model.training.metrics import threshold_at_far
 
@@ -61,7 +61,7 @@ def fit_calibration(
     quantiles of this very distribution.
     """
     cos, qa, visibility = (np.asarray(a, dtype=np.float64) for a in (cos, qa, visibility))
-    log_norm = None if norm is None else np.log(np.maximum(np.asarray(norm, dtype=np.float64), 1e-6))
+    logs = None if norm is None else log_norm(norm)
     same = np.asarray(same, dtype=bool)
     if same.all() or not same.any():
         raise ValueError("calibration needs genuine and impostor pairs")
@@ -71,12 +71,12 @@ def fit_calibration(
         cos_std=float(max(cos[imp].std(), 1e-6)),
         qa_mean=float(qa[imp].mean()),
         qa_std=float(max(qa[imp].std(), 1e-6)),
-        coef=[0.0] * (4 if log_norm is None else 7),
+        coef=[0.0] * (4 if logs is None else 7),
         intercept=0.0,
         fitted=True,
         pairs=int(len(same)),
-        norm_mean=None if log_norm is None else float(log_norm.mean()),
-        norm_std=None if log_norm is None else float(max(log_norm.std(), 1e-6)),
+        norm_mean=None if logs is None else float(logs.mean()),
+        norm_std=None if logs is None else float(max(logs.std(), 1e-6)),
     )
     coef, intercept = logistic_fit(cal.features(cos, qa, visibility, norm), same.astype(np.float64))
     cal.coef, cal.intercept = [float(c) for c in coef], intercept

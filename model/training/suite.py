@@ -252,11 +252,10 @@ def rows_of(components: dict[str, np.ndarray], cal: Calibration) -> dict[str, An
     return out
 
 
-def _rows(
-    pairs: PairSet, emb: _Embedded, occluded: bool, model: int, qaconv: QAConv, cal: Calibration
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    components = _components(pairs, emb, occluded, model, qaconv)
-    return rows_of(components, cal), components
+def _subset_rows(components: dict[str, np.ndarray], cal: Calibration) -> dict[str, Any] | None:
+    """:func:`rows_of` on the pairs of the fixed subset (:data:`SUBSET_FOLDS`), or None if it has none."""
+    keep = np.isin(components["folds"], SUBSET_FOLDS)
+    return rows_of({k: v[keep] for k, v in components.items()}, cal) if keep.any() else None
 
 
 def run_suite(
@@ -295,7 +294,6 @@ def run_suite(
         )
         for s in (s for s in sets if s.cache == cache):
             missing = sorted({s.keys[i] for i in np.concatenate([s.a, s.b]) if not emb.found[emb.index[s.keys[i]]]})
-            sub = s.subset(SUBSET_FOLDS)
             for m, (qaconv, cal) in enumerate(models):
                 entry: dict[str, Any] = {
                     "measures": SUITE_SETS.get(s.name, ""),
@@ -303,13 +301,14 @@ def run_suite(
                     "photos_without_face": len(missing),
                     "official_pairs_dropped": s.dropped,
                 }
+                subset_rows = {}
                 for condition in ("clean", "occluded"):
-                    entry[condition], kept = _rows(s, emb, condition == "occluded", m, qaconv, cal)
+                    kept = _components(s, emb, condition == "occluded", m, qaconv)
+                    entry[condition], subset_rows[condition] = rows_of(kept, cal), _subset_rows(kept, cal)
                     reports[m]["_pairs"].update({f"{s.name}/{condition}/{k}": v for k, v in kept.items()})
                 reports[m]["sets"][s.name] = entry
-                if subset and len(sub.same):
-                    rows = {c: _rows(sub, emb, c == "occluded", m, qaconv, cal)[0] for c in ("clean", "occluded")}
-                    reports[m]["subset"][s.name] = rows
+                if subset and subset_rows["clean"] is not None:  # the subset's rows, from the same pairs' scores
+                    reports[m]["subset"][s.name] = subset_rows
                 fused = {c: entry[c]["fused"]["accuracy"] for c in ("clean", "occluded")}
                 logger.info("%s (model %d): %s", s.name, m, json.dumps(fused))
     for report, (_, cal) in zip(reports, models, strict=True):
@@ -335,8 +334,7 @@ def rescore(report: dict[str, Any], pairs: Mapping[str, np.ndarray], cal: Calibr
                 raise ValueError(f"no component scores of {name} {condition}: the run kept none")
             entry[condition] = rows_of(comp, cal)
             if name in out.get("subset", {}):
-                keep = np.isin(comp["folds"], SUBSET_FOLDS)
-                out["subset"][name][condition] = rows_of({k: v[keep] for k, v in comp.items()}, cal)
+                out["subset"][name][condition] = _subset_rows(comp, cal)
     out["calibration"] = "fitted" if cal.fitted else "default"
     return out
 
