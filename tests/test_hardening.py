@@ -307,10 +307,11 @@ class TestInputs:
         the answer names neither the file nor SQLite's words, the log does."""
         with TestClient(create_app(Settings(weights=weights, data_dir=tmp_path))) as c:
             store = c.app.state.oaml.gallery.store  # type: ignore[attr-defined]
-            store._db.close()
-            store._db = sqlite3.connect(
-                f"file:{store.path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
-            )
+            with store._lock:  # the writer connection, swapped while no write (e.g. the start-up audit prune) uses it
+                store._db.close()
+                store._db = sqlite3.connect(
+                    f"file:{store.path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+                )
             with caplog.at_level("WARNING", logger="service.problems"):
                 r = c.post("/gallery", data={"subject": "ro"}, files=[("images", ("a.png", face_png, "image/png"))])
             body = problem_of(r, 503, "STORE_UNAVAILABLE")
