@@ -66,16 +66,38 @@ def synthetic(n: int, start: int, rng: np.random.Generator) -> list[FaceRecord]:
     ]
 
 
-def bytes_per_face(dtype: torch.dtype, faces: int, channels: int = 512) -> tuple[float, float]:
+def bytes_per_face(precision: str, faces: int, channels: int = 512) -> tuple[float, float]:
     """Resident memory a face adds once enrolled (maps, embedding, ids and dicts), and at the peak while
-    ``faces`` are enrolled 1,000 at a time, in a fresh process, with QAConv maps of ``channels``."""
-    name = next(k for k, v in DTYPES.items() if v == dtype)
-    grown = run_child(["--child", "grow", "--faces", str(faces), "--dtype", name, "--child-channels", str(channels)])
+    ``faces`` are enrolled 1,000 at a time, in a fresh process, with QAConv maps of ``channels`` kept at
+    ``precision`` (a key of :data:`PRECISIONS`)."""
+    grown = run_child(
+        ["--child", "grow", "--faces", str(faces), "--dtype", precision, "--child-channels", str(channels)]
+    )
     n = grown["faces"]
     return (grown["final"] - grown["baseline"]) / n, (grown["peak"] - grown["baseline"]) / n
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: How the index may keep the maps: (the matching dtype, the index's ``map_storage``), by name.
+PRECISIONS: dict[str, tuple[torch.dtype, str]] = {
+    "bf16": (torch.bfloat16, "native"),
+    "fp16": (torch.float16, "native"),
+    "fp32": (torch.float32, "native"),
+    "int8": (torch.float32, "int8"),  # matched in fp32 on a CPU, as the service does (service.engine)
+}
+
+#: The served ways to keep the maps, as the tables name them.
+MAP_PRECISIONS = (
+    ("bf16 (OAML_MAP_STORAGE=native on a CPU)", "bf16"),
+    ("fp16 (OAML_MAP_STORAGE=native on CUDA)", "fp16"),
+    ("int8, a scale per face and channel, matched in fp32 (OAML_MAP_STORAGE=int8, the default)", "int8"),
+)
+
+
+def map_bytes(precision: str, channels: int = 512, hw: int = 49) -> int:
+    """One face's maps at ``precision``: a value per channel and location, and with int8 a fp32 scale per
+    channel."""
+    dtype, storage = PRECISIONS[precision]
+    return channels * hw + channels * 4 if storage == "int8" else channels * hw * dtype.itemsize
 
 
 def peak_rss_bytes() -> int:
@@ -86,16 +108,17 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def face_bytes(dtype: torch.dtype, channels: int = 512, hw: int = 49) -> int:
-    """What one face's data holds in the index: maps, embedding, visibility and key."""
-    return channels * hw * dtype.itemsize + 512 * 4 + 4 + 8
+def face_bytes(precision: str, channels: int = 512) -> int:
+    """What one face's data holds in the index: maps, embedding, visibility and feature norm, and key."""
+    return map_bytes(precision, channels) + 512 * 4 + 8 + 8
 
 
-def _child_grow(faces: int, dtype: torch.dtype, channels: int = 512) -> dict[str, float]:
+def _child_grow(faces: int, precision: str, channels: int = 512) -> dict[str, float]:
     """In a fresh process: enrol ``faces`` synthetic faces 1,000 at a time (maps drawn from one block of
     1,000, as only their bytes matter), then report the baseline, peak and final resident memory."""
     qaconv = build_model("ir_18", qaconv_channels=None if channels == 512 else channels).qaconv.eval()
-    index = GalleryIndex(qaconv, torch.device("cpu"), dtype)
+    dtype, storage = PRECISIONS[precision]
+    index = GalleryIndex(qaconv, torch.device("cpu"), dtype, map_storage=storage)
     g = torch.Generator().manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(1000, 512, generator=g), dim=1)
     maps, occ = torch.randn(1000, qaconv.num_features, 7, 7, generator=g), torch.rand(1000, 1, 7, 7, generator=g)
@@ -114,7 +137,10 @@ def _child_load(store_path: Path, model_version: str, dtype: torch.dtype) -> dic
     from service.store import SQLiteGalleryStore
 
     qaconv = build_model("ir_18").qaconv.eval()
-    index = GalleryIndex(qaconv, torch.device("cpu"), dtype)
+    try:  # the peak table's maps are bf16, whatever the service's default storage
+        index = GalleryIndex(qaconv, torch.device("cpu"), dtype, map_storage="native")
+    except TypeError:  # a checkout from before map_storage (--compare-with)
+        index = GalleryIndex(qaconv, torch.device("cpu"), dtype)
     store = SQLiteGalleryStore(store_path, model_version)
 
     class Inline:  # the engine's worker, for the index calls: here, this thread
@@ -189,7 +215,7 @@ def fill_store(path: Path, model_version: str, faces: int) -> None:
 def peak_rows(faces: int, load_faces: int, checkout: Path | None, label: str) -> list[str]:
     """Rows of the peak-memory table: growing past ``faces`` and loading ``load_faces``, bf16 maps."""
     rows = []
-    data = face_bytes(torch.bfloat16)
+    data = face_bytes("bf16")
     grown = run_child(["--child", "grow", "--faces", str(faces)], checkout)
     rows.append(_peak_row(label, f"enrolling {faces:,} faces, 1,000 at a time", grown, data))
     if load_faces:
@@ -212,7 +238,29 @@ def _peak_row(label: str, what: str, m: dict[str, float], per_face: int) -> str:
 CHANNELS_SECTION = "## Gallery memory by QAConv channels (bench/bench_gallery.py --channels)"
 
 
-def channel_rows(channels: list[int], faces: int, threads: int) -> str:
+#: Faces QAConv re-ranks per probe in the re-ranking column (the service's default shortlist, OAML_SHORTLIST).
+RERANK_FACES = 100
+
+
+def rerank_ms(precision: str, channels: int, seconds: float) -> float:
+    """Milliseconds to score one probe against :data:`RERANK_FACES` enrolled faces with QAConv, maps kept at
+    ``precision`` (what ``/identify`` spends on its shortlist after the cosine stage)."""
+    dtype, storage = PRECISIONS[precision]
+    qaconv = build_model("ir_18", qaconv_channels=None if channels == 512 else channels).qaconv.eval()
+    index = GalleryIndex(qaconv, torch.device("cpu"), dtype, map_storage=storage)
+    g = torch.Generator().manual_seed(0)
+    n = RERANK_FACES
+    emb = torch.nn.functional.normalize(torch.randn(n, 512, generator=g), dim=1)
+    maps, occ = torch.randn(n, channels, 7, 7, generator=g), torch.rand(n, 1, 7, 7, generator=g)
+    ids = [f"f{i}" for i in range(n)]
+    index.add(ids, ids, emb, maps, occ)
+    with torch.inference_mode():
+        return timeit(lambda: index.score_faces(ids, emb[0], maps[0], occ[0, 0]), seconds) * 1000
+
+
+def channel_rows(
+    channels: list[int], faces: int, threads: int, precisions: list[str] | None = None, seconds: float = 2.0
+) -> str:
     """The section of ``--channels``: each channel count's bytes per enrolled face, once enrolled and at the peak,
     with ``faces`` enrolled 1,000 at a time in a fresh process, and what a million faces take at that peak."""
     rows = [
@@ -220,22 +268,27 @@ def channel_rows(channels: list[int], faces: int, threads: int) -> str:
         "",
         f"- {machine_line(threads)}",
         f"- Command: `python bench/bench_gallery.py --out bench/RESULTS.md --channels {' '.join(map(str, channels))} "
-        f"--faces {faces} --threads {threads}`.",
+        f"--faces {faces} --threads {threads}" + (f" --precisions {' '.join(precisions)}" if precisions else "") + "`.",
         "",
         f"Enrolling {faces:,} synthetic faces 1,000 at a time in a fresh process (the index alone: the service needs "
-        "its own memory on top); the faces' data is maps, embedding (2 KB), visibility and key; the rest is "
-        "Python's per-face ids and dicts.",
+        "its own memory on top); the faces' data is maps (with int8, their scales too), embedding (2 KB), visibility "
+        "and feature norm, and key; the rest is Python's per-face ids and dicts. The re-ranking column: QAConv "
+        f"scoring one probe against {RERANK_FACES} enrolled faces (`GalleryIndex.score_faces`: gathering the maps, "
+        "dequantising int8 ones, matching), the per-probe cost `/identify` adds to the cosine stage at the default "
+        "shortlist; median of repeated calls in this process.",
         "",
         "| QAConv channels | map precision | maps per face | faces' data per face | bytes per face once enrolled "
-        "| peak bytes per face | a million faces at that peak |",
-        "|---|---|---|---|---|---|---|",
+        f"| peak bytes per face | a million faces at that peak | re-ranking {RERANK_FACES} faces, ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in channels:
-        for name, dtype in (("bf16 (CPU default)", torch.bfloat16), ("fp16 (CUDA default)", torch.float16)):
-            per_face, peak = bytes_per_face(dtype, faces, c)
+        for name, precision in MAP_PRECISIONS:
+            if precisions and precision not in precisions:
+                continue
+            per_face, peak = bytes_per_face(precision, faces, c)
             rows.append(
-                f"| {c} | {name} | {c * 49 * dtype.itemsize:,} | {face_bytes(dtype, c):,} | {per_face:,.0f} | "
-                f"{peak:,.0f} | {peak * 1e6 / 2**30:.1f} GiB |"
+                f"| {c} | {name} | {map_bytes(precision, c):,} | {face_bytes(precision, c):,} | {per_face:,.0f} | "
+                f"{peak:,.0f} | {peak * 1e6 / 2**30:.1f} GiB | {rerank_ms(precision, c, seconds):.2f} |"
             )
             print(rows[-1], flush=True)  # noqa: T201
     return "\n".join(rows) + "\n"
@@ -283,7 +336,7 @@ def main() -> None:
     )
     parser.add_argument("--child", choices=["grow", "load"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", choices=sorted(PRECISIONS), default="bf16", help=argparse.SUPPRESS)
     parser.add_argument("--child-channels", type=int, default=512, help=argparse.SUPPRESS)
     parser.add_argument(
         "--channels",
@@ -292,6 +345,13 @@ def main() -> None:
         default=None,
         help="only the memory per face for these QAConv channel counts, --faces of each (its own section)",
     )
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=[p for _, p in MAP_PRECISIONS],
+        default=None,
+        help="with --channels: only these map precisions (default: every served one)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child is not None:  # a measurement in this fresh process: one JSON line
@@ -299,13 +359,13 @@ def main() -> None:
 
         with torch.inference_mode():
             if args.child == "grow":
-                result = _child_grow(args.faces, DTYPES[args.dtype], args.child_channels)
+                result = _child_grow(args.faces, args.dtype, args.child_channels)
             else:
                 result = _child_load(args.store, "bench", torch.bfloat16)
         print(json.dumps(result))  # noqa: T201
         return
     if args.channels is not None:
-        emit(channel_rows(args.channels, args.faces, args.threads), args.out)
+        emit(channel_rows(args.channels, args.faces, args.threads, args.precisions, args.seconds), args.out)
         return
     rows = [
         SECTION,
@@ -321,7 +381,7 @@ def main() -> None:
         "",
         "Each in a fresh process: resident memory above the process's baseline, at its peak and at the end, "
         "against what the faces' data holds (maps, embedding, visibility, key: "
-        f"{face_bytes(torch.bfloat16):,} bytes a face; the rest is Python's per-face ids and dicts).",
+        f"{face_bytes('bf16'):,} bytes a face; the rest is Python's per-face ids and dicts).",
         "",
         "| code | what | faces' data GiB | peak GiB | after GiB | peak / data |",
         "|---|---|---|---|---|---|",
@@ -348,15 +408,11 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     qaconv = build_model("ir_18").qaconv
-    maps = qaconv.num_features * qaconv.hw
-    for name, dtype in (
-        ("bf16 (CPU default)", torch.bfloat16),
-        ("fp16 (CUDA default)", torch.float16),
-        ("fp32", torch.float32),
-    ):
-        per_face, peak = bytes_per_face(dtype, args.faces)
+    for name, precision in (*MAP_PRECISIONS, ("fp32", "fp32")):
+        per_face, peak = bytes_per_face(precision, args.faces, qaconv.num_features)
         rows.append(
-            f"| {name} | {per_face:,.0f} | {peak:,.0f} | {maps * dtype.itemsize:,} | {16 * 2**30 / peak:,.0f} | "
+            f"| {name} | {per_face:,.0f} | {peak:,.0f} | {map_bytes(precision, qaconv.num_features):,} | "
+            f"{16 * 2**30 / peak:,.0f} | "
             f"{128 * 2**30 / peak:,.0f} |"
         )
         print(rows[-1], flush=True)  # noqa: T201

@@ -17,6 +17,11 @@ half the identities of the two kinds together:
 ``--pca``: QAConv on that many principal directions of the training views' location vectors (the recipe
 ``init="pca"``, steps 0: the shipped tail and occlusion head), made from the same training rows as ``oaml heads
 train`` (the calibration identities left out), one row each.
+
+``--int8``: under each heads' row, the same pairs with the second face's maps as an index with
+``OAML_MAP_STORAGE=int8`` keeps them (int8, a scale per face and channel): what that storage costs.
+
+    .venv/bin/python bench/bench_heads_val.py --cache ../oaml_runs/heads_cache --pca 64 128 --int8
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=ROOT / "weights" / "oaml_ir18.safetensors")
     parser.add_argument("--pairs", type=int, default=8000, help="genuine pairs drawn (and as many impostors)")
     parser.add_argument("--forms", action="store_true", help="the fusion's visibility and quality forms compared")
+    parser.add_argument(
+        "--int8", action="store_true", help="also each heads' QAConv and fusion with the second face's maps in int8"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     cache = HeadCache(args.cache)
@@ -92,6 +100,9 @@ def main() -> None:
         cos, qa, vis = pair_scores(h, ba, bb)
         fused = _fusion(cos, qa, vis, same, half)
         out.append(f"| {name} | {cell(qa)} | {cell(fused)} | {cell(cos) if n == 0 else ''} |")
+        if args.int8:  # the same pairs, the second face kept as an int8 index keeps it
+            qa8 = pair_scores(h, ba, bb, gallery_storage="int8")[1]
+            out.append(f"| {name}, int8 maps | {cell(qa8)} | {cell(_fusion(cos, qa8, vis, same, half))} | |")
     if args.forms:
         out += _forms(cache, heads, (ia, ib, same), _draw(d, clean, clean, args.pairs // 2, rng))
     sys.stdout.write("\n".join(out) + "\n")

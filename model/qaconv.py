@@ -35,7 +35,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QAConv", "PreparedGallery", "PairExplanation", "OCCLUSION_METHODS"]
+__all__ = [
+    "QAConv",
+    "PreparedGallery",
+    "PairExplanation",
+    "OCCLUSION_METHODS",
+    "MAP_STORAGES",
+    "quantise_maps",
+    "dequantise_maps",
+]
+
+#: How an index may keep prepared gallery maps: ``native`` in the matching dtype (bf16 on a CPU, fp16 on
+#: CUDA: 2 bytes a value), ``int8`` as int8 with one fp32 scale per face and channel (1 byte a value, plus
+#: 4 bytes a channel).
+MAP_STORAGES = ("native", "int8")
+
+
+def quantise_maps(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prepared maps ``[N, C, hw]`` -> int8 values ``[N, C, hw]`` and scales ``[N, C]`` (fp32).
+
+    Symmetric, one scale per face and channel (the channel's largest magnitude over the face's locations maps
+    to 127): channels differ in range by an order of magnitude after a principal-direction projection, and a
+    face's own range is what its values span, so neither a per-face nor a global scale wastes fewer levels.
+    Each value is off by at most half a step, ``scale / 2``.
+    """
+    if rows.dim() != 3:
+        raise ValueError(f"expected maps [N, C, hw], got {list(rows.shape)}")
+    x = rows.float()
+    scale = x.abs().amax(dim=2) / 127.0
+    q = torch.round(x / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp_(-127, 127)
+    return q.to(torch.int8), scale
+
+
+def dequantise_maps(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Int8 values ``[N, C, hw]`` (or QAConv's column layout ``[C, N, hw]`` with scales ``[C, N]``) times their
+    scales, in ``dtype``."""
+    # converted, then scaled in place: one pass each (an out-of-place broadcast product is ~25x slower on a CPU)
+    return values.to(torch.float32).mul_(scales[..., None]).to(dtype)
+
 
 OCCLUSION_METHODS = ("scaling", "outer")
 
@@ -259,13 +296,21 @@ class QAConv(nn.Module):
         query_occ: torch.Tensor | None = None,
         gallery_occ: torch.Tensor | None = None,
         chunk_size: int = 4096,
+        gallery_storage: str = "native",
     ) -> torch.Tensor:
-        """Scores of aligned pairs ``probe[i]`` vs ``gallery[i]`` -> ``[N]``, batched (no per-pair loop)."""
+        """Scores of aligned pairs ``probe[i]`` vs ``gallery[i]`` -> ``[N]``, batched (no per-pair loop).
+
+        ``gallery_storage="int8"`` scores the gallery side as an int8 index keeps it (:func:`quantise_maps`),
+        to measure what that storage costs."""
+        if gallery_storage not in MAP_STORAGES:
+            raise ValueError(f"gallery_storage must be one of {MAP_STORAGES}, got {gallery_storage!r}")
         if probe.shape != gallery.shape:
             raise ValueError(f"pair lists differ in shape: {list(probe.shape)} vs {list(gallery.shape)}")
         n = probe.shape[0]
         p = self._locations(probe) * self.visibility_weights(query_occ, n, probe.device)[..., None]
         g = self._locations(gallery) * self.visibility_weights(gallery_occ, n, gallery.device)[..., None]
+        if gallery_storage == "int8":  # [n, hw, C]: quantised per channel over the locations, as the index does
+            g = dequantise_maps(*quantise_maps(g.transpose(1, 2)), torch.float32).transpose(1, 2)
         pooled = [
             self._pool(torch.bmm(p[i : i + chunk_size], g[i : i + chunk_size].transpose(1, 2)))
             for i in range(0, n, chunk_size)

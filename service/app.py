@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                     engine.model.embedding_size,
                     ann_min_faces=settings.ann_min_faces,
                     ann_probe=settings.ann_probe,
+                    map_storage=settings.map_storage,
                 )
 
             # every model version a collection is matched with, or migrates to, is loaded before the gallery

@@ -192,6 +192,12 @@ class Settings(BaseSettings):
     ann_probe: int = Field(
         256, ge=1, description="inverted-file lists read per /identify probe (of ~sqrt(gallery size)): recall vs time"
     )
+    map_storage: Literal["native", "int8"] = Field(
+        "int8",
+        description="how the in-memory index keeps each enrolled face's QAConv maps: int8 with a scale per face and "
+        "channel (half the bytes of native; no measurable cost in accuracy, bench/RESULTS.md) or native (bf16 on a "
+        "CPU, fp16 on CUDA). The stores keep fp16 maps either way, so it can change at any restart",
+    )
     default_threshold: str = Field("balanced", description="preset or number used when a request gives none")
     store_crops: bool = Field(
         False, description="keep aligned 112x112 crops of enrolled faces (for /occlusion overlays)"

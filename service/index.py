@@ -1,7 +1,10 @@
 """The in-memory index over every enrolled face, for 1:N search.
 
-Embeddings ``[N, 512]`` fp32 for the exact cosine stage, and QAConv maps ``[N, C, 49]`` in bf16
-(fp16 on CUDA) with visibility folded in, each kept by slot in :class:`SlotRows`: chunks that are
+Embeddings ``[N, 512]`` fp32 for the exact cosine stage, and QAConv maps ``[N, C, 49]`` with
+visibility folded in, as int8 with a scale per face and channel (:func:`model.qaconv.quantise_maps`:
+half the bytes of bf16, no measurable cost in accuracy; each shortlist is dequantised to the matching
+dtype when it is matched: the service's is fp32 on a CPU, fp16 on CUDA) or with ``map_storage="native"``
+(``OAML_MAP_STORAGE``) in the matching dtype (bf16 on a CPU), each kept by slot in :class:`SlotRows`: chunks that are
 never reallocated (the first small, then :data:`CHUNK_ROWS` faces each), so the gallery grows
 without copying what it holds and without a second copy alive while it grows; deletion moves the
 last face into the freed slot, so enrolment and deletion cost O(1) copies. The cosine stage
@@ -24,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.qaconv import PreparedGallery, QAConv
+from model.qaconv import MAP_STORAGES, PreparedGallery, QAConv, dequantise_maps, quantise_maps
 from service.ann import InvertedFile, training_rows
 from service.store import FaceRecord
 
@@ -36,8 +39,8 @@ log = logging.getLogger(__name__)
 #: trained on, so its lists keep ~sqrt(N) faces each.
 ANN_REGROWTH = 4
 
-#: Faces per chunk once the gallery is large (411 MB of bf16 maps, 16 MB of embeddings): the most
-#: memory a gallery holds beyond its faces, and the unit in which it grows.
+#: Faces per chunk once the gallery is large (at 512 channels 222 MB of int8 maps and scales or 411 MB of bf16
+#: maps; 16 MB of embeddings): the most memory a gallery holds beyond its faces, and the unit in which it grows.
 CHUNK_ROWS = 8192
 #: The first chunk; each next one doubles the capacity until chunks reach CHUNK_ROWS.
 FIRST_CHUNK_ROWS = 64
@@ -118,20 +121,21 @@ class SlotRows:
         flat = slots.to("cpu", torch.int64).numpy()
         if len(flat) and (flat.min() < 0 or flat.max() >= rows):
             raise IndexError(f"slots {flat.min()}..{flat.max()} outside the {rows} rows in use")
-        shape = (len(flat), *self.row_shape)
-        if layout == "columns":
-            shape = (self.row_shape[0], len(flat), *self.row_shape[1:])
-        out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if not len(flat):
+            shape = (self.row_shape[0], 0, *self.row_shape[1:]) if layout == "columns" else (0, *self.row_shape)
+            return torch.empty(shape, dtype=self.dtype, device=self.device)
+        # Whole rows selected chunk by chunk, then put back in the asked order, then (columns) one transposing
+        # copy: each step a contiguous copy. (Assigning into a strided [C, k, hw] view is ~10x slower on a CPU.)
         which = np.searchsorted(np.asarray(self._starts), flat, side="right") - 1
-        for c in np.unique(which):
-            positions = np.flatnonzero(which == c)
-            local = torch.from_numpy(flat[positions] - self._starts[c]).to(self.device)
-            where = torch.from_numpy(positions).to(self.device)
-            if layout == "columns":
-                out[:, where] = self.chunks[c][local].transpose(0, 1)
-            else:
-                out[where] = self.chunks[c][local]
-        return out
+        pieces = []
+        for c in np.unique(which):  # ascending: the pieces follow a stable sort of the slots by chunk
+            local = torch.from_numpy(flat[which == c] - self._starts[c]).to(self.device)
+            pieces.append(self.chunks[c].index_select(0, local))
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if len(pieces) > 1:
+            back = np.argsort(np.argsort(which, kind="stable"))
+            out = out.index_select(0, torch.from_numpy(back).to(self.device))
+        return out.transpose(0, 1).contiguous() if layout == "columns" else out
 
     def views(self, rows: int) -> list[torch.Tensor]:
         """The first ``rows`` rows, as views of consecutive chunks (no copy)."""
@@ -309,6 +313,8 @@ class GalleryIndex:
         ann_min_faces: gallery size from which the cosine stage uses the inverted file; 0 keeps it
             exact at every size.
         ann_probe: lists the inverted file reads per probe (more: higher recall, slower).
+        map_storage: ``int8`` (the service's default, ``OAML_MAP_STORAGE``) keeps int8 values and a scale per
+            face and channel, and matches in ``map_dtype``; ``native`` keeps the maps in ``map_dtype``.
     """
 
     def __init__(
@@ -319,8 +325,12 @@ class GalleryIndex:
         embedding_size: int = 512,
         ann_min_faces: int = 0,
         ann_probe: int = 256,
+        map_storage: str = "int8",
     ) -> None:
+        if map_storage not in MAP_STORAGES:
+            raise ValueError(f"map_storage must be one of {MAP_STORAGES}, got {map_storage!r}")
         self.qaconv = qaconv
+        self.map_storage = map_storage
         self.device = device
         self.map_dtype = map_dtype
         self.hw = qaconv.hw
@@ -328,7 +338,10 @@ class GalleryIndex:
         self.embedding_size = embedding_size
         self._lock = threading.RLock()
         self.cosine = CosineStage(device, embedding_size, ann_min_faces, ann_probe)
-        self._maps = SlotRows((self.channels, self.hw), map_dtype, device)  # [face, C, hw], visibility folded in
+        int8 = map_storage == "int8"
+        # [face, C, hw], visibility folded in; with int8 storage, each face's scale per channel beside them
+        self._maps = SlotRows((self.channels, self.hw), torch.int8 if int8 else map_dtype, device)
+        self._scales = SlotRows((self.channels,), torch.float32, device) if int8 else None
         # per face: mean visibility and AdaFace feature norm (NaN: not known), what the fusion needs beside the scores
         self._face = torch.zeros(0, 2, device=device)
         self.face_ids: list[str] = []
@@ -349,8 +362,8 @@ class GalleryIndex:
         return self.cosine.approximate
 
     def describe(self) -> dict[str, Any]:
-        """How /identify's cosine stage searches, for /info."""
-        return self.cosine.describe()
+        """How /identify searches (the cosine stage, how the maps are kept), for /info."""
+        return {**self.cosine.describe(), "map_storage": self.map_storage}
 
     def begin_loading(self) -> None:
         """Start of the start-up load: hold the inverted file's training until :meth:`finish_loading`."""
@@ -366,16 +379,32 @@ class GalleryIndex:
     def reserve(self, faces: int) -> None:
         """Room for ``faces`` faces in all (a load of known size allocates its chunks once)."""
         with self._lock:
-            self._maps.ensure(faces)
+            for rows in self._map_rows():
+                rows.ensure(faces)
             self.cosine.reserve(faces)
             if faces > len(self._face):  # 8 bytes a face: doubling is cheap
                 face = torch.zeros(max(faces, 2 * len(self._face)), 2, device=self.device)
                 face[: self.count] = self._face[: self.count]
                 self._face = face
 
+    def _map_rows(self) -> list[SlotRows]:
+        """What holds the maps by slot: the maps, and their scales where they are int8 (moved, cleared and
+        trimmed together)."""
+        return [self._maps] if self._scales is None else [self._maps, self._scales]
+
+    def _gather_maps(self, slots: torch.Tensor) -> torch.Tensor:
+        """The maps of ``slots`` in QAConv's column layout ``[C, k, hw]``, in the matching dtype."""
+        maps = self._maps.gather(slots, self.count, layout="columns")
+        if self._scales is None:
+            return maps
+        scales = self._scales.gather(slots, self.count, layout="columns")  # [C, k]
+        return dequantise_maps(maps, scales, self.map_dtype)
+
     def memory_bytes(self) -> int:
-        """Bytes the index's tensors hold (maps, embeddings, visibility and norms; not the id lists)."""
-        return self._maps.nbytes() + self.cosine.emb.nbytes() + self._face.numel() * 4
+        """Bytes the index's tensors hold (maps and their scales, embeddings, visibility and norms; not the id
+        lists)."""
+        maps = sum(rows.nbytes() for rows in self._map_rows())
+        return maps + self.cosine.emb.nbytes() + self._face.numel() * 4
 
     def add(
         self,
@@ -402,6 +431,9 @@ class GalleryIndex:
                     feature_maps[part].to(self.device).float(), occlusion[part].to(self.device).float(), self.map_dtype
                 )
                 rows = prepared.maps.reshape(self.channels, prepared.count, self.hw).permute(1, 0, 2)
+                if self._scales is not None:
+                    rows, scales = quantise_maps(rows)
+                    self._scales.write(start + s, scales)
                 self._maps.write(start + s, rows)
             self._face[start : start + n, 0] = occlusion.reshape(n, -1).float().mean(1).to(self.device)
             self._face[start : start + n, 1] = (
@@ -450,16 +482,19 @@ class GalleryIndex:
                     del self.faces_per_subject[gone]
                 self.cosine.remove(slot)
                 if slot != last:  # move the last face into the hole
-                    self._maps.move(slot, last)
+                    for rows in self._map_rows():
+                        rows.move(slot, last)
                     self._face[slot] = self._face[last]
                     moved = self.face_ids[last]
                     self.face_ids[slot], self.subjects[slot] = moved, self.subjects[last]
                     self._slot[moved] = slot
-                self._maps.clear(last)  # no deleted face's maps left behind in memory
+                for rows in self._map_rows():
+                    rows.clear(last)  # no deleted face's maps left behind in memory
                 self._face[last] = 0
                 self.face_ids.pop()
                 self.subjects.pop()
-            self._maps.trim(self.count)
+            for rows in self._map_rows():
+                rows.trim(self.count)
 
     def _face_columns(self, slots: torch.Tensor) -> dict[str, np.ndarray]:
         face = self._face[slots.to(self.device)].float().cpu().numpy()
@@ -482,7 +517,7 @@ class GalleryIndex:
                     "norm": np.zeros(0),
                 }
             cos = self.cosine.emb.gather(slots, self.count) @ embedding.to(self.device).float()
-            maps = self._maps.gather(slots, self.count, layout="columns")
+            maps = self._gather_maps(slots)
             qa = self.qaconv.match(
                 feature_map[None].to(self.device).float(),
                 PreparedGallery(maps.reshape(self.channels, -1), len(ids), self.hw),
@@ -519,7 +554,7 @@ class GalleryIndex:
             t0 = time.perf_counter()
             top, cos = self.cosine.top(embedding, min(shortlist, self.count))
             t1 = time.perf_counter()
-            shortlisted = self._maps.gather(top, self.count, layout="columns")  # [C, k, hw]: QAConv's layout
+            shortlisted = self._gather_maps(top)  # [C, k, hw]: QAConv's layout
             gallery = PreparedGallery(shortlisted.reshape(self.channels, -1), len(top), self.hw)
             qa = self.qaconv.match(
                 feature_map[None].to(self.device).float(),

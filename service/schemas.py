@@ -348,6 +348,10 @@ class GallerySearchInfo(BaseModel):
     ann_min_faces: int = Field(description="gallery size from which the inverted file is used; 0: never")
     ann_lists: int | None = Field(description="lists of the trained inverted file (null until it is trained)")
     ann_probe: int = Field(description="lists read per probe")
+    map_storage: Literal["native", "int8"] = Field(
+        description="how the index keeps the enrolled faces' QAConv maps (OAML_MAP_STORAGE): `native` in the "
+        "matching dtype, `int8` with a scale per face and channel"
+    )
 
 
 class CollectionCreate(BaseModel):

@@ -83,7 +83,13 @@ def test_index_switches_to_the_inverted_file_at_the_threshold(qaconv: torch.nn.M
     x, _ = clustered(10, 60)  # fewer groups than lists, as faces are to a gallery's ~sqrt(N) lists
     index = GalleryIndex(qaconv, torch.device("cpu"), torch.bfloat16, ann_min_faces=400, ann_probe=4)
     fill(index, x[:300])
-    assert index.describe() == {"method": "exact", "ann_min_faces": 400, "ann_lists": None, "ann_probe": 4}
+    assert index.describe() == {
+        "method": "exact",
+        "ann_min_faces": 400,
+        "ann_lists": None,
+        "ann_probe": 4,
+        "map_storage": "int8",
+    }
     fill(index, x[300:], start=300)
     settle(index)
     info = index.describe()

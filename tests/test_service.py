@@ -460,6 +460,28 @@ class TestGalleryAndIdentify:
             found = c.post("/identify", files=files(image=("a.png", photos["astronaut"])), data={"top_k": "5"}).json()
             assert [x["subject"] for x in found["candidates"]] == ["eileen"]
 
+    def test_int8_map_storage_serves_the_same_gallery_after_a_restart(
+        self, weights: Path, tmp_path: Path, photos: dict[str, bytes]
+    ) -> None:
+        """OAML_MAP_STORAGE reaches the index and /info; the stores keep fp16 maps either way, so a restart may
+        change it, and /identify then ranks the same faces with scores a rounding apart."""
+        found = {}
+        for storage in ("int8", "native"):
+            with TestClient(create_app(make_settings(weights, tmp_path, map_storage=storage))) as c:
+                assert c.get("/info").json()["gallery_search"]["map_storage"] == storage
+                if storage == "int8":
+                    for subject, photo in (("eileen", photos["astronaut"]), ("photographer", photos["camera"])):
+                        images = [("images", ("p.png", photo, "image/png"))]
+                        assert c.post("/gallery", data={"subject": subject}, files=images).status_code == 201
+                    assert c.app.state.oaml.gallery.index._maps.chunks[0].dtype == torch.int8  # type: ignore[attr-defined]
+                r = c.post("/identify", files=files(image=("a.jpg", photos["astronaut_jpeg"], "image/jpeg")),
+                           data={"top_k": "5", "threshold": "-1000"})  # fmt: skip
+                assert r.status_code == 200, r.text
+                found[storage] = {x["subject"]: x["score"] for x in r.json()["candidates"]}
+        assert list(found["int8"]) == list(found["native"]) == ["eileen", "photographer"]
+        for subject, score in found["native"].items():
+            assert found["int8"][subject] == pytest.approx(score, abs=0.05)
+
     def test_heatmap_of_an_uploaded_photo_has_the_crop_size(self, client: TestClient, photos: dict[str, bytes]) -> None:
         r = client.post("/occlusion", files=files(image=("a.png", photos["astronaut"])), data={"scale": "3"})
         assert r.status_code == 200
@@ -626,6 +648,7 @@ class TestOperations:
             "ann_min_faces": 200_000,
             "ann_lists": None,
             "ann_probe": 256,
+            "map_storage": "int8",  # OAML_MAP_STORAGE's default
         }
         assert client.get("/openapi.json").json()["paths"].keys() >= {"/verify", "/gallery", "/identify", "/occlusion"}
 
