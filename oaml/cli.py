@@ -427,6 +427,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     suite = args.suite or ("lfw" if args.pairs is not None else "public")
     model, meta = load_checkpoint(args.weights)
     cal = Calibration.from_dict(meta["calibration"]) if "calibration" in meta else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    if suite == "public" and args.rescore is not None:  # the kept scores are all it reads: no model runs
+        return _eval_public(args, None, cal, None, meta)
     peer = None
     if args.peer == "sface":
         from model.training.teacher import SFaceTeacher
@@ -436,7 +439,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     embedder = Embedder(
         model, device=args.device, precision=args.precision, flip=FLIP_TEST if args.flip is None else args.flip
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     if suite == "public":
         return _eval_public(args, embedder, cal, peer, meta)
     from model.training.evaluate import draw_roc, evaluate_lfw, markdown_report

@@ -77,7 +77,9 @@ def faces(n_ids: int, per_id: int, seed: int = 0) -> dict[str, np.ndarray]:
 # -- the suite -------------------------------------------------------------------------------------------
 
 
-def test_the_suite_scores_every_set_counts_missing_faces_and_keeps_a_subset(weights: Path, tmp_path: Path) -> None:
+def test_the_suite_scores_every_set_counts_missing_faces_and_keeps_a_subset(
+    weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     photos = faces(6, 3)
     cache = write_cache(tmp_path / "cfp", photos, source_prefix="cfp", missing=("002/f01",))
     keys = sorted(photos)
@@ -133,6 +135,28 @@ def test_the_suite_scores_every_set_counts_missing_faces_and_keeps_a_subset(weig
     table = suite_table(report)
     assert re.search(r"\| CFP-FP \| clean \| 36 \| 3 \| [\d.]+% / [\d.]+ \|", table), table
     assert "| CFP-FP | occluded | 36 | 3 |" in table
+    # `oaml eval --rescore` reads the kept run alone: neither the model nor the SFace peer is built
+    from oaml.cli import main
+
+    kept_dir = tmp_path / "kept"
+    kept_dir.mkdir()
+    version = load_checkpoint(weights)[1]["model_version"]
+    public = {k: v for k, v in report.items() if k != "_pairs"}
+    (kept_dir / "suite.json").write_text(json.dumps({**public, "weights": {"model_version": version}}))
+    np.savez_compressed(kept_dir / "pairs.npz", **kept)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a rescore ran a model")
+
+    monkeypatch.setattr("model.embedder.Embedder", refuse)
+    monkeypatch.setattr("model.training.teacher.SFaceTeacher", refuse)
+    command = ["eval", str(weights), "--suite", "public", "--peer", "sface", "--rescore", str(kept_dir)]
+    assert main([*command, "--out", str(tmp_path / "rescored")]) == 0
+    rescored = json.loads((tmp_path / "rescored" / "suite.json").read_text())["sets"]["CFP-FP"]["clean"]
+    assert rescored["fused"]["auc"] == pytest.approx(entry["clean"]["fused"]["auc"], abs=1e-9)
+    (kept_dir / "suite.json").write_text(json.dumps({**public, "weights": {"model_version": "ir_18-another"}}))
+    with pytest.raises(SystemExit, match="the calibration of one model version rescores only its own run"):
+        main([*command, "--out", str(tmp_path / "refused")])
 
 
 def test_a_pair_whose_face_is_missing_is_a_non_match(weights: Path, tmp_path: Path) -> None:
