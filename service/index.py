@@ -427,8 +427,10 @@ class GalleryIndex:
             start = self.count
             for s in range(0, n, ADD_SLICE):  # prepared a slice at a time: bounded working copies
                 part = slice(s, min(s + ADD_SLICE, n))
+                fea, occ = feature_maps[part].to(self.device).float(), occlusion[part].to(self.device).float()
+                # int8 is quantised from fp32, not from the matching dtype (one rounding, not two)
                 prepared = self.qaconv.prepare_gallery(
-                    feature_maps[part].to(self.device).float(), occlusion[part].to(self.device).float(), self.map_dtype
+                    fea, occ, torch.float32 if self._scales is not None else self.map_dtype
                 )
                 rows = prepared.maps.reshape(self.channels, prepared.count, self.hw).permute(1, 0, 2)
                 if self._scales is not None:

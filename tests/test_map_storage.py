@@ -61,6 +61,11 @@ def test_the_int8_index_scores_as_the_pair_path_measures_it(qaconv: torch.nn.Mod
     np.testing.assert_allclose(quantised, native, atol=0.02 * float(np.abs(native).max()))  # ...but close
     with pytest.raises(ValueError, match="gallery_storage"):
         qaconv.match_pairs(*pairs, gallery_storage="int4")
+    # whatever the matching dtype, the stored values are quantised once, from fp32
+    bf16 = GalleryIndex(qaconv, torch.device("cpu"), torch.bfloat16, map_storage="int8")
+    bf16.add([f"f{i}" for i in range(40)], [f"s{i}" for i in range(40)], emb, maps, occ)
+    prepared = qaconv.prepare_gallery(maps, occ).maps.reshape(64, 40, 49).permute(1, 0, 2)
+    assert torch.equal(bf16._maps.gather(torch.arange(40), 40), quantise_maps(prepared)[0])
 
 
 def test_scales_move_and_vanish_with_their_maps(monkeypatch: pytest.MonkeyPatch, qaconv: torch.nn.Module) -> None:
