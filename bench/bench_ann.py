@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_gallery import machine_line, rss_bytes  # noqa: E402
 from bench.bench_model import emit  # noqa: E402
 from service.ann import lists_for  # noqa: E402
-from service.index import CosineStage, GalleryIndex  # noqa: E402
+from service.index import CosineStage, GalleryIndex, matching_dtype  # noqa: E402
 
 SECTION = "## Approximate shortlist for large galleries (bench/bench_ann.py)"
 ROOT = Path(__file__).resolve().parents[1]
@@ -340,7 +340,10 @@ def identify_rows(model: FaceModel, faces: int, probes: int, shortlist: int, pro
     occ = torch.rand(1000, 1, 7, 7, generator=g)
     # one index (its maps are most of the memory), searched exactly and then through its inverted file,
     # which is trained once at the full size, as at start-up
-    index = GalleryIndex(qaconv, torch.device("cpu"), torch.bfloat16, ann_min_faces=faces, ann_probe=probe)
+    cpu = torch.device("cpu")  # the service's default storage on a CPU: int8 maps, matched in fp32
+    index = GalleryIndex(
+        qaconv, cpu, matching_dtype(cpu, "int8"), ann_min_faces=faces, ann_probe=probe, map_storage="int8"
+    )
     t0 = time.perf_counter()
     _fill(index, gallery, block_maps, occ)
     index.cosine.train_if_due(wait=True)
@@ -447,8 +450,8 @@ def main() -> None:
         f"### /identify gallery stages through GalleryIndex at {args.identify_faces:,} faces",
         "",
         f"Shortlist {args.shortlist}; inverted file trained at {args.identify_faces:,} faces (the threshold lowered "
-        f"to the gallery's size), read {args.identify_probe} of {lists_for(args.identify_faces)} lists; bf16 QAConv "
-        "maps (~50 KB a face: a gallery whose maps, with the index's doubling growth, fit this machine's memory). "
+        f"to the gallery's size), read {args.identify_probe} of {lists_for(args.identify_faces)} lists; QAConv "
+        "maps as the service keeps them by default (int8 with per-channel scales, matched in fp32; ~27 KB a face). "
         "Median ms per probe; agreement = share of probes whose cosine top-1 equals the exact search's.",
         "",
         "| faces | shortlist | cosine stage ms | QAConv ms | search ms | agreement | build |",

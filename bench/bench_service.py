@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_model import cpu_name, emit  # noqa: E402
 from model.checkpoint import read_metadata  # noqa: E402
 from service.config import DEFAULT_WEIGHTS  # noqa: E402
-from service.index import GalleryIndex  # noqa: E402
+from service.index import GalleryIndex, matching_dtype  # noqa: E402
 from service.store import Enrolment, FaceRecord, SQLiteGalleryStore  # noqa: E402
 
 SECTION = "## Service (bench/bench_service.py)"
@@ -403,7 +403,8 @@ def main() -> None:
 
             model, _ = load_checkpoint(args.weights)
             torch.set_num_threads(args.threads)
-            index = GalleryIndex(model.qaconv.eval(), torch.device("cpu"), torch.bfloat16)
+            cpu = torch.device("cpu")  # the service's default storage on a CPU: int8 maps, matched in fp32
+            index = GalleryIndex(model.qaconv.eval(), cpu, matching_dtype(cpu, "int8"), map_storage="int8")
             rng = np.random.default_rng(1)
             for start in range(0, 100_000, 5000):
                 emb = torch.nn.functional.normalize(

@@ -56,6 +56,7 @@ from model.net import OAMLNet
 from model.qaconv import PairExplanation
 from service.config import Settings
 from service.errors import Overloaded, Stopping
+from service.index import matching_dtype
 from service.memory import TRIM_AFTER_BYTES, ByteBudget, release_free_memory
 from service.models import ModelShelf, ServedModel
 
@@ -184,11 +185,7 @@ class Engine:
         )
         self.pipeline = FacePipeline(self.detector)
         self.cpu_pool = ThreadPoolExecutor(max_workers=settings.detection_workers, thread_name_prefix="oaml-detect")
-        # What QAConv matches enrolled maps in: fp16 on CUDA; on a CPU bf16 where the index keeps them in it (half
-        # of fp32's memory), fp32 where it keeps them in int8 and dequantises each shortlist (exact, and faster
-        # than bf16 on a CPU without native bf16: bench/RESULTS.md, "Int8 QAConv maps in the index")
-        cpu_dtype = torch.bfloat16 if settings.map_storage == "native" else torch.float32
-        self.gallery_dtype = torch.float16 if self.device.type == "cuda" else cpu_dtype
+        self.gallery_dtype = matching_dtype(self.device, settings.map_storage)
         self.stats = BatchStats()
         self.detect_stats = BatchStats()
         self._queue: queue.Queue[_Job | _DetectJob | _Call | None] = queue.Queue()

@@ -31,7 +31,7 @@ from model.qaconv import MAP_STORAGES, PreparedGallery, QAConv, dequantise_maps,
 from service.ann import InvertedFile, training_rows
 from service.store import FaceRecord
 
-__all__ = ["ANN_REGROWTH", "CHUNK_ROWS", "SlotRows", "CosineStage", "GalleryIndex"]
+__all__ = ["ANN_REGROWTH", "CHUNK_ROWS", "SlotRows", "CosineStage", "GalleryIndex", "matching_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,15 @@ FIRST_CHUNK_ROWS = 64
 #: Faces are prepared and added this many at a time, whatever the batch: the fp32 working copies of
 #: their maps are what a growing gallery holds beyond its faces.
 ADD_SLICE = 256
+
+
+def matching_dtype(device: torch.device, map_storage: str) -> torch.dtype:
+    """The dtype QAConv matches enrolled maps in: fp16 on CUDA; on a CPU bf16 where the index keeps the maps in it
+    (``native``: half of fp32's memory), fp32 where it keeps them in int8 and dequantises each shortlist (exact,
+    and faster than bf16 on a CPU without native bf16: bench/RESULTS.md, "Int8 QAConv maps in the index")."""
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if map_storage == "native" else torch.float32
 
 
 class SlotRows:

@@ -46,7 +46,7 @@ from model.openset import IDENTIFY_PRESETS
 from service import audit
 from service.errors import MigrationConflict, Overloaded
 from service.gallery import Collection
-from service.index import GalleryIndex
+from service.index import GalleryIndex, matching_dtype
 from service.models import ServedModel
 from service.problems import ApiError
 from service.store import FaceEmbedding, FaceRecord
@@ -444,9 +444,13 @@ def _data(model: ServedModel, f: Any) -> FaceEmbedding:
 
 
 def _scores(faces: list[FaceRecord], model: ServedModel, shortlist: int, probes: list[int]) -> dict[str, Any]:
-    """Each probe face searched among the others (itself left out) as /identify searches, fused by ``model``:
-    per probe the best score of its own subject and of every other subject on the shortlist."""
-    index = GalleryIndex(model.model.qaconv, torch.device("cpu"), torch.float32, model.model.embedding_size)
+    """Each probe face searched among the others (itself left out) as /identify searches with the default
+    ``OAML_MAP_STORAGE`` (int8 maps, matched in fp32; ``native`` differs by a rounding), fused by ``model``: per
+    probe the best score of its own subject and of every other subject on the shortlist."""
+    cpu = torch.device("cpu")
+    index = GalleryIndex(
+        model.model.qaconv, cpu, matching_dtype(cpu, "int8"), model.model.embedding_size, map_storage="int8"
+    )
     index.add_records(faces)
     out = []
     for i in probes:

@@ -210,7 +210,7 @@ def test_slot_rows_grow_by_chunks_without_copying_what_they_hold() -> None:
     assert rows.chunks[0].data_ptr() == first  # never reallocated
     assert [len(c) for c in rows.chunks][:4] == [64, 64, 128, 128] and max(len(c) for c in rows.chunks) == 128
     assert torch.equal(torch.cat(rows.views(1000)), values)
-    slots = torch.tensor([999, 0, 64, 500, 63, 128])
+    slots = torch.tensor([999, 0, 64, 500, 63, 128, 0, 999])  # across chunks, out of order, repeated
     assert torch.equal(rows.gather(slots, 1000), values[slots])
     columns = rows.gather(slots, 1000, layout="columns")  # [3, k]: QAConv's layout, one copy
     assert torch.equal(columns, values[slots].T)

@@ -99,6 +99,11 @@ def test_scales_move_and_vanish_with_their_maps(monkeypatch: pytest.MonkeyPatch,
         diff = np.array([float(s) - float(ref_qa[f]) for f, s in zip(got["face_ids"], got["qaconv"], strict=True)])
         assert np.abs(diff).max() < 0.05 * float(np.abs(ref["qaconv"]).max())
     assert int8.describe()["map_storage"] == "int8" and native.describe()["map_storage"] == "native"
+    # a gallery that shrinks gives back whole chunks of scales with those of the maps
+    held = int8.memory_bytes()
+    int8.remove([f for f in ids if int(f[1:]) >= 20])
+    assert len(int8._scales.chunks) == len(int8._maps.chunks) < 4 and int8.memory_bytes() < held / 2
+    assert int8.search(emb[7], maps[7], occ[7, 0], 5)["face_ids"][0] == "f7"
 
 
 def test_int8_maps_take_about_half_the_bytes(qaconv: torch.nn.Module) -> None:
