@@ -442,6 +442,7 @@ class GallerySearchInfo(Model):
     ann_min_faces: int
     ann_lists: int | None
     ann_probe: int
+    map_storage: str = "native"  # `int8` or `native`; services older than OAML_MAP_STORAGE kept native maps
 
 
 @dataclass(frozen=True, kw_only=True)
