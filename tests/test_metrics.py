@@ -10,6 +10,7 @@ from model.training.calibrate import (
     cross_validated_reliability,
     draw_reliability,
     fit_calibration,
+    logistic_fit,
     preset_rates,
     reliability,
 )
@@ -178,3 +179,24 @@ class TestProbability:
             assert rates[name]["far"] <= far and rates[name]["far_target"] == far
             assert rates[name]["tar"] == pytest.approx((fused[same] > cal.thresholds[name]).mean())
         assert rates["lenient"]["tar"] >= rates["balanced"]["tar"] >= rates["strict"]["tar"]
+
+
+def test_the_fusion_ceilings_decisions_are_the_suites_accuracy() -> None:
+    """bench_fusion_ceiling's paired comparison counts each pair as the suite's k-fold accuracy decides it, and its
+    ceiling never scores a fold with a fit that saw it."""
+    from bench.bench_fusion_ceiling import ceiling, fold_decisions
+
+    rng = np.random.default_rng(0)
+    same = rng.random(600) < 0.5
+    folds = np.arange(600) % 10
+    scores = same + rng.normal(0, 0.8, 600)
+    right = fold_decisions(scores, same, folds)
+    per_fold = [right[folds == f].mean() for f in range(10)]
+    assert np.mean(per_fold) == pytest.approx(kfold_accuracy(scores, same, folds).mean, abs=1e-12)
+    # a feature that is the label in one fold and 0 elsewhere: a fit that saw that fold scores it perfectly (checked)
+    leak = np.where(folds == 3, 2.0 * same - 1, 0.0)
+    features = np.stack([scores, leak], 1)
+    mu, sd = features.mean(0), features.std(0)
+    w, b = logistic_fit((features - mu) / sd, same.astype(float))
+    assert fold_decisions(((features - mu) / sd) @ w + b, same, folds)[folds == 3].mean() == 1.0
+    assert fold_decisions(ceiling(features, same, folds), same, folds)[folds == 3].mean() < 0.9
