@@ -82,7 +82,9 @@ PRECISIONS: dict[str, tuple[torch.dtype, str]] = {
     "bf16": (torch.bfloat16, "native"),
     "fp16": (torch.float16, "native"),
     "fp32": (torch.float32, "native"),
-    "int8": (torch.float32, "int8"),  # matched in fp32 on a CPU, as the service does (service.engine)
+    # matched in fp32 on a CPU, as service.index.matching_dtype says (not imported: --compare-with runs this
+    # script on checkouts that predate it)
+    "int8": (torch.float32, "int8"),
 }
 
 #: The served ways to keep the maps, as the tables name them.
@@ -113,15 +115,26 @@ def face_bytes(precision: str, channels: int = 512) -> int:
     return map_bytes(precision, channels) + 512 * 4 + 8 + 8
 
 
+def synthetic_index(
+    precision: str, channels: int, n: int
+) -> tuple[GalleryIndex, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An empty index keeping ``channels``-channel maps at ``precision``, and ``n`` synthetic faces to enrol in it
+    (embeddings, maps, visibility)."""
+    qaconv = build_model("ir_18", qaconv_channels=None if channels == 512 else channels).qaconv.eval()
+    dtype, storage = PRECISIONS[precision]
+    try:
+        index = GalleryIndex(qaconv, torch.device("cpu"), dtype, map_storage=storage)
+    except TypeError:  # a checkout from before map_storage (--compare-with): its maps were native
+        index = GalleryIndex(qaconv, torch.device("cpu"), dtype)
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(n, 512, generator=g), dim=1)
+    return index, emb, torch.randn(n, channels, 7, 7, generator=g), torch.rand(n, 1, 7, 7, generator=g)
+
+
 def _child_grow(faces: int, precision: str, channels: int = 512) -> dict[str, float]:
     """In a fresh process: enrol ``faces`` synthetic faces 1,000 at a time (maps drawn from one block of
     1,000, as only their bytes matter), then report the baseline, peak and final resident memory."""
-    qaconv = build_model("ir_18", qaconv_channels=None if channels == 512 else channels).qaconv.eval()
-    dtype, storage = PRECISIONS[precision]
-    index = GalleryIndex(qaconv, torch.device("cpu"), dtype, map_storage=storage)
-    g = torch.Generator().manual_seed(0)
-    emb = torch.nn.functional.normalize(torch.randn(1000, 512, generator=g), dim=1)
-    maps, occ = torch.randn(1000, qaconv.num_features, 7, 7, generator=g), torch.rand(1000, 1, 7, 7, generator=g)
+    index, emb, maps, occ = synthetic_index(precision, channels, 1000)
     index.add([f"warm{i}" for i in range(8)], ["w"] * 8, emb[:8], maps[:8], occ[:8])
     index.remove([f"warm{i}" for i in range(8)])
     baseline = rss_bytes()
@@ -245,14 +258,8 @@ RERANK_FACES = 100
 def rerank_ms(precision: str, channels: int, seconds: float) -> float:
     """Milliseconds to score one probe against :data:`RERANK_FACES` enrolled faces with QAConv, maps kept at
     ``precision`` (what ``/identify`` spends on its shortlist after the cosine stage)."""
-    dtype, storage = PRECISIONS[precision]
-    qaconv = build_model("ir_18", qaconv_channels=None if channels == 512 else channels).qaconv.eval()
-    index = GalleryIndex(qaconv, torch.device("cpu"), dtype, map_storage=storage)
-    g = torch.Generator().manual_seed(0)
-    n = RERANK_FACES
-    emb = torch.nn.functional.normalize(torch.randn(n, 512, generator=g), dim=1)
-    maps, occ = torch.randn(n, channels, 7, 7, generator=g), torch.rand(n, 1, 7, 7, generator=g)
-    ids = [f"f{i}" for i in range(n)]
+    index, emb, maps, occ = synthetic_index(precision, channels, RERANK_FACES)
+    ids = [f"f{i}" for i in range(RERANK_FACES)]
     index.add(ids, ids, emb, maps, occ)
     with torch.inference_mode():
         return timeit(lambda: index.score_faces(ids, emb[0], maps[0], occ[0, 0]), seconds) * 1000
