@@ -11,7 +11,6 @@ The exported graph is cached by model version (exporting takes seconds; a later 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import stat
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from model.cpu import cpu_has_amx
+from model.digests import file_sha256
 from model.net import OAMLNet, OAMLOutput
 from model.quantize import Int8Recipe, quantised_copy
 
@@ -194,14 +194,6 @@ def exported_graph(
     return OnnxBackbone.export(model, version or "unversioned", Path(scratch.name), int8), scratch
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verified(path: Path) -> bool:
     """Whether a kept graph is the one this code exported: its SHA-256 matches the digest written beside it at
     export, and neither file can be written by another user. A graph that fails is exported again."""
@@ -211,7 +203,7 @@ def _verified(path: Path) -> bool:
             info = os.lstat(f)
             if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
                 return False
-        return sidecar.read_text().strip() == _sha256(path)
+        return sidecar.read_text().strip() == file_sha256(path)
     except OSError:
         return False
 
@@ -269,7 +261,7 @@ class OnnxBackbone:
                     opset_version=OPSET,
                     dynamo=False,
                 )
-            digest = _sha256(Path(tmp))
+            digest = file_sha256(Path(tmp))
             sidecar = path.with_name(path.name + ".sha256")
             fd, side_tmp = tempfile.mkstemp(dir=cache_dir, suffix=".sha256.tmp")
             with os.fdopen(fd, "w") as f:

@@ -9,7 +9,10 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from model.card_tables import CardSection
 
 __all__ = ["main"]
 
@@ -462,8 +465,9 @@ def _eval_public(args: argparse.Namespace, embedder: Any, cal: Any, peer: Any, m
     import numpy as np
 
     from model.calibration import Calibration
+    from model.card_tables import SUITE
     from model.checkpoint import load_checkpoint
-    from model.training.suite import CARD_BEGIN, SuiteModel, public_sets, run_suite, suite_table, write_card_table
+    from model.training.suite import SuiteModel, public_sets, run_suite, suite_table
 
     if args.also and (args.record or args.rescore):
         raise SystemExit("--also scores more models in one run: not with --record (one model's) or --rescore")
@@ -512,14 +516,20 @@ def _eval_public(args: argparse.Namespace, embedder: Any, cal: Any, peer: Any, m
     report, table = reports[0], suite_table(reports[0])
     if args.record:
         _record_metrics(args.weights, "suite", report)
-        card = args.card or args.weights.parent / "README.md"  # the model card beside the weights
-        if card.is_file() and CARD_BEGIN in card.read_text():
-            write_card_table(card, table)
-        else:
-            logging.getLogger(__name__).warning(
-                "no model card with a suite table at %s: only the weights record it", card
-            )
+        _record_card(args.weights, args.card, SUITE, table)
     return 0
+
+
+def _record_card(weights: Path, card: Path | None, section: CardSection, table: str) -> None:
+    """Write ``table`` as ``section`` (:mod:`model.card_tables`) of the model card (``card``, else the README.md
+    beside the weights); a card without that section's markers is left alone, with a warning."""
+    card = card or weights.parent / "README.md"
+    if card.is_file() and section.present(card.read_text()):
+        section.write(card, table)
+    else:
+        logging.getLogger(__name__).warning(
+            "no model card with a %s table at %s: only the weights record it", section.name, card
+        )
 
 
 def _rescored(folder: Path, meta: dict[str, Any], cal: Any) -> dict[str, Any]:
@@ -545,6 +555,7 @@ def _rescored(folder: Path, meta: dict[str, Any], cal: Any) -> dict[str, Any]:
 
 def _cmd_eval_identify(args: argparse.Namespace) -> int:
 
+    from model.card_tables import OPEN_SET
     from oaml.openset_eval import evaluate_open_set, markdown_open_set
 
     peer = None
@@ -563,6 +574,7 @@ def _cmd_eval_identify(args: argparse.Namespace) -> int:
         (args.out / "open_set.md").write_text(table + "\n")
     if args.record:
         _record_metrics(args.weights, "open_set", report)
+        _record_card(args.weights, args.card, OPEN_SET, table)
     sys.stdout.write(table + "\n")
     return 0
 
@@ -914,6 +926,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", choices=["none", "sface"], default="none")
     p.add_argument("--out", type=Path, default=None, help="folder for open_set.json and open_set.md")
     p.add_argument("--record", action="store_true", help="store the report in the weights' metadata (model card)")
+    p.add_argument(
+        "--card",
+        type=Path,
+        default=None,
+        help="with --record, the model card whose open-set table is replaced (default: README.md beside the weights)",
+    )
     p.set_defaults(func=_cmd_eval_identify)
 
     p = sub.add_parser("info", help="print the metadata of an OAML weights file")

@@ -117,9 +117,9 @@ class TestParts:
             info = tarfile.TarInfo("../escaped.txt")
             info.size = 2
             tar.addfile(info, io.BytesIO(b"hi"))
-        from model.training.gpu_run import sha256
+        from model.digests import file_sha256
 
-        parts[0]["sha256"] = sha256(evil)
+        parts[0]["sha256"] = file_sha256(evil)
         (out / "PARTS.json").write_text(json.dumps({"parts": parts}))
         with pytest.raises(ValueError, match="refusing"):
             unpack_parts(out)

@@ -15,21 +15,12 @@ from PIL import Image
 
 from model.align import ARCFACE_TEMPLATE
 from model.calibration import DEFAULT_CALIBRATION
+from model.card_tables import OPEN_SET, SUITE
 from model.checkpoint import load_checkpoint
 from model.embedder import Embedder
 from model.training.bundle import make_bundle
 from model.training.face import EvaluationDataError
-from model.training.suite import (
-    CARD_BEGIN,
-    CARD_END,
-    SuiteModel,
-    card_table,
-    cfp_set,
-    rescore,
-    run_suite,
-    suite_table,
-    write_card_table,
-)
+from model.training.suite import SuiteModel, cfp_set, rescore, run_suite, suite_table
 from model.training.train import TrainConfig, load_training_data, read_exclusions
 from tests.conftest import SHARED_DATA
 from tests.test_occlusion import write_templates
@@ -234,13 +225,18 @@ def test_the_table_keeps_the_suites_order_whatever_the_reports() -> None:
 
 
 def test_the_card_table_is_replaced_between_its_markers(tmp_path: Path) -> None:
+    """Each recorded section replaces its own table only: the suite's record leaves the open set's alone."""
     card = tmp_path / "README.md"
-    card.write_text(f"# Card\n\nbefore\n{CARD_BEGIN}\nold table\n{CARD_END}\nafter\n")
-    write_card_table(card, "| new | table |")
+    card.write_text(
+        f"# Card\n\nbefore\n{SUITE.begin}\nold table\n{SUITE.end}\nmiddle\n"
+        f"{OPEN_SET.begin}\nopen\n{OPEN_SET.end}\nafter\n"
+    )
+    SUITE.write(card, "| new | table |")
     text = card.read_text()
-    assert card_table(text) == "| new | table |" and text.startswith("# Card\n\nbefore\n") and text.endswith("after\n")
-    with pytest.raises(ValueError):
-        card_table("no markers here")
+    assert SUITE.read(text) == "| new | table |" and OPEN_SET.read(text) == "open"
+    assert text.startswith("# Card\n\nbefore\n") and text.endswith("after\n") and "\nmiddle\n" in text
+    with pytest.raises(ValueError, match="open_set"):
+        OPEN_SET.read("no markers here")
 
 
 # -- evaluation data never trains -----------------------------------------------------------------------

@@ -34,6 +34,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from model.digests import file_sha256
+
 __all__ = ["pack_parts", "unpack_parts", "missing_parts", "split_file", "join_parts", "export_fp16", "main"]
 
 logger = logging.getLogger("oaml.gpu_run")
@@ -44,14 +46,6 @@ DATA = "data"
 _DONE = ".parts"  # under DATA: one file per unpacked, checked part
 #: pieces of the returned weights: under the device tool's per-file limit on what comes back
 PIECE_BYTES = 15 * 2**20
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def pack_parts(folder: Path, out: Path, part_bytes: int) -> list[dict[str, Any]]:
@@ -99,7 +93,7 @@ def _pack(folder: Path, out: Path, files: list[Path], target: int) -> list[dict[
                 with path.open("rb") as f:
                     tar.addfile(info, f)
         packed = (out / name).stat().st_size
-        listed.append({"name": name, "bytes": packed, "sha256": sha256(out / name), "files": len(members)})
+        listed.append({"name": name, "bytes": packed, "sha256": file_sha256(out / name), "files": len(members)})
     return listed
 
 
@@ -127,7 +121,7 @@ def unpack_parts(bundle: Path) -> list[str]:
             continue
         if marker.exists() and marker.read_text().strip() == part["sha256"]:
             continue
-        if sha256(path) != part["sha256"]:
+        if file_sha256(path) != part["sha256"]:
             raise ValueError(f"{part['name']}: checksum differs from {PARTS} (a truncated or stale upload)")
         with tarfile.open(path) as tar:
             members = _safe_members(tar, data)
@@ -174,7 +168,7 @@ def join_parts(first_piece: Path, out: Path, expected_sha256: str | None = None)
     with out.open("wb") as f:
         for piece in pieces:
             f.write(piece.read_bytes())
-    if expected_sha256 is not None and sha256(out) != expected_sha256:
+    if expected_sha256 is not None and file_sha256(out) != expected_sha256:
         out.unlink()
         raise ValueError(f"{out}: the joined pieces do not match the recorded checksum")
     return out
@@ -257,7 +251,7 @@ def train(
             weights.mkdir(parents=True, exist_ok=True)
             exported = weights / "oaml_ir18_v3.fp16.safetensors"
             export_fp16(source, exported)
-            digest = sha256(exported)
+            digest = file_sha256(exported)
             report["weights"] = {"file": exported.name, "sha256": digest, "pieces": split_file(exported)}
         else:
             report["weights"] = None

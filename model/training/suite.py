@@ -56,10 +56,6 @@ __all__ = [
     "SuiteModel",
     "suite_table",
     "MATCHERS",
-    "CARD_BEGIN",
-    "CARD_END",
-    "card_table",
-    "write_card_table",
 ]
 
 logger = logging.getLogger(__name__)
@@ -372,24 +368,3 @@ def suite_table(report: dict[str, Any]) -> str:
         + f"; {report.get('seconds', 0) / 60:.0f} minutes.",
     ]
     return "\n".join(lines)
-
-
-#: The markers around the suite's table in the model card (``--record`` replaces what is between them).
-CARD_BEGIN = "<!-- suite:begin (written by oaml eval --suite public --record) -->"
-CARD_END = "<!-- suite:end -->"
-
-
-def card_table(card: str) -> str:
-    """The suite table the model card holds (what is between its markers)."""
-    start, end = card.find(CARD_BEGIN), card.find(CARD_END)
-    if start < 0 or end < start:
-        raise ValueError(f"the model card has no suite table between {CARD_BEGIN!r} and {CARD_END!r}")
-    return card[start + len(CARD_BEGIN) : end].strip()
-
-
-def write_card_table(path: Path, table: str) -> None:
-    """Replace the suite table in the model card at ``path``."""
-    card = path.read_text()
-    card_table(card)  # it has the markers
-    start, end = card.find(CARD_BEGIN) + len(CARD_BEGIN), card.find(CARD_END)
-    path.write_text(card[:start] + "\n" + table.strip() + "\n" + card[end:])
