@@ -117,6 +117,7 @@ def evaluate_open_set(
     with tempfile.TemporaryDirectory(prefix="oaml-openset-") as tmp:
         settings = Settings(weights=weights, data_dir=Path(tmp))
         with TestClient(create_app(settings)) as client:
+            report["ran_on"] = ran_on(client.get("/info").json(), lfw_cache, occluder_root)
             enrolled: set[str] = set()
             done = 0
             for k in ks:
@@ -167,6 +168,27 @@ def evaluate_open_set(
     return report
 
 
+def ran_on(info: dict[str, Any], lfw_cache: Path, occluder_root: Path | None) -> dict[str, Any]:
+    """Where and on what a report was measured: the CPU, the path that served (``/info``: device, engine and
+    precision, how the index keeps its maps) and digests of the LFW cache's manifest and of the occluder
+    templates. Served scores move with the CPU's kernels and with the aligned crops, so a recorded table that a
+    later run does not reproduce can be traced to what differs rather than guessed at."""
+    from datetime import UTC, datetime
+
+    from model.cpu import cpu_description
+    from model.digests import file_sha256, tree_sha256
+
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "cpu": cpu_description(),
+        "device": info["device"],
+        "served": info["backbone_path"]["served"],
+        "map_storage": info["gallery_search"]["map_storage"],
+        "lfw_manifest_sha256": file_sha256(lfw_cache / "manifest.jsonl"),
+        "occluders_sha256": tree_sha256(occluder_root) if occluder_root is not None else None,
+    }
+
+
 def _best(client: Any, data: bytes) -> tuple[str | None, float]:
     """The best candidate's name and fused score for one aligned probe (``/identify``, top 1)."""
     r = client.post("/identify", data={"aligned": "true", "top_k": "1"}, files={"image": ("p.png", data)})
@@ -213,7 +235,10 @@ def _peer_rows(
 def markdown_open_set(report: dict[str, Any]) -> str:
     """The report as the model card's table: per gallery size and view, FPIR and DIR at each preset, and DIR at
     a measured FPIR for OAML and the peer."""
+    from model.openset import IDENTIFY_PRESETS
+
     peer = {r["gallery_people"]: r for r in report.get("peer", [])}
+    measured_at = ("0.1", "0.01")  # the header's order: a report read back from metadata has its keys sorted
     lines = [
         "| gallery | probes | preset: FPIR measured (target), DIR | DIR @ FPIR 0.1 / 0.01 "
         "| SFace DIR @ FPIR 0.1 / 0.01 | rank-1 (OAML / SFace) |",
@@ -229,14 +254,24 @@ def markdown_open_set(report: dict[str, Any]) -> str:
                 continue
             r = row[view]
             presets = "; ".join(
-                f"{n}: {pct(p['fpir'])} ({p['fpir_target']:g}), {pct(p['dir'])}" for n, p in r["presets"].items()
+                f"{n}: {pct(p['fpir'])} ({p['fpir_target']:g}), {pct(p['dir'])}"
+                for n in IDENTIFY_PRESETS
+                if (p := r["presets"].get(n))
             )
-            ours = " / ".join(pct(v) for v in r["dir_at_fpir"].values())
+            ours = " / ".join(pct(r["dir_at_fpir"].get(f)) for f in measured_at)
             theirs = peer.get(row["gallery_people"], {}).get(view)
-            peer_dir = " / ".join(pct(v) for v in theirs["dir_at_fpir"].values()) if theirs else "n/a"
+            peer_dir = " / ".join(pct(theirs["dir_at_fpir"].get(f)) for f in measured_at) if theirs else "n/a"
             rank1 = f"{pct(r['rank1'])} / {pct(theirs['rank1']) if theirs else 'n/a'}"
             lines.append(
                 f"| {row['gallery_people']:,} ({view}) | {row['mated_probes']} mated, {row['strangers']} strangers "
                 f"| {presets} | {ours} | {peer_dir} | {rank1} |"
             )
+    where = report.get("ran_on")
+    if where:  # reports recorded before 2026-12-07 do not say
+        occluders = where["occluders_sha256"][:12] if where["occluders_sha256"] else "none"
+        lines += [
+            "",
+            f"Measured {where['date']} on {where['cpu']}: backbone {where['served']} on {where['device']}, "
+            f"{where['map_storage']} maps; LFW manifest {where['lfw_manifest_sha256'][:12]}, occluders {occluders}.",
+        ]
     return "\n".join(lines)

@@ -202,13 +202,26 @@ def test_identify_presets_keep_their_fpir_on_lfw_at_every_gallery_size() -> None
 
 def test_the_cards_suite_table_is_the_recorded_report() -> None:
     """The model card's benchmark table is what the weights' metadata recorded (``oaml eval --record``)."""
-    from model.training.suite import card_table, suite_table
+    from model.card_tables import SUITE
+    from model.training.suite import suite_table
 
     meta = read_metadata(DEFAULT_WEIGHTS)
     report = meta["metrics"]["suite"]
     assert set(report["sets"]) == {"LFW", "CFP-FP", "CFP-FF"}
     card = (DEFAULT_WEIGHTS.parent / "README.md").read_text()
-    assert card_table(card) == suite_table(report).strip()
+    assert SUITE.read(card) == suite_table(report).strip()
+
+
+def test_the_cards_open_set_table_is_the_recorded_report() -> None:
+    """The model card's /identify table is what ``oaml eval-identify --record`` stored, and says which CPU, path
+    and inputs it was measured on."""
+    from model.card_tables import OPEN_SET
+    from oaml.openset_eval import markdown_open_set
+
+    report = read_metadata(DEFAULT_WEIGHTS)["metrics"]["open_set"]
+    assert {"cpu", "served", "map_storage", "lfw_manifest_sha256", "occluders_sha256"} <= set(report["ran_on"])
+    card = (DEFAULT_WEIGHTS.parent / "README.md").read_text()
+    assert OPEN_SET.read(card) == markdown_open_set(report).strip()
 
 
 @pytest.mark.slow
