@@ -29,12 +29,18 @@ class CardSection:
         return f"<!-- {self.name}:end -->"
 
     def present(self, card: str) -> bool:
-        return self.begin in card
+        """Both markers, in order (a tool checks before it spends its run's result on the card)."""
+        try:
+            self.read(card)
+        except ValueError:
+            return False
+        return True
 
     def read(self, card: str) -> str:
         """The table between this section's markers in the card's text (ValueError without them)."""
-        start, end = card.find(self.begin), card.find(self.end)
-        if start < 0 or end < start:
+        start = card.find(self.begin)
+        end = card.find(self.end, start) if start >= 0 else -1
+        if start < 0 or end < 0:
             raise ValueError(f"the model card has no {self.name} table between {self.begin!r} and {self.end!r}")
         return card[start + len(self.begin) : end].strip()
 
@@ -42,7 +48,8 @@ class CardSection:
         """Replace this section's table in the model card at ``path``."""
         card = path.read_text()
         self.read(card)  # it has the markers
-        start, end = card.find(self.begin) + len(self.begin), card.find(self.end)
+        start = card.find(self.begin) + len(self.begin)
+        end = card.find(self.end, start)
         path.write_text(card[:start] + "\n" + table.strip() + "\n" + card[end:])
 
 

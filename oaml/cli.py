@@ -528,7 +528,7 @@ def _record_card(weights: Path, card: Path | None, section: CardSection, table: 
         section.write(card, table)
     else:
         logging.getLogger(__name__).warning(
-            "no model card with a %s table at %s: only the weights record it", section.name, card
+            "no model card with both markers of the %s table at %s: only the weights record it", section.name, card
         )
 
 
@@ -925,7 +925,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strangers", type=int, default=1000, help="people never enrolled whose photos probe")
     p.add_argument("--peer", choices=["none", "sface"], default="none")
     p.add_argument("--out", type=Path, default=None, help="folder for open_set.json and open_set.md")
-    p.add_argument("--record", action="store_true", help="store the report in the weights' metadata (model card)")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="store the report in the weights' metadata and write its table into the model card",
+    )
     p.add_argument(
         "--card",
         type=Path,

@@ -170,9 +170,10 @@ def evaluate_open_set(
 
 def ran_on(info: dict[str, Any], lfw_cache: Path, occluder_root: Path | None) -> dict[str, Any]:
     """Where and on what a report was measured: the CPU, the path that served (``/info``: device, engine and
-    precision, how the index keeps its maps) and digests of the LFW cache's manifest and of the occluder
-    templates. Served scores move with the CPU's kernels and with the aligned crops, so a recorded table that a
-    later run does not reproduce can be traced to what differs rather than guessed at."""
+    precision, how the index keeps its maps) and digests of the LFW cache (its manifest, and its crops alone:
+    the manifest names absolute source paths) and of the occluder templates. Served scores move with the
+    CPU's kernels and with the aligned crops, so a recorded table that a later run does not reproduce can be
+    traced to what differs rather than guessed at."""
     from datetime import UTC, datetime
 
     from model.cpu import cpu_description
@@ -184,7 +185,8 @@ def ran_on(info: dict[str, Any], lfw_cache: Path, occluder_root: Path | None) ->
         "device": info["device"],
         "served": info["backbone_path"]["served"],
         "map_storage": info["gallery_search"]["map_storage"],
-        "lfw_manifest_sha256": file_sha256(lfw_cache / "manifest.jsonl"),
+        "lfw_manifest_sha256": file_sha256(lfw_cache / "manifest.jsonl"),  # landmarks, and absolute source paths
+        "lfw_crops_sha256": tree_sha256(lfw_cache, skip=frozenset({"manifest.jsonl"})),  # the crops alone
         "occluders_sha256": tree_sha256(occluder_root) if occluder_root is not None else None,
     }
 
@@ -255,7 +257,7 @@ def markdown_open_set(report: dict[str, Any]) -> str:
             r = row[view]
             presets = "; ".join(
                 f"{n}: {pct(p['fpir'])} ({p['fpir_target']:g}), {pct(p['dir'])}"
-                for n in IDENTIFY_PRESETS
+                for n in [*IDENTIFY_PRESETS, *sorted(set(r["presets"]) - set(IDENTIFY_PRESETS))]
                 if (p := r["presets"].get(n))
             )
             ours = " / ".join(pct(r["dir_at_fpir"].get(f)) for f in measured_at)
@@ -269,9 +271,11 @@ def markdown_open_set(report: dict[str, Any]) -> str:
     where = report.get("ran_on")
     if where:  # reports recorded before 2026-12-07 do not say
         occluders = where["occluders_sha256"][:12] if where["occluders_sha256"] else "none"
+        crops = f", crops {where['lfw_crops_sha256'][:12]}" if where.get("lfw_crops_sha256") else ""  # since 12-07
         lines += [
             "",
             f"Measured {where['date']} on {where['cpu']}: backbone {where['served']} on {where['device']}, "
-            f"{where['map_storage']} maps; LFW manifest {where['lfw_manifest_sha256'][:12]}, occluders {occluders}.",
+            f"{where['map_storage']} maps; LFW manifest {where['lfw_manifest_sha256'][:12]}{crops}, "
+            f"occluders {occluders}.",
         ]
     return "\n".join(lines)

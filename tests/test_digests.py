@@ -7,8 +7,9 @@ import hashlib
 import json
 from pathlib import Path
 
+from model.cpu import cpu_description
 from model.digests import file_sha256, tree_sha256
-from oaml.openset_eval import markdown_open_set
+from oaml.openset_eval import markdown_open_set, ran_on
 
 
 def _tree(root: Path, files: dict[str, bytes]) -> Path:
@@ -38,6 +39,35 @@ def test_tree_digest_follows_names_and_contents_not_place_or_time(tmp_path: Path
     assert tree_sha256(a) != tree_sha256(renamed)
     (a / "masks" / "empty").mkdir()  # folders alone do not count
     assert tree_sha256(a) == tree_sha256(_tree(tmp_path / "d", files))
+
+
+def test_tree_digest_follows_linked_folders_and_skips_named_files(tmp_path: Path) -> None:
+    """A folder made of links (as ../oaml_data is) has the digest of the files it links to; a skipped file (a
+    manifest with absolute source paths) does not count."""
+    real = _tree(tmp_path / "real", {"p/1.jpg": b"one", "q/2.jpg": b"two"})
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "p").symlink_to(real / "p")
+    (linked / "q").symlink_to(real / "q")
+    assert tree_sha256(linked) == tree_sha256(real)
+    (real / "manifest.jsonl").write_text('{"source": "/somewhere/p/1.jpg"}\n')
+    (linked / "manifest.jsonl").write_text('{"source": "/elsewhere/p/1.jpg"}\n')
+    assert tree_sha256(linked) != tree_sha256(real)
+    manifest = frozenset({"manifest.jsonl"})
+    assert tree_sha256(linked, skip=manifest) == tree_sha256(real, skip=manifest)
+
+
+def test_ran_on_names_the_cpu_the_served_path_and_the_inputs(tmp_path: Path) -> None:
+    cache = _tree(tmp_path / "lfw", {"a/a_0001.jpg": b"crop", "manifest.jsonl": b'{"path": "a/a_0001.jpg"}\n'})
+    occluders = _tree(tmp_path / "occ", {"masks/KN95.png": b"mask"})
+    info = {"device": "cpu", "backbone_path": {"served": "torch float32"}, "gallery_search": {"map_storage": "int8"}}
+    where = ran_on(info, cache, occluders)
+    assert where["served"] == "torch float32" and where["map_storage"] == "int8" and where["device"] == "cpu"
+    assert where["cpu"] == cpu_description() and len(where["date"]) == 10
+    assert where["lfw_manifest_sha256"] == file_sha256(cache / "manifest.jsonl")
+    assert where["lfw_crops_sha256"] == tree_sha256(_tree(tmp_path / "crops", {"a/a_0001.jpg": b"crop"}))
+    assert where["occluders_sha256"] == tree_sha256(occluders)
+    assert ran_on(info, cache, None)["occluders_sha256"] is None
 
 
 def _report(**extra: object) -> dict[str, object]:
@@ -90,3 +120,5 @@ def test_the_open_set_table_keeps_its_column_order_after_the_metadata_sorted_the
     assert markdown_open_set(report) == markdown_open_set(stored)
     assert "| lenient: 1.0% (0.01), 41.0%; balanced: 0.0% (0.001), 18.0%; strict: 0.0% (0.0001), 6.0% |" in line
     assert "| 62.0% / 41.0% | 99.0% / 97.0% | 74.0% / 100.0% |" in line
+    row["presets"]["custom"] = {"fpir": 0.2, "fpir_target": 0.2, "dir": 0.9}  # a preset this table does not know
+    assert "strict: 0.0% (0.0001), 6.0%; custom: 20.0% (0.2), 90.0% |" in markdown_open_set(report)

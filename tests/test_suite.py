@@ -237,6 +237,28 @@ def test_the_card_table_is_replaced_between_its_markers(tmp_path: Path) -> None:
     assert text.startswith("# Card\n\nbefore\n") and text.endswith("after\n") and "\nmiddle\n" in text
     with pytest.raises(ValueError, match="open_set"):
         OPEN_SET.read("no markers here")
+    assert not OPEN_SET.present(f"{OPEN_SET.begin}\nan end marker lost\n")  # checked before a run is spent on it
+    assert not OPEN_SET.present(f"{OPEN_SET.end}\n{OPEN_SET.begin}\n")
+
+
+def test_a_recorded_table_goes_to_the_card_beside_the_weights_or_the_one_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from oaml.cli import _record_card
+
+    weights = tmp_path / "w" / "model.safetensors"
+    weights.parent.mkdir()
+    beside, named = weights.parent / "README.md", tmp_path / "card.md"
+    for card in (beside, named):
+        card.write_text(f"# Card\n{OPEN_SET.begin}\nold\n{OPEN_SET.end}\n")
+    _record_card(weights, None, OPEN_SET, "| beside |")
+    _record_card(weights, named, OPEN_SET, "| named |")
+    assert OPEN_SET.read(beside.read_text()) == "| beside |" and OPEN_SET.read(named.read_text()) == "| named |"
+    broken = f"# Card\n{OPEN_SET.begin}\nold\n"
+    named.write_text(broken)
+    with caplog.at_level("WARNING"):
+        _record_card(weights, named, OPEN_SET, "| lost |")  # a warning, not a traceback after a 22-minute run
+    assert named.read_text() == broken and "no model card with both markers of the open_set table" in caplog.text
 
 
 # -- evaluation data never trains -----------------------------------------------------------------------
