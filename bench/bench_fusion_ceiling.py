@@ -31,19 +31,15 @@ sys.path.insert(0, str(ROOT))
 from model.calibration import DEFAULT_CALIBRATION, Calibration, log_norm  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.training.calibrate import logistic_fit  # noqa: E402
-from model.training.metrics import best_threshold, kfold_accuracy  # noqa: E402
+from model.training.metrics import FoldResult, kfold_accuracy  # noqa: E402
 from model.training.suite import SUITE_SETS  # noqa: E402
 
 
-def fold_decisions(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> np.ndarray:
-    """Whether each pair is decided rightly at its fold's threshold, chosen on the other folds (the suite's
-    accuracy is the mean of these per fold)."""
-    right = np.zeros(len(scores), dtype=bool)
-    for f in np.unique(folds):
-        test = folds == f
-        t = best_threshold(scores[~test], same[~test])
-        right[test] = (scores[test] > t) == same[test]
-    return right
+def fold_decisions(scores: np.ndarray, same: np.ndarray, folds: np.ndarray, result: FoldResult) -> np.ndarray:
+    """Whether each pair is decided rightly at its fold's threshold, the one ``result`` (``kfold_accuracy`` of
+    these scores) chose on the other folds: the suite's accuracy is the mean of these per fold."""
+    thresholds = np.asarray(result.thresholds)[np.searchsorted(np.unique(folds), folds)]
+    return (np.asarray(scores, dtype=np.float64) > thresholds) == same
 
 
 def ceiling(features: np.ndarray, same: np.ndarray, folds: np.ndarray) -> np.ndarray:
@@ -74,8 +70,10 @@ def row(comp: dict[str, np.ndarray], cal: Calibration) -> dict[str, float]:
     }
     # a pair whose face was not found is a non-match (the lowest score), as the suite scores it
     scores = {k: np.where(valid, v, -1e9) for k, v in scores.items()}
-    out = {k: 100 * kfold_accuracy(v, same, folds).mean for k, v in scores.items()}
-    diff = fold_decisions(scores["fused"], same, folds).astype(float) - fold_decisions(scores["cosine"], same, folds)
+    folded = {k: kfold_accuracy(v, same, folds) for k, v in scores.items()}
+    out = {k: 100 * r.mean for k, r in folded.items()}
+    fused, cosine = (fold_decisions(scores[k], same, folds, folded[k]) for k in ("fused", "cosine"))
+    diff = fused.astype(float) - cosine
     out["gain"], out["gain_se"] = 100 * diff.mean(), 100 * diff.std(ddof=1) / np.sqrt(len(diff))
     return out
 

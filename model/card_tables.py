@@ -30,27 +30,30 @@ class CardSection:
 
     def present(self, card: str) -> bool:
         """Both markers, in order (a tool checks before it spends its run's result on the card)."""
-        try:
-            self.read(card)
-        except ValueError:
-            return False
-        return True
+        return self._span(card) is not None
 
     def read(self, card: str) -> str:
         """The table between this section's markers in the card's text (ValueError without them)."""
-        start = card.find(self.begin)
-        end = card.find(self.end, start) if start >= 0 else -1
-        if start < 0 or end < 0:
-            raise ValueError(f"the model card has no {self.name} table between {self.begin!r} and {self.end!r}")
-        return card[start + len(self.begin) : end].strip()
+        start, end = self._found(card)
+        return card[start:end].strip()
 
     def write(self, path: Path, table: str) -> None:
         """Replace this section's table in the model card at ``path``."""
         card = path.read_text()
-        self.read(card)  # it has the markers
-        start = card.find(self.begin) + len(self.begin)
-        end = card.find(self.end, start)
+        start, end = self._found(card)
         path.write_text(card[:start] + "\n" + table.strip() + "\n" + card[end:])
+
+    def _span(self, card: str) -> tuple[int, int] | None:
+        """Where the table lies: from the end of the begin marker to the start of the end marker after it."""
+        begin = card.find(self.begin)
+        end = card.find(self.end, begin) if begin >= 0 else -1
+        return (begin + len(self.begin), end) if end >= 0 else None
+
+    def _found(self, card: str) -> tuple[int, int]:
+        span = self._span(card)
+        if span is None:
+            raise ValueError(f"the model card has no {self.name} table between {self.begin!r} and {self.end!r}")
+        return span
 
 
 #: the benchmark suite (LFW, CFP-FP, CFP-FF; clean and occluded; against SFace)

@@ -190,7 +190,7 @@ def test_the_fusion_ceilings_decisions_are_the_suites_accuracy() -> None:
     same = rng.random(600) < 0.5
     folds = np.arange(600) % 10
     scores = same + rng.normal(0, 0.8, 600)
-    right = fold_decisions(scores, same, folds)
+    right = fold_decisions(scores, same, folds, kfold_accuracy(scores, same, folds))
     per_fold = [right[folds == f].mean() for f in range(10)]
     assert np.mean(per_fold) == pytest.approx(kfold_accuracy(scores, same, folds).mean, abs=1e-12)
     # a feature that is the label in one fold and 0 elsewhere: a fit that saw that fold scores it perfectly (checked)
@@ -198,5 +198,6 @@ def test_the_fusion_ceilings_decisions_are_the_suites_accuracy() -> None:
     features = np.stack([scores, leak], 1)
     mu, sd = features.mean(0), features.std(0)
     w, b = logistic_fit((features - mu) / sd, same.astype(float))
-    assert fold_decisions(((features - mu) / sd) @ w + b, same, folds)[folds == 3].mean() == 1.0
-    assert fold_decisions(ceiling(features, same, folds), same, folds)[folds == 3].mean() < 0.9
+    leaked, fair = ((features - mu) / sd) @ w + b, ceiling(features, same, folds)
+    assert fold_decisions(leaked, same, folds, kfold_accuracy(leaked, same, folds))[folds == 3].mean() == 1.0
+    assert fold_decisions(fair, same, folds, kfold_accuracy(fair, same, folds))[folds == 3].mean() < 0.9
