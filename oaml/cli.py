@@ -170,7 +170,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     model, meta = load_checkpoint(args.weights)
     root = Path(args.data_root)
     try:
-        images, labels, landmarks = held_out_faces(meta["training"]["config"], root, args.holdout)
+        images, labels, landmarks = held_out_faces(meta["training"]["config"], root, args.holdout, lineage=meta)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
     if len(images) == 0:
@@ -346,7 +346,7 @@ def _cmd_calibrate_identify(args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.weights} has no fitted calibration: run `oaml calibrate` first")
     root = Path(args.data_root)
     try:
-        images, labels, landmarks = held_out_faces(meta["training"]["config"], root, args.holdout)
+        images, labels, landmarks = held_out_faces(meta["training"]["config"], root, args.holdout, lineage=meta)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
     occluders = args.occluders or (str(root / "occluders") if (root / "occluders").exists() else None)

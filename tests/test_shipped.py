@@ -162,7 +162,7 @@ def test_each_preset_far_through_the_served_path_is_the_published_far() -> None:
         cal = meta["calibration"]
         sampled = cal["pairs_sampled"]
         holdout = [SHARED_DATA / "train" / "aligned" / name for name in cal["holdout"]]
-        images, labels, landmarks = held_out_faces(meta["training"]["config"], PREPARED_DATA, holdout)
+        images, labels, landmarks = held_out_faces(meta["training"]["config"], PREPARED_DATA, holdout, lineage=meta)
         seed = sampled["seed"] + 1000  # not the calibration's draw
         views = held_out_views(images, landmarks, SHARED_DATA / "occluders", seed)
         pairs = sample_pairs(labels, seed, sampled["max_genuine"], sampled["max_impostor"])

@@ -86,7 +86,7 @@ def check_engine(
         threads=threads,
         int8=recipe,
     )
-    images, labels, landmarks = held_out_faces(meta["training"]["config"], data_root, holdout)
+    images, labels, landmarks = held_out_faces(meta["training"]["config"], data_root, holdout, lineage=meta)
     occluder_root = str(occluders or data_root / "occluders")
     sampled = raw["pairs_sampled"]
     expected = validation_scores(calibrated, images, labels, landmarks, occluder_root, **sampled)

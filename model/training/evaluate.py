@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -438,18 +438,34 @@ def training_crops(
 
 
 def held_out_faces(
-    training_config: dict[str, Any], data_root: str | Path, holdout: Sequence[str | Path] = ()
+    training_config: dict[str, Any],
+    data_root: str | Path,
+    holdout: Sequence[str | Path] = (),
+    lineage: Mapping[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images, labels, landmarks) of identities a model never trained on.
 
     The weights' own validation split (rebuilt from their training config and the caches under
     ``data_root``) plus every ``holdout`` cache; a holdout cache the weights trained on is refused.
-    Labels are distinct across sets.
+    With ``lineage`` (the weights' metadata), the split's people that the weights learnt from through their
+    initial weights are left out too (:func:`model.training.lineage.trained_identities`): a fine-tune's split
+    can hold its starting point's training people. Labels are distinct across sets.
     """
+    from model.training.lineage import trained_identities
     from model.training.train import TrainConfig, load_training_data
 
     cfg = TrainConfig.from_dict(training_config)
     data, _, val_idx = _training_split(training_config, data_root)
+    if lineage is not None:
+        seen = trained_identities(lineage, data_root)
+        unseen = np.array([data.identities[int(c)] not in seen for c in data.labels[val_idx]], dtype=bool)
+        if not unseen.all():
+            logger.info(
+                "held out: %d of %d validation faces left out (people the weights' initial weights trained on)",
+                int((~unseen).sum()),
+                len(val_idx),
+            )
+        val_idx = val_idx[unseen] if len(val_idx) else val_idx
     images, labels, landmarks = data.images[val_idx], data.labels[val_idx], data.landmarks[val_idx]
     trained_on = {Path(p).name for p in cfg.train}
     for extra in holdout:

@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.training.release import release_gate
+
 __all__ = [
     "CorruptCheckpoint",
     "StopSignals",
@@ -443,7 +445,7 @@ def _validations(path: Path, samples_per_step: int | None) -> list[dict[str, Any
     return out
 
 
-_VAL_COLUMNS = ("val_score", "val_acc_cos_clean", "val_acc_cos_occluded", "val_acc_qaconv_occluded")
+_VAL_COLUMNS = ("val_score", "val_acc_cos_clean", "val_acc_cos_occluded", "val_acc_qaconv_occluded", "val_faces")
 
 
 def format_status(info: dict[str, Any]) -> str:
@@ -485,26 +487,50 @@ def format_status(info: dict[str, Any]) -> str:
         lines.append("generations: " + ", ".join(kept))
     else:
         lines.append("last checkpoint: none yet")
-    vals = info.get("validations") or []
-    if vals:
-        lines.append("validation (epochs.csv; score = mean of the three accuracies):")
-        lines.append(f"  {'step':>7} {'samples':>10} {'score':>7} {'cos':>7} {'cos occ':>7} {'qa occ':>7}")
-        for v in vals[-15:]:
-            samples = f"{v['samples']:,}" if v.get("samples") is not None else "-"
-
-            def cell(key: str, v: dict[str, Any] = v) -> str:
-                x = v.get(key)
-                return f"{x:.4f}" if isinstance(x, float) and not math.isnan(x) else "-"
-
-            lines.append(
-                f"  {v['step']:>7,} {samples:>10} {cell('val_score'):>7} {cell('val_acc_cos_clean'):>7} "
-                f"{cell('val_acc_cos_occluded'):>7} {cell('val_acc_qaconv_occluded'):>7}"
-            )
-        if len(vals) > 15:
-            lines.append(f"  ({len(vals) - 15} earlier validations in epochs.csv)")
-    else:
-        lines.append("validation: none yet")
+    lines += _validation_lines(info.get("validations") or [], ck)
     return "\n".join(lines)
+
+
+def _score_cells(v: dict[str, Any]) -> str:
+    def cell(key: str) -> str:
+        x = v.get(key)
+        return f"{x:.4f}" if isinstance(x, float) and not math.isnan(x) else "-"
+
+    return f"{cell('val_score'):>7} {cell('val_acc_cos_clean'):>7} {cell('val_acc_cos_occluded'):>7} " + (
+        f"{cell('val_acc_qaconv_occluded'):>7}"
+    )
+
+
+def _validation_lines(vals: list[dict[str, Any]], status: dict[str, Any]) -> list[str]:
+    """The validation curve, the initial weights' score on the same people, and where the release rule stands."""
+    base = status.get("baseline") or {}
+    if not vals and not base:
+        return ["validation: none yet"]
+    lines = ["validation (epochs.csv; score = mean of the three accuracies):"]
+    lines.append(f"  {'step':>7} {'samples':>10} {'score':>7} {'cos':>7} {'cos occ':>7} {'qa occ':>7} {'faces':>6}")
+    if base:
+        faces = f"{int(base['faces']):,}" if base.get("faces") is not None else "-"
+        lines.append(
+            f"  {'start':>7} {'-':>10} "
+            + _score_cells({f"val_{k}": v for k, v in base.items()})
+            + f" {faces:>6}  the initial weights ({base.get('weights')})"
+        )
+    older = False
+    for v in vals[-15:]:
+        samples = f"{v['samples']:,}" if v.get("samples") is not None else "-"
+        faces = f"{int(v['val_faces']):,}" if v.get("val_faces") is not None else "-"
+        older |= v.get("val_faces") is None
+        lines.append(f"  {v['step']:>7,} {samples:>10} " + _score_cells(v) + f" {faces:>6}")
+    if len(vals) > 15:
+        lines.append(f"  ({len(vals) - 15} earlier validations in epochs.csv)")
+    if older:
+        lines.append(
+            "  (rows without faces were measured before validation left out the initial weights' training people)"
+        )
+    gate = release_gate(status)
+    if gate is not None:
+        lines.append(f"release rule: {gate.reason}")
+    return lines
 
 
 def control(run: Path, action: str, wait_s: float = 900.0) -> tuple[str, bool]:

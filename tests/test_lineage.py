@@ -1,0 +1,191 @@
+"""A run from trained weights validates on people neither it nor its initial weights trained on, measures its
+initial weights on them (the baseline a release must beat), and passes its lineage on to the weights it exports;
+a run whose validation changed under it measures its best model again; the release rule reads all of it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pickle
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import read_metadata
+from model.training.lineage import own_training_identities, trained_identities
+from model.training.preempt import format_status, load_newest, run_status, save_generation
+from model.training.release import release_gate
+from model.training.train import TrainConfig, Trainer, _write_csv
+from tests.test_train import tiny_config, write_fake_cache
+
+
+@dataclass(frozen=True)
+class Lineage:
+    a: Path  # cache a (stage 1's data)
+    b: Path  # cache b (stage 2 adds it)
+    stage1: Path  # stage 1's exported weights
+    stage1_trained: set[str]  # the people stage 1 trained on
+
+
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory: pytest.TempPathFactory, astronaut: np.ndarray) -> Lineage:
+    """Stage 1 trained on cache ``a`` from scratch; stage 2 from stage 1's weights on ``a`` and ``b`` with
+    another seed, so its validation split holds some of stage 1's training people."""
+    root = tmp_path_factory.mktemp("lineage")
+    a = write_fake_cache(root / "data" / "a", astronaut, identities=9, per_identity=3)
+    b = write_fake_cache(root / "data" / "b", astronaut, identities=6, per_identity=3)
+    first = Trainer(tiny_config(a, root / "stage1", max_steps=1, val_fraction=0.34, seed=3))
+    first.fit()
+    stage1 = root / "stage1.safetensors"
+    first.export(stage1)
+    stage1_trained = {first.data.identities[int(c)] for c in np.unique(first.data.labels[first.train_idx])}
+    return Lineage(a, b, stage1, stage1_trained)
+
+
+def stage2_config(lineage: Lineage, out: Path, **overrides: object) -> TrainConfig:
+    raw: dict[str, object] = {
+        "max_steps": 2,
+        "val_fraction": 0.5,
+        "seed": 0,
+        "init_from": str(lineage.stage1),
+        "validate_every": 1,
+        "epochs": 1000,
+        "train": [str(lineage.a), str(lineage.b)],
+    }
+    raw.update(overrides)
+    return tiny_config(lineage.a, out, **raw)
+
+
+class TestLineage:
+    def test_weights_without_a_recorded_list_are_rebuilt_from_their_config(self, lineage: Lineage) -> None:
+        meta = read_metadata(lineage.stage1)
+        recorded = set(meta["training"]["trained_identities"])
+        assert recorded == lineage.stage1_trained and recorded
+        assert all(name.startswith("a/") for name in recorded)
+        config = meta["training"]["config"]
+        assert own_training_identities(config, lineage.a.parent) == recorded
+        del meta["training"]["trained_identities"]
+        assert trained_identities(meta, lineage.a.parent) == recorded
+
+    def test_a_run_from_trained_weights_validates_on_people_they_never_saw(
+        self, lineage: Lineage, tmp_path: Path
+    ) -> None:
+        trainer = Trainer(stage2_config(lineage, tmp_path / "run"))
+        names = trainer.data.identities
+        split_people = {names[int(c)] for c in trainer.data.labels[trainer.val_idx]}
+        validated = {names[int(c)] for c in trainer.data.labels[trainer.val_rows]}
+        assert trainer.inherited == lineage.stage1_trained
+        assert split_people & trainer.inherited, "the test needs a split holding some of stage 1's training people"
+        assert validated and validated == split_people - trainer.inherited
+        assert set(trainer._val_set().identities) == validated
+        # the baseline is the initial weights on those people: before any step the model is those weights
+        trainer._settle_validation()
+        base = trainer.state["baseline"]
+        assert base["weights"] == str(lineage.stage1)
+        assert base["validation_set"] == trainer._val_set().digest == trainer.state["validation_set"]
+        assert base["score"] == trainer.validate()["score"]
+        assert base["faces"] == len(trainer.val_rows)
+        status = json.loads((tmp_path / "run" / "status.json").read_text())
+        assert status["baseline"]["score"] == base["score"] and status["release_margin"] == 0.01
+
+    def test_exported_weights_carry_their_lineage(self, lineage: Lineage, tmp_path: Path) -> None:
+        trainer = Trainer(stage2_config(lineage, tmp_path / "run"))
+        trainer.fit()
+        meta = read_metadata(tmp_path / "run" / "best.safetensors")
+        own = {trainer.data.identities[int(c)] for c in np.unique(trainer.data.labels[trainer.train_idx])}
+        assert set(meta["training"]["trained_identities"]) == own | lineage.stage1_trained
+        assert meta["training"]["validation_identities"] == len(np.unique(trainer.data.labels[trainer.val_rows]))
+        # what a calibration of these weights may use: their split's people less everyone in the lineage
+        assert not set(meta["training"]["trained_identities"]) & {
+            trainer.data.identities[int(c)] for c in trainer.data.labels[trainer.val_rows]
+        }
+
+    def test_a_run_whose_validation_changed_measures_its_best_model_again(
+        self, lineage: Lineage, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        run = tmp_path / "run"
+        cfg = stage2_config(lineage, run)
+        Trainer(cfg).fit(stop_after=2)
+        best_meta = read_metadata(run / "best.safetensors")["training"]
+        # the checkpoint as code before validation sets had digests left it: a best score on another set
+        found = load_newest(run / "last.pt", 3)
+        assert found is not None
+        payload, _ = found
+        state = json.loads(payload["state"])
+        for key in ("validation_set", "baseline", "best_step"):
+            state.pop(key)
+        state["best_score"] = 0.123
+        payload["state"] = json.dumps(state)
+        save_generation(payload, run / "last.pt", 3)
+        resumed = Trainer(cfg)
+        assert resumed.state["best_score"] == 0.123
+        with caplog.at_level("WARNING", logger="model.training.train"):
+            resumed._settle_validation()
+        assert "validation changed" in caplog.text
+        # measured again on the current set: what best.safetensors scored when it was exported on that set
+        assert resumed.state["best_score"] == pytest.approx(best_meta["validation"]["score"], abs=1e-12)
+        assert resumed.state["best_step"] == best_meta["global_step"]
+        assert resumed.state["baseline"]["validation_set"] == resumed.state["validation_set"]
+
+    def test_a_run_from_scratch_has_no_baseline(self, lineage: Lineage, tmp_path: Path) -> None:
+        trainer = Trainer(tiny_config(lineage.a, tmp_path / "run", max_steps=1))
+        trainer.fit()
+        assert trainer.inherited == set() and "baseline" not in trainer.state
+        assert len(trainer.val_rows) == len(trainer.val_idx)
+        assert release_gate(json.loads((tmp_path / "run" / "status.json").read_text())) is None
+
+
+class TestReleaseRule:
+    STATUS = {
+        "validation_set": "abc",
+        "baseline": {"score": 0.90, "validation_set": "abc", "weights": "w.safetensors"},
+        "release_margin": 0.01,
+        "best_step": 1200,
+    }
+
+    def test_the_best_must_beat_the_initial_weights_by_the_margin(self) -> None:
+        below = release_gate({**self.STATUS, "best_score": 0.9099})
+        assert below is not None and not below.met and "not yet" in below.reason and "+0.0099" in below.reason
+        above = release_gate({**self.STATUS, "best_score": 0.9101})
+        assert above is not None and above.met and "step 1,200" in above.reason and "train-release" in above.reason
+
+    def test_a_baseline_of_another_validation_set_does_not_count(self) -> None:
+        assert release_gate({**self.STATUS, "best_score": 0.99, "validation_set": "other"}) is None
+        gate = release_gate({**self.STATUS, "best_score": -math.inf})
+        assert gate is not None and not gate.met and "no validation" in gate.reason
+
+    def test_train_status_shows_the_baseline_and_the_rule(self, tmp_path: Path) -> None:
+        (tmp_path / "status.json").write_text(
+            json.dumps({**self.STATUS, "best_score": 0.905, "samples_per_step": 30, "global_step": 1200})
+        )
+        rows = [
+            {"global_step": 600, "val_score": 0.95, "val_acc_cos_clean": 0.96},  # before validation sets
+            {"global_step": 1200, "val_score": 0.905, "val_acc_cos_clean": 0.93, "val_faces": 470.0},
+        ]
+        _write_csv(tmp_path / "epochs.csv", rows)
+        with (tmp_path / "epochs.csv").open(newline="") as f:
+            read = list(csv.DictReader(f))
+        assert read[0]["val_faces"] == "" and read[1]["val_faces"] == "470.0"
+        text = format_status(run_status(tmp_path))
+        assert "the initial weights (w.safetensors)" in text
+        assert "0.9000" in text and "470" in text
+        assert "rows without faces were measured before" in text
+        assert "release rule: best 0.9050 (step 1,200) against the initial weights' 0.9000: +0.0050" in text
+
+
+def test_an_older_run_keeps_training_exactly_after_its_validation_is_settled(lineage: Lineage, tmp_path: Path) -> None:
+    """Settling (two validations of other models) leaves the RNG states as they were: the run trains on as it
+    would have."""
+    cfg = stage2_config(lineage, tmp_path / "run", validate_every=100)
+    trainer = Trainer(cfg)
+    torch_before, numpy_before, python_before = torch.get_rng_state().clone(), np.random.get_state(), random.getstate()
+    trainer._settle_validation()
+    assert "baseline" in trainer.state  # it did measure the initial weights
+    assert torch.equal(torch.get_rng_state(), torch_before)
+    assert pickle.dumps(np.random.get_state()) == pickle.dumps(numpy_before)
+    assert random.getstate() == python_before
