@@ -19,7 +19,7 @@ BACKGROUND_CONFIG ?= configs/oaml_ir18_v3_cpu.toml
 IONICE := $(shell command -v ionice >/dev/null 2>&1 && echo ionice -c3)
 WEIGHTS ?= weights/oaml_ir18.safetensors
 
-.PHONY: install lint test test-slow gpu-bundle docker-engine docker-test browser postgres serve bench bench-service bench-stages bench-gallery bench-ann prepare-data train-default train-background train-status train-pause train-resume train-stop eval clean
+.PHONY: install lint test test-slow gpu-bundle docker-engine docker-test browser postgres serve bench bench-service bench-stages bench-gallery bench-ann prepare-data train-default train-background train-status train-pause train-resume train-stop train-release eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -183,6 +183,14 @@ train-resume: install
 
 train-stop: install
 	@$(BIN)/oaml train-control $(RUN_BACKGROUND) stop
+
+# When train-status says the release rule is met: calibrate the run's best model and run the public suite on it
+# beside the shipped weights (about 100 minutes here; RELEASE_ARGS="--shipped-report DIR" reuses a kept report of
+# the shipped weights from this machine); $(RUN_BACKGROUND)/release/release.md says whether it ships (exit 0) or
+# not (exit 2). Pause the background run first (make train-pause): both want the two cores.
+train-release: prepare-data
+	nice -n 5 $(BIN)/oaml train-release $(RUN_BACKGROUND) --data-root $(DATA) --shared $(SHARED) \
+		--shipped $(WEIGHTS) $(RELEASE_ARGS)
 
 eval: prepare-data
 	$(BIN)/oaml eval $(WEIGHTS) --suite public --data-root $(DATA) --shared $(SHARED) --peer sface --out $(RUN)/eval

@@ -967,8 +967,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from oaml.bulk import add_parser as add_bulk_enrol
     from oaml.migrate import add_parser as add_migrate
+    from oaml.release import add_parser as add_train_release
 
     add_migrate(sub)
+    add_train_release(sub)
     add_bulk_enrol(sub)
     return parser
 

@@ -1,0 +1,155 @@
+"""``oaml train-release RUN``: a training run's best model made a release candidate and put to the public suite.
+
+When the run's release rule is met (``oaml train-status``: its best validation beats its initial weights' on the
+same held-out people by ``release_margin``), this copies ``best.safetensors`` out of the run, calibrates it as
+the shipped weights were (``oaml calibrate`` on people none of its lineage trained on, plus ``celeba_extra``),
+runs the public suite on it and on the shipped weights in one run (same crops, same machine, the SFace peer
+beside them), and writes ``release.md``: the suite rows side by side and whether the candidate ships
+(:func:`model.training.release.suite_verdict`). Shipping itself stays a reviewed change (README's "Upgrading the
+weights"): the file goes into ``weights/`` under a new name with its card, and collections move to it by a
+migration. On this project's 2-core CPU the calibration takes minutes and the two-model suite about 100.
+
+Exit status: 0 the candidate ships, 2 it does not (``release.md`` says which rule it fails), 1 the run's rule
+is not met (nothing run; ``--force`` runs it anyway).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train-release",
+        help="a run whose validation beat its initial weights': calibrate its best model and run the public suite on "
+        "it beside the shipped weights; release.md says whether it ships (exit 0) or not (2)",
+    )
+    p.add_argument("run", type=Path, help="the run folder (--out of oaml train)")
+    p.add_argument("--out", type=Path, default=None, help="the candidate's folder (default: RUN/release)")
+    p.add_argument(
+        "--shipped",
+        type=Path,
+        default=Path("weights/oaml_ir18.safetensors"),
+        help="the weights it must beat (default: the shipped default)",
+    )
+    p.add_argument("--data-root", type=Path, default=Path("../oaml_data"), help="prepared caches (make prepare-data)")
+    p.add_argument("--shared", type=Path, default=Path("../shared/data"), help="the shared data folder")
+    p.add_argument(
+        "--holdout",
+        type=Path,
+        action="append",
+        default=None,
+        help="aligned caches of people no model trained on, for the calibration (default: <data-root>/celeba_extra)",
+    )
+    p.add_argument(
+        "--shipped-report",
+        type=Path,
+        default=None,
+        help="a kept suite.json of the shipped weights from a run on this machine (oaml eval --suite public --peer "
+        "sface): the suite then runs on the candidate alone, in half the time; refused for another model version, "
+        "and the verdict refuses a report measured on another embedding path",
+    )
+    p.add_argument("--force", action="store_true", help="calibrate and run the suite although the rule is not met")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from model.training.release import release_gate, suite_verdict
+    from oaml.cli import main as oaml
+
+    status_file = args.run / "status.json"
+    if not status_file.exists():
+        raise SystemExit(f"{status_file} not found: is {args.run} a training run's folder?")
+    gate = release_gate(json.loads(status_file.read_text()))
+    if gate is None:
+        raise SystemExit(
+            f"{args.run} has no baseline on its current validation set: only a run from trained weights has one, "
+            "measured when it starts or resumes (oaml train-status)"
+        )
+    logger.info("release rule: %s", gate.reason)
+    if not gate.met and not args.force:
+        return 1
+    kept = _shipped_report(args)
+    best = args.run / "best.safetensors"
+    if not best.exists():
+        raise SystemExit(f"{best} not found: the run has not validated yet")
+    out = args.out or args.run / "release"
+    out.mkdir(parents=True, exist_ok=True)
+    candidate = out / "candidate.safetensors"
+    shutil.copyfile(best, candidate)
+    holdout = args.holdout or [args.data_root / "celeba_extra"]
+    steps = [
+        ["calibrate", str(candidate), "--data-root", str(args.data_root), "--dtype", "float16"]
+        + [arg for h in holdout for arg in ("--holdout", str(h))],
+        ["eval", str(candidate), "--suite", "public", "--peer", "sface"]
+        + ([] if kept is not None else ["--also", str(args.shipped)])
+        + ["--out", str(out / "suite"), "--data-root", str(args.data_root), "--shared", str(args.shared)],
+    ]
+    for step in steps:
+        logger.info("oaml %s", " ".join(step))
+        rc = oaml(step)
+        if rc:
+            raise SystemExit(f"oaml {step[0]} failed ({rc}): the candidate in {out} is not released")
+    reports = out / "suite"
+    theirs = kept if kept is not None else json.loads((reports / args.shipped.stem / "suite.json").read_text())
+    verdict = suite_verdict(json.loads((reports / "suite.json").read_text()), theirs)
+    (out / "release.md").write_text(_release_note(args, candidate, gate.reason, verdict))
+    logger.info("the candidate %s: %s", "ships" if verdict.ships else "does not ship", out / "release.md")
+    return 0 if verdict.ships else 2
+
+
+def _shipped_report(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--shipped-report``, read and checked against ``--shipped`` (None: the suite runs both models)."""
+    if args.shipped_report is None:
+        return None
+    from model.checkpoint import read_metadata
+
+    path = args.shipped_report / "suite.json" if args.shipped_report.is_dir() else args.shipped_report
+    try:
+        report: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--shipped-report {path}: {exc}") from exc
+    version = read_metadata(args.shipped)["model_version"]
+    if report.get("weights", {}).get("model_version") != version:
+        raise SystemExit(
+            f"--shipped-report {path} is a report of {report.get('weights', {}).get('model_version')}, "
+            f"not of {args.shipped} ({version})"
+        )
+    return report
+
+
+def _release_note(args: argparse.Namespace, candidate: Path, rule: str, verdict: Any) -> str:
+    """``release.md``: what the candidate is, the run's rule, the suite rows side by side, the verdict."""
+    from model.checkpoint import read_metadata
+
+    training = read_metadata(candidate)["training"]
+    lines = [
+        f"# Release candidate from {args.run}",
+        "",
+        f"- The run's rule: {rule}",
+        f"- Trained: step {training.get('global_step')}, {len(training.get('trained_identities', []))} people in its "
+        f"lineage, data {', '.join(training.get('data', []))}",
+        f"- Against: {args.shipped}",
+        "",
+        "Fused (served) accuracy over the official folds, both models in one suite run:",
+        "",
+        verdict.table,
+        "",
+        "**Ships.**" if verdict.ships else "**Does not ship:**",
+    ]
+    lines += [f"- {reason}" for reason in verdict.failed]
+    if verdict.ships:
+        lines += [
+            "",
+            "Next: copy candidate.safetensors into weights/ under a new name, `oaml calibrate-identify`, "
+            "`oaml quantize` and `oaml check-engine`, `oaml eval --suite public --peer sface --record`, write its "
+            "card, and move collections to it by a migration (docs/operations.md, Upgrading the weights).",
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,178 @@
+"""A release candidate ships only when it beats the shipped weights on every clean row of the public suite and
+meets the issue's floors; `oaml train-release` runs nothing before its run's rule is met, then calibrates,
+runs the suite with the shipped weights beside it and writes the verdict (its steps faked here: the real ones
+need the evaluation data and take hours on this CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from model.training.release import suite_verdict
+from oaml.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+PATH = {"device": "cpu", "precision": "float32", "flip": True, "engine": "torch"}
+
+
+def report(**rows: tuple[float, float]) -> dict[str, Any]:
+    """A suite report with these sets' fused (clean, occluded) accuracies."""
+    return {
+        "weights": {"file": "weights/oaml_ir18.safetensors", "model_version": "ir_18-33578dd8d7d0"},
+        "embedding": PATH,
+        "sets": {
+            name: {"clean": {"fused": {"accuracy": clean}}, "occluded": {"fused": {"accuracy": occluded}}}
+            for name, (clean, occluded) in rows.items()
+        },
+    }
+
+
+SHIPPED = report(**{"LFW": (0.9168, 0.8855), "CFP-FP": (0.6882, 0.6746), "CFP-FF": (0.9008, 0.8658)})
+
+
+class TestSuiteVerdict:
+    def test_better_on_every_clean_row_and_above_the_floors_ships(self) -> None:
+        better = report(**{"LFW": (0.93, 0.80), "CFP-FP": (0.76, 0.70), "CFP-FF": (0.91, 0.88)})
+        verdict = suite_verdict(better, SHIPPED)
+        assert verdict.ships and verdict.failed == ()
+        # an occluded row that got worse is shown, not required
+        assert "| LFW | occluded | 88.55% | 80.00% | -8.55 | shown |" in verdict.table
+        assert "| CFP-FP | clean | 68.82% | 76.00% | +7.18 | better than shipped; at least 75.0% |" in verdict.table
+
+    def test_one_clean_row_not_better_or_a_floor_missed_does_not_ship(self) -> None:
+        tie = report(**{"LFW": (0.93, 0.9), "CFP-FP": (0.76, 0.7), "CFP-FF": (0.9008, 0.9)})
+        verdict = suite_verdict(tie, SHIPPED)
+        assert not verdict.ships and verdict.failed == ("CFP-FF clean: 90.08% is not above the shipped 90.08%",)
+        low = report(**{"LFW": (0.92, 0.9), "CFP-FP": (0.74, 0.7), "CFP-FF": (0.95, 0.9)})
+        failed = suite_verdict(low, SHIPPED).failed
+        assert failed == (
+            "LFW clean: 92.00% is below the 92.5% target",
+            "CFP-FP clean: 74.00% is below the 75.0% target",
+        )
+
+    def test_reports_of_two_embedding_paths_do_not_compare(self) -> None:
+        better = report(**{"LFW": (0.93, 0.80), "CFP-FP": (0.76, 0.70), "CFP-FF": (0.91, 0.88)})
+        verdict = suite_verdict({**better, "embedding": {**PATH, "precision": "bfloat16"}}, SHIPPED)
+        assert not verdict.ships and "different embedding paths" in verdict.failed[0]
+
+    def test_a_set_missing_from_the_candidates_run_does_not_ship(self) -> None:
+        partial = report(**{"LFW": (0.95, 0.9), "CFP-FF": (0.95, 0.9)})
+        verdict = suite_verdict(partial, SHIPPED)
+        assert verdict.failed == ("CFP-FP: not in the candidate's suite run",)
+
+
+class TestTrainRelease:
+    @pytest.fixture
+    def run(self, tmp_path: Path) -> Path:
+        folder = tmp_path / "run"
+        folder.mkdir()
+        shutil.copyfile(ROOT / "weights" / "oaml_ir18.safetensors", folder / "best.safetensors")
+        return folder
+
+    @staticmethod
+    def status(run: Path, best: float) -> None:
+        (run / "status.json").write_text(
+            json.dumps(
+                {
+                    "validation_set": "v",
+                    "baseline": {"score": 0.80, "validation_set": "v", "weights": "w"},
+                    "release_margin": 0.01,
+                    "best_score": best,
+                    "best_step": 1200,
+                }
+            )
+        )
+
+    def fake_steps(self, monkeypatch: pytest.MonkeyPatch, candidate: dict[str, Any]) -> list[list[str]]:
+        """`oaml calibrate` and `oaml eval` as train-release calls them: recorded, the eval writing both reports."""
+        import oaml.cli
+
+        calls: list[list[str]] = []
+        real = oaml.cli.main
+
+        def fake(argv: list[str]) -> int:
+            if argv[0] not in ("calibrate", "eval"):
+                return real(argv)
+            calls.append(list(argv))
+            if argv[0] == "eval":
+                out = Path(argv[argv.index("--out") + 1])
+                out.mkdir(parents=True)
+                (out / "suite.json").write_text(json.dumps(candidate))
+                if "--also" in argv:
+                    shipped = Path(argv[argv.index("--also") + 1])
+                    (out / shipped.stem).mkdir()
+                    (out / shipped.stem / "suite.json").write_text(json.dumps(SHIPPED))
+            return 0
+
+        monkeypatch.setattr(oaml.cli, "main", fake)
+        return calls
+
+    def test_nothing_runs_before_the_runs_rule_is_met(self, run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.status(run, best=0.805)
+        calls = self.fake_steps(monkeypatch, SHIPPED)
+        assert main(["train-release", str(run)]) == 1
+        assert calls == [] and not (run / "release").exists()
+
+    def test_a_candidate_that_wins_is_calibrated_suited_and_ships(
+        self, run: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        self.status(run, best=0.83)
+        calls = self.fake_steps(
+            monkeypatch, report(**{"LFW": (0.93, 0.9), "CFP-FP": (0.76, 0.7), "CFP-FF": (0.92, 0.9)})
+        )
+        assert main(["train-release", str(run), "--data-root", "D", "--shared", "S"]) == 0
+        candidate = str(run / "release" / "candidate.safetensors")
+        assert calls == [
+            ["calibrate", candidate, "--data-root", "D", "--dtype", "float16", "--holdout", "D/celeba_extra"],
+            ["eval", candidate, "--suite", "public", "--peer", "sface", "--also", "weights/oaml_ir18.safetensors"]
+            + ["--out", str(run / "release" / "suite"), "--data-root", "D", "--shared", "S"],
+        ]
+        note = (run / "release" / "release.md").read_text()
+        assert "best 0.8300 (step 1,200) against the initial weights' 0.8000" in note
+        assert "**Ships.**" in note and "| LFW | clean | 91.68% | 93.00% | +1.32 |" in note
+
+    def test_a_candidate_that_loses_a_clean_row_does_not_ship(self, run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.status(run, best=0.70)
+        self.fake_steps(monkeypatch, report(**{"LFW": (0.93, 0.9), "CFP-FP": (0.76, 0.7), "CFP-FF": (0.89, 0.9)}))
+        assert main(["train-release", str(run), "--force"]) == 2
+        note = (run / "release" / "release.md").read_text()
+        assert "**Does not ship:**" in note and "- CFP-FF clean: 89.00% is not above the shipped 90.08%" in note
+
+    def test_a_kept_report_of_the_shipped_weights_spares_their_suite_run(
+        self, run: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        self.status(run, best=0.83)
+        kept = tmp_path / "kept"
+        kept.mkdir()
+        (kept / "suite.json").write_text(json.dumps(SHIPPED))
+        calls = self.fake_steps(
+            monkeypatch, report(**{"LFW": (0.93, 0.9), "CFP-FP": (0.74, 0.7), "CFP-FF": (0.92, 0.9)})
+        )
+        assert main(["train-release", str(run), "--shipped-report", str(kept)]) == 2
+        assert calls[1][:6] == [
+            "eval",
+            str(run / "release" / "candidate.safetensors"),
+            "--suite",
+            "public",
+            "--peer",
+            "sface",
+        ]
+        assert "--also" not in calls[1]
+        assert "CFP-FP clean: 74.00% is below the 75.0% target" in (run / "release" / "release.md").read_text()
+
+    def test_a_kept_report_of_another_model_version_is_refused_before_anything_runs(
+        self, run: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        self.status(run, best=0.83)
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps({**SHIPPED, "weights": {"model_version": "ir_18-000000000000"}}))
+        calls = self.fake_steps(monkeypatch, SHIPPED)
+        with pytest.raises(SystemExit, match="a report of ir_18-000000000000, not of"):
+            main(["train-release", str(run), "--shipped-report", str(other)])
+        assert calls == [] and not (run / "release").exists()
