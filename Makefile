@@ -185,9 +185,10 @@ train-stop: install
 	@$(BIN)/oaml train-control $(RUN_BACKGROUND) stop
 
 # When train-status says the release rule is met: calibrate the run's best model and run the public suite on it
-# beside the shipped weights (about 100 minutes here; RELEASE_ARGS="--shipped-report DIR" reuses a kept report of
-# the shipped weights from this machine); $(RUN_BACKGROUND)/release/release.md says whether it ships (exit 0) or
-# not (exit 2). Pause the background run first (make train-pause): both want the two cores.
+# and on the shipped weights (about 50 minutes each here; RELEASE_ARGS="--shipped-report DIR" reuses a kept report
+# of the shipped weights from this machine); $(RUN_BACKGROUND)/release/release.md says whether it ships (exit 0)
+# or not (exit 2); before the rule is met nothing runs (exit 3). Pause the background run first (make
+# train-pause): both want the two cores.
 train-release: prepare-data
 	nice -n 5 $(BIN)/oaml train-release $(RUN_BACKGROUND) --data-root $(DATA) --shared $(SHARED) \
 		--shipped $(WEIGHTS) $(RELEASE_ARGS)

@@ -3,14 +3,16 @@
 When the run's release rule is met (``oaml train-status``: its best validation beats its initial weights' on the
 same held-out people by ``release_margin``), this copies ``best.safetensors`` out of the run, calibrates it as
 the shipped weights were (``oaml calibrate`` on people none of its lineage trained on, plus ``celeba_extra``),
-runs the public suite on it and on the shipped weights in one run (same crops, same machine, the SFace peer
-beside them), and writes ``release.md``: the suite rows side by side and whether the candidate ships
-(:func:`model.training.release.suite_verdict`). Shipping itself stays a reviewed change (README's "Upgrading the
-weights"): the file goes into ``weights/`` under a new name with its card, and collections move to it by a
-migration. On this project's 2-core CPU the calibration takes minutes and the two-model suite about 100.
+runs the public suite on it and on the shipped weights (the same sets, crops and occluders on this machine's
+embedding path, the SFace peer beside them; or reads a kept report of the shipped weights), and writes
+``release.md``: the suite rows side by side and whether the candidate ships
+(:func:`model.training.release.suite_verdict`). Shipping itself stays a reviewed change (docs/operations.md,
+"Upgrading the weights"): the file goes into ``weights/`` under a new name with its card, and collections move
+to it by a migration. On this project's 2-core CPU the calibration takes minutes and each model's suite run
+about 50.
 
-Exit status: 0 the candidate ships, 2 it does not (``release.md`` says which rule it fails), 1 the run's rule
-is not met (nothing run; ``--force`` runs it anyway).
+Exit status: 0 the candidate ships, 2 it does not (``release.md`` says which rule it fails), 3 the run's rule
+is not met (nothing run; ``--force`` runs it anyway), 1 an error (said on stderr).
 """
 
 from __future__ import annotations
@@ -60,22 +62,29 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+#: exit status when the run's release rule is not met (nothing was run)
+RULE_NOT_MET = 3
+
+
 def run(args: argparse.Namespace) -> int:
+    from model.training.preempt import read_status
     from model.training.release import release_gate, suite_verdict
     from oaml.cli import main as oaml
 
-    status_file = args.run / "status.json"
-    if not status_file.exists():
-        raise SystemExit(f"{status_file} not found: is {args.run} a training run's folder?")
-    gate = release_gate(json.loads(status_file.read_text()))
-    if gate is None:
+    if not (args.run / "status.json").exists():
+        raise SystemExit(f"{args.run / 'status.json'} not found: is {args.run} a training run's folder?")
+    gate = release_gate(read_status(args.run))
+    if gate is None and not args.force:
         raise SystemExit(
-            f"{args.run} has no baseline on its current validation set: only a run from trained weights has one, "
-            "measured when it starts or resumes (oaml train-status)"
+            f"{args.run} has no baseline on its current validation set (a run from trained weights measures one when "
+            "it starts, or resumes on a changed set; see oaml train-status): --force runs the suite anyway"
         )
-    logger.info("release rule: %s", gate.reason)
-    if not gate.met and not args.force:
-        return 1
+    rule = gate.reason if gate is not None else "no baseline to compare with (run with --force)"
+    logger.info("release rule: %s", rule)
+    if gate is not None and not gate.met and not args.force:
+        return RULE_NOT_MET
+    if not args.shipped.is_file():
+        raise SystemExit(f"--shipped {args.shipped} not found")
     kept = _shipped_report(args)
     best = args.run / "best.safetensors"
     if not best.exists():
@@ -85,22 +94,26 @@ def run(args: argparse.Namespace) -> int:
     candidate = out / "candidate.safetensors"
     shutil.copyfile(best, candidate)
     holdout = args.holdout or [args.data_root / "celeba_extra"]
+    where = ["--data-root", str(args.data_root), "--shared", str(args.shared)]
+    # each model its own suite run (the candidate's trunk is not the shipped one's, so `--also` would refuse);
+    # the same sets, crops and occluders, on this machine's embedding path
     steps = [
         ["calibrate", str(candidate), "--data-root", str(args.data_root), "--dtype", "float16"]
         + [arg for h in holdout for arg in ("--holdout", str(h))],
-        ["eval", str(candidate), "--suite", "public", "--peer", "sface"]
-        + ([] if kept is not None else ["--also", str(args.shipped)])
-        + ["--out", str(out / "suite"), "--data-root", str(args.data_root), "--shared", str(args.shared)],
+        ["eval", str(candidate), "--suite", "public", "--peer", "sface", "--out", str(out / "suite"), *where],
     ]
+    if kept is None:
+        steps.append(
+            ["eval", str(args.shipped), "--suite", "public", "--peer", "sface", "--out", str(out / "shipped"), *where]
+        )
     for step in steps:
         logger.info("oaml %s", " ".join(step))
         rc = oaml(step)
         if rc:
             raise SystemExit(f"oaml {step[0]} failed ({rc}): the candidate in {out} is not released")
-    reports = out / "suite"
-    theirs = kept if kept is not None else json.loads((reports / args.shipped.stem / "suite.json").read_text())
-    verdict = suite_verdict(json.loads((reports / "suite.json").read_text()), theirs)
-    (out / "release.md").write_text(_release_note(args, candidate, gate.reason, verdict))
+    theirs = kept if kept is not None else json.loads((out / "shipped" / "suite.json").read_text())
+    verdict = suite_verdict(json.loads((out / "suite" / "suite.json").read_text()), theirs)
+    (out / "release.md").write_text(_release_note(args, candidate, rule, verdict, kept is not None))
     logger.info("the candidate %s: %s", "ships" if verdict.ships else "does not ship", out / "release.md")
     return 0 if verdict.ships else 2
 
@@ -117,15 +130,18 @@ def _shipped_report(args: argparse.Namespace) -> dict[str, Any] | None:
     except (OSError, ValueError) as exc:
         raise SystemExit(f"--shipped-report {path}: {exc}") from exc
     version = read_metadata(args.shipped)["model_version"]
-    if report.get("weights", {}).get("model_version") != version:
+    if not isinstance(report, dict) or report.get("weights", {}).get("model_version") != version:
         raise SystemExit(
             f"--shipped-report {path} is a report of {report.get('weights', {}).get('model_version')}, "
             f"not of {args.shipped} ({version})"
         )
+    # the whole suite (as `oaml eval --record` takes it): every set, and the fixed subset a folds-only run lacks
+    if len(report.get("sets", {})) < 3 or len(report.get("subset", {})) < 4:
+        raise SystemExit(f"--shipped-report {path} is not a whole suite run (LFW, CFP-FP and CFP-FF, every fold)")
     return report
 
 
-def _release_note(args: argparse.Namespace, candidate: Path, rule: str, verdict: Any) -> str:
+def _release_note(args: argparse.Namespace, candidate: Path, rule: str, verdict: Any, kept: bool) -> str:
     """``release.md``: what the candidate is, the run's rule, the suite rows side by side, the verdict."""
     from model.checkpoint import read_metadata
 
@@ -138,7 +154,8 @@ def _release_note(args: argparse.Namespace, candidate: Path, rule: str, verdict:
         f"lineage, data {', '.join(training.get('data', []))}",
         f"- Against: {args.shipped}",
         "",
-        "Fused (served) accuracy over the official folds, both models in one suite run:",
+        "Fused (served) accuracy over the official folds, "
+        + (f"the shipped weights' from the kept report {args.shipped_report}:" if kept else "both run here now:"),
         "",
         verdict.table,
         "",

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from model.checkpoint import read_metadata
-from model.training.lineage import own_training_identities, trained_identities
+from model.training.lineage import LineageUnknown, own_training_identities, trained_identities
 from model.training.preempt import format_status, load_newest, run_status, save_generation
 from model.training.release import release_gate
 from model.training.train import TrainConfig, Trainer, _write_csv
+from model.training.validation import ValidationSet
 from tests.test_train import tiny_config, write_fake_cache
 
 
@@ -71,6 +72,25 @@ class TestLineage:
         assert own_training_identities(config, lineage.a.parent) == recorded
         del meta["training"]["trained_identities"]
         assert trained_identities(meta, lineage.a.parent) == recorded
+        # as the shipped weights name their caches (data/celeba): by name, under the data root given
+        meta["training"]["config"] = {**config, "train": ["data/a"]}
+        assert trained_identities(meta, lineage.a.parent) == recorded
+
+    def test_a_rebuilt_lineage_follows_the_initial_weights_and_says_when_it_cannot(
+        self, lineage: Lineage, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        trainer = Trainer(stage2_config(lineage, tmp_path / "run"))
+        trainer.fit()
+        meta = read_metadata(tmp_path / "run" / "best.safetensors")
+        recorded = set(meta["training"].pop("trained_identities"))
+        assert trained_identities(meta, None) == recorded  # its own split, then stage 1's through init_from
+        assert lineage.stage1_trained < recorded
+        meta["training"]["config"]["init_from"] = str(tmp_path / "gone.safetensors")
+        with pytest.raises(LineageUnknown, match="gone.safetensors are not here"):
+            trained_identities(meta, None, strict=True)
+        with caplog.at_level("WARNING", logger="model.training.lineage"):
+            assert trained_identities(meta, None) == own_training_identities(meta["training"]["config"], None)
+        assert "counted as nobody" in caplog.text
 
     def test_a_run_from_trained_weights_validates_on_people_they_never_saw(
         self, lineage: Lineage, tmp_path: Path
@@ -132,6 +152,25 @@ class TestLineage:
         assert resumed.state["best_step"] == best_meta["global_step"]
         assert resumed.state["baseline"]["validation_set"] == resumed.state["validation_set"]
 
+    def test_a_checkpoint_of_older_code_whose_people_did_not_change_is_not_measured_again(
+        self, lineage: Lineage, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        run = tmp_path / "run"
+        cfg = tiny_config(lineage.a, run, max_steps=2, validate_every=1, epochs=1000)
+        Trainer(cfg).fit()
+        found = load_newest(run / "last.pt", 3)
+        assert found is not None
+        payload, _ = found
+        state = json.loads(payload["state"])
+        state.pop("validation_set")
+        payload["state"] = json.dumps(state)
+        save_generation(payload, run / "last.pt", 3)
+        resumed = Trainer(cfg)
+        with caplog.at_level("WARNING", logger="model.training.train"):
+            resumed._settle_validation()
+        assert "validation changed" not in caplog.text
+        assert resumed.state["best_score"] == state["best_score"] and resumed.state["validation_set"]
+
     def test_a_run_from_scratch_has_no_baseline(self, lineage: Lineage, tmp_path: Path) -> None:
         trainer = Trainer(tiny_config(lineage.a, tmp_path / "run", max_steps=1))
         trainer.fit()
@@ -173,19 +212,53 @@ class TestReleaseRule:
         assert read[0]["val_faces"] == "" and read[1]["val_faces"] == "470.0"
         text = format_status(run_status(tmp_path))
         assert "the initial weights (w.safetensors)" in text
-        assert "0.9000" in text and "470" in text
+        start = next(line for line in text.splitlines() if line.strip().startswith("start"))
+        assert "0.9000" in start and "the initial weights (w.safetensors)" in start
         assert "rows without faces were measured before" in text
         assert "release rule: best 0.9050 (step 1,200) against the initial weights' 0.9000: +0.0050" in text
 
 
-def test_an_older_run_keeps_training_exactly_after_its_validation_is_settled(lineage: Lineage, tmp_path: Path) -> None:
-    """Settling (two validations of other models) leaves the RNG states as they were: the run trains on as it
-    would have."""
-    cfg = stage2_config(lineage, tmp_path / "run", validate_every=100)
-    trainer = Trainer(cfg)
+def test_a_run_from_trained_weights_resumed_twice_ends_as_one_that_never_stopped(
+    lineage: Lineage, tmp_path: Path
+) -> None:
+    """The baseline at the start and the validations on the lineage-free set change nothing of what the run
+    learns or which model it keeps: stopped at steps 1 and 3 and resumed, it ends with the weights, history,
+    baseline and best model of a run that went through."""
+    whole = Trainer(stage2_config(lineage, tmp_path / "whole", max_steps=5, validate_every=2))
+    whole.fit()
+    cut = stage2_config(lineage, tmp_path / "cut", max_steps=5, validate_every=2)
+    for stop in (1, 3, None):
+        Trainer(cut).fit(stop_after=stop)
+    resumed = Trainer(cut)
+    assert resumed.state["global_step"] == whole.state["global_step"] == 5
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    clock = {"seconds", "img_per_s"}
+    assert [{k: v for k, v in r.items() if k not in clock} for r in resumed.state["history"]] == [
+        {k: v for k, v in r.items() if k not in clock} for r in whole.state["history"]
+    ]
+    assert resumed.state["baseline"] == whole.state["baseline"]
+    assert resumed.state["best_step"] == whole.state["best_step"]
+    assert (
+        read_metadata(tmp_path / "cut" / "best.safetensors")["model_version"]
+        == read_metadata(tmp_path / "whole" / "best.safetensors")["model_version"]
+    )
+
+
+def test_settling_keeps_the_random_states(lineage: Lineage, tmp_path: Path) -> None:
+    """Measuring the initial weights draws nothing from the global generators the run's steps use."""
+    trainer = Trainer(stage2_config(lineage, tmp_path / "run"))
     torch_before, numpy_before, python_before = torch.get_rng_state().clone(), np.random.get_state(), random.getstate()
     trainer._settle_validation()
     assert "baseline" in trainer.state  # it did measure the initial weights
     assert torch.equal(torch.get_rng_state(), torch_before)
     assert pickle.dumps(np.random.get_state()) == pickle.dumps(numpy_before)
     assert random.getstate() == python_before
+
+
+def test_one_person_left_to_validate_makes_pairs_without_hanging(astronaut: np.ndarray) -> None:
+    """Three faces of one person hold no pair of two people: the impostor draw stops at what there is."""
+    images = np.zeros((3, 112, 112, 3), np.uint8)
+    landmarks = np.tile(np.array([[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]]), (3, 1, 1))
+    val = ValidationSet.build(images, landmarks, np.zeros(3, np.int64), ["a/x"], None, seed=0, max_pairs=20)
+    assert val.same.tolist() == [True, True, True] and len(val.pairs) == 3

@@ -26,6 +26,7 @@ def report(**rows: tuple[float, float]) -> dict[str, Any]:
     return {
         "weights": {"file": "weights/oaml_ir18.safetensors", "model_version": "ir_18-33578dd8d7d0"},
         "embedding": PATH,
+        "subset": {"folds": [1, 2], **{name: {} for name in rows}},
         "sets": {
             name: {"clean": {"fused": {"accuracy": clean}}, "occluded": {"fused": {"accuracy": occluded}}}
             for name, (clean, occluded) in rows.items()
@@ -33,6 +34,7 @@ def report(**rows: tuple[float, float]) -> dict[str, Any]:
     }
 
 
+#: the whole suite's report, as `oaml eval --suite public` writes it: every set, and the fixed subset's rows
 SHIPPED = report(**{"LFW": (0.9168, 0.8855), "CFP-FP": (0.6882, 0.6746), "CFP-FF": (0.9008, 0.8658)})
 
 
@@ -103,11 +105,8 @@ class TestTrainRelease:
             if argv[0] == "eval":
                 out = Path(argv[argv.index("--out") + 1])
                 out.mkdir(parents=True)
-                (out / "suite.json").write_text(json.dumps(candidate))
-                if "--also" in argv:
-                    shipped = Path(argv[argv.index("--also") + 1])
-                    (out / shipped.stem).mkdir()
-                    (out / shipped.stem / "suite.json").write_text(json.dumps(SHIPPED))
+                theirs = argv[1] == "weights/oaml_ir18.safetensors"
+                (out / "suite.json").write_text(json.dumps(SHIPPED if theirs else candidate))
             return 0
 
         monkeypatch.setattr(oaml.cli, "main", fake)
@@ -116,7 +115,7 @@ class TestTrainRelease:
     def test_nothing_runs_before_the_runs_rule_is_met(self, run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.status(run, best=0.805)
         calls = self.fake_steps(monkeypatch, SHIPPED)
-        assert main(["train-release", str(run)]) == 1
+        assert main(["train-release", str(run)]) == 3
         assert calls == [] and not (run / "release").exists()
 
     def test_a_candidate_that_wins_is_calibrated_suited_and_ships(
@@ -128,10 +127,23 @@ class TestTrainRelease:
         )
         assert main(["train-release", str(run), "--data-root", "D", "--shared", "S"]) == 0
         candidate = str(run / "release" / "candidate.safetensors")
+        where = ["--data-root", "D", "--shared", "S"]
+        # each its own suite run: a fine-tune's trunk is not the shipped one's, which `--also` refuses
         assert calls == [
             ["calibrate", candidate, "--data-root", "D", "--dtype", "float16", "--holdout", "D/celeba_extra"],
-            ["eval", candidate, "--suite", "public", "--peer", "sface", "--also", "weights/oaml_ir18.safetensors"]
-            + ["--out", str(run / "release" / "suite"), "--data-root", "D", "--shared", "S"],
+            [
+                "eval",
+                candidate,
+                "--suite",
+                "public",
+                "--peer",
+                "sface",
+                "--out",
+                str(run / "release" / "suite"),
+                *where,
+            ],
+            ["eval", "weights/oaml_ir18.safetensors", "--suite", "public", "--peer", "sface"]
+            + ["--out", str(run / "release" / "shipped"), *where],
         ]
         note = (run / "release" / "release.md").read_text()
         assert "best 0.8300 (step 1,200) against the initial weights' 0.8000" in note
@@ -155,16 +167,51 @@ class TestTrainRelease:
             monkeypatch, report(**{"LFW": (0.93, 0.9), "CFP-FP": (0.74, 0.7), "CFP-FF": (0.92, 0.9)})
         )
         assert main(["train-release", str(run), "--shipped-report", str(kept)]) == 2
-        assert calls[1][:6] == [
-            "eval",
-            str(run / "release" / "candidate.safetensors"),
-            "--suite",
-            "public",
-            "--peer",
-            "sface",
+        assert [c[:2] for c in calls] == [
+            ["calibrate", str(run / "release" / "candidate.safetensors")],
+            ["eval", str(run / "release" / "candidate.safetensors")],
         ]
-        assert "--also" not in calls[1]
+        assert "the shipped weights' from the kept report" in (run / "release" / "release.md").read_text()
         assert "CFP-FP clean: 74.00% is below the 75.0% target" in (run / "release" / "release.md").read_text()
+
+    @pytest.mark.parametrize(
+        "status", ["{not json", "[1, 2]", json.dumps({"best_score": 0.9, "validation_set": "v"})], ids=str
+    )
+    def test_a_run_without_a_readable_baseline_is_refused_with_a_reason(
+        self, run: Path, status: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        (run / "status.json").write_text(status)
+        calls = self.fake_steps(monkeypatch, SHIPPED)
+        with pytest.raises(SystemExit, match="has no baseline on its current validation set"):
+            main(["train-release", str(run)])
+        assert calls == []
+
+    def test_force_runs_a_run_without_a_baseline(self, run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        (run / "status.json").write_text("{}")
+        better = report(**{"LFW": (0.93, 0.9), "CFP-FP": (0.76, 0.7), "CFP-FF": (0.92, 0.9)})
+        self.fake_steps(monkeypatch, better)
+        assert main(["train-release", str(run), "--force"]) == 0
+        assert "no baseline to compare with" in (run / "release" / "release.md").read_text()
+
+    def test_missing_shipped_weights_are_refused_before_anything_runs(
+        self, run: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        self.status(run, best=0.83)
+        calls = self.fake_steps(monkeypatch, SHIPPED)
+        with pytest.raises(SystemExit, match="--shipped .*gone.safetensors not found"):
+            main(["train-release", str(run), "--shipped", str(tmp_path / "gone.safetensors")])
+        assert calls == []
+
+    def test_a_kept_report_of_part_of_the_suite_is_refused(
+        self, run: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        self.status(run, best=0.83)
+        folds = tmp_path / "folds.json"
+        folds.write_text(json.dumps({**SHIPPED, "subset": {"folds": [1, 2]}}))  # what `--folds 1` leaves
+        calls = self.fake_steps(monkeypatch, SHIPPED)
+        with pytest.raises(SystemExit, match="not a whole suite run"):
+            main(["train-release", str(run), "--shipped-report", str(folds)])
+        assert calls == []
 
     def test_a_kept_report_of_another_model_version_is_refused_before_anything_runs(
         self, run: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path

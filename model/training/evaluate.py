@@ -414,13 +414,13 @@ def open_set_scores(
 def _training_split(training_config: dict[str, Any], data_root: str | Path) -> tuple[Any, np.ndarray, np.ndarray]:
     """(the weights' training data, train indices, validation indices), rebuilt from their training config and
     the caches under ``data_root``: the split training made."""
+    from model.training.lineage import config_caches
     from model.training.train import TrainConfig, load_training_data, read_exclusions, split_by_identity
 
     cfg = TrainConfig.from_dict(training_config)
-    root = Path(data_root)
     # the identities training left out stay out here too, so the split rebuilt is the one training made
     excluded = read_exclusions(cfg.exclude_identities)
-    data = load_training_data([p if Path(p).is_absolute() else str(root / Path(p).name) for p in cfg.train], excluded)
+    data = load_training_data(config_caches(training_config, data_root), excluded)
     train_idx, val_idx = split_by_identity(data.labels, cfg.val_fraction, cfg.seed)
     return data, train_idx, val_idx
 
@@ -451,21 +451,22 @@ def held_out_faces(
     initial weights are left out too (:func:`model.training.lineage.trained_identities`): a fine-tune's split
     can hold its starting point's training people. Labels are distinct across sets.
     """
-    from model.training.lineage import trained_identities
+    from model.training.lineage import trained_identities, unseen
     from model.training.train import TrainConfig, load_training_data
 
     cfg = TrainConfig.from_dict(training_config)
-    data, _, val_idx = _training_split(training_config, data_root)
-    if lineage is not None:
-        seen = trained_identities(lineage, data_root)
-        unseen = np.array([data.identities[int(c)] not in seen for c in data.labels[val_idx]], dtype=bool)
-        if not unseen.all():
-            logger.info(
-                "held out: %d of %d validation faces left out (people the weights' initial weights trained on)",
-                int((~unseen).sum()),
-                len(val_idx),
-            )
-        val_idx = val_idx[unseen] if len(val_idx) else val_idx
+    data, _, split = _training_split(training_config, data_root)
+    val_idx = (
+        split
+        if lineage is None
+        else unseen(data.identities, data.labels, split, trained_identities(lineage, data_root))
+    )
+    if len(val_idx) < len(split):
+        logger.info(
+            "held out: %d of %d validation faces left out (people the weights' initial weights trained on)",
+            len(split) - len(val_idx),
+            len(split),
+        )
     images, labels, landmarks = data.images[val_idx], data.labels[val_idx], data.landmarks[val_idx]
     trained_on = {Path(p).name for p in cfg.train}
     for extra in holdout:

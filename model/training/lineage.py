@@ -26,7 +26,16 @@ from model.training.face import AlignedCache, refuse_evaluation_data
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cache_identities", "read_exclusions", "split_by_identity", "trained_identities"]
+__all__ = [
+    "LineageUnknown",
+    "cache_identities",
+    "config_caches",
+    "open_caches",
+    "read_exclusions",
+    "split_by_identity",
+    "trained_identities",
+    "unseen",
+]
 
 #: how far back ``init_from`` is followed (a chain longer than this is a loop or a mistake)
 MAX_GENERATIONS = 8
@@ -110,34 +119,56 @@ def own_training_identities(training_config: Mapping[str, Any], data_root: str |
     return {identities[int(c)] for c in np.unique(labels[train_idx])}
 
 
-def trained_identities(meta: Mapping[str, Any], data_root: str | Path | None, _depth: int = 0) -> set[str]:
+class LineageUnknown(ValueError):
+    """A weights file's training people cannot be rebuilt here (its caches, overlap lists or initial weights are
+    missing)."""
+
+
+def trained_identities(
+    meta: Mapping[str, Any], data_root: str | Path | None, strict: bool = False, _depth: int = 0
+) -> set[str]:
     """Every ``cache/identity`` the weights with metadata ``meta`` learnt from, through their initial weights.
 
     ``training.trained_identities`` where the weights carry it; otherwise their training config's split (its
-    caches under ``data_root``) and, through ``init_from``, their initial weights'. What cannot be known
-    (weights without a training config, imported AdaFace checkpoints trained on other data, initial weights
-    no longer on disk) is logged and counted as nobody from these caches.
+    caches under ``data_root``) and, through ``init_from``, their initial weights'. Weights without a training
+    config (imported AdaFace checkpoints, trained on other data) count as nobody from these caches. What should
+    be here and is not (the caches or overlap lists of the config, initial weights no longer on disk) raises
+    :class:`LineageUnknown` when ``strict`` (a trainer, whose validation set depends on it); otherwise it is
+    logged and counted as nobody.
     """
     training = meta.get("training") or {}
     if "trained_identities" in training:
         return set(training["trained_identities"])
     config = training.get("config")
     if not config:
-        logger.warning("weights without a training config: which identities they trained on is unknown")
+        logger.info("weights without a training config: no identity of these caches is known to be theirs")
         return set()
+
+    def unknown(why: str) -> set[str]:
+        if strict:
+            raise LineageUnknown(why)
+        logger.warning("%s: counted as nobody", why)
+        return set()
+
     try:
         seen = own_training_identities(config, data_root)
     except FileNotFoundError as e:
-        logger.warning("the caches these weights trained on are not here (%s): their identities are unknown", e)
-        return set()
+        return unknown(f"cannot rebuild the training split of weights that trained on {config.get('train')}: {e}")
     init = config.get("init_from")
     if init and str(init).endswith(".safetensors"):
         if _depth >= MAX_GENERATIONS:
             raise ValueError(f"init_from followed {MAX_GENERATIONS} generations back: a loop? ({init})")
-        if Path(init).exists():
-            from model.checkpoint import read_metadata
+        if not Path(init).exists():
+            return seen | unknown(f"initial weights {init} are not here: the identities they trained on are unknown")
+        from model.checkpoint import read_metadata
 
-            seen |= trained_identities(read_metadata(init), data_root, _depth + 1)
-        else:
-            logger.warning("initial weights %s are not here: the identities they trained on are unknown", init)
+        seen |= trained_identities(read_metadata(init), data_root, strict, _depth + 1)
     return seen
+
+
+def unseen(identities: Sequence[str], labels: np.ndarray, rows: np.ndarray, seen: set[str]) -> np.ndarray:
+    """The ``rows`` (positions into ``labels``, which index ``identities``) of people not in ``seen``."""
+    if not len(rows) or not seen:
+        return rows
+    keep = np.array([identities[int(c)] not in seen for c in labels[rows]], dtype=bool)
+    return rows[keep]

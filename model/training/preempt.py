@@ -377,6 +377,15 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def read_status(run: Path) -> dict[str, Any]:
+    """A run's ``status.json`` ({} when it is missing, half-written or not an object)."""
+    try:
+        status = json.loads((Path(run) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
 def run_status(run: Path) -> dict[str, Any]:
     """What ``oaml train-status`` prints, as a dict: process, progress, recent speed, checkpoints, validations."""
     run = Path(run)
@@ -384,12 +393,7 @@ def run_status(run: Path) -> dict[str, Any]:
     pid = _read_pid(run)
     info["pid"] = pid
     info["process"] = (_process_state(pid) if pid else None) or "not running"
-    status: dict[str, Any] = {}
-    if (run / STATUS_FILE).exists():
-        try:
-            status = json.loads((run / STATUS_FILE).read_text())
-        except json.JSONDecodeError:
-            status = {}
+    status = read_status(run)
     info["checkpoint"] = status
     now = time.time()
     newest = run / "last.pt"

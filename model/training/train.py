@@ -69,6 +69,7 @@ from model.training.lineage import (
     read_exclusions,
     split_by_identity,
     trained_identities,
+    unseen,
 )
 from model.training.losses import (
     class_neighbor_loss,
@@ -433,18 +434,26 @@ class Trainer:
         # validation measures people the model never learnt from: its initial weights' training people are
         # left out of it (model.training.lineage), and out of training too, as every validation person is
         self.inherited = self._inherited_identities()
-        held = np.array([data.identities[int(c)] not in self.inherited for c in data.labels[self.val_idx]], dtype=bool)
-        self.val_rows = self.val_idx[held] if len(self.val_idx) else self.val_idx
+        self.val_rows = unseen(data.identities, data.labels, self.val_idx, self.inherited)
+        people, split_people = (len(np.unique(data.labels[r])) for r in (self.val_rows, self.val_idx))
         if len(self.val_rows) < len(self.val_idx):
             logger.info(
                 "validation: %d of %d validation identities are training identities of the initial weights %s: "
                 "%d of %d faces validated",
-                len(np.unique(data.labels[self.val_idx[~held]])),
-                len(np.unique(data.labels[self.val_idx])),
+                split_people - people,
+                split_people,
                 self.cfg.init_from,
                 len(self.val_rows),
                 len(self.val_idx),
             )
+        if split_people and people < 2:
+            logger.warning(
+                "validation: %d of the %d validation people are left to validate on (the others trained the initial "
+                "weights): this run is not validated (raise val_fraction)",
+                people,
+                split_people,
+            )
+            self.val_rows = self.val_rows[:0]
 
     def _inherited_identities(self) -> set[str]:
         """The ``cache/identity`` people the initial weights trained on (none from scratch, and none known for an
@@ -452,8 +461,10 @@ class Trainer:
         init = self.cfg.init_from
         if not init or not str(init).endswith(".safetensors"):
             return set()
+        # the initial weights' caches are looked for beside this run's (a recipe names them under one data root);
+        # strict: a validation set that depends on files that happen to be here would change between resumes
         root = Path(self.cfg.train[0]).parent if self.cfg.train else None
-        return trained_identities(read_metadata(init), root)
+        return trained_identities(read_metadata(init), root, strict=True)
 
     def _loss_weights(self) -> dict[str, float]:
         """Each objective's weight; fine-tuning the heads turns off what shapes the backbone."""
@@ -471,7 +482,7 @@ class Trainer:
     def _build_networks(self) -> None:
         """The model (optionally initialised from weights) and the training-only heads, on the device."""
         cfg = self.cfg
-        self.model = build_model(cfg.arch, occlusion_method=cfg.occlusion_method, nan_guard=True)
+        self.model = self._new_model(nan_guard=True)
         if cfg.init_from:
             self._init_weights(cfg.init_from)
         size = self.model.embedding_size
@@ -490,6 +501,9 @@ class Trainer:
         if cfg.mode == "finetune-heads":
             for frozen in (self.model.input_layer, self.model.body, self.model.output_layer):
                 frozen.requires_grad_(False)
+
+    def _new_model(self, nan_guard: bool = False) -> OAMLNet:
+        return build_model(self.cfg.arch, occlusion_method=self.cfg.occlusion_method, nan_guard=nan_guard)
 
     def _unlabeled_draw(self, unlabeled: TrainingData | None) -> np.ndarray | None:
         """Per-face draw probabilities from ``unlabeled_weights`` (None: uniform, the default draw)."""
@@ -764,7 +778,7 @@ class Trainer:
         """Validation of other weights on this run's validation set: the initial weights (loaded as the run
         started from them) or an exported model (``best.safetensors``)."""
         if initial:
-            model = build_model(self.cfg.arch, occlusion_method=self.cfg.occlusion_method)
+            model = self._new_model()
             self._load_initial(model, str(path))
         else:
             model, _ = load_checkpoint(path)
@@ -772,37 +786,50 @@ class Trainer:
 
     def _settle_validation(self) -> None:
         """The validation set's digest, the initial weights' score on it (``baseline``) and the best score so far
-        on it, before the run trains: a run whose validation changed under it (made by code that validated people
-        its initial weights trained on) has its best exported model measured again, so the best is chosen on one
-        set. RNG states are kept, so a run that settles here trains as one that did not."""
+        on it, before the run trains.
+
+        A fresh run's baseline is its model before the first step (the initial weights exactly, heads an imported
+        AdaFace checkpoint lacks drawn as the run drew them); a resumed run whose set changed measures its initial
+        weights again (an OAML weights file; not an AdaFace checkpoint, whose fresh heads the run drew) and its
+        exported best, so the best is chosen on one set. A checkpoint of older code, which did not record its
+        set, changed only if people are now left out. RNG states are kept, so a run that settles here trains as
+        one that did not."""
         if len(self.val_rows) == 0:
             return
         digest = self._val_set().digest
         states = rng_states()
-        if self.state["history"] and self.state.get("validation_set") != digest:
+        previous = self.state.get("validation_set")
+        older = previous is None and len(self.val_rows) == len(self.val_idx)
+        if self.state["history"] and previous != digest and not older:
             best = self.out / "best.safetensors"
             self.state["best_score"] = self._score_weights(best, initial=False)["score"] if best.exists() else -math.inf
             if best.exists():
                 self.state["best_step"] = int(read_metadata(best)["training"].get("global_step", 0))
             logger.warning(
-                "validation changed since this run's last validation (it now leaves out the initial weights' "
-                "training people, %d faces): earlier epochs.csv rows were measured on the old set; best.safetensors "
-                "scores %.4f on the new one",
+                "validation changed since this run's last validation (%d faces now): earlier epochs.csv rows were "
+                "measured on the old set; best.safetensors scores %.4f on the new one",
                 len(self.val_rows),
                 self.state["best_score"],
             )
         self.state["validation_set"] = digest
         init = self.cfg.init_from
+        fresh = self.state["global_step"] == 0 and not self.state["history"]
         if init and (self.state.get("baseline") or {}).get("validation_set") != digest:
-            started = time.perf_counter()
-            scores = self._score_weights(init, initial=True)
-            self.state["baseline"] = {"weights": str(init), "validation_set": digest, **scores}
-            logger.info(
-                "baseline: the initial weights %s score %.4f on this run's validation (%.0f s)",
-                init,
-                scores["score"],
-                time.perf_counter() - started,
-            )
+            if fresh or init.endswith(".safetensors"):
+                started = time.perf_counter()
+                scores = self.validate() if fresh else self._score_weights(init, initial=True)
+                self.state["baseline"] = {"weights": str(init), "validation_set": digest, **scores}
+                logger.info(
+                    "baseline: the initial weights %s score %.4f on this run's validation (%.0f s)",
+                    init,
+                    scores["score"],
+                    time.perf_counter() - started,
+                )
+            else:
+                logger.warning(
+                    "no baseline on the new validation set: the run started from %s, whose heads it drew at random",
+                    init,
+                )
         restore_rng_states(states)
         self._write_status()  # the next checkpoint holds them (a run stopped before it measures them again)
 
@@ -831,6 +858,7 @@ class Trainer:
         checkpointed (:attr:`stopped_by` names the signal; a second signal exits at once).
         """
         cfg = self.cfg
+        self._settle_validation()  # before the clock: the baseline's minutes are no step's
         clock = _RunClock(cfg.budget_minutes, self.state["global_step"], cfg.validate_every_s, self.created)
         progress = _progress(total=self.total_steps, initial=self.state["global_step"])
         log_jsonl = (self.out / "steps.jsonl").open("a")
@@ -846,7 +874,6 @@ class Trainer:
         def limit() -> int:
             return min(self.total_steps, stop_after) if stop_after is not None else self.total_steps
 
-        self._settle_validation()
         if cfg.preemptible:
             signals.__enter__()
         try:

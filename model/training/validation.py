@@ -37,7 +37,7 @@ class ValidationSet:
     pairs: np.ndarray  # [P, 2] positions into images; the second face is the occluded one in occluded pairs
     same: np.ndarray  # [P] bool
     identities: tuple[str, ...]  # the people validated (``cache/identity``)
-    digest: str  # SHA-256 of the people, the seed and the pair budget: what the scores were measured on
+    digest: str  # SHA-256 of the people, the pairs and the faces, clean and occluded: what the scores measured
 
     @classmethod
     def build(
@@ -58,7 +58,9 @@ class ValidationSet:
         rng.shuffle(genuine)
         genuine = genuine[:max_pairs]
         impostor: set[tuple[int, int]] = set()
-        while len(impostor) < min(max_pairs, len(labels) * (len(labels) - 1) // 4):
+        _, counts = np.unique(labels, return_counts=True)
+        cross = (len(labels) ** 2 - int((counts**2).sum())) // 2  # pairs of two people: the most there can be
+        while len(impostor) < min(max_pairs, len(labels) * (len(labels) - 1) // 4, cross):
             i, j = rng.integers(0, len(labels), 2)
             if labels[i] != labels[j]:
                 impostor.add((int(min(i, j)), int(max(i, j))))
@@ -76,10 +78,10 @@ class ValidationSet:
             else images.copy()
         )
         people = tuple(sorted({names[int(c)] for c in labels}))
-        digest = hashlib.sha256(
-            json.dumps({"identities": people, "faces": len(images), "seed": seed, "pairs": max_pairs}).encode()
-        ).hexdigest()
-        return cls(images, occluded, pairs, same, people, digest)
+        digest = hashlib.sha256(json.dumps({"identities": people, "seed": seed}).encode())
+        for part in (pairs, same, images, occluded):  # bytes: another crop, occluder or machine's warp shows
+            digest.update(np.ascontiguousarray(part).tobytes())
+        return cls(images, occluded, pairs, same, people, digest.hexdigest())
 
     def score(self, model: OAMLNet, device: torch.device, precision: str) -> dict[str, float]:
         """Identity-disjoint verification on the served path (``precision``, no flip): clean pairs, and pairs
