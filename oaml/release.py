@@ -150,8 +150,12 @@ def _release_note(args: argparse.Namespace, candidate: Path, rule: str, verdict:
         f"# Release candidate from {args.run}",
         "",
         f"- The run's rule: {rule}",
-        f"- Trained: step {training.get('global_step')}, {len(training.get('trained_identities', []))} people in its "
-        f"lineage, data {', '.join(training.get('data', []))}",
+        f"- Trained: step {training.get('global_step')}, data {', '.join(training.get('data', []))}; "
+        + (
+            f"{len(training['trained_identities'])} people in its lineage"
+            if "trained_identities" in training
+            else "its lineage not recorded (an export of older code)"
+        ),
         f"- Against: {args.shipped}",
         "",
         "Fused (served) accuracy over the official folds, "

@@ -148,6 +148,7 @@ class TestTrainRelease:
         note = (run / "release" / "release.md").read_text()
         assert "best 0.8300 (step 1,200) against the initial weights' 0.8000" in note
         assert "**Ships.**" in note and "| LFW | clean | 91.68% | 93.00% | +1.32 |" in note
+        assert "its lineage not recorded" in note  # the shipped file stands in: made before lineages were recorded
 
     def test_a_candidate_that_loses_a_clean_row_does_not_ship(self, run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.status(run, best=0.70)
