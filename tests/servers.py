@@ -6,6 +6,7 @@ server's logging, and with it the server, after a few hundred access-log lines.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -53,6 +54,9 @@ def start_server(
         **env,
     }
     fd, name = tempfile.mkstemp(prefix="oaml-server-", suffix=".log")
+    # gone when the test session ends (a failing test has put what it needed of it in its message): a run
+    # starts about 150 servers, and a machine that keeps its /tmp between runs would keep every log
+    atexit.register(Path(name).unlink, missing_ok=True)
     with os.fdopen(fd, "wb") as log:
         proc = Server([sys.executable, *command], cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT)
     proc.log = Path(name)
