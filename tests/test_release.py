@@ -203,24 +203,21 @@ class TestTrainRelease:
             main(["train-release", str(run), "--shipped", str(tmp_path / "gone.safetensors")])
         assert calls == []
 
-    def test_a_kept_report_of_part_of_the_suite_is_refused(
-        self, run: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    @pytest.mark.parametrize(
+        ("kept", "refusal"),
+        [
+            ({**SHIPPED, "subset": {"folds": [1, 2]}}, "not a whole suite run"),  # what `--folds 1` leaves
+            ({**SHIPPED, "weights": {"model_version": "ir_18-000000000000"}}, "a report of ir_18-000000000000, not of"),
+        ],
+        ids=["part of the suite", "another model version"],
+    )
+    def test_a_kept_report_that_does_not_stand_for_the_shipped_weights_is_refused_before_anything_runs(
+        self, run: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kept: dict[str, Any], refusal: str
     ) -> None:
         self.status(run, best=0.83)
-        folds = tmp_path / "folds.json"
-        folds.write_text(json.dumps({**SHIPPED, "subset": {"folds": [1, 2]}}))  # what `--folds 1` leaves
+        report_file = tmp_path / "kept.json"
+        report_file.write_text(json.dumps(kept))
         calls = self.fake_steps(monkeypatch, SHIPPED)
-        with pytest.raises(SystemExit, match="not a whole suite run"):
-            main(["train-release", str(run), "--shipped-report", str(folds)])
-        assert calls == []
-
-    def test_a_kept_report_of_another_model_version_is_refused_before_anything_runs(
-        self, run: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-    ) -> None:
-        self.status(run, best=0.83)
-        other = tmp_path / "other.json"
-        other.write_text(json.dumps({**SHIPPED, "weights": {"model_version": "ir_18-000000000000"}}))
-        calls = self.fake_steps(monkeypatch, SHIPPED)
-        with pytest.raises(SystemExit, match="a report of ir_18-000000000000, not of"):
-            main(["train-release", str(run), "--shipped-report", str(other)])
+        with pytest.raises(SystemExit, match=refusal):
+            main(["train-release", str(run), "--shipped-report", str(report_file)])
         assert calls == [] and not (run / "release").exists()
