@@ -16,6 +16,9 @@ RUN ?= ../oaml_runs/ir18_default
 # The preemptible background run of model v3's CPU recipe (make train-background).
 RUN_BACKGROUND ?= ../oaml_runs/v3_background
 BACKGROUND_CONFIG ?= configs/oaml_ir18_v3_cpu.toml
+# A folder on storage that outlives this machine (a mounted bucket, NFS): each checkpoint is copied there, and the
+# run resumes from it on a new machine (docs/training.md, "Offsite copy"). Empty: no copy.
+OFFSITE ?=
 IONICE := $(shell command -v ionice >/dev/null 2>&1 && echo ionice -c3)
 WEIGHTS ?= weights/oaml_ir18.safetensors
 
@@ -161,7 +164,8 @@ train-background: prepare-data
 		echo 19 > /proc/self/autogroup 2>/dev/null; \
 		while :; do sh -c "echo 1000 > /proc/self/oom_score_adj 2>/dev/null; exec \"\$$0\" \"\$$@\"" \
 			$(abspath $(BIN))/oaml train --config $(BACKGROUND_CONFIG) --data-root $(DATA) \
-			--out $(RUN_BACKGROUND) --init-from $(WEIGHTS) --preemptible < /dev/null; rc=$$?; \
+			--out $(RUN_BACKGROUND) --init-from $(WEIGHTS) --preemptible $(if $(OFFSITE),--offsite $(abspath $(OFFSITE))) \
+			< /dev/null; rc=$$?; \
 			[ $$rc -eq 137 ] || exit $$rc; \
 			echo "$$(date -Is) killed (SIGKILL: out of memory?): resuming in $(RESTART_S) s"; sleep $(RESTART_S); \
 		done' < /dev/null >> $(RUN_BACKGROUND)/train.log 2>&1 & \

@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -84,6 +85,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "augment_workers": args.augment_workers,
         "max_samples": args.max_samples,
         "preemptible": True if args.preemptible else None,
+        "offsite": str(args.offsite) if args.offsite else os.environ.get("OAML_TRAIN_OFFSITE") or None,
     }
     cfg = TrainConfig.from_toml(args.config, **overrides)
     if args.data_root is not None:
@@ -691,6 +693,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="may be killed at any time: checkpoints every checkpoint_every_s (180 s) in generations, SIGTERM/SIGINT "
         "stop after the step with a checkpoint, the schedule counted in steps (refuses --budget-minutes)",
+    )
+    p.add_argument(
+        "--offsite",
+        type=Path,
+        default=None,
+        help="a folder on storage that outlives this machine (a mounted bucket, NFS): each checkpoint is copied "
+        "there, and a run whose folder is behind or gone resumes from it (default: OAML_TRAIN_OFFSITE)",
     )
     p.set_defaults(func=_cmd_train)
 

@@ -102,19 +102,22 @@ class Interruption:
     logged_step: int = 0  # the last step steps.jsonl holds when the process ended
     checkpoint_step: int | None = None  # the step of the newest checkpoint it left
     checkpoint_fresh: bool = False  # written after the signal was sent
+    offsite_step: int | None = None  # the step of the newest checkpoint in the offsite copy when it ended
 
 
 @dataclass
 class Runs:
     reference: Path
     resumed: Path
+    offsite: Path  # the interrupted run's offsite copy (model/training/offsite.py)
     interruptions: list[Interruption] = field(default_factory=list)
     starts: int = 0
 
 
-def _start(config: Path, out: Path, log: Path) -> subprocess.Popen[bytes]:
+def _start(config: Path, out: Path, log: Path, offsite: Path | None = None) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "oaml", "train", "--config", str(config), "--out", str(out), "--preemptible"]
+    command += ["--offsite", str(offsite)] if offsite is not None else []
     with log.open("ab") as err:
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err)
 
@@ -140,7 +143,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     cache = write_fake_cache(tmp / "cache", skdata.astronaut())
     config = tmp / "tiny.toml"
     config.write_text(_toml({"train": [str(cache)], "arch": "ir_18", **RUN}))
-    runs = Runs(reference=tmp / "reference", resumed=tmp / "resumed")
+    runs = Runs(reference=tmp / "reference", resumed=tmp / "resumed", offsite=tmp / "offsite")
     reference = _start(config, runs.reference, tmp / "reference.log")
 
     rng = random.Random(32)
@@ -148,7 +151,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     plan.append(("TERM2", rng.randint(15, 17)))
     log = tmp / "resumed.log"
     for how, at in plan:
-        proc = _start(config, runs.resumed, log)
+        proc = _start(config, runs.resumed, log, runs.offsite)
         runs.starts += 1
         _wait_for(lambda at=at: _last_step(runs.resumed) >= at, proc, f"step {at}")
         event = Interruption(how, at)
@@ -167,8 +170,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         if found is not None:
             event.checkpoint_step = json.loads(found[0]["state"])["global_step"]
             event.checkpoint_fresh = found[1] == newest and newest.stat().st_mtime >= sent
+        copied = load_newest(runs.offsite / "last.pt", 2) if runs.offsite.exists() else None
+        if copied is not None:
+            event.offsite_step = json.loads(copied[0]["state"])["global_step"]
         runs.interruptions.append(event)
-    final = _start(config, runs.resumed, log)
+    final = _start(config, runs.resumed, log, runs.offsite)
     runs.starts += 1
     assert final.wait(timeout=300) == 0, log.read_text()[-3000:]
     assert reference.wait(timeout=300) == 0, (tmp / "reference.log").read_text()[-3000:]
@@ -224,6 +230,8 @@ class TestInterruptedRuns:
         report = json.loads(term.stdout.strip().splitlines()[-1])
         assert report["stopped_by"] == "SIGTERM" and report["global_step"] == term.logged_step
         assert term.checkpoint_fresh and term.checkpoint_step == term.logged_step >= term.at
+        # the preemption notice also waited for the offsite copy of that checkpoint
+        assert term.offsite_step == term.checkpoint_step
 
     def test_a_second_sigterm_exits_at_once_and_sigkill_loses_at_most_the_steps_since_a_checkpoint(
         self, runs: Runs

@@ -43,10 +43,12 @@ __all__ = [
     "StopSignals",
     "content_digest",
     "control",
+    "fsync_dir",
     "generations",
     "load_newest",
     "restore_rng_states",
     "rng_states",
+    "rotate_in",
     "run_status",
     "save_generation",
 ]
@@ -59,6 +61,8 @@ DIGEST_KEY = "content_sha256"
 PID_FILE = "train.pid"
 #: a small JSON beside the checkpoints: what the newest one holds (read by ``oaml train-status``)
 STATUS_FILE = "status.json"
+#: beside it, what the run's offsite copy holds (model/training/offsite.py), written after each copy or failure
+OFFSITE_FILE = "offsite.json"
 
 
 class CorruptCheckpoint(Exception):
@@ -99,7 +103,8 @@ def content_digest(payload: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (a no-op where directories have no handles)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # a platform without directory handles
@@ -108,6 +113,22 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def rotate_in(tmp: Path, path: Path, keep: int) -> None:
+    """The whole, synced file ``tmp`` becomes the newest generation of ``path``; ``keep`` generations in all.
+
+    The generations on disk move down to consecutive places after the new one (oldest first, so nothing is
+    overwritten before it has moved); those past ``keep`` are deleted. At every instant each one is whole."""
+    names = generations(path, keep)
+    present = [p for p in names if p.exists()]
+    for i in reversed(range(len(present))):
+        if i + 1 >= keep:
+            present[i].unlink()
+        elif present[i] != names[i + 1]:
+            os.replace(present[i], names[i + 1])
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def save_generation(payload: dict[str, Any], path: Path, keep: int = 3) -> None:
@@ -121,17 +142,7 @@ def save_generation(payload: dict[str, Any], path: Path, keep: int = 3) -> None:
         torch.save(payload, f)
         f.flush()
         os.fsync(f.fileno())
-    # the generations on disk move down to consecutive places after the new one (oldest first, so nothing is
-    # overwritten before it has moved); those past ``keep`` are deleted
-    names = generations(path, keep)
-    present = [p for p in names if p.exists()]
-    for i in reversed(range(len(present))):
-        if i + 1 >= keep:
-            present[i].unlink()
-        elif present[i] != names[i + 1]:
-            os.replace(present[i], names[i + 1])
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    rotate_in(tmp, path, keep)
 
 
 def _load_checked(path: Path, map_location: torch.device | str) -> dict[str, Any]:
@@ -386,6 +397,15 @@ def read_status(run: Path) -> dict[str, Any]:
     return status if isinstance(status, dict) else {}
 
 
+def read_offsite(run: Path) -> dict[str, Any] | None:
+    """A run's ``offsite.json`` (None when the run keeps no offsite copy, or the file is unreadable)."""
+    try:
+        info = json.loads((Path(run) / OFFSITE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
 def run_status(run: Path) -> dict[str, Any]:
     """What ``oaml train-status`` prints, as a dict: process, progress, recent speed, checkpoints, validations."""
     run = Path(run)
@@ -419,6 +439,7 @@ def run_status(run: Path) -> dict[str, Any]:
     info["samples_per_s"] = statistics.median(rates) if rates else None
     info["step_faces_per_s"] = statistics.median([r["img_per_s"] for r in recent]) if recent else None
     info["validations"] = _validations(run / "epochs.csv", status.get("samples_per_step"))
+    info["offsite"] = read_offsite(run)
     info["memory_wait"] = None
     if (run / "memory_wait.json").exists():
         try:
@@ -491,8 +512,27 @@ def format_status(info: dict[str, Any]) -> str:
         lines.append("generations: " + ", ".join(kept))
     else:
         lines.append("last checkpoint: none yet")
+    offsite = info.get("offsite")
+    if offsite:
+        lines.append(_offsite_line(offsite))
     lines += _validation_lines(info.get("validations") or [], ck)
     return "\n".join(lines)
+
+
+def _offsite_line(offsite: dict[str, Any]) -> str:
+    """Where the offsite copy stands: the step it holds, or the failure that keeps it behind."""
+    now = time.time()
+    held = (
+        f"step {offsite['step']:,}, copied {_ago(now - offsite['copied_at'])} ago in {offsite.get('seconds', 0):.0f} s"
+        if "step" in offsite
+        else "nothing copied yet"
+    )
+    if "error" in offsite:
+        return (
+            f"offsite copy ({offsite['folder']}): failing since {_ago(now - offsite['failed_at'])} ago "
+            f"({offsite['error']}); it holds {held}"
+        )
+    return f"offsite copy ({offsite['folder']}): {held}"
 
 
 def _score_cells(v: dict[str, Any]) -> str:

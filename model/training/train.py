@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import tomllib
 from collections.abc import Sequence
@@ -80,6 +81,7 @@ from model.training.losses import (
     triplet_ranking_loss,
 )
 from model.training.occlusion import OcclusionAugmenter
+from model.training.offsite import Offsite
 from model.training.preempt import (
     STATUS_FILE,
     MemoryGuard,
@@ -151,6 +153,10 @@ class TrainConfig:
     # a run that may be killed at any time: checkpoints by the clock, SIGTERM/SIGINT stop it after its step with a
     # checkpoint, and its schedule and validations are counted in steps (no budget_minutes, no validate_every_s)
     preemptible: bool = False
+    # a folder on storage that outlives the machine (a mounted bucket, NFS, another disk): each checkpoint is copied
+    # there in the background, and a run whose folder is behind or gone resumes from it (model/training/offsite.py)
+    offsite: str | None = None
+    offsite_wait_s: float = 60.0  # how long a stop signal waits for the copy of its checkpoint (a preemption notice)
     # before each step, give freed memory back to the system and wait while the machine has less available than a
     # step adds (a background run on a shared machine; model/training/preempt.py MemoryGuard)
     memory_guard: bool = False
@@ -398,6 +404,13 @@ class Trainer:
         self._saved_at = time.monotonic()
         self._saved_state = ""  # the progress the newest checkpoint holds (JSON of self.state)
         self.stopped_by: str | None = None  # the signal that stopped a preemptible run's fit()
+        # held while a checkpoint is written, so the offsite copy never opens a half-rotated generation
+        self._save_lock = threading.Lock()
+        self.offsite = (
+            Offsite(self.out, Path(cfg.offsite), cfg.keep_checkpoints, self._save_lock) if cfg.offsite else None
+        )
+        if self.offsite is not None:
+            self.offsite.restore()
         self._maybe_resume()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -593,10 +606,13 @@ class Trainer:
         the newest checkpoint already holds this progress (a step's state decides the model's)."""
         if json.dumps(self.state) == self._saved_state:
             return
-        save_generation(self._checkpoint_state(), self.out / "last.pt", self.cfg.keep_checkpoints)
-        self._saved_at = time.monotonic()
-        self._saved_state = json.dumps(self.state)
-        self._write_status()
+        with self._save_lock:
+            save_generation(self._checkpoint_state(), self.out / "last.pt", self.cfg.keep_checkpoints)
+            self._saved_at = time.monotonic()
+            self._saved_state = json.dumps(self.state)
+            self._write_status()
+            if self.offsite is not None:
+                self.offsite.push(self.state["global_step"])
 
     def _write_status(self) -> None:
         """``status.json``: the run's progress, best and baseline scores, for ``oaml train-status``."""
@@ -874,6 +890,9 @@ class Trainer:
         def limit() -> int:
             return min(self.total_steps, stop_after) if stop_after is not None else self.total_steps
 
+        # how long the end of fit() waits for the offsite copy: the stop signal's notice, or (at the run's end,
+        # below) as long as the copy of its last checkpoint takes
+        offsite_wait: float | None = cfg.offsite_wait_s
         if cfg.preemptible:
             signals.__enter__()
         try:
@@ -981,7 +1000,10 @@ class Trainer:
                 self.running = {}
             if self.state["step_in_epoch"]:
                 self.save()
+            offsite_wait = None
         finally:
+            if self.offsite is not None:
+                self.offsite.close(offsite_wait)
             signals.__exit__(None, None, None)
             self._prefetcher.close()
             self._prefetcher = None

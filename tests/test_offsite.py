@@ -1,0 +1,133 @@
+"""The offsite copy of a training run: a run whose machine is lost with its disk resumes elsewhere from the copy,
+bit-identical to one that never stopped; a folder ahead of its copy is kept; a corrupt copy falls back a
+generation; a store that fails is reported and never stops the run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.checkpoint import read_metadata
+from model.training.offsite import OFFSITE_GENERATIONS, Offsite
+from model.training.preempt import OFFSITE_FILE, format_status, load_newest, read_offsite, run_status, save_generation
+from model.training.train import Trainer
+from tests.test_train import tiny_config, write_fake_cache
+
+
+def _checkpoint(run: Path, step: int) -> None:
+    """A small checkpoint generation of ``step`` in ``run`` (the trainer's layout: ``state`` JSON, tensors)."""
+    run.mkdir(parents=True, exist_ok=True)
+    payload = {"state": json.dumps({"global_step": step}), "model": {"w": torch.full((4,), float(step))}}
+    save_generation(payload, run / "last.pt", keep=3)
+
+
+def _step(folder: Path, keep: int = 3) -> int:
+    found = load_newest(folder / "last.pt", keep)
+    assert found is not None
+    return int(json.loads(found[0]["state"])["global_step"])
+
+
+def _copy_of(run: Path, folder: Path) -> Offsite:
+    return Offsite(run, folder, keep_local=3, lock=threading.Lock())
+
+
+class TestOffsiteCopy:
+    def test_each_checkpoint_and_its_companions_are_copied_whole(self, tmp_path: Path) -> None:
+        run, away = tmp_path / "run", tmp_path / "away"
+        offsite = _copy_of(run, away)
+        for step in (1, 2, 3):
+            _checkpoint(run, step)
+            (run / "best.safetensors").write_bytes(b"best of %d" % step)
+            offsite.push(step)
+            assert offsite.close(None)
+        assert _step(away, OFFSITE_GENERATIONS) == 3
+        assert sorted(p.name for p in away.iterdir()) == ["best.safetensors", "last.pt", "last.pt.1"]
+        assert (away / "best.safetensors").read_bytes() == b"best of 3"
+        info = read_offsite(run)
+        assert info is not None and info["step"] == 3 and info["folder"] == str(away) and "error" not in info
+
+    def test_a_store_that_fails_is_reported_and_the_next_checkpoint_retries(self, tmp_path: Path) -> None:
+        run, away = tmp_path / "run", tmp_path / "away"
+        away.write_text("not a folder: the bucket is not mounted")
+        offsite = _copy_of(run, away)
+        _checkpoint(run, 1)
+        offsite.push(1)
+        assert offsite.close(None)
+        info = read_offsite(run)
+        assert info is not None and "error" in info and "step" not in info
+        assert "failing since" in format_status({**run_status(run), "offsite": info})
+        away.unlink()  # mounted again
+        _checkpoint(run, 2)
+        offsite.push(2)
+        assert offsite.close(None)
+        info = read_offsite(run)
+        assert info is not None and info["step"] == 2 and "error" not in info
+        assert _step(away, OFFSITE_GENERATIONS) == 2
+
+    def test_a_new_machine_takes_the_copy_and_a_folder_ahead_keeps_its_own(self, tmp_path: Path) -> None:
+        run, away = tmp_path / "run", tmp_path / "away"
+        offsite = _copy_of(run, away)
+        _checkpoint(run, 5)
+        (run / "steps.jsonl").write_text('{"step": 5}\n')
+        offsite.push(5)
+        assert offsite.close(None)
+        # the machine is lost with its disk: a bare folder elsewhere
+        elsewhere = tmp_path / "elsewhere"
+        assert _copy_of(elsewhere, away).restore() == 5
+        assert _step(elsewhere) == 5 and (elsewhere / "steps.jsonl").read_text() == '{"step": 5}\n'
+        # the folder went on after the last copy: it is ahead, and kept
+        _checkpoint(run, 6)
+        assert _copy_of(run, away).restore() is None
+        assert _step(run) == 6
+        # no copy yet: nothing to take
+        assert _copy_of(tmp_path / "fresh", tmp_path / "nowhere").restore() is None
+
+    def test_a_corrupt_newest_copy_falls_back_to_the_generation_before(self, tmp_path: Path) -> None:
+        run, away = tmp_path / "run", tmp_path / "away"
+        offsite = _copy_of(run, away)
+        for step in (7, 8):
+            _checkpoint(run, step)
+            offsite.push(step)
+            assert offsite.close(None)
+        newest = away / "last.pt"
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # cut off half-way
+        elsewhere = tmp_path / "elsewhere"
+        assert _copy_of(elsewhere, away).restore() == 7
+        assert _step(elsewhere) == 7
+
+
+def test_a_run_that_loses_its_machine_resumes_from_the_offsite_copy_as_if_it_never_stopped(
+    tmp_path: Path, astronaut: np.ndarray
+) -> None:
+    """Trained to step 2 with an offsite copy, its folder deleted (the machine and its disk gone), the same
+    command resumes from the copy: the weights, validations and best model of a run that went straight through."""
+    cache = write_fake_cache(tmp_path / "cache", astronaut)
+    straight = Trainer(tiny_config(cache, tmp_path / "straight", validate_every=2))
+    straight.fit()
+    cfg = tiny_config(cache, tmp_path / "run", validate_every=2, offsite=str(tmp_path / "bucket"))
+    Trainer(cfg).fit(stop_after=3)
+    shutil.rmtree(tmp_path / "run")
+    resumed = Trainer(cfg)
+    assert resumed.state["global_step"] == 3
+    resumed.fit()
+    assert resumed.state["global_step"] == straight.state["global_step"] == 4
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    clock = {"seconds", "img_per_s"}
+    assert [{k: v for k, v in r.items() if k not in clock} for r in resumed.state["history"]] == [
+        {k: v for k, v in r.items() if k not in clock} for r in straight.state["history"]
+    ]
+    assert (
+        read_metadata(tmp_path / "run" / "best.safetensors")["model_version"]
+        == read_metadata(tmp_path / "straight" / "best.safetensors")["model_version"]
+    )
+    # the copy holds the finished run, and train-status says so
+    assert _step(tmp_path / "bucket", OFFSITE_GENERATIONS) == 4
+    status = format_status(run_status(tmp_path / "run"))
+    assert f"offsite copy ({tmp_path / 'bucket'}): step 4," in status
+    assert json.loads((tmp_path / "run" / OFFSITE_FILE).read_text())["step"] == 4
