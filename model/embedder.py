@@ -206,6 +206,8 @@ class Embedder:
         vouched: the ``(engine, precision)`` pairs the weights' calibration was checked for on this CPU's class
             (:meth:`model.card.WeightsCard.vouched_for`).
         int8: the weights' int8 recipe (:class:`model.quantize.Int8Recipe`), if they carry one.
+        flags: the CPU's flags the plan is made for (default this CPU's; :func:`model.selfcheck.serve_backbone`
+            passes the ones it was told, so that what it builds is what it planned).
     """
 
     def __init__(
@@ -220,9 +222,10 @@ class Embedder:
         threads: int = 1,
         vouched: Collection[tuple[str, str]] = (),
         int8: Int8Recipe | None = None,
+        flags: str | None = None,
     ) -> None:
         self.device = select_device(device)
-        plan = plan_backbone(precision, engine, self.device, vouched, int8 is not None)
+        plan = plan_backbone(precision, engine, self.device, vouched, int8 is not None, flags)
         self.autocast, self.int8, self.engine = plan.autocast, plan.int8, plan.engine
         self._onnx: OnnxBackbone | OpenVinoBackbone | None = None
         if self.engine == "onnxruntime":

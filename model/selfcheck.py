@@ -193,7 +193,7 @@ def serve_backbone(
     def build(setting: str) -> Embedder:
         return Embedder(
             model, dev, precision, batch_size=batch_size, engine=setting, version=card.model_version,
-            threads=threads, vouched=vouched, int8=card.int8,
+            threads=threads, vouched=vouched, int8=card.int8, flags=flags,
         )  # fmt: skip
 
     embedder = build(engine)
