@@ -156,6 +156,7 @@ def _release_note(args: argparse.Namespace, candidate: Path, rule: str, verdict:
             if "trained_identities" in training
             else "its lineage not recorded (an export of older code)"
         ),
+        f"- Compute: {_compute_line(training.get('compute'))}",
         f"- Against: {args.shipped}",
         "",
         "Fused (served) accuracy over the official folds, "
@@ -174,3 +175,21 @@ def _release_note(args: argparse.Namespace, candidate: Path, rule: str, verdict:
             "card, and move collections to it by a migration (docs/operations.md, Upgrading the weights).",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _compute_line(compute: dict[str, Any] | None) -> str:
+    """How many samples, on what, over how long (``training.compute``, model/training/ledger.py)."""
+    if not compute:
+        return "not recorded (an export of older code)"
+    parts = [
+        f"{m['samples']:,} samples in {m['seconds'] / 3600:.1f} h on {m['machine']} ({m['device']}, {m['precision']}; "
+        f"{m['processes']} process{'es' if m['processes'] != 1 else ''})"
+        for m in compute["machines"]
+    ]
+    line = (
+        f"{compute['samples']:,} samples in {compute['seconds'] / 3600:.1f} h of steps and validations: "
+        + "; ".join(parts)
+    )
+    if compute.get("unaccounted_steps"):
+        line += f"; {compute['unaccounted_steps']:,} earlier steps not recorded (code before the ledger)"
+    return line

@@ -126,6 +126,11 @@ def test_a_run_that_loses_its_machine_resumes_from_the_offsite_copy_as_if_it_nev
         read_metadata(tmp_path / "run" / "best.safetensors")["model_version"]
         == read_metadata(tmp_path / "straight" / "best.safetensors")["model_version"]
     )
+    # its weights say how many samples, on what, over how long: two processes here, every step accounted for
+    resumed.export(tmp_path / "final.safetensors")
+    compute = read_metadata(tmp_path / "final.safetensors")["training"]["compute"]
+    assert compute["samples"] == 4 * cfg.samples_per_step and compute["unaccounted_steps"] == 0
+    assert [(m["processes"], m["steps"]) for m in compute["machines"]] == [(2, 4)] and compute["seconds"] > 0
     # the copy holds the finished run, and train-status says so
     assert _step(tmp_path / "bucket", OFFSITE_GENERATIONS) == 4
     status = format_status(run_status(tmp_path / "run"))

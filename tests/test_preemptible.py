@@ -224,6 +224,21 @@ class TestInterruptedRuns:
         csv_rows = (runs.resumed / "epochs.csv").read_text().splitlines()
         assert len(csv_rows) == 1 + len(history_b)
 
+    def test_the_ledger_counts_each_step_once_in_the_process_that_kept_it(self, runs: Runs) -> None:
+        """Where and how long the run trained (model/training/ledger.py): the interrupted run's processes hold
+        consecutive stretches of steps, from 0 to the end (steps a killed process had not checkpointed are the
+        next one's); the uninterrupted run is one process."""
+        from model.cpu import cpu_description
+
+        reference = json.loads(_final(runs.reference)["ledger"])
+        assert [(s["from_step"], s["to_step"]) for s in reference] == [(0, STEPS)]
+        segments = json.loads(_final(runs.resumed)["ledger"])
+        assert 2 <= len(segments) <= runs.starts
+        assert segments[0]["from_step"] == 0 and segments[-1]["to_step"] == STEPS
+        assert all(a["to_step"] == b["from_step"] for a, b in zip(segments, segments[1:], strict=False))
+        assert all(s["machine"] == cpu_description() and s["precision"] == "fp32" for s in segments)
+        assert all(s["seconds"] > 0 for s in segments if s["to_step"] > s["from_step"])
+
     def test_sigterm_leaves_a_checkpoint_of_the_step_it_stopped_at(self, runs: Runs) -> None:
         term = next(e for e in runs.interruptions if e.how == "TERM")
         assert term.returncode == 0, term

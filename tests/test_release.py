@@ -149,6 +149,7 @@ class TestTrainRelease:
         assert "best 0.8300 (step 1,200) against the initial weights' 0.8000" in note
         assert "**Ships.**" in note and "| LFW | clean | 91.68% | 93.00% | +1.32 |" in note
         assert "its lineage not recorded" in note  # the shipped file stands in: made before lineages were recorded
+        assert "- Compute: not recorded (an export of older code)" in note
 
     def test_a_candidate_that_loses_a_clean_row_does_not_ship(self, run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.status(run, best=0.70)
@@ -221,3 +222,27 @@ class TestTrainRelease:
         with pytest.raises(SystemExit, match=refusal):
             main(["train-release", str(run), "--shipped-report", str(report_file)])
         assert calls == [] and not (run / "release").exists()
+
+
+def test_the_release_note_says_how_many_samples_on_what_over_how_long() -> None:
+    """Two processes on one kind of machine and one on another, after steps of code that kept no ledger."""
+    from model.training.ledger import Ledger
+    from oaml.release import _compute_line
+
+    milan, xeon = "AMD EPYC (class avx2)", "Intel Xeon (class amx)"
+    segment = {"device": "cpu", "started": "2026-12-07T07:00:00Z"}
+    ledger = Ledger(
+        [
+            {**segment, "machine": milan, "precision": "fp32", "from_step": 100, "to_step": 400, "seconds": 3600.0},
+            {**segment, "machine": milan, "precision": "fp32", "from_step": 400, "to_step": 700, "seconds": 3600.0},
+            {**segment, "machine": xeon, "precision": "bf16", "from_step": 700, "to_step": 1600, "seconds": 3600.0},
+            {**segment, "machine": xeon, "precision": "bf16", "from_step": 1600, "to_step": 1600, "seconds": 0.0},
+        ]
+    )
+    summary = ledger.summary(samples_per_step=30, step=1600)
+    assert summary["samples"] == 48_000 and summary["seconds"] == 10_800 and summary["unaccounted_steps"] == 100
+    assert _compute_line(summary) == (
+        "48,000 samples in 3.0 h of steps and validations: 18,000 samples in 2.0 h on AMD EPYC (class avx2) "
+        "(cpu, fp32; 2 processes); 27,000 samples in 1.0 h on Intel Xeon (class amx) (cpu, bf16; 1 process); "
+        "100 earlier steps not recorded (code before the ledger)"
+    )

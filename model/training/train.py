@@ -64,6 +64,7 @@ from model.training.batches import BatchSource, DeviceBatch, DeviceBatchSource, 
 from model.training.class_memory import ClassMemory
 from model.training.device_augment import DeviceAugmenter, OccluderBank
 from model.training.head import AdaFace, build_head
+from model.training.ledger import Ledger
 from model.training.lineage import (
     cache_identities,
     open_caches,
@@ -404,6 +405,7 @@ class Trainer:
         self._saved_at = time.monotonic()
         self._saved_state = ""  # the progress the newest checkpoint holds (JSON of self.state)
         self.stopped_by: str | None = None  # the signal that stopped a preemptible run's fit()
+        self.ledger = Ledger()  # where and how long each process trained (model/training/ledger.py)
         # held while a checkpoint is written, so the offsite copy never opens a half-rotated generation
         self._save_lock = threading.Lock()
         self.offsite = (
@@ -596,6 +598,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "state": json.dumps(self.state),
             "running": json.dumps(self.running),
+            "ledger": self.ledger.to_json(),
             "rng": rng_states(),
             "config": json.dumps(self.cfg.to_dict()),
         }
@@ -664,6 +667,7 @@ class Trainer:
         if self.state["total_steps"]:  # a time-budgeted run keeps the schedule it sized
             self.total_steps = self.state["total_steps"]
         self.running = json.loads(ckpt.get("running", "{}"))
+        self.ledger = Ledger.from_json(ckpt.get("ledger"))
         if ckpt.get("rng") is not None:
             restore_rng_states(ckpt["rng"])
         for key in ("max_steps", "max_samples", "epochs", "lr", "warmup_steps"):
@@ -875,6 +879,7 @@ class Trainer:
         """
         cfg = self.cfg
         self._settle_validation()  # before the clock: the baseline's minutes are no step's
+        self.ledger.open(self.state["global_step"], self.device, self.precision)
         clock = _RunClock(cfg.budget_minutes, self.state["global_step"], cfg.validate_every_s, self.created)
         progress = _progress(total=self.total_steps, initial=self.state["global_step"])
         log_jsonl = (self.out / "steps.jsonl").open("a")
@@ -913,6 +918,7 @@ class Trainer:
                     t0 = time.perf_counter()
                     losses = self.train_step(batches[i])
                     self.state["step_in_epoch"] += 1
+                    self.ledger.add(time.perf_counter() - t0, self.state["global_step"])
                     images_epoch += self.last_rows
                     for k, v in losses.items():
                         self.running.setdefault(k, []).append(v)
@@ -1028,7 +1034,9 @@ class Trainer:
         self, running: dict[str, list[float]], seconds: float, images: int, end_of_epoch: bool
     ) -> None:
         """Validate, log a row (``epochs.csv``), export the best model, checkpoint."""
+        started = time.perf_counter()
         val = self.validate()
+        self.ledger.add(time.perf_counter() - started)
         row = {
             "epoch": self.state["epoch"],
             "global_step": self.state["global_step"],
@@ -1068,6 +1076,8 @@ class Trainer:
                 "global_step": self.state["global_step"],
                 "device": str(self.device),
                 "precision": self.precision,
+                # how many samples, on what, over how long: every process of the run (model/training/ledger.py)
+                "compute": self.ledger.summary(self.cfg.samples_per_step, self.state["global_step"]),
                 **(extra or {}),
             },
             "quality": {
