@@ -5,11 +5,13 @@ generation; a store that fails is reported and never stops the run."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from model.checkpoint import read_metadata
@@ -102,7 +104,7 @@ class TestOffsiteCopy:
 
 
 def test_a_run_that_loses_its_machine_resumes_from_the_offsite_copy_as_if_it_never_stopped(
-    tmp_path: Path, astronaut: np.ndarray
+    tmp_path: Path, astronaut: np.ndarray, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Trained to step 2 with an offsite copy, its folder deleted (the machine and its disk gone), the same
     command resumes from the copy: the weights, validations and best model of a run that went straight through."""
@@ -136,3 +138,7 @@ def test_a_run_that_loses_its_machine_resumes_from_the_offsite_copy_as_if_it_nev
     status = format_status(run_status(tmp_path / "run"))
     assert f"offsite copy ({tmp_path / 'bucket'}): step 4," in status
     assert json.loads((tmp_path / "run" / OFFSITE_FILE).read_text())["step"] == 4
+    # resumed by a command without --offsite: said, not silently dropped
+    with caplog.at_level(logging.WARNING):
+        Trainer(tiny_config(cache, tmp_path / "run", validate_every=2))
+    assert f"this run kept an offsite copy in {tmp_path / 'bucket'}; not copied there now" in caplog.text

@@ -88,6 +88,7 @@ from model.training.preempt import (
     MemoryGuard,
     StopSignals,
     load_newest,
+    read_offsite,
     restore_rng_states,
     rng_states,
     save_generation,
@@ -413,6 +414,8 @@ class Trainer:
         )
         if self.offsite is not None:
             self.offsite.restore()
+        elif (kept := read_offsite(self.out)) is not None:  # resumed by a command that forgot its --offsite
+            logger.warning("this run kept an offsite copy in %s; not copied there now (--offsite)", kept["folder"])
         self._maybe_resume()
 
     # -- set-up ------------------------------------------------------------------------------
