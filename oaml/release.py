@@ -144,6 +144,7 @@ def _shipped_report(args: argparse.Namespace) -> dict[str, Any] | None:
 def _release_note(args: argparse.Namespace, candidate: Path, rule: str, verdict: Any, kept: bool) -> str:
     """``release.md``: what the candidate is, the run's rule, the suite rows side by side, the verdict."""
     from model.checkpoint import read_metadata
+    from model.training.ledger import describe_compute
 
     training = read_metadata(candidate)["training"]
     lines = [
@@ -156,7 +157,7 @@ def _release_note(args: argparse.Namespace, candidate: Path, rule: str, verdict:
             if "trained_identities" in training
             else "its lineage not recorded (an export of older code)"
         ),
-        f"- Compute: {_compute_line(training.get('compute'))}",
+        f"- Compute: {describe_compute(training.get('compute'))}",
         f"- Against: {args.shipped}",
         "",
         "Fused (served) accuracy over the official folds, "
@@ -175,21 +176,3 @@ def _release_note(args: argparse.Namespace, candidate: Path, rule: str, verdict:
             "card, and move collections to it by a migration (docs/operations.md, Upgrading the weights).",
         ]
     return "\n".join(lines) + "\n"
-
-
-def _compute_line(compute: dict[str, Any] | None) -> str:
-    """How many samples, on what, over how long (``training.compute``, model/training/ledger.py)."""
-    if not compute:
-        return "not recorded (an export of older code)"
-    parts = [
-        f"{m['samples']:,} samples in {m['seconds'] / 3600:.1f} h on {m['machine']} ({m['device']}, {m['precision']}; "
-        f"{m['processes']} process{'es' if m['processes'] != 1 else ''})"
-        for m in compute["machines"]
-    ]
-    line = (
-        f"{compute['samples']:,} samples in {compute['seconds'] / 3600:.1f} h of steps and validations: "
-        + "; ".join(parts)
-    )
-    if compute.get("unaccounted_steps"):
-        line += f"; {compute['unaccounted_steps']:,} earlier steps not recorded (code before the ledger)"
-    return line

@@ -137,6 +137,7 @@ def test_a_run_that_loses_its_machine_resumes_from_the_offsite_copy_as_if_it_nev
     assert _step(tmp_path / "bucket", OFFSITE_GENERATIONS) == 4
     status = format_status(run_status(tmp_path / "run"))
     assert f"offsite copy ({tmp_path / 'bucket'}): step 4," in status
+    assert "trained (as of the last checkpoint): " in status and "fp32; 2 processes)" in status
     assert json.loads((tmp_path / "run" / OFFSITE_FILE).read_text())["step"] == 4
     # resumed by a command without --offsite: said, not silently dropped
     with caplog.at_level(logging.WARNING):

@@ -226,8 +226,7 @@ class TestTrainRelease:
 
 def test_the_release_note_says_how_many_samples_on_what_over_how_long() -> None:
     """Two processes on one kind of machine and one on another, after steps of code that kept no ledger."""
-    from model.training.ledger import Ledger
-    from oaml.release import _compute_line
+    from model.training.ledger import Ledger, describe_compute
 
     milan, xeon = "AMD EPYC (class avx2)", "Intel Xeon (class amx)"
     segment = {"device": "cpu", "started": "2026-12-07T07:00:00Z"}
@@ -241,7 +240,7 @@ def test_the_release_note_says_how_many_samples_on_what_over_how_long() -> None:
     )
     summary = ledger.summary(samples_per_step=30, step=1600)
     assert summary["samples"] == 48_000 and summary["seconds"] == 10_800 and summary["unaccounted_steps"] == 100
-    assert _compute_line(summary) == (
+    assert describe_compute(summary) == (
         "48,000 samples in 3.0 h of steps and validations: 18,000 samples in 2.0 h on AMD EPYC (class avx2) "
         "(cpu, fp32; 2 processes); 27,000 samples in 1.0 h on Intel Xeon (class amx) (cpu, bf16; 1 process); "
         "100 earlier steps not recorded (code before the ledger)"

@@ -22,7 +22,7 @@ import torch
 
 from model.cpu import cpu_description
 
-__all__ = ["Ledger", "machine_name"]
+__all__ = ["Ledger", "describe_compute", "machine_name"]
 
 
 def machine_name(device: torch.device) -> str:
@@ -93,3 +93,21 @@ class Ledger:
             "unaccounted_steps": max(0, step - accounted),
             "machines": machines,
         }
+
+
+def describe_compute(compute: dict[str, Any] | None) -> str:
+    """How many samples, on what, over how long (``training.compute``, model/training/ledger.py)."""
+    if not compute:
+        return "not recorded (an export of older code)"
+    parts = [
+        f"{m['samples']:,} samples in {m['seconds'] / 3600:.1f} h on {m['machine']} ({m['device']}, {m['precision']}; "
+        f"{m['processes']} process{'es' if m['processes'] != 1 else ''})"
+        for m in compute["machines"]
+    ]
+    line = (
+        f"{compute['samples']:,} samples in {compute['seconds'] / 3600:.1f} h of steps and validations: "
+        + "; ".join(parts)
+    )
+    if compute.get("unaccounted_steps"):
+        line += f"; {compute['unaccounted_steps']:,} earlier steps not recorded (code before the ledger)"
+    return line

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.training.ledger import describe_compute
 from model.training.release import release_gate
 
 __all__ = [
@@ -512,6 +513,8 @@ def format_status(info: dict[str, Any]) -> str:
         lines.append("generations: " + ", ".join(kept))
     else:
         lines.append("last checkpoint: none yet")
+    if ck.get("compute"):
+        lines.append(f"trained (as of the last checkpoint): {describe_compute(ck['compute'])}")
     offsite = info.get("offsite")
     if offsite:
         lines.append(_offsite_line(offsite))

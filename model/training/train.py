@@ -636,6 +636,7 @@ class Trainer:
             "release_margin": self.cfg.release_margin,
             "validation_set": self.state.get("validation_set"),
             "validations": len(self.state["history"]),
+            "compute": self.ledger.summary(self.cfg.samples_per_step, step),
             "saved": time.time(),
             "pid": os.getpid(),
         }
