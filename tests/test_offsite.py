@@ -15,8 +15,16 @@ import pytest
 import torch
 
 from model.checkpoint import read_metadata
-from model.training.offsite import OFFSITE_GENERATIONS, Offsite
-from model.training.preempt import OFFSITE_FILE, format_status, load_newest, read_offsite, run_status, save_generation
+from model.training.offsite import OFFSITE_GENERATIONS, Offsite, OffsiteRefused
+from model.training.preempt import (
+    OFFSITE_FILE,
+    CorruptCheckpoint,
+    format_status,
+    load_newest,
+    read_offsite,
+    run_status,
+    save_generation,
+)
 from model.training.train import Trainer
 from tests.test_train import tiny_config, write_fake_cache
 
@@ -34,8 +42,8 @@ def _step(folder: Path, keep: int = 3) -> int:
     return int(json.loads(found[0]["state"])["global_step"])
 
 
-def _copy_of(run: Path, folder: Path) -> Offsite:
-    return Offsite(run, folder, keep_local=3, lock=threading.Lock())
+def _copy_of(run: Path, folder: Path, identity: str = "run-a") -> Offsite:
+    return Offsite(run, folder, keep_local=3, lock=threading.Lock(), identity=identity)
 
 
 class TestOffsiteCopy:
@@ -48,10 +56,22 @@ class TestOffsiteCopy:
             offsite.push(step)
             assert offsite.close(None)
         assert _step(away, OFFSITE_GENERATIONS) == 3
-        assert sorted(p.name for p in away.iterdir()) == ["best.safetensors", "last.pt", "last.pt.1"]
+        assert sorted(p.name for p in away.iterdir()) == ["best.safetensors", "last.pt", "last.pt.1", "run.json"]
         assert (away / "best.safetensors").read_bytes() == b"best of 3"
         info = read_offsite(run)
         assert info is not None and info["step"] == 3 and info["folder"] == str(away) and "error" not in info
+        # a folder on the run's own filesystem does not outlive the machine: said wherever the copy is reported
+        assert info["same_disk"] is True
+        assert "(on this machine's own filesystem: it does not outlive this disk)" in format_status(run_status(run))
+
+    def test_a_store_that_is_not_mounted_is_an_error_not_a_new_local_folder(self, tmp_path: Path) -> None:
+        run, away = tmp_path / "run", tmp_path / "mnt" / "bucket"
+        offsite = _copy_of(run, away)
+        _checkpoint(run, 1)
+        offsite.push(1)
+        assert offsite.close(None)
+        info = read_offsite(run)
+        assert info is not None and "FileNotFoundError" in info["error"] and not (tmp_path / "mnt").exists()
 
     def test_a_store_that_fails_is_reported_and_the_next_checkpoint_retries(self, tmp_path: Path) -> None:
         run, away = tmp_path / "run", tmp_path / "away"
@@ -88,6 +108,51 @@ class TestOffsiteCopy:
         assert _step(run) == 6
         # no copy yet: nothing to take
         assert _copy_of(tmp_path / "fresh", tmp_path / "nowhere").restore() is None
+
+    def test_a_folder_of_another_run_is_refused(self, tmp_path: Path) -> None:
+        run, away = tmp_path / "run", tmp_path / "away"
+        offsite = _copy_of(run, away, identity="run-a")
+        _checkpoint(run, 4)
+        offsite.push(4)
+        assert offsite.close(None)
+        other = tmp_path / "other"
+        with pytest.raises(OffsiteRefused, match="holds the offsite copy of another run"):
+            _copy_of(other, away, identity="run-b").restore()
+        theirs = _copy_of(other, away, identity="run-b")
+        _checkpoint(other, 9)
+        theirs.push(9)
+        assert theirs.close(None)
+        info = read_offsite(other)
+        assert info is not None and "another run" in info["error"] and _step(away, OFFSITE_GENERATIONS) == 4
+
+    def test_a_run_that_started_over_never_replaces_a_later_copy(self, tmp_path: Path) -> None:
+        """On a new machine started without its copy (or from a folder behind it): days of work are not
+        rotated out by its first two checkpoints."""
+        run, away = tmp_path / "run", tmp_path / "away"
+        offsite = _copy_of(run, away)
+        _checkpoint(run, 500)
+        offsite.push(500)
+        assert offsite.close(None)
+        again = tmp_path / "again"
+        late = _copy_of(again, away)
+        _checkpoint(again, 2)
+        late.push(2)
+        assert late.close(None)
+        info = read_offsite(again)
+        assert info is not None and "holds step 500, later than this run's checkpoint (2)" in info["error"]
+        assert _step(away, OFFSITE_GENERATIONS) == 500
+
+    def test_a_copy_whose_checkpoints_none_load_stops_the_start(self, tmp_path: Path) -> None:
+        run, away = tmp_path / "run", tmp_path / "away"
+        offsite = _copy_of(run, away)
+        for step in (7, 8):
+            _checkpoint(run, step)
+            offsite.push(step)
+            assert offsite.close(None)
+        for name in ("last.pt", "last.pt.1"):
+            (away / name).write_bytes(b"a bucket that returned garbage")
+        with pytest.raises(CorruptCheckpoint):
+            _copy_of(tmp_path / "elsewhere", away).restore()
 
     def test_a_corrupt_newest_copy_falls_back_to_the_generation_before(self, tmp_path: Path) -> None:
         run, away = tmp_path / "run", tmp_path / "away"
@@ -136,7 +201,8 @@ def test_a_run_that_loses_its_machine_resumes_from_the_offsite_copy_as_if_it_nev
     # the copy holds the finished run, and train-status says so
     assert _step(tmp_path / "bucket", OFFSITE_GENERATIONS) == 4
     status = format_status(run_status(tmp_path / "run"))
-    assert f"offsite copy ({tmp_path / 'bucket'}): step 4," in status
+    assert f"offsite copy ({tmp_path / 'bucket'}) (on this machine's own filesystem" in status
+    assert "does not outlive this disk): step 4," in status
     assert "trained (as of the last checkpoint): " in status and "fp32; 2 processes)" in status
     assert json.loads((tmp_path / "run" / OFFSITE_FILE).read_text())["step"] == 4
     # resumed by a command without --offsite: said, not silently dropped

@@ -245,3 +245,25 @@ def test_the_release_note_says_how_many_samples_on_what_over_how_long() -> None:
         "(cpu, fp32; 2 processes); 27,000 samples in 1.0 h on Intel Xeon (class amx) (cpu, bf16; 1 process); "
         "100 earlier steps not recorded (code before the ledger)"
     )
+
+
+def test_a_pause_is_not_counted_as_training() -> None:
+    """`make train-pause` stops the process mid-step (SIGSTOP); the SIGCONT that ends it marks that step, which
+    counts as long as the one before it."""
+    import os
+    import signal
+
+    import torch
+
+    from model.training.ledger import Ledger
+
+    ledger = Ledger()
+    ledger.open(0, torch.device("cpu"), "fp32")
+    with ledger.pauses_excluded():
+        ledger.add(2.0, 1)
+        ledger.add(30.0)  # a validation
+        os.kill(os.getpid(), signal.SIGCONT)  # a pause ended during the next step, which took "an hour"
+        ledger.add(3600.0, 2)
+        ledger.add(3.0, 3)
+    assert ledger.segments[0]["seconds"] == 2.0 + 30.0 + 2.0 + 3.0 and ledger.segments[0]["to_step"] == 3
+    assert signal.getsignal(signal.SIGCONT) is signal.SIG_DFL  # the handler goes with the training

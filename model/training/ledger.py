@@ -2,20 +2,26 @@
 
 A preemptible run is many processes, often on several machines (stopped for a benchmark, killed, resumed on a
 new host from its offsite copy), each of a different kind: an AMD EPYC Milan trains the v3 recipe in fp32 at
-about 2 samples/s, an Intel Xeon with AMX in bf16 at about 6, a GPU at hundreds. Each process adds a *segment*
+about 2 samples/s, an Intel Xeon with AMX in bf16 at about 7, a GPU at hundreds. Each process adds a *segment*
 to the run's ledger: the machine (the CPU's model and class, or the GPU's name), device and precision, the
-steps it trained and the seconds its steps and validations took (a paused process's wait is not counted; its
-loading and checkpoints are not either). The ledger travels in the checkpoint beside the model (not in the
-run's ``state``, whose equality with an uninterrupted run's the resume tests assert), so a segment holds what
-its newest checkpoint holds: steps a killed process had not checkpointed are trained again, and counted, by
-the next one. The steps of all segments add up to the run's step. Exported weights carry the summary
-(``training.compute``).
+steps it trained and the seconds its steps and validations took (not its loading, checkpoints or starting
+baseline). A step that a pause fell into (``make train-pause``: SIGSTOP, then SIGCONT) counts as long as the
+step before it, so that hours stopped for a benchmark are not hours of training. The ledger travels in the
+checkpoint beside the model (not in the run's ``state``, whose equality with an uninterrupted run's the resume
+tests assert), so a segment holds what its newest checkpoint holds: steps a killed process had not
+checkpointed are trained again, and counted, by the next one. The steps of all segments add up to the run's
+step. Exported weights carry the summary (``training.compute``).
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 import torch
@@ -38,6 +44,8 @@ class Ledger:
     def __init__(self, segments: list[dict[str, Any]] | None = None) -> None:
         self.segments: list[dict[str, Any]] = list(segments or [])
         self._current: dict[str, Any] | None = None
+        self._continued = False  # a SIGCONT came since the last add(): a pause fell into what it timed
+        self._last: dict[bool, float] = {}  # the last seconds counted, of a step (True) and of a validation
 
     @classmethod
     def from_json(cls, text: str | None) -> Ledger:
@@ -60,10 +68,33 @@ class Ledger:
         }
         self.segments.append(self._current)
 
+    @contextmanager
+    def pauses_excluded(self) -> Iterator[None]:
+        """While training: a SIGCONT (the end of a pause) marks the step or validation it fell into, which then
+        counts as long as the last one of its kind. Signal handlers belong to the main thread: elsewhere
+        (a test's worker thread) pauses are counted."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def continued(signum: int, frame: FrameType | None) -> None:
+            self._continued = True
+
+        previous = signal.signal(signal.SIGCONT, continued)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGCONT, previous)
+
     def add(self, seconds: float, step: int | None = None) -> None:
         """A step (``step``: the run's step after it) or a validation took ``seconds``."""
         if self._current is None:
             return
+        kind = step is not None
+        if self._continued:
+            self._continued = False
+            seconds = self._last.get(kind, 0.0)
+        self._last[kind] = seconds
         self._current["seconds"] = round(self._current["seconds"] + seconds, 3)
         if step is not None:
             self._current["to_step"] = step

@@ -14,26 +14,38 @@ leaves the previous one usable. A store that fails (full, unmounted) is logged a
 checkpoint; the run goes on with its local generations. SIGTERM (the preemption notice) waits up to
 ``offsite_wait_s`` for the copy of the checkpoint it writes.
 
+The folder belongs to one run: ``run.json`` there names it (the settings a resume must keep, with the caches
+by name, since data paths differ from machine to machine) and the step its checkpoint holds, written after each
+copy. A run refuses a folder of another run, and a copy never replaces a later step by an earlier one (a run
+that started over from nothing on a new machine would otherwise rotate days of work out within two
+checkpoints). A folder whose checkpoints exist but none loads whole stops the run's start, as the run folder's
+own do. The run warns when the folder is on the run folder's own filesystem (an unmounted bucket's empty mount
+point is just a local folder), and does not create the folder's parents.
+
 When a run starts (:meth:`Offsite.restore`), it takes the offsite copy's files if their newest whole checkpoint
 is at a later step than the run folder's (a new machine's empty folder included), then resumes as from its own
-folder: exactly, bit for bit with deterministic settings. ``offsite.json`` in the run folder says what the copy
-holds (``oaml train-status`` prints it).
+folder: exactly, bit for bit with deterministic settings and the same kind of machine. In both directions the
+companions are copied before the checkpoint, which comes last: a copy cut off half-way leaves the older
+checkpoint in place, and the next start or checkpoint copies again. ``offsite.json`` in the run folder says
+what the copy holds (``oaml train-status`` prints it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from model.training.preempt import OFFSITE_FILE, CorruptCheckpoint, fsync_dir, load_newest, read_offsite, rotate_in
+from model.training.preempt import OFFSITE_FILE, fsync_dir, load_newest, read_offsite, rotate_in
 
-__all__ = ["Offsite"]
+__all__ = ["OffsiteRefused", "Offsite", "run_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +55,23 @@ CHECKPOINT = "last.pt"
 COMPANIONS = ("best.safetensors", "steps.jsonl")
 #: checkpoint generations kept offsite: the newest and the one before, in case a copy is cut off
 OFFSITE_GENERATIONS = 2
+#: in the offsite folder: which run it holds and the step of its checkpoint
+OWNER_FILE = "run.json"
+#: the settings a resumed run must keep (as ``Trainer._maybe_resume`` checks them); caches by name
+IDENTITY_KEYS = ("arch", "seed", "p", "k", "sampler", "train", "unlabeled")
+
+
+class OffsiteRefused(Exception):
+    """The offsite folder holds another run, or a later step than the checkpoint about to replace it."""
+
+
+def run_identity(config: Mapping[str, Any]) -> str:
+    """The run an offsite folder belongs to: a digest of the settings a resume must keep, caches by name."""
+    named = {
+        key: [Path(p).name for p in config.get(key) or []] if key in ("train", "unlabeled") else config.get(key)
+        for key in IDENTITY_KEYS
+    }
+    return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _copy_whole(src: BinaryIO, dst: Path) -> Path:
@@ -55,29 +84,44 @@ def _copy_whole(src: BinaryIO, dst: Path) -> Path:
     return tmp
 
 
-def _newest(folder: Path, keep: int) -> tuple[int, Path] | None:
-    """The step and file of ``folder``'s newest whole checkpoint (None: none there, or none loads whole)."""
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        found = load_newest(folder / CHECKPOINT, keep)
-    except CorruptCheckpoint as exc:
-        logger.warning("%s: %s", folder, exc)
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
+    except ValueError as exc:
+        raise OffsiteRefused(f"{path} is not readable JSON: {exc}") from exc
+    return value if isinstance(value, dict) else None
+
+
+def _newest(folder: Path, keep: int) -> tuple[int, Path] | None:
+    """The step and file of ``folder``'s newest whole checkpoint; None when it holds none. Raises
+    :class:`~model.training.preempt.CorruptCheckpoint` when checkpoints exist but none loads whole."""
+    found = load_newest(folder / CHECKPOINT, keep)
     if found is None:
         return None
     return int(json.loads(found[0]["state"])["global_step"]), found[1]
 
 
 class Offsite:
-    """The offsite copy of the run in ``run``, kept in ``folder`` (see the module's docstring).
+    """The offsite copy of the run in ``run``, kept in ``folder`` (see the module's docstring); ``identity``:
+    :func:`run_identity` of the run's config.
 
     :meth:`push` is called by the trainer under ``lock`` right after it wrote a checkpoint; the copying thread
     opens ``last.pt`` under the same lock, so the step it records is the one of the file it copies."""
 
-    def __init__(self, run: Path, folder: Path, keep_local: int, lock: threading.Lock) -> None:
+    def __init__(self, run: Path, folder: Path, keep_local: int, lock: threading.Lock, identity: str) -> None:
         self.run = Path(run)
         self.folder = Path(folder)
         self.keep_local = keep_local
         self.lock = lock
+        self.identity = identity
         self._wake = threading.Condition()
         self._latest: int | None = None  # the step of the newest checkpoint pushed
         self._dirty = False  # a checkpoint was pushed since the last copy started
@@ -85,6 +129,29 @@ class Offsite:
         self._thread: threading.Thread | None = None
         self._companions: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) of the copy offsite
         self.copied_step: int | None = None
+        self.same_disk = False  # the folder is on the run folder's filesystem: it does not outlive the machine
+
+    def _owner(self) -> dict[str, Any] | None:
+        """The folder's ``run.json``, refused when it names another run."""
+        owner = _read_json(self.folder / OWNER_FILE)
+        if owner is not None and owner.get("run") != self.identity:
+            raise OffsiteRefused(
+                f"{self.folder} holds the offsite copy of another run ({owner.get('run')}, this one is "
+                f"{self.identity}): give each run its own folder"
+            )
+        return owner
+
+    def _check_disk(self) -> None:
+        try:
+            self.same_disk = self.folder.stat().st_dev == self.run.stat().st_dev
+        except OSError:
+            return
+        if self.same_disk:
+            logger.warning(
+                "the offsite folder %s is on the run folder's own filesystem: it does not outlive this machine's "
+                "disk (an unmounted store's mount point?)",
+                self.folder,
+            )
 
     # -- before the run resumes ------------------------------------------------------------------
 
@@ -92,39 +159,47 @@ class Offsite:
         """Take the offsite copy into the run folder when it holds a later checkpoint; the step taken, or None.
 
         A new machine's folder holds nothing, so any whole offsite checkpoint is later. A run folder that is
-        ahead (the copy lagged behind the last checkpoints) is kept as it is."""
+        ahead (the copy lagged behind the last checkpoints) is kept as it is. Raises :class:`OffsiteRefused`
+        for a folder of another run, and :class:`~model.training.preempt.CorruptCheckpoint` when the folder
+        holds checkpoints and none loads whole (starting over would then replace them)."""
         if not self.folder.is_dir():
             return None
+        self._check_disk()
+        self._owner()
         copy = _newest(self.folder, OFFSITE_GENERATIONS)
         if copy is None:
             return None
         theirs, source = copy
-        own = _newest(self.run, self.keep_local)
+        self.copied_step = theirs
+        try:
+            own = _newest(self.run, self.keep_local)
+        except Exception as exc:  # the folder's own are unreadable: the copy is what there is
+            logger.warning("the run folder's checkpoints do not load (%s): taking the offsite copy's", exc)
+            own = None
         ours = own[0] if own is not None else None
         if ours is not None and ours >= theirs:
             logger.info(
                 "offsite copy %s is at step %d, the run folder at %d: kept the folder's", self.folder, theirs, ours
             )
-            self.copied_step = theirs
             return None
         started = time.monotonic()
         self.run.mkdir(parents=True, exist_ok=True)
-        with source.open("rb") as src:  # the newest whole generation (a corrupt newer one was set aside)
-            rotate_in(_copy_whole(src, self.run / CHECKPOINT), self.run / CHECKPOINT, self.keep_local)
-        for name in COMPANIONS:
+        for name in COMPANIONS:  # first: the checkpoint, last, commits the restore
             if (self.folder / name).is_file():
                 with (self.folder / name).open("rb") as src:
                     os.replace(_copy_whole(src, self.run / name), self.run / name)
             else:  # the folder's would belong to another point of the run
                 (self.run / name).unlink(missing_ok=True)
+        with source.open("rb") as src:  # the newest whole generation (a corrupt newer one was set aside)
+            rotate_in(_copy_whole(src, self.run / CHECKPOINT), self.run / CHECKPOINT, self.keep_local)
         fsync_dir(self.run)
-        self.copied_step = theirs
+        self._record({"step": theirs, "restored_at": time.time()})
         logger.warning(
             "restored step %d from the offsite copy %s in %.1f s (the run folder %s)",
             theirs,
             self.folder,
             time.monotonic() - started,
-            "held nothing" if ours is None else f"was at step {ours}",
+            "held no whole checkpoint" if ours is None else f"was at step {ours}",
         )
         return theirs
 
@@ -143,8 +218,8 @@ class Offsite:
     def close(self, timeout: float | None) -> bool:
         """Wait up to ``timeout`` seconds (None: as long as it takes) for the copies asked for; True when done.
 
-        The thread ends either way; a copy still in flight after ``timeout`` is left to the process's exit
-        (its temporary file offsite is replaced by the next copy)."""
+        After ``timeout`` a copy still in flight goes on in its (daemon) thread until it ends or the process
+        exits; a temporary file it leaves offsite is replaced by the next copy."""
         with self._wake:
             self._closing = True
             self._wake.notify()
@@ -166,24 +241,37 @@ class Offsite:
                 if not self._dirty:
                     return
                 self._dirty = False
-            self._copy()
+            try:
+                self._copy()
+            except Exception:  # never a silent death of the thread: the next checkpoint tries again
+                logger.exception("offsite copy to %s failed", self.folder)
 
     def _copy(self) -> None:
         started = time.monotonic()
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            if not self.folder.is_dir():
+                self.folder.mkdir()  # not its parents: a store that is not mounted is an error, not a local folder
+                self._check_disk()
+            owner = self._owner()
             with self.lock:  # no checkpoint half-rotated under us; ``step`` is the file's
                 src = (self.run / CHECKPOINT).open("rb")
                 step = self._latest if self._latest is not None else -1
             with src:
-                size = os.fstat(src.fileno()).st_size
-                tmp = _copy_whole(src, self.folder / CHECKPOINT)
-            rotate_in(tmp, self.folder / CHECKPOINT, OFFSITE_GENERATIONS)
-            for name in COMPANIONS:
-                size += self._copy_companion(name)
+                held = owner.get("step", -1) if owner is not None else -1
+                if step < held:
+                    raise OffsiteRefused(
+                        f"the offsite copy holds step {held}, later than this run's checkpoint ({step}): not "
+                        "replaced (a run started over without it? resume from it, or give the run a new folder)"
+                    )
+                size = sum(self._copy_companion(name) for name in COMPANIONS)
+                if step != self.copied_step or not (self.folder / CHECKPOINT).exists():
+                    size += os.fstat(src.fileno()).st_size
+                    tmp = _copy_whole(src, self.folder / CHECKPOINT)
+                    rotate_in(tmp, self.folder / CHECKPOINT, OFFSITE_GENERATIONS)
+            _write_json(self.folder / OWNER_FILE, {"run": self.identity, "step": step, "updated": time.time()})
             fsync_dir(self.folder)
-        except OSError as exc:
-            logger.warning("offsite copy to %s failed (retried at the next checkpoint): %s", self.folder, exc)
+        except (OSError, OffsiteRefused) as exc:
+            logger.warning("offsite copy to %s failed (tried again at the next checkpoint): %s", self.folder, exc)
             self._record({"error": f"{type(exc).__name__}: {exc}", "failed_at": time.time()})
             return
         self.copied_step = step
@@ -207,10 +295,8 @@ class Offsite:
         return st.st_size
 
     def _record(self, event: dict[str, Any]) -> None:
-        info = {**(read_offsite(self.run) or {}), "folder": str(self.folder), **event}
+        info = {**(read_offsite(self.run) or {}), "folder": str(self.folder), "same_disk": self.same_disk, **event}
         if "step" in event:
             info.pop("error", None)
             info.pop("failed_at", None)
-        tmp = self.run / (OFFSITE_FILE + ".tmp")
-        tmp.write_text(json.dumps(info) + "\n")
-        os.replace(tmp, self.run / OFFSITE_FILE)
+        _write_json(self.run / OFFSITE_FILE, info)

@@ -525,17 +525,19 @@ def format_status(info: dict[str, Any]) -> str:
 def _offsite_line(offsite: dict[str, Any]) -> str:
     """Where the offsite copy stands: the step it holds, or the failure that keeps it behind."""
     now = time.time()
-    held = (
-        f"step {offsite['step']:,}, copied {_ago(now - offsite['copied_at'])} ago in {offsite.get('seconds', 0):.0f} s"
-        if "step" in offsite
-        else "nothing copied yet"
-    )
+    if "copied_at" in offsite:
+        held = f"step {offsite['step']:,}, copied {_ago(now - offsite['copied_at'])} ago in {offsite['seconds']:.0f} s"
+    elif "restored_at" in offsite:
+        held = f"step {offsite['step']:,}, restored from it {_ago(now - offsite['restored_at'])} ago"
+    else:
+        held = "nothing copied yet"
+    caution = " (on this machine's own filesystem: it does not outlive this disk)" if offsite.get("same_disk") else ""
     if "error" in offsite:
         return (
-            f"offsite copy ({offsite['folder']}): failing since {_ago(now - offsite['failed_at'])} ago "
+            f"offsite copy ({offsite['folder']}){caution}: failing since {_ago(now - offsite['failed_at'])} ago "
             f"({offsite['error']}); it holds {held}"
         )
-    return f"offsite copy ({offsite['folder']}): {held}"
+    return f"offsite copy ({offsite['folder']}){caution}: {held}"
 
 
 def _score_cells(v: dict[str, Any]) -> str:

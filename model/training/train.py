@@ -82,7 +82,7 @@ from model.training.losses import (
     triplet_ranking_loss,
 )
 from model.training.occlusion import OcclusionAugmenter
-from model.training.offsite import Offsite
+from model.training.offsite import Offsite, run_identity
 from model.training.preempt import (
     STATUS_FILE,
     MemoryGuard,
@@ -100,6 +100,8 @@ __all__ = ["TrainConfig", "Trainer", "TrainingData", "load_training_data", "read
 
 logger = logging.getLogger(__name__)
 
+#: how long the end of a run waits for the offsite copy of its last checkpoint (seconds)
+OFFSITE_FINAL_WAIT_S = 600.0
 #: a preemptible run's checkpoints by the clock (seconds), unless ``checkpoint_every_s`` says otherwise
 PREEMPTIBLE_CHECKPOINT_S = 180.0
 
@@ -410,7 +412,9 @@ class Trainer:
         # held while a checkpoint is written, so the offsite copy never opens a half-rotated generation
         self._save_lock = threading.Lock()
         self.offsite = (
-            Offsite(self.out, Path(cfg.offsite), cfg.keep_checkpoints, self._save_lock) if cfg.offsite else None
+            Offsite(self.out, Path(cfg.offsite), cfg.keep_checkpoints, self._save_lock, run_identity(cfg.to_dict()))
+            if cfg.offsite
+            else None
         )
         if self.offsite is not None:
             self.offsite.restore()
@@ -900,10 +904,12 @@ class Trainer:
             return min(self.total_steps, stop_after) if stop_after is not None else self.total_steps
 
         # how long the end of fit() waits for the offsite copy: the stop signal's notice, or (at the run's end,
-        # below) as long as the copy of its last checkpoint takes
-        offsite_wait: float | None = cfg.offsite_wait_s
+        # below) up to 10 minutes for the copy of its last checkpoint (a hung store must not hang the run)
+        offsite_wait = cfg.offsite_wait_s
         if cfg.preemptible:
             signals.__enter__()
+        pauses = self.ledger.pauses_excluded()
+        pauses.__enter__()
         try:
             while self.state["global_step"] < limit() and self.state["epoch"] < cfg.epochs:
                 epoch = self.state["epoch"]
@@ -1010,10 +1016,11 @@ class Trainer:
                 self.running = {}
             if self.state["step_in_epoch"]:
                 self.save()
-            offsite_wait = None
+            offsite_wait = OFFSITE_FINAL_WAIT_S
         finally:
             if self.offsite is not None:
                 self.offsite.close(offsite_wait)
+            pauses.__exit__(None, None, None)
             signals.__exit__(None, None, None)
             self._prefetcher.close()
             self._prefetcher = None
