@@ -6,7 +6,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -85,7 +84,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "augment_workers": args.augment_workers,
         "max_samples": args.max_samples,
         "preemptible": True if args.preemptible else None,
-        "offsite": str(args.offsite) if args.offsite else os.environ.get("OAML_TRAIN_OFFSITE") or None,
+        "offsite": str(args.offsite) if args.offsite else None,
     }
     cfg = TrainConfig.from_toml(args.config, **overrides)
     if args.data_root is not None:
@@ -699,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="a folder on storage that outlives this machine (a mounted bucket, NFS): each checkpoint is copied "
-        "there, and a run whose folder is behind or gone resumes from it (default: OAML_TRAIN_OFFSITE)",
+        "there, and a run whose folder is behind or gone resumes from it (one folder a run: docs/training.md)",
     )
     p.set_defaults(func=_cmd_train)
 

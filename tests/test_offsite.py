@@ -29,10 +29,11 @@ from model.training.train import Trainer
 from tests.test_train import tiny_config, write_fake_cache
 
 
-def _checkpoint(run: Path, step: int) -> None:
+def _checkpoint(run: Path, step: int, value: float | None = None) -> None:
     """A small checkpoint generation of ``step`` in ``run`` (the trainer's layout: ``state`` JSON, tensors)."""
     run.mkdir(parents=True, exist_ok=True)
-    payload = {"state": json.dumps({"global_step": step}), "model": {"w": torch.full((4,), float(step))}}
+    fill = float(step) if value is None else value
+    payload = {"state": json.dumps({"global_step": step}), "model": {"w": torch.full((4,), fill)}}
     save_generation(payload, run / "last.pt", keep=3)
 
 
@@ -63,6 +64,17 @@ class TestOffsiteCopy:
         # a folder on the run's own filesystem does not outlive the machine: said wherever the copy is reported
         assert info["same_disk"] is True
         assert "(on this machine's own filesystem: it does not outlive this disk)" in format_status(run_status(run))
+
+    def test_a_step_saved_again_with_more_in_it_is_copied_again(self, tmp_path: Path) -> None:
+        """The epoch's last step is checkpointed, then again after its validation: the copy holds the second."""
+        run, away = tmp_path / "run", tmp_path / "away"
+        offsite = _copy_of(run, away)
+        for value in (1.0, 2.0):
+            _checkpoint(run, 6, value)
+            offsite.push(6)
+            assert offsite.close(None)
+        found = load_newest(away / "last.pt", OFFSITE_GENERATIONS)
+        assert found is not None and torch.equal(found[0]["model"]["w"], torch.full((4,), 2.0))
 
     def test_a_store_that_is_not_mounted_is_an_error_not_a_new_local_folder(self, tmp_path: Path) -> None:
         run, away = tmp_path / "run", tmp_path / "mnt" / "bucket"
@@ -153,6 +165,13 @@ class TestOffsiteCopy:
             (away / name).write_bytes(b"a bucket that returned garbage")
         with pytest.raises(CorruptCheckpoint):
             _copy_of(tmp_path / "elsewhere", away).restore()
+        # a run folder with a whole checkpoint of its own goes on, and its copies with it
+        assert _copy_of(run, away).restore() is None and _step(run) == 8
+        assert json.loads((away / "run.json").read_text())["step"] == -1  # what it claimed does not load
+        again = _copy_of(run, away)
+        _checkpoint(run, 9)
+        again.push(9)
+        assert again.close(None) and _step(away, OFFSITE_GENERATIONS) == 9
 
     def test_a_corrupt_newest_copy_falls_back_to_the_generation_before(self, tmp_path: Path) -> None:
         run, away = tmp_path / "run", tmp_path / "away"
@@ -166,6 +185,7 @@ class TestOffsiteCopy:
         elsewhere = tmp_path / "elsewhere"
         assert _copy_of(elsewhere, away).restore() == 7
         assert _step(elsewhere) == 7
+        assert json.loads((away / "run.json").read_text())["step"] == 7  # so the copies from 7 on go on
 
 
 def test_a_run_that_loses_its_machine_resumes_from_the_offsite_copy_as_if_it_never_stopped(

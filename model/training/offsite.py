@@ -6,20 +6,20 @@ reclaimed with its local disk, a build machine is handed back bare (this project
 steps, five hours of CPU, so). Users of preemptible GPUs keep their checkpoints on storage that outlives the
 host (a mounted bucket, NFS, another disk) and resume from it elsewhere; ``offsite`` is that for ``oaml train``.
 
-After each checkpoint the run copies its newest generation, and then ``best.safetensors`` and ``steps.jsonl``,
-into the offsite folder from a background thread, so a slow store never holds a training step back; while a
-copy is in flight newer checkpoints coalesce into one next copy. Every file lands whole (written to a temporary
-name, flushed, ``fsync``-ed, renamed) and the checkpoint keeps two generations there, so a copy cut off half-way
-leaves the previous one usable. A store that fails (full, unmounted) is logged and retried at the next
-checkpoint; the run goes on with its local generations. SIGTERM (the preemption notice) waits up to
-``offsite_wait_s`` for the copy of the checkpoint it writes.
+After each checkpoint the run copies ``best.safetensors`` (when it changed) and ``steps.jsonl``, then the
+checkpoint's newest generation, into the offsite folder from a background thread, so a slow store never holds a
+training step back; while a copy is in flight newer checkpoints coalesce into one next copy. Every file lands
+whole (written to a temporary name, flushed, ``fsync``-ed, renamed) and the checkpoint keeps two generations
+there, so a copy cut off half-way leaves the previous one usable. A store that fails (full, unmounted) is logged
+and retried at the next checkpoint; the run goes on with its local generations. SIGTERM (the preemption notice)
+waits up to ``offsite_wait_s`` for the copy of the checkpoint it writes.
 
-The folder belongs to one run: ``run.json`` there names it (the settings a resume must keep, with the caches
-by name, since data paths differ from machine to machine) and the step its checkpoint holds, written after each
-copy. A run refuses a folder of another run, and a copy never replaces a later step by an earlier one (a run
-that started over from nothing on a new machine would otherwise rotate days of work out within two
-checkpoints). A folder whose checkpoints exist but none loads whole stops the run's start, as the run folder's
-own do. The run warns when the folder is on the run folder's own filesystem (an unmounted bucket's empty mount
+The folder belongs to one run: ``run.json`` there names it (the settings a resume must keep, with the caches by
+name, since data paths differ from machine to machine) and the step its checkpoint holds, written after each copy.
+A run refuses a folder of another run, and a copy never replaces a later step by an earlier one (a run that
+started over from nothing on a new machine would otherwise rotate days of work out within two checkpoints). A copy
+whose checkpoints exist but none loads whole stops the start of a run whose own folder has no whole checkpoint
+either. The run warns when the folder is on the run folder's own filesystem (an unmounted bucket's empty mount
 point is just a local folder), and does not create the folder's parents.
 
 When a run starts (:meth:`Offsite.restore`), it takes the offsite copy's files if their newest whole checkpoint
@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from model.training.preempt import OFFSITE_FILE, fsync_dir, load_newest, read_offsite, rotate_in
+from model.training.preempt import OFFSITE_FILE, CorruptCheckpoint, fsync_dir, load_newest, read_offsite, rotate_in
 
 __all__ = ["OffsiteRefused", "Offsite", "run_identity"]
 
@@ -57,8 +57,9 @@ COMPANIONS = ("best.safetensors", "steps.jsonl")
 OFFSITE_GENERATIONS = 2
 #: in the offsite folder: which run it holds and the step of its checkpoint
 OWNER_FILE = "run.json"
-#: the settings a resumed run must keep (as ``Trainer._maybe_resume`` checks them); caches by name
-IDENTITY_KEYS = ("arch", "seed", "p", "k", "sampler", "train", "unlabeled")
+#: the settings a resumed run must keep (as ``Trainer._maybe_resume`` checks them; caches by name), and the name of
+#: its initial weights (a new run of the same recipe from other weights is another run)
+IDENTITY_KEYS = ("arch", "seed", "p", "k", "sampler", "train", "init_from")
 
 
 class OffsiteRefused(Exception):
@@ -67,11 +68,14 @@ class OffsiteRefused(Exception):
 
 def run_identity(config: Mapping[str, Any]) -> str:
     """The run an offsite folder belongs to: a digest of the settings a resume must keep, caches by name."""
-    named = {
-        key: [Path(p).name for p in config.get(key) or []] if key in ("train", "unlabeled") else config.get(key)
-        for key in IDENTITY_KEYS
-    }
-    return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:16]
+
+    def named(key: str) -> Any:
+        value = config.get(key)
+        if key == "train":
+            return [Path(p).name for p in value or []]
+        return Path(value).name if key == "init_from" and value else value
+
+    return hashlib.sha256(json.dumps({k: named(k) for k in IDENTITY_KEYS}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _copy_whole(src: BinaryIO, dst: Path) -> Path:
@@ -85,18 +89,25 @@ def _copy_whole(src: BinaryIO, dst: Path) -> Path:
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
+    """``value`` as ``path``, whole: temporary file, fsync, rename."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value) + "\n")
+    with tmp.open("w") as out:
+        out.write(json.dumps(value) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """``path``'s JSON object; None when it is missing or unreadable (logged: the checkpoints' own digests, not
+    this file, say whether they are whole)."""
     try:
         value = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except ValueError as exc:
-        raise OffsiteRefused(f"{path} is not readable JSON: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        logger.warning("%s is not readable (%s): taken as missing", path, exc)
+        return None
     return value if isinstance(value, dict) else None
 
 
@@ -128,6 +139,7 @@ class Offsite:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._companions: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) of the copy offsite
+        self._copied: tuple[int, int, int] | None = None  # (inode, size, mtime_ns) of the last checkpoint copied
         self.copied_step: int | None = None
         self.same_disk = False  # the folder is on the run folder's filesystem: it does not outlive the machine
 
@@ -159,24 +171,34 @@ class Offsite:
         """Take the offsite copy into the run folder when it holds a later checkpoint; the step taken, or None.
 
         A new machine's folder holds nothing, so any whole offsite checkpoint is later. A run folder that is
-        ahead (the copy lagged behind the last checkpoints) is kept as it is. Raises :class:`OffsiteRefused`
-        for a folder of another run, and :class:`~model.training.preempt.CorruptCheckpoint` when the folder
-        holds checkpoints and none loads whole (starting over would then replace them)."""
+        ahead (the copy lagged behind the last checkpoints) is kept as it is, and so is one with a whole
+        checkpoint when none of the copy's loads (logged). Raises :class:`OffsiteRefused` for a folder of another
+        run, and :class:`~model.training.preempt.CorruptCheckpoint` when neither folder has a whole checkpoint
+        but the copy has checkpoints (starting over would then replace them). ``run.json``'s step comes down to
+        the newest one that loads, so that the copies go on."""
         if not self.folder.is_dir():
             return None
         self._check_disk()
-        self._owner()
-        copy = _newest(self.folder, OFFSITE_GENERATIONS)
-        if copy is None:
-            return None
-        theirs, source = copy
-        self.copied_step = theirs
+        owner = self._owner()
         try:
             own = _newest(self.run, self.keep_local)
-        except Exception as exc:  # the folder's own are unreadable: the copy is what there is
+        except CorruptCheckpoint as exc:  # the folder's own are unreadable: the copy is what there is
             logger.warning("the run folder's checkpoints do not load (%s): taking the offsite copy's", exc)
             own = None
         ours = own[0] if own is not None else None
+        try:
+            copy = _newest(self.folder, OFFSITE_GENERATIONS)
+        except CorruptCheckpoint as exc:
+            if ours is None:  # nothing whole anywhere: starting over would replace what the copy may still hold
+                raise
+            logger.warning("the offsite copy's checkpoints do not load (%s): kept the run folder's", exc)
+            copy = None
+        theirs = copy[0] if copy is not None else -1
+        if owner is not None and owner.get("step", -1) > theirs:  # what it claimed does not load: the next copy may
+            _write_json(self.folder / OWNER_FILE, {**owner, "step": theirs, "updated": time.time()})
+        if copy is None:
+            return None
+        source = copy[1]
         if ours is not None and ours >= theirs:
             logger.info(
                 "offsite copy %s is at step %d, the run folder at %d: kept the folder's", self.folder, theirs, ours
@@ -264,10 +286,12 @@ class Offsite:
                         "replaced (a run started over without it? resume from it, or give the run a new folder)"
                     )
                 size = sum(self._copy_companion(name) for name in COMPANIONS)
-                if step != self.copied_step or not (self.folder / CHECKPOINT).exists():
-                    size += os.fstat(src.fileno()).st_size
+                st = os.fstat(src.fileno())
+                if (st.st_ino, st.st_size, st.st_mtime_ns) != self._copied:  # a step can be saved twice
+                    size += st.st_size
                     tmp = _copy_whole(src, self.folder / CHECKPOINT)
                     rotate_in(tmp, self.folder / CHECKPOINT, OFFSITE_GENERATIONS)
+                    self._copied = (st.st_ino, st.st_size, st.st_mtime_ns)
             _write_json(self.folder / OWNER_FILE, {"run": self.identity, "step": step, "updated": time.time()})
             fsync_dir(self.folder)
         except (OSError, OffsiteRefused) as exc:

@@ -1018,14 +1018,16 @@ class Trainer:
                 self.save()
             offsite_wait = OFFSITE_FINAL_WAIT_S
         finally:
-            if self.offsite is not None:
-                self.offsite.close(offsite_wait)
-            pauses.__exit__(None, None, None)
-            signals.__exit__(None, None, None)
-            self._prefetcher.close()
-            self._prefetcher = None
-            progress.close()
-            log_jsonl.close()
+            try:
+                if self.offsite is not None:
+                    self.offsite.close(offsite_wait)
+            finally:  # an interrupt during that wait still puts the handlers back and closes the rest
+                pauses.__exit__(None, None, None)
+                signals.__exit__(None, None, None)
+                self._prefetcher.close()
+                self._prefetcher = None
+                progress.close()
+                log_jsonl.close()
         return self.state
 
     #: seconds kept for the last checkpoint and the export of a time-budgeted run
