@@ -26,7 +26,7 @@ from model.training.preempt import (
     save_generation,
 )
 from model.training.train import Trainer
-from tests.test_train import tiny_config, write_fake_cache
+from tests.test_train import assert_trained_alike, tiny_config, write_fake_cache
 
 
 def _checkpoint(run: Path, step: int, value: float | None = None) -> None:
@@ -45,6 +45,15 @@ def _step(folder: Path, keep: int = 3) -> int:
 
 def _copy_of(run: Path, folder: Path, identity: str = "run-a") -> Offsite:
     return Offsite(run, folder, keep_local=3, lock=threading.Lock(), identity=identity)
+
+
+def _copied(offsite: Offsite, *steps: int) -> Offsite:
+    """Checkpoints of ``steps`` written in ``offsite``'s run folder, each pushed and its copy waited for."""
+    for step in steps:
+        _checkpoint(offsite.run, step)
+        offsite.push(step)
+        assert offsite.close(None)
+    return offsite
 
 
 class TestOffsiteCopy:
@@ -156,11 +165,7 @@ class TestOffsiteCopy:
 
     def test_a_copy_whose_checkpoints_none_load_stops_the_start(self, tmp_path: Path) -> None:
         run, away = tmp_path / "run", tmp_path / "away"
-        offsite = _copy_of(run, away)
-        for step in (7, 8):
-            _checkpoint(run, step)
-            offsite.push(step)
-            assert offsite.close(None)
+        _copied(_copy_of(run, away), 7, 8)
         for name in ("last.pt", "last.pt.1"):
             (away / name).write_bytes(b"a bucket that returned garbage")
         with pytest.raises(CorruptCheckpoint):
@@ -175,11 +180,7 @@ class TestOffsiteCopy:
 
     def test_a_corrupt_newest_copy_falls_back_to_the_generation_before(self, tmp_path: Path) -> None:
         run, away = tmp_path / "run", tmp_path / "away"
-        offsite = _copy_of(run, away)
-        for step in (7, 8):
-            _checkpoint(run, step)
-            offsite.push(step)
-            assert offsite.close(None)
+        _copied(_copy_of(run, away), 7, 8)
         newest = away / "last.pt"
         newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # cut off half-way
         elsewhere = tmp_path / "elsewhere"
@@ -202,17 +203,8 @@ def test_a_run_that_loses_its_machine_resumes_from_the_offsite_copy_as_if_it_nev
     resumed = Trainer(cfg)
     assert resumed.state["global_step"] == 3
     resumed.fit()
-    assert resumed.state["global_step"] == straight.state["global_step"] == 4
-    for name, value in straight.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[name], value), name
-    clock = {"seconds", "img_per_s"}
-    assert [{k: v for k, v in r.items() if k not in clock} for r in resumed.state["history"]] == [
-        {k: v for k, v in r.items() if k not in clock} for r in straight.state["history"]
-    ]
-    assert (
-        read_metadata(tmp_path / "run" / "best.safetensors")["model_version"]
-        == read_metadata(tmp_path / "straight" / "best.safetensors")["model_version"]
-    )
+    assert resumed.state["global_step"] == 4
+    assert_trained_alike(resumed, straight, (tmp_path / "run", tmp_path / "straight"))
     # its weights say how many samples, on what, over how long: two processes here, every step accounted for
     resumed.export(tmp_path / "final.safetensors")
     compute = read_metadata(tmp_path / "final.safetensors")["training"]["compute"]

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from model.align import ARCFACE_TEMPLATE, FacePipeline, align_face
+from model.checkpoint import read_metadata
 from model.embedder import FLIP_TEST
 from model.net import build_model
 from model.qaconv import QAConv
@@ -169,6 +170,20 @@ def write_fake_cache(root: Path, astronaut: np.ndarray, identities: int = 6, per
             )
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+def assert_trained_alike(resumed: Trainer, whole: Trainer, runs: tuple[Path, Path]) -> None:
+    """``resumed`` (a run stopped and resumed) ends as ``whole`` (one that went through): the same step, weights,
+    validations (clock columns aside) and best model; ``runs``: their folders, in that order."""
+    assert resumed.state["global_step"] == whole.state["global_step"]
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    clock = {"seconds", "img_per_s"}
+    assert [{k: v for k, v in r.items() if k not in clock} for r in resumed.state["history"]] == [
+        {k: v for k, v in r.items() if k not in clock} for r in whole.state["history"]
+    ]
+    versions = [read_metadata(run / "best.safetensors")["model_version"] for run in runs]
+    assert versions[0] == versions[1]
 
 
 def tiny_config(cache: Path, out: Path, **overrides: object) -> TrainConfig:

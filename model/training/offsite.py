@@ -43,7 +43,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from model.training.preempt import OFFSITE_FILE, CorruptCheckpoint, fsync_dir, load_newest, read_offsite, rotate_in
+from model.training.preempt import (
+    OFFSITE_FILE,
+    CorruptCheckpoint,
+    fsync_dir,
+    load_newest,
+    read_json_object,
+    read_offsite,
+    rotate_in,
+    write_synced,
+)
 
 __all__ = ["OffsiteRefused", "Offsite", "run_identity"]
 
@@ -79,36 +88,13 @@ def run_identity(config: Mapping[str, Any]) -> str:
 
 
 def _copy_whole(src: BinaryIO, dst: Path) -> Path:
-    """``src`` into a temporary file beside ``dst``, flushed and synced; the caller renames it into place."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    with tmp.open("wb") as out:
-        shutil.copyfileobj(src, out, length=16 * 2**20)
-        out.flush()
-        os.fsync(out.fileno())
-    return tmp
+    """``src`` into ``dst``'s temporary twin, flushed and synced; the caller renames it into place."""
+    return write_synced(dst, lambda out: shutil.copyfileobj(src, out, length=16 * 2**20))
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     """``value`` as ``path``, whole: temporary file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as out:
-        out.write(json.dumps(value) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """``path``'s JSON object; None when it is missing or unreadable (logged: the checkpoints' own digests, not
-    this file, say whether they are whole)."""
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        logger.warning("%s is not readable (%s): taken as missing", path, exc)
-        return None
-    return value if isinstance(value, dict) else None
+    os.replace(write_synced(path, lambda out: out.write((json.dumps(value) + "\n").encode())), path)
 
 
 def _newest(folder: Path, keep: int) -> tuple[int, Path] | None:
@@ -140,12 +126,14 @@ class Offsite:
         self._thread: threading.Thread | None = None
         self._companions: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) of the copy offsite
         self._copied: tuple[int, int, int] | None = None  # (inode, size, mtime_ns) of the last checkpoint copied
-        self.copied_step: int | None = None
         self.same_disk = False  # the folder is on the run folder's filesystem: it does not outlive the machine
 
     def _owner(self) -> dict[str, Any] | None:
         """The folder's ``run.json``, refused when it names another run."""
-        owner = _read_json(self.folder / OWNER_FILE)
+        path = self.folder / OWNER_FILE
+        owner = read_json_object(path)
+        if owner is None and path.exists():  # the checkpoints' own digests, not this file, say if they are whole
+            logger.warning("%s is not readable: taken as missing", path)
         if owner is not None and owner.get("run") != self.identity:
             raise OffsiteRefused(
                 f"{self.folder} holds the offsite copy of another run ({owner.get('run')}, this one is "
@@ -298,7 +286,6 @@ class Offsite:
             logger.warning("offsite copy to %s failed (tried again at the next checkpoint): %s", self.folder, exc)
             self._record({"error": f"{type(exc).__name__}: {exc}", "failed_at": time.time()})
             return
-        self.copied_step = step
         seconds = time.monotonic() - started
         logger.info("offsite copy of step %d: %.0f MiB in %.1f s to %s", step, size / 2**20, seconds, self.folder)
         self._record({"step": step, "copied_at": time.time(), "seconds": round(seconds, 2), "bytes": size})

@@ -29,9 +29,10 @@ import signal
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -49,9 +50,11 @@ __all__ = [
     "load_newest",
     "restore_rng_states",
     "rng_states",
+    "read_json_object",
     "rotate_in",
     "run_status",
     "save_generation",
+    "write_synced",
 ]
 
 logger = logging.getLogger(__name__)
@@ -116,6 +119,17 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_synced(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """``write`` into ``path``'s temporary twin (``NAME.tmp``), flushed and ``fsync``-ed; the twin, for the caller
+    to rename into place (``os.replace``, :func:`rotate_in`): what lands under ``path`` is whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 def rotate_in(tmp: Path, path: Path, keep: int) -> None:
     """The whole, synced file ``tmp`` becomes the newest generation of ``path``; ``keep`` generations in all.
 
@@ -138,12 +152,7 @@ def save_generation(payload: dict[str, Any], path: Path, keep: int = 3) -> None:
     Temp file, flush, fsync, rotate the older generations down, ``os.replace`` into place, fsync the folder:
     at every instant each generation on disk is whole."""
     payload = {**payload, DIGEST_KEY: content_digest(payload)}
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    rotate_in(tmp, path, keep)
+    rotate_in(write_synced(path, lambda f: torch.save(payload, f)), path, keep)
 
 
 def _load_checked(path: Path, map_location: torch.device | str) -> dict[str, Any]:
@@ -389,22 +398,23 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when it is missing, half-written or not an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def read_status(run: Path) -> dict[str, Any]:
     """A run's ``status.json`` ({} when it is missing, half-written or not an object)."""
-    try:
-        status = json.loads((Path(run) / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return status if isinstance(status, dict) else {}
+    return read_json_object(Path(run) / STATUS_FILE) or {}
 
 
 def read_offsite(run: Path) -> dict[str, Any] | None:
     """A run's ``offsite.json`` (None when the run keeps no offsite copy, or the file is unreadable)."""
-    try:
-        info = json.loads((Path(run) / OFFSITE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
+    return read_json_object(Path(run) / OFFSITE_FILE)
 
 
 def run_status(run: Path) -> dict[str, Any]:

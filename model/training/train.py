@@ -36,6 +36,7 @@ the global RNG states.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -906,10 +907,16 @@ class Trainer:
         # how long the end of fit() waits for the offsite copy: the stop signal's notice, or (at the run's end,
         # below) up to 10 minutes for the copy of its last checkpoint (a hung store must not hang the run)
         offsite_wait = cfg.offsite_wait_s
+        # undone in reverse, each even if one before it raised (an interrupt during the offsite wait included)
+        cleanup = contextlib.ExitStack()
+        cleanup.callback(log_jsonl.close)
+        cleanup.callback(progress.close)
+        cleanup.callback(self._close_prefetcher)
         if cfg.preemptible:
-            signals.__enter__()
-        pauses = self.ledger.pauses_excluded()
-        pauses.__enter__()
+            cleanup.enter_context(signals)
+        cleanup.enter_context(self.ledger.pauses_excluded())
+        if (offsite := self.offsite) is not None:
+            cleanup.callback(lambda: offsite.close(offsite_wait))
         try:
             while self.state["global_step"] < limit() and self.state["epoch"] < cfg.epochs:
                 epoch = self.state["epoch"]
@@ -1018,17 +1025,13 @@ class Trainer:
                 self.save()
             offsite_wait = OFFSITE_FINAL_WAIT_S
         finally:
-            try:
-                if self.offsite is not None:
-                    self.offsite.close(offsite_wait)
-            finally:  # an interrupt during that wait still puts the handlers back and closes the rest
-                pauses.__exit__(None, None, None)
-                signals.__exit__(None, None, None)
-                self._prefetcher.close()
-                self._prefetcher = None
-                progress.close()
-                log_jsonl.close()
+            cleanup.close()
         return self.state
+
+    def _close_prefetcher(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
 
     #: seconds kept for the last checkpoint and the export of a time-budgeted run
     EXPORT_S = 3.0
